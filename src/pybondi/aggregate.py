@@ -1,0 +1,128 @@
+"""Entities, aggregate roots that collect domain events, aggregates and factories.
+
+    class Account(Aggregate):
+        def __init__(self, id: str, balance: int = 0) -> None:
+            self.root = Root(id)
+            self.balance = balance
+
+        def deposit(self, amount: int) -> None:
+            self.balance += amount
+            self.root.publish(Deposited(self.id, amount))
+
+A session dispatches the events a root collected after each message it handles.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any, Generic, TypeVar
+
+from pybondi.exceptions import short_repr
+from pybondi.messagebus import Event
+
+__all__ = ["Aggregate", "Entity", "Factory", "Root"]
+
+
+class Entity:
+    """A domain object with an identity: equal to another of its class with the same id.
+
+    The id is set once, by `Entity.__init__` or a dataclass field, and cannot be reassigned
+    or deleted afterwards, since the entity's hash and equality rest on it.
+    """
+
+    id: Any
+
+    def __init__(self, id: Any) -> None:
+        self.id = id
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "id" and "id" in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.id is already {self.__dict__['id']!r} and cannot be "
+                f"reassigned: an entity's identity never changes. Create a new entity instead."
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "id":
+            raise AttributeError(f"{type(self).__name__}.id cannot be deleted.")
+        super().__delattr__(name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entity):
+            return NotImplemented
+        return type(other) is type(self) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r})"
+
+
+class Root(Entity):
+    """The root entity of an aggregate: its identity, and the events it has published.
+
+    `publish(event)` records a domain event; the session that holds the aggregate takes
+    the recorded events after each message it handles and dispatches them, in order.
+    """
+
+    def __init__(self, id: Any) -> None:
+        super().__init__(id)
+        self.events: deque[Event] = deque()
+
+    def publish(self, event: Event) -> None:
+        """Record a domain event for the session to dispatch."""
+        if not isinstance(event, Event):
+            raise TypeError(
+                f"Root.publish() takes an Event, got {type(event).__name__}: "
+                f"{short_repr(event)}. Subclass pybondi.Event for domain events."
+            )
+        self.events.append(event)
+
+    def collect(self) -> list[Event]:
+        """Take the recorded events, oldest first, leaving none behind."""
+        events = list(self.events)
+        self.events.clear()
+        return events
+
+
+class Aggregate:
+    """A cluster of domain objects treated as one unit, reached through its `root`.
+
+    Subclasses set `self.root = Root(id)` in their `__init__`; `id` reads the root's id.
+    Two aggregates of the same class with the same id are equal.
+    """
+
+    root: Root
+
+    @property
+    def id(self) -> Any:
+        """The identity of the aggregate: its root's id."""
+        return self.root.id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Aggregate):
+            return NotImplemented
+        return type(other) is type(self) and other.root.id == self.root.id
+
+    def __hash__(self) -> int:
+        return hash(self.root.id)
+
+
+A = TypeVar("A", bound=Aggregate)
+
+
+class Factory(ABC, Generic[A]):
+    """Builds aggregates whose construction is more than a constructor call.
+
+    Override `create`; calling the factory calls `create`.
+    """
+
+    @abstractmethod
+    def create(self, *args: Any, **kwargs: Any) -> A:
+        """Build and return a new aggregate."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> A:
+        return self.create(*args, **kwargs)

@@ -1,0 +1,353 @@
+"""Dependency injection "just like FastAPI", planned once per handler.
+
+Handlers take the message as their first argument and everything else through `Depends`:
+
+    def handle(event: Deposited, db: Database = Depends(get_db)) -> None: ...
+
+`Depends` is fast-depends' own marker, so one imported from `fast_depends` works as well.
+pybondi does not solve dependencies per call the way `fast_depends.inject` does (that costs
+many times a handler's own run time). When a route is first used, `compile_sync` or
+`compile_async` turns the handler and the overrides in force into a flat list of steps in
+dependency order, and the dispatch runs that list. A handler without dependencies runs
+as itself, with nothing in between. Changing `dependency_overrides` throws the compiled
+plans away, so an override set after registration (as in the README) applies to the
+next dispatch.
+
+Supported: sub-dependencies, generator dependencies (code after `yield` runs once the
+handler returned or raised), async functions and async generators (on the async path),
+and per-dispatch caching: a dependency needed twice in one dispatch is called once,
+unless marked `Depends(f, use_cache=False)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, get_args, get_origin
+
+from fast_depends import Depends
+from fast_depends.dependencies import Dependant
+
+from pybondi.exceptions import AsyncRequired, InvalidHandler, callable_name
+
+__all__ = ["DependencyOverrides", "Depends", "Handler", "compile_async", "compile_sync"]
+
+AnyCallable = Callable[..., Any]
+
+
+class Kind(Enum):
+    """How a handler or dependency must be called."""
+
+    FUNCTION = "function"
+    COROUTINE = "coroutine"
+    GENERATOR = "generator"
+    ASYNC_GENERATOR = "async generator"
+
+    @property
+    def is_async(self) -> bool:
+        return self in (Kind.COROUTINE, Kind.ASYNC_GENERATOR)
+
+
+def kind_of(call: AnyCallable) -> Kind:
+    """Tell how `call` runs; a callable object is judged by its `__call__`."""
+    plain = inspect.isroutine(call) or inspect.isclass(call)
+    targets = (call,) if plain else (call, type(call).__call__)
+    for kind, test in _KIND_TESTS:
+        if any(test(target) for target in targets):
+            return kind
+    return Kind.FUNCTION
+
+
+_KIND_TESTS = (
+    (Kind.ASYNC_GENERATOR, inspect.isasyncgenfunction),
+    (Kind.COROUTINE, inspect.iscoroutinefunction),
+    (Kind.GENERATOR, inspect.isgeneratorfunction),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Callee:
+    """A handler or dependency, with the parameters pybondi fills through `Depends`."""
+
+    call: AnyCallable
+    kind: Kind
+    dependencies: tuple[tuple[str, Dependant], ...]
+
+
+class Handler:
+    """A registered handler: the user's function and what it needs, inspected once.
+
+    The first parameter receives the message; the others must be `Depends(...)` or have a
+    default. Anything else is an `InvalidHandler` error at registration, not at dispatch.
+    """
+
+    __slots__ = ("callee", "name")
+
+    def __init__(self, call: AnyCallable) -> None:
+        if not callable(call):
+            raise InvalidHandler(f"A handler must be callable, got {type(call).__name__}.")
+        self.callee = inspect_callee(call, takes_message=True)
+        self.name = callable_name(call)
+
+    @property
+    def call(self) -> AnyCallable:
+        return self.callee.call
+
+    def __repr__(self) -> str:
+        return f"Handler({self.name})"
+
+
+def signature_of(call: AnyCallable) -> inspect.Signature:
+    """The signature with string annotations evaluated where they can be."""
+    try:
+        return inspect.signature(call, eval_str=True)
+    except (NameError, TypeError, SyntaxError):
+        # A forward reference that cannot be resolved yet: plain `= Depends(...)` defaults
+        # still work; only `Annotated[..., Depends(...)]` needs the evaluated annotation.
+        return inspect.signature(call)
+    except ValueError as error:
+        raise InvalidHandler(f"Cannot inspect {callable_name(call)}: {error}") from error
+
+
+def marker_of(parameter: inspect.Parameter) -> Dependant | None:
+    """The `Depends(...)` marker of a parameter, as a default or inside `Annotated`."""
+    if isinstance(parameter.default, Dependant):
+        return parameter.default
+    if get_origin(parameter.annotation) is Annotated:
+        for extra in get_args(parameter.annotation)[1:]:
+            if isinstance(extra, Dependant):
+                return extra
+    return None
+
+
+def inspect_callee(call: AnyCallable, *, takes_message: bool) -> Callee:
+    """Read which parameters of `call` pybondi fills, and check that it can call it."""
+    parameters = list(signature_of(call).parameters.values())
+    role = "handler" if takes_message else "dependency"
+    if takes_message:
+        if not parameters or parameters[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.VAR_POSITIONAL,
+        ):
+            raise InvalidHandler(
+                f"Handler {callable_name(call)} must take the message as its first "
+                f"positional parameter, as in `def handler(event: MyEvent): ...`."
+            )
+        parameters = parameters[1:]
+    dependencies: list[tuple[str, Dependant]] = []
+    for parameter in parameters:
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        marker = marker_of(parameter)
+        if marker is not None:
+            if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise InvalidHandler(
+                    f"Parameter {parameter.name!r} of {role} {callable_name(call)} is "
+                    f"positional-only; a Depends(...) parameter must accept a keyword."
+                )
+            dependencies.append((parameter.name, marker))
+        elif parameter.default is inspect.Parameter.empty:
+            raise InvalidHandler(
+                f"Parameter {parameter.name!r} of {role} {callable_name(call)} has neither a "
+                f"default nor Depends(...). pybondi passes the message as the first argument "
+                f"and fills the others only through Depends(...)."
+            )
+    return Callee(call, kind_of(call), tuple(dependencies))
+
+
+class DependencyOverrides(MutableMapping[AnyCallable, AnyCallable]):
+    """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
+
+    Each change calls `on_change`, which lets the owner (a messagebus or publisher) drop
+    the plans it compiled with the old overrides.
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._overrides: dict[AnyCallable, AnyCallable] = {}
+        self._on_change = on_change
+
+    def __getitem__(self, original: AnyCallable) -> AnyCallable:
+        return self._overrides[original]
+
+    def __setitem__(self, original: AnyCallable, replacement: AnyCallable) -> None:
+        if not callable(replacement):
+            raise TypeError(
+                f"dependency_overrides[{callable_name(original)}] must be callable, got "
+                f"{type(replacement).__name__}; to give a fixed value, use `lambda: value`."
+            )
+        self._overrides[original] = replacement
+        self._on_change()
+
+    def __delitem__(self, original: AnyCallable) -> None:
+        del self._overrides[original]
+        self._on_change()
+
+    def __iter__(self) -> Iterator[AnyCallable]:
+        return iter(self._overrides)
+
+    def __len__(self) -> int:
+        return len(self._overrides)
+
+    def __repr__(self) -> str:
+        return f"DependencyOverrides({self._overrides!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Call `call` with earlier steps' values as keywords: `{name: values[index]}`."""
+
+    call: AnyCallable
+    kind: Kind
+    arguments: tuple[tuple[str, int], ...]
+
+
+class Planner:
+    """Flattens a handler's dependency graph into steps, applying overrides and caching."""
+
+    def __init__(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+        self.overrides = overrides
+        self.steps: list[Step] = []
+        self.cached: dict[AnyCallable, int] = {}
+        self.resolving: list[AnyCallable] = []
+
+    def arguments(self, callee: Callee) -> tuple[tuple[str, int], ...]:
+        return tuple((name, self.step_for(marker)) for name, marker in callee.dependencies)
+
+    def step_for(self, marker: Dependant) -> int:
+        original = marker.dependency
+        if marker.use_cache and original in self.cached:
+            return self.cached[original]
+        if original in self.resolving:
+            chain = " -> ".join(map(callable_name, [*self.resolving, original]))
+            raise InvalidHandler(f"Dependency cycle: {chain}.")
+        call = self.overrides.get(original, original)
+        self.resolving.append(original)
+        callee = inspect_callee(call, takes_message=False)
+        arguments = self.arguments(callee)
+        self.resolving.pop()
+        if callee.kind is Kind.GENERATOR:
+            call = contextmanager(call)
+        elif callee.kind is Kind.ASYNC_GENERATOR:
+            call = asynccontextmanager(call)
+        self.steps.append(Step(call, callee.kind, arguments))
+        index = len(self.steps) - 1
+        if marker.use_cache:
+            self.cached[original] = index
+        return index
+
+
+def plan(handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]) -> tuple[
+    tuple[Step, ...], tuple[tuple[str, int], ...]
+]:
+    """The steps that compute a handler's dependencies, and the keywords it receives."""
+    planner = Planner(overrides)
+    arguments = planner.arguments(handler.callee)
+    return tuple(planner.steps), arguments
+
+
+def compile_sync(
+    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable], *, what: str, instead: str
+) -> Callable[[Any], Any]:
+    """A plain function `invoke(message)` that runs the handler with its dependencies.
+
+    Raises `AsyncRequired` (naming `what` and suggesting `instead`) if the handler or any
+    dependency it would use is async.
+    """
+    steps, arguments = plan(handler, overrides)
+    for culprit in (handler.callee, *steps):
+        if culprit.kind.is_async:
+            raise AsyncRequired(what, getattr(culprit.call, "__wrapped__", culprit.call), instead)
+    call = handler.call
+    if not steps:
+        return call
+    if len(steps) == 1 and len(arguments) == 1 and steps[0].kind is Kind.FUNCTION:
+        return _invoke_with_one(call, arguments[0][0], steps[0].call)
+    if not any(step.kind is Kind.GENERATOR for step in steps):
+        return _invoke_with_steps(call, steps, arguments)
+    return _invoke_with_teardown(call, steps, arguments)
+
+
+def _invoke_with_one(call: AnyCallable, name: str, dependency: AnyCallable) -> AnyCallable:
+    # The common case (one plain dependency, often overridden) gets a closure of its own:
+    # it costs little more than calling both functions by hand.
+    def invoke(message: Any) -> Any:
+        return call(message, **{name: dependency()})
+
+    return invoke
+
+
+def _run_steps(steps: tuple[Step, ...], stack: ExitStack | None) -> list[Any]:
+    values: list[Any] = []
+    for step in steps:
+        kwargs = {name: values[index] for name, index in step.arguments}
+        if step.kind is Kind.GENERATOR:
+            assert stack is not None
+            values.append(stack.enter_context(step.call(**kwargs)))
+        else:
+            values.append(step.call(**kwargs))
+    return values
+
+
+def _invoke_with_steps(
+    call: AnyCallable, steps: tuple[Step, ...], arguments: tuple[tuple[str, int], ...]
+) -> AnyCallable:
+    def invoke(message: Any) -> Any:
+        values = _run_steps(steps, None)
+        return call(message, **{name: values[index] for name, index in arguments})
+
+    return invoke
+
+
+def _invoke_with_teardown(
+    call: AnyCallable, steps: tuple[Step, ...], arguments: tuple[tuple[str, int], ...]
+) -> AnyCallable:
+    def invoke(message: Any) -> Any:
+        with ExitStack() as stack:
+            values = _run_steps(steps, stack)
+            return call(message, **{name: values[index] for name, index in arguments})
+
+    return invoke
+
+
+def compile_async(
+    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]
+) -> tuple[Callable[[Any], Any], bool]:
+    """`(invoke, awaited)`: `invoke(message)` returns a coroutine to await when `awaited`.
+
+    A handler whose whole plan is sync keeps the sync invoker, so the async path pays for
+    a coroutine only where the user wrote one.
+    """
+    steps, arguments = plan(handler, overrides)
+    if not handler.callee.kind.is_async and not any(step.kind.is_async for step in steps):
+        return compile_sync(handler, overrides, what="", instead=""), False
+    if not steps:
+        return handler.call, True
+    return _ainvoke(handler, steps, arguments), True
+
+
+def _ainvoke(
+    handler: Handler, steps: tuple[Step, ...], arguments: tuple[tuple[str, int], ...]
+) -> AnyCallable:
+    call, awaited = handler.call, handler.callee.kind.is_async
+
+    async def invoke(message: Any) -> Any:
+        async with AsyncExitStack() as stack:
+            values: list[Any] = []
+            for step in steps:
+                kwargs = {name: values[index] for name, index in step.arguments}
+                if step.kind is Kind.FUNCTION:
+                    values.append(step.call(**kwargs))
+                elif step.kind is Kind.COROUTINE:
+                    values.append(await step.call(**kwargs))
+                elif step.kind is Kind.GENERATOR:
+                    values.append(stack.enter_context(step.call(**kwargs)))
+                else:
+                    values.append(await stack.enter_async_context(step.call(**kwargs)))
+            result = call(message, **{name: values[index] for name, index in arguments})
+            return await result if awaited else result
+
+    return invoke

@@ -1,0 +1,129 @@
+"""Every error pybondi raises, under one root.
+
+    PybondiError
+    ├── HandlerNotFound (LookupError)       a command has no handler and no execute()
+    ├── DuplicateHandler (ValueError)       a second handler registered for one command
+    ├── InvalidHandler (TypeError)          a handler or dependency pybondi cannot call
+    ├── AsyncRequired (TypeError)           an async handler reached through a sync call
+    ├── MessageLimitExceeded (RuntimeError) a chain of events that does not end
+    ├── SessionError (RuntimeError)         a session used in the wrong state
+    ├── NotFound (LookupError)              a repository holds no aggregate with that id
+    └── DeliveryError                       a subscriber failed while a publisher committed
+
+Builtins are kept as second bases so that `except TypeError` and friends keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AsyncRequired",
+    "DeliveryError",
+    "DuplicateHandler",
+    "HandlerNotFound",
+    "InvalidHandler",
+    "MessageLimitExceeded",
+    "NotFound",
+    "PybondiError",
+    "SessionError",
+]
+
+
+class PybondiError(Exception):
+    """Base class of every error raised by pybondi."""
+
+
+class HandlerNotFound(PybondiError, LookupError):
+    """A command has neither a registered handler nor an `execute()` method."""
+
+    def __init__(self, command_type: type) -> None:
+        name = command_type.__name__
+        super().__init__(
+            f"No handler is registered for command {name}; register one with "
+            f"@messagebus.register({name}), or give {name} an execute() method."
+        )
+        self.command_type = command_type
+
+
+class DuplicateHandler(PybondiError, ValueError):
+    """A command type already has its one handler."""
+
+    def __init__(self, command_type: type, existing: object, new: object) -> None:
+        super().__init__(
+            f"Command {command_type.__name__} already has a handler, {callable_name(existing)}; "
+            f"cannot also register {callable_name(new)}. A command has exactly one handler: "
+            f"remove one of them, or use an event and @messagebus.on(...) for many."
+        )
+        self.command_type = command_type
+
+
+class InvalidHandler(PybondiError, TypeError):
+    """A handler, subscriber or dependency cannot be called the way pybondi calls it."""
+
+
+class AsyncRequired(PybondiError, TypeError):
+    """An async handler, subscriber or dependency was reached through a sync call."""
+
+    def __init__(self, what: str, culprit: object, instead: str) -> None:
+        super().__init__(
+            f"Cannot run {what} synchronously: {callable_name(culprit)} is async. "
+            f"Use {instead} instead."
+        )
+
+
+class MessageLimitExceeded(PybondiError, RuntimeError):
+    """A session dispatched more messages in one run than its limit allows."""
+
+    def __init__(self, limit: int, last: object) -> None:
+        super().__init__(
+            f"The session dispatched {limit} messages in one run and the queue is still not "
+            f"empty (the last one was {short_repr(last)}). An event handler probably publishes "
+            f"an event that leads back to itself; if the chain is legitimate, raise the limit "
+            f"with Session(..., max_messages=N)."
+        )
+        self.limit = limit
+
+
+class SessionError(PybondiError, RuntimeError):
+    """A session was used in a state that does not allow it (for instance after close)."""
+
+
+class NotFound(PybondiError, LookupError):
+    """A repository has no aggregate with the requested id."""
+
+    def __init__(self, repository: object, id: object) -> None:
+        super().__init__(f"{type(repository).__name__} has no aggregate with id {id!r}.")
+        self.id = id
+
+
+class DeliveryError(PybondiError):
+    """A subscriber raised while the publisher delivered committed messages.
+
+    Delivery stops at the failing message. `undelivered` holds that message and every one
+    behind it as `(topic, message)` pairs, so none is lost silently: the publisher keeps them
+    and a later `commit()` resumes with the subscriber that failed, or `rollback()` drops them.
+    """
+
+    def __init__(self, topic: str, message: Any, subscriber: object, undelivered: list[Any]):
+        super().__init__(
+            f"Subscriber {callable_name(subscriber)} failed on message {message.id} of topic "
+            f"{topic!r}; {len(undelivered)} message(s) are still undelivered. Call commit() "
+            f"again to resume with that subscriber, or rollback() to drop them."
+        )
+        self.topic = topic
+        self.message = message
+        self.undelivered = undelivered
+
+
+def callable_name(call: object) -> str:
+    """Name a handler or dependency the way a user would find it in their code."""
+    name = getattr(call, "__qualname__", None) or type(call).__qualname__
+    module = getattr(call, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else str(name)
+
+
+def short_repr(value: object, limit: int = 120) -> str:
+    """A repr short enough to sit inside an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,388 @@
+"""Commands, events, and the messagebus that routes them to their handlers.
+
+    bus = Messagebus()
+
+    @bus.register(OpenAccount)          # exactly one handler per command
+    def open_account(command: OpenAccount, db: Database = Depends(get_db)) -> None: ...
+
+    @bus.on(AccountOpened)              # any number of handlers per event, in order
+    def welcome(event: AccountOpened) -> None: ...
+
+    bus.handle(OpenAccount("alice"))             # sync handlers
+    await bus.ahandle(OpenAccount("alice"))      # sync and async handlers
+
+Routing is resolved once per concrete message class and cached; registering a handler
+or changing `dependency_overrides` clears the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar, Union, overload
+
+from pybondi.depends import (
+    AnyCallable,
+    DependencyOverrides,
+    Depends,
+    Handler,
+    compile_async,
+    compile_sync,
+    kind_of,
+)
+from pybondi.exceptions import (
+    AsyncRequired,
+    DuplicateHandler,
+    HandlerNotFound,
+    InvalidHandler,
+    callable_name,
+    short_repr,
+)
+
+__all__ = ["Command", "Depends", "Event", "Messagebus"]
+
+logger = logging.getLogger("pybondi.messagebus")
+
+F = TypeVar("F", bound=AnyCallable)
+Route = Callable[[Any], Any]
+AsyncRoute = Callable[[Any], Awaitable[Any]]
+
+_SYNC_INSTEAD = "`await messagebus.ahandle(...)` (or `async with Session(...)`)"
+
+
+class _Readable:
+    """Plain message classes (not dataclasses) get a repr that shows their fields."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = getattr(self, "__dict__", {})
+        body = ", ".join(f"{name}={value!r}" for name, value in fields.items())
+        return f"{type(self).__name__}({body})"
+
+
+class Event(_Readable):
+    """A notification that something happened in the domain.
+
+    Subclass it, as a plain class or a dataclass. Any number of handlers, registered with
+    `@messagebus.on(...)`, receive it; a handler registered for a base class (even `Event`
+    itself) receives its subclasses too.
+    """
+
+
+class Command(_Readable):
+    """A request to do something.
+
+    It goes to the one handler registered with `@messagebus.register(...)`; a command
+    without a handler runs its own `execute()`, which subclasses may override (sync, or
+    `async def` for the async path).
+    """
+
+    def execute(self) -> Any:
+        """Do what the command asks when no handler is registered for it."""
+        raise HandlerNotFound(type(self))
+
+
+def _ignore(message: Any) -> None:
+    """The route of an event nobody handles."""
+
+
+async def _aignore(message: Any) -> None:
+    """The async route of an event nobody handles."""
+
+
+class Messagebus:
+    """Routes each command to its handler and each event to all of its handlers.
+
+    Args:
+        raise_on_event_error: when True (the default, as in pybondi 1.2.1) the first event
+            handler that raises stops the dispatch and the error propagates, so a session
+            rolls back. When False, the failure is logged with the event and the handler's
+            name, and the remaining handlers still run.
+    """
+
+    def __init__(self, raise_on_event_error: bool = True) -> None:
+        self._raise_on_event_error = bool(raise_on_event_error)
+        self.command_handlers: dict[type[Command], Handler] = {}
+        self.event_handlers: dict[type[Event], list[tuple[int, Handler]]] = {}
+        self.dependency_overrides: DependencyOverrides = DependencyOverrides(self._forget_routes)
+        self._sequence = itertools.count()
+        self._routes: dict[type, Route] = {}
+        self._aroutes: dict[type, AsyncRoute] = {}
+
+    @property
+    def raise_on_event_error(self) -> bool:
+        """Whether a failing event handler stops the dispatch (True) or is logged (False)."""
+        return self._raise_on_event_error
+
+    @raise_on_event_error.setter
+    def raise_on_event_error(self, value: bool) -> None:
+        self._raise_on_event_error = bool(value)
+        self._forget_routes()
+
+    # Registration -----------------------------------------------------------------------
+
+    @overload
+    def on(self, handler: F, /) -> F: ...
+    @overload
+    def on(self, *event_types: Any) -> Callable[[F], F]: ...
+
+    def on(self, *event_types: Any) -> Any:
+        """Register the decorated function as a handler of these event types.
+
+        With no types, `@bus.on()` or bare `@bus.on`, the types are read from the first
+        parameter's annotation (`event: Deposited | Withdrawn` registers both).
+        The function is returned unchanged.
+        """
+        if len(event_types) == 1 and _is_function(event_types[0]):
+            return self._on((), event_types[0])
+        return lambda handler: self._on(event_types, handler)
+
+    def _on(self, event_types: tuple[Any, ...], function: F) -> F:
+        handler = Handler(function)
+        classes = _message_classes(event_types, Event, function, "on")
+        for event_type in classes:
+            self._add_event_handler(event_type, handler)
+        return function
+
+    @overload
+    def register(self, handler: F, /) -> F: ...
+    @overload
+    def register(self, command_type: Any = None, /) -> Callable[[F], F]: ...
+
+    def register(self, command_type: Any = None, /) -> Any:
+        """Register the decorated function as the one handler of a command type.
+
+        With no type, `@bus.register()` or bare `@bus.register`, the type is read from the
+        first parameter's annotation. The function is returned unchanged.
+        """
+        if command_type is not None and _is_function(command_type):
+            return self._register((), command_type)
+        given = () if command_type is None else (command_type,)
+        return lambda handler: self._register(given, handler)
+
+    def _register(self, command_types: tuple[Any, ...], function: F) -> F:
+        handler = Handler(function)
+        for command_type in _message_classes(command_types, Command, function, "register"):
+            self._add_command_handler(command_type, handler)
+        return function
+
+    def add_event_handler(self, event_type: type[Event], handler: AnyCallable) -> None:
+        """Register `handler` for `event_type`, as `@bus.on(event_type)` does."""
+        self._on((event_type,), handler)
+
+    def add_command_handler(self, command_type: type[Command], handler: AnyCallable) -> None:
+        """Register `handler` for `command_type`, as `@bus.register(command_type)` does."""
+        self._register((command_type,), handler)
+
+    def _add_event_handler(self, event_type: type[Event], handler: Handler) -> None:
+        registered = self.event_handlers.setdefault(event_type, [])
+        if all(existing.call is not handler.call for _, existing in registered):
+            registered.append((next(self._sequence), handler))
+        self._forget_routes()
+
+    def _add_command_handler(self, command_type: type[Command], handler: Handler) -> None:
+        existing = self.command_handlers.get(command_type)
+        if existing is not None and existing.call is not handler.call:
+            raise DuplicateHandler(command_type, existing.call, handler.call)
+        self.command_handlers[command_type] = handler
+        self._forget_routes()
+
+    def _forget_routes(self) -> None:
+        self._routes.clear()
+        self._aroutes.clear()
+
+    # Dispatch ---------------------------------------------------------------------------
+
+    def handle(self, message: Command | Event) -> Any:
+        """Dispatch a message to its handlers and return the command handler's result.
+
+        Every handler on the route must be sync; for async ones use `ahandle`.
+        """
+        try:
+            route = self._routes[message.__class__]
+        except KeyError:
+            route = self._routes[message.__class__] = self._sync_route(message)
+        return route(message)
+
+    async def ahandle(self, message: Command | Event) -> Any:
+        """Dispatch a message, awaiting async handlers and dependencies (see `handle`)."""
+        try:
+            route = self._aroutes[message.__class__]
+        except KeyError:
+            route = self._aroutes[message.__class__] = self._async_route(message)
+        return await route(message)
+
+    def _sync_route(self, message: object) -> Route:
+        if isinstance(message, Command):
+            handler = self._command_handler(type(message))
+            if handler is None:
+                return _execute_route(type(message))
+            what = f"the handler of {type(message).__name__}"
+            return compile_sync(handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
+        handlers = self._event_handlers(type(_checked(message)))
+        what = f"a handler of {type(message).__name__}"
+        invokers = tuple(
+            compile_sync(handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
+            for handler in handlers
+        )
+        return self._event_route(invokers, tuple(handler.name for handler in handlers))
+
+    def _async_route(self, message: object) -> AsyncRoute:
+        if isinstance(message, Command):
+            handler = self._command_handler(type(message))
+            if handler is None:
+                return _aexecute_route(type(message))
+            invoke, awaited = compile_async(handler, self.dependency_overrides)
+            return invoke if awaited else _as_coroutine(invoke)
+        handlers = self._event_handlers(type(_checked(message)))
+        compiled = tuple(compile_async(handler, self.dependency_overrides) for handler in handlers)
+        return self._aevent_route(compiled, tuple(handler.name for handler in handlers))
+
+    def _command_handler(self, command_type: type) -> Handler | None:
+        for cls in command_type.__mro__:
+            handler = self.command_handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
+
+    def _event_handlers(self, event_type: type) -> list[Handler]:
+        found: dict[AnyCallable, tuple[int, Handler]] = {}
+        for cls in reversed(event_type.__mro__):
+            for sequence, handler in self.event_handlers.get(cls, ()):
+                found.setdefault(handler.call, (sequence, handler))
+        return [handler for _, handler in sorted(found.values(), key=lambda item: item[0])]
+
+    def _event_route(self, invokers: tuple[Route, ...], names: tuple[str, ...]) -> Route:
+        if not invokers:
+            return _ignore
+        if len(invokers) == 1 and self._raise_on_event_error:
+            return invokers[0]
+        raising = self._raise_on_event_error
+        pairs = tuple(zip(invokers, names, strict=True))
+
+        def route(event: Any) -> None:
+            for invoke, name in pairs:
+                try:
+                    invoke(event)
+                except Exception:
+                    if raising:
+                        raise
+                    _log_failure(name, event)
+
+        return route
+
+    def _aevent_route(
+        self, compiled: tuple[tuple[Route, bool], ...], names: tuple[str, ...]
+    ) -> AsyncRoute:
+        if not compiled:
+            return _aignore
+        raising = self._raise_on_event_error
+        triples = tuple((invoke, awaited, name) for (invoke, awaited), name in zip(compiled, names))
+
+        async def route(event: Any) -> None:
+            for invoke, awaited, name in triples:
+                try:
+                    result = invoke(event)
+                    if awaited:
+                        await result
+                except Exception:
+                    if raising:
+                        raise
+                    _log_failure(name, event)
+
+        return route
+
+
+def _log_failure(handler_name: str, event: object) -> None:
+    logger.exception(
+        "Event handler %s failed on %s; the remaining handlers still run",
+        handler_name,
+        short_repr(event),
+    )
+
+
+def _checked(message: object) -> Event:
+    if not isinstance(message, Event):
+        raise TypeError(
+            f"Messagebus.handle() takes a Command or an Event, got {type(message).__name__}: "
+            f"{short_repr(message)}. Subclass pybondi.Command or pybondi.Event."
+        )
+    return message
+
+
+def _executes(command_type: type) -> bool:
+    return getattr(command_type, "execute", Command.execute) is not Command.execute
+
+
+def _execute_route(command_type: type) -> Route:
+    if not _executes(command_type):
+        raise HandlerNotFound(command_type)
+    execute: Route = command_type.execute  # type: ignore[attr-defined]
+    if kind_of(execute).is_async:
+        raise AsyncRequired(f"command {command_type.__name__}", execute, _SYNC_INSTEAD)
+    return execute
+
+
+def _aexecute_route(command_type: type) -> AsyncRoute:
+    if not _executes(command_type):
+        raise HandlerNotFound(command_type)
+    execute: Route = command_type.execute  # type: ignore[attr-defined]
+    return execute if kind_of(execute).is_async else _as_coroutine(execute)
+
+
+def _as_coroutine(invoke: Route) -> AsyncRoute:
+    async def route(message: Any) -> Any:
+        return invoke(message)
+
+    return route
+
+
+def _is_function(value: object) -> bool:
+    """A bare decorator receives the function itself instead of message types."""
+    return callable(value) and not isinstance(value, type) and typing.get_origin(value) is None
+
+
+def _message_classes(
+    given: Iterable[Any], base: type, function: AnyCallable, decorator: str
+) -> tuple[type, ...]:
+    """Check the types given to a decorator, or read them from the handler's annotation."""
+    given = tuple(given) or _annotated_types(function, base, decorator)
+    classes = []
+    for message_type in given:
+        cls = typing.get_origin(message_type) or message_type
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            hint = " Commands go to @messagebus.register(...)." if base is Event else (
+                " Events go to @messagebus.on(...)." if base is Command else ""
+            )
+            raise InvalidHandler(
+                f"@messagebus.{decorator}() takes {base.__name__} subclasses, got "
+                f"{short_repr(message_type)} for {callable_name(function)}.{hint}"
+            )
+        classes.append(cls)
+    return tuple(classes)
+
+
+def _annotated_types(function: AnyCallable, base: type, decorator: str) -> tuple[Any, ...]:
+    example = f"@messagebus.{decorator}({'MyEvent' if base is Event else 'MyCommand'})"
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception as error:
+        raise InvalidHandler(
+            f"Cannot read the annotations of {callable_name(function)} ({error}); name the "
+            f"message types in the decorator instead: {example}."
+        ) from error
+    first = next(iter(inspect.signature(function).parameters), None)
+    annotation = hints.get(first) if first else None
+    if annotation is None:
+        raise InvalidHandler(
+            f"Cannot tell which messages {callable_name(function)} handles: its first "
+            f"parameter has no annotation. Annotate it, or name the types: {example}."
+        )
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)

@@ -1,0 +1,290 @@
+"""Messages for the outside world, sent only when the unit of work commits.
+
+    publisher = Publisher()
+
+    @publisher.subscribe("accounts")
+    def notify(message: Message[dict[str, int]], mail: Mailer = Depends(get_mailer)) -> None:
+        mail.send(message.payload)
+
+    publisher.publish("accounts", Message({"balance": 10}))   # buffered
+    publisher.commit()                                         # delivered, in order
+
+`BasePublisher` is the interface broker adapters implement; `Publisher` is the in-memory
+one. Buffered messages belong to the current transaction: `begin()` opens one for the
+current thread or asyncio task (a `contextvars` context), so sessions on two threads or
+two tasks sharing one publisher never see each other's messages.
+
+When a subscriber raises during `commit()`, delivery stops at that message and
+`DeliveryError` is raised. Nothing is dropped: that message and every one behind it stay
+buffered. Calling `commit()` again resumes with the subscriber that failed (the ones
+before it are not called twice); `rollback()` drops them. A session that sees this error
+rolls the publisher back and re-raises it, and the error's `undelivered` attribute holds
+the messages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID, uuid4
+
+from pybondi.depends import (
+    AnyCallable,
+    DependencyOverrides,
+    Depends,
+    Handler,
+    compile_async,
+    compile_sync,
+)
+from pybondi.exceptions import DeliveryError, InvalidHandler, SessionError, short_repr
+
+__all__ = ["BasePublisher", "Depends", "Message", "Publisher"]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=AnyCallable)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Message(Generic[T]):
+    """A message for the outside world: a payload and its envelope.
+
+    Attributes:
+        payload: what the message carries.
+        sender: who sent it, if the receiver should know.
+        id: unique per message; consumers use it to recognise a redelivery.
+        headers: string metadata travelling with the message.
+        timestamp: when the message was created, in UTC.
+    """
+
+    payload: T
+    sender: str | None = None
+    id: UUID = field(default_factory=uuid4)
+    headers: dict[str, str] = field(default_factory=dict)
+    timestamp: datetime = field(default_factory=_utcnow)
+
+
+class BasePublisher(ABC):
+    """The interface a session uses to send messages when it commits.
+
+    Override `publish`, `commit` and `rollback`, plus `begin` and `close` if the transport
+    needs them. `publish` only buffers, so it is sync everywhere. A publisher that does I/O
+    in `commit` overrides `acommit` (and the other `a` methods) for the async path; an
+    async-only one makes the sync methods raise `AsyncRequired`. The async methods call
+    the sync ones by default.
+    """
+
+    @abstractmethod
+    def publish(self, topic: str, message: Message[Any]) -> None:
+        """Buffer a message for `topic` until `commit()`."""
+
+    def begin(self) -> None:
+        """Start a transaction."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Send every buffered message, in the order published."""
+
+    @abstractmethod
+    def rollback(self) -> None:
+        """Drop every buffered message."""
+
+    def close(self) -> None:
+        """End the transaction and release what it held."""
+
+    async def abegin(self) -> None:
+        """`begin` for the async path."""
+        self.begin()
+
+    async def acommit(self) -> None:
+        """`commit` for the async path."""
+        self.commit()
+
+    async def arollback(self) -> None:
+        """`rollback` for the async path."""
+        self.rollback()
+
+    async def aclose(self) -> None:
+        """`close` for the async path."""
+        self.close()
+
+
+class _Transaction:
+    """The messages one transaction published, and where a failed delivery stopped."""
+
+    __slots__ = ("messages", "resume", "token")
+
+    def __init__(self) -> None:
+        self.messages: deque[tuple[str, Message[Any]]] = deque()
+        self.resume = 0  # index of the subscriber to call first for messages[0]
+        self.token: Token[_Transaction | None] | None = None
+
+
+_SYNC_INSTEAD = "`await publisher.acommit()` (or `async with Session(...)`)"
+
+
+class Publisher(BasePublisher):
+    """The in-memory publisher: subscribers are functions in this process."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, list[Handler]] = {}
+        self.dependency_overrides: DependencyOverrides = DependencyOverrides(self._forget_routes)
+        self._transaction: ContextVar[_Transaction | None] = ContextVar(
+            f"pybondi.Publisher.{id(self):x}", default=None
+        )
+        self._routes: dict[str, tuple[tuple[Callable[[Any], Any], str], ...]] = {}
+        self._aroutes: dict[str, tuple[tuple[Callable[[Any], Any], bool, str], ...]] = {}
+
+    # Subscribing ------------------------------------------------------------------------
+
+    def subscribe(self, *topics: Any) -> Any:
+        """Register the decorated function as a subscriber of these topics.
+
+        `publisher.subscribe("topic", function)` registers directly, as in pybondi 1.x.
+        The function receives the `Message`, plus its `Depends(...)` parameters.
+        """
+        if topics and callable(topics[-1]) and not isinstance(topics[-1], str):
+            return self._subscribe(topics[:-1], topics[-1])
+        return lambda function: self._subscribe(topics, function)
+
+    def _subscribe(self, topics: tuple[Any, ...], function: F) -> F:
+        if not topics or not all(isinstance(topic, str) for topic in topics):
+            raise InvalidHandler(
+                f"publisher.subscribe() takes one or more topic names (str), got "
+                f"{short_repr(topics)}, as in @publisher.subscribe('orders')."
+            )
+        handler = Handler(function)
+        for topic in topics:
+            self.subscribers.setdefault(topic, []).append(handler)
+        self._forget_routes()
+        return function
+
+    def _forget_routes(self) -> None:
+        self._routes.clear()
+        self._aroutes.clear()
+
+    def _route(self, topic: str) -> tuple[tuple[Callable[[Any], Any], str], ...]:
+        route = self._routes.get(topic)
+        if route is None:
+            what = f"a subscriber of {topic!r}"
+            route = self._routes[topic] = tuple(
+                (
+                    compile_sync(h, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD),
+                    h.name,
+                )
+                for h in self.subscribers.get(topic, ())
+            )
+        return route
+
+    def _aroute(self, topic: str) -> tuple[tuple[Callable[[Any], Any], bool, str], ...]:
+        route = self._aroutes.get(topic)
+        if route is None:
+            route = self._aroutes[topic] = tuple(
+                (*compile_async(h, self.dependency_overrides), h.name)
+                for h in self.subscribers.get(topic, ())
+            )
+        return route
+
+    # The transaction --------------------------------------------------------------------
+
+    def publish(self, topic: str, message: Message[Any]) -> None:
+        """Buffer a message for `topic`; it is delivered on `commit()`."""
+        if message.__class__ is not Message and not isinstance(message, Message):
+            raise TypeError(
+                f"publisher.publish() takes a Message, got {type(message).__name__}: "
+                f"{short_repr(message)}. Wrap the payload: publish(topic, Message(payload))."
+            )
+        if topic.__class__ is not str:
+            raise TypeError(f"A topic is a str, got {type(topic).__name__}: {short_repr(topic)}.")
+        transaction = self._transaction.get()
+        if transaction is None:
+            transaction = _Transaction()
+            self._transaction.set(transaction)
+        transaction.messages.append((topic, message))
+
+    def begin(self) -> None:
+        """Open a transaction for the current thread or task; `close()` ends it."""
+        transaction = _Transaction()
+        transaction.token = self._transaction.set(transaction)
+
+    def pending(self) -> list[tuple[str, Message[Any]]]:
+        """The `(topic, message)` pairs buffered and not yet delivered."""
+        transaction = self._transaction.get()
+        return list(transaction.messages) if transaction else []
+
+    def commit(self) -> None:
+        """Deliver the buffered messages in order; see the module docstring on failures."""
+        transaction = self._transaction.get()
+        if transaction is None:
+            return
+        messages = transaction.messages
+        while messages:
+            topic, message = messages[0]
+            route = self._route(topic)
+            for index in range(transaction.resume, len(route)):
+                deliver, name = route[index]
+                try:
+                    deliver(message)
+                except Exception as error:
+                    transaction.resume = index
+                    raise DeliveryError(topic, message, name, list(messages)) from error
+            transaction.resume = 0
+            messages.popleft()
+
+    async def acommit(self) -> None:
+        """`commit`, awaiting async subscribers."""
+        transaction = self._transaction.get()
+        if transaction is None:
+            return
+        messages = transaction.messages
+        while messages:
+            topic, message = messages[0]
+            route = self._aroute(topic)
+            for index in range(transaction.resume, len(route)):
+                deliver, awaited, name = route[index]
+                try:
+                    result = deliver(message)
+                    if awaited:
+                        await result
+                except Exception as error:
+                    transaction.resume = index
+                    raise DeliveryError(topic, message, name, list(messages)) from error
+            transaction.resume = 0
+            messages.popleft()
+
+    def rollback(self) -> None:
+        """Drop every buffered message of the current transaction."""
+        transaction = self._transaction.get()
+        if transaction is not None:
+            transaction.messages.clear()
+            transaction.resume = 0
+
+    def close(self) -> None:
+        """End the transaction `begin()` opened, returning to the one before it, if any.
+
+        Raises `SessionError` if messages are still buffered: commit or roll back first.
+        """
+        transaction = self._transaction.get()
+        if transaction is None:
+            return
+        if transaction.messages:
+            raise SessionError(
+                f"The publisher still holds {len(transaction.messages)} undelivered "
+                f"message(s); call commit() or rollback() before close()."
+            )
+        if transaction.token is not None:
+            try:
+                self._transaction.reset(transaction.token)
+            except ValueError:
+                # Opened in another context (a task started inside the transaction):
+                # that context's copy of the variable ends with it.
+                self._transaction.set(None)
+

@@ -1,0 +1,187 @@
+"""Repositories: where aggregates are stored and restored, with an identity map.
+
+Subclass `Repository` and override what your storage needs:
+
+- `store(aggregate)`: persist it; called for each aggregate on `commit()`.
+- `restore(aggregate)`: bring it back to its stored state; called on `rollback()`.
+- `load(id)`: return the stored aggregate, or None if there is none; used by `get(id)`.
+- `begin()` / `close()`: open and release whatever a unit of work needs.
+
+Each hook may be written `async def`; then use the repository through the async path
+(`async with Session(...)`, `await repository.acommit()`). The base class keeps
+aggregates only in its identity map, which makes it the in-memory default.
+
+A repository serves one session at a time: its identity map is that unit of work's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from pybondi.aggregate import Aggregate, Root
+from pybondi.exceptions import AsyncRequired, NotFound, SessionError, short_repr
+
+__all__ = ["Repository"]
+
+A = TypeVar("A", bound=Aggregate)
+
+
+class Repository(Generic[A]):
+    """Stores and restores aggregates, keeping one object per id (the identity map)."""
+
+    def __init__(self) -> None:
+        self.aggregates: dict[Any, A] = {}
+        self._owner: object | None = None
+        self._owner_lock = threading.Lock()
+
+    # Hooks for subclasses ---------------------------------------------------------------
+
+    def load(self, id: Any) -> A | None:
+        """Return the stored aggregate with this id, or None. Override to read storage."""
+        return None
+
+    def store(self, aggregate: A) -> None:
+        """Persist an aggregate. Override to write storage; the default keeps it in memory."""
+
+    def restore(self, aggregate: A) -> None:
+        """Bring an aggregate back to its stored state. Override to read storage."""
+
+    def begin(self) -> None:
+        """Start a unit of work. Override to open a connection or a transaction."""
+
+    # The identity map -------------------------------------------------------------------
+
+    def add(self, aggregate: A) -> bool:
+        """Put an aggregate in the identity map; return False if it was already there.
+
+        A different object with the same id is an error: one unit of work holds one
+        object per aggregate, so that no change is silently lost.
+        """
+        id = _root_of(aggregate).id
+        existing = self.aggregates.get(id)
+        if existing is aggregate:
+            return False
+        if existing is not None:
+            raise ValueError(
+                f"{type(self).__name__} already holds another {type(existing).__name__} with "
+                f"id {id!r}. Get it with repository.get({id!r}) instead of adding a second copy."
+            )
+        self.aggregates[id] = aggregate
+        return True
+
+    def get(self, id: Any) -> A:
+        """The aggregate with this id: from the identity map, else from `load`.
+
+        Raises `NotFound` if there is none.
+        """
+        aggregate = self.aggregates.get(id)
+        if aggregate is None:
+            loaded = self.load(id)
+            if inspect.isawaitable(loaded):
+                _refuse_coroutine(loaded, self.load, "repository.aget(id)")
+            aggregate = self._admit(id, loaded)
+        return aggregate
+
+    async def aget(self, id: Any) -> A:
+        """`get` for a repository whose `load` may be async."""
+        aggregate = self.aggregates.get(id)
+        if aggregate is None:
+            loaded = self.load(id)
+            if inspect.isawaitable(loaded):
+                loaded = await loaded
+            aggregate = self._admit(id, loaded)
+        return aggregate
+
+    def _admit(self, id: Any, loaded: A | None) -> A:
+        if loaded is None:
+            raise NotFound(self, id)
+        self.add(loaded)
+        return loaded
+
+    def __iter__(self) -> Iterator[A]:
+        return iter(self.aggregates.values())
+
+    def __len__(self) -> int:
+        return len(self.aggregates)
+
+    # The unit of work -------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Store every aggregate in the identity map."""
+        for aggregate in self.aggregates.values():
+            _sync(self.store(aggregate), self.store)
+
+    def rollback(self) -> None:
+        """Restore every aggregate in the identity map."""
+        for aggregate in self.aggregates.values():
+            _sync(self.restore(aggregate), self.restore)
+
+    def close(self) -> None:
+        """End the unit of work: forget the aggregates and serve another session."""
+        self.aggregates.clear()
+        self.release()
+
+    async def abegin(self) -> None:
+        """`begin`, awaited if the hook is async."""
+        await _maybe_await(self.begin())
+
+    async def acommit(self) -> None:
+        """`commit`, awaiting `store` where it is async."""
+        for aggregate in self.aggregates.values():
+            await _maybe_await(self.store(aggregate))
+
+    async def arollback(self) -> None:
+        """`rollback`, awaiting `restore` where it is async."""
+        for aggregate in self.aggregates.values():
+            await _maybe_await(self.restore(aggregate))
+
+    async def aclose(self) -> None:
+        """`close` for the async path."""
+        self.close()
+
+    # One session at a time --------------------------------------------------------------
+
+    def claim(self, session: object) -> None:
+        """Reserve the repository for a session; a second open session is an error."""
+        with self._owner_lock:
+            if self._owner is not None and self._owner is not session:
+                raise SessionError(
+                    f"This {type(self).__name__} is already used by another open session. "
+                    f"A repository holds one unit of work: give each session its own, as in "
+                    f"Session(messagebus, {type(self).__name__}(), publisher)."
+                )
+            self._owner = session
+
+    def release(self) -> None:
+        """Let another session use the repository."""
+        self._owner = None
+
+
+def _root_of(aggregate: object) -> Root:
+    root = getattr(aggregate, "root", None)
+    if not isinstance(root, Root):
+        raise TypeError(
+            f"A repository holds aggregates with a root (self.root = Root(id)), got "
+            f"{type(aggregate).__name__}: {short_repr(aggregate)}."
+        )
+    return root
+
+
+def _sync(result: object, hook: object) -> None:
+    if result is not None and inspect.isawaitable(result):
+        _refuse_coroutine(result, hook, "`async with Session(...)` or the repository's a-methods")
+
+
+def _refuse_coroutine(result: object, hook: object, instead: str) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()  # never leave an un-awaited coroutine behind to warn later
+    raise AsyncRequired(f"the repository's {getattr(hook, '__name__', 'hook')}", hook, instead)
+
+
+async def _maybe_await(result: object) -> None:
+    if result is not None and inspect.isawaitable(result):
+        await result
