@@ -105,11 +105,21 @@ def signature_of(call: AnyCallable) -> inspect.Signature:
     try:
         return inspect.signature(call, eval_str=True)
     except (NameError, TypeError, SyntaxError):
-        # A forward reference that cannot be resolved yet: plain `= Depends(...)` defaults
-        # still work; only `Annotated[..., Depends(...)]` needs the evaluated annotation.
-        return inspect.signature(call)
+        pass
     except ValueError as error:
         raise InvalidHandler(f"Cannot inspect {callable_name(call)}: {error}") from error
+    # A name in the annotations cannot be resolved (yet). Plain `= Depends(...)` defaults
+    # still work; a `Depends` inside an unresolved `Annotated[...]` would be silently
+    # missed, so that is an error.
+    signature = inspect.signature(call)
+    for parameter in signature.parameters.values():
+        if isinstance(parameter.annotation, str) and "Depends(" in parameter.annotation:
+            raise InvalidHandler(
+                f"Cannot evaluate the annotation of {parameter.name!r} in "
+                f"{callable_name(call)}: {parameter.annotation!r}. Define the names it uses "
+                f"at module level, or write the dependency as a default: = Depends(...)."
+            )
+    return signature
 
 
 def marker_of(parameter: inspect.Parameter) -> Dependant | None:

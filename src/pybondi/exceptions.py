@@ -105,9 +105,9 @@ class DeliveryError(PybondiError):
     and a later `commit()` resumes with the subscriber that failed, or `rollback()` drops them.
     """
 
-    def __init__(self, topic: str, message: Any, subscriber: object, undelivered: list[Any]):
+    def __init__(self, topic: str, message: Any, subscriber: str, undelivered: list[Any]):
         super().__init__(
-            f"Subscriber {callable_name(subscriber)} failed on message {message.id} of topic "
+            f"Subscriber {subscriber} failed on message {message.id} of topic "
             f"{topic!r}; {len(undelivered)} message(s) are still undelivered. Call commit() "
             f"again to resume with that subscriber, or rollback() to drop them."
         )

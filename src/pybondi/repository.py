@@ -104,9 +104,6 @@ class Repository(Generic[A]):
     def __iter__(self) -> Iterator[A]:
         return iter(self.aggregates.values())
 
-    def __len__(self) -> int:
-        return len(self.aggregates)
-
     # The unit of work -------------------------------------------------------------------
 
     def commit(self) -> None:
