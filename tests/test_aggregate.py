@@ -117,8 +117,12 @@ def test_commited_is_the_1_2_1_spelling_and_events_are_generic() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("User", "user"), ("BankAccount", "bank_account"), ("HTTPServer", "http_server"),
-     ("Order2Line", "order2_line")],
+    [
+        ("User", "user"),
+        ("BankAccount", "bank_account"),
+        ("HTTPServer", "http_server"),
+        ("Order2Line", "order2_line"),
+    ],
 )
 def test_snake_case(name: str, expected: str) -> None:
     assert snake_case(name) == expected

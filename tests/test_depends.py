@@ -237,7 +237,7 @@ def test_sync_path_refuses_async_dependency_by_name() -> None:
 
 
 def test_publisher_dependencies_and_overrides(driver: Driver) -> None:
-    publisher, sink = Publisher(), []
+    publisher, sink = Publisher(), list[int]()
 
     @publisher.subscribe("t")
     def subscriber(message: pybondi.Message[int], out: list[int] = Depends(get_db)) -> None:

@@ -14,7 +14,9 @@ from tests.conftest import Driver
 def recording_publisher(*topics: str) -> tuple[Publisher, list[tuple[str, object]]]:
     publisher, seen = Publisher(), []
     for topic in topics:
-        publisher.subscribe(topic)(lambda message, topic=topic: seen.append((topic, message.payload)))
+        publisher.subscribe(topic)(
+            lambda message, topic=topic: seen.append((topic, message.payload))
+        )
     return publisher, seen
 
 
@@ -92,7 +94,12 @@ def test_failing_subscriber_keeps_the_rest_and_commit_resumes(driver: Driver) ->
     assert isinstance(error.__cause__, ConnectionError)
     driver.deliver(publisher)  # resumes with flaky for message 2; first does not see it twice
     assert seen == [
-        ("first", 1), ("flaky", 1), ("first", 2), ("flaky", 2), ("first", 3), ("flaky", 3),
+        ("first", 1),
+        ("flaky", 1),
+        ("first", 2),
+        ("flaky", 2),
+        ("first", 3),
+        ("flaky", 3),
     ]
 
 

@@ -77,10 +77,10 @@ class AsyncUsers(Repository[User]):
         super().__init__()
         self.stored: list[int] = []
 
-    async def load(self, id: Any) -> User | None:  # type: ignore[override]
+    async def load(self, id: Any) -> User | None:
         return User(id, "loaded")
 
-    async def store(self, user: User) -> None:  # type: ignore[override]
+    async def store(self, user: User) -> None:
         self.stored.append(user.id)
 
 

@@ -16,8 +16,8 @@ from pybondi import (
     DeliveryError,
     Event,
     Message,
-    MessageLimitExceeded,
     Messagebus,
+    MessageLimitExceeded,
     Publisher,
     Repository,
     RolledBack,
@@ -143,8 +143,16 @@ def test_events_are_dispatched_after_each_message_breadth_first(driver: Driver) 
         session.add(b)
         driver.execute(session, Deposit(a, 1))
     assert world.trace == [
-        "Added a", "Added b", "command 1", "deposited 1", "chain 1",
-        "deposited 2", "chain 2", "deposited 3", "Committed a", "Committed b",
+        "Added a",
+        "Added b",
+        "command 1",
+        "deposited 1",
+        "chain 1",
+        "deposited 2",
+        "chain 2",
+        "deposited 3",
+        "Committed a",
+        "Committed b",
     ]
 
 
@@ -243,10 +251,12 @@ def test_runaway_chain_stops_with_a_clear_error(driver: Driver) -> None:
     world, account = World(), Account("a")
     world.bus.on(Deposited)(lambda event: account.deposit(1))
     session = Session(world.bus, Accounts(), world.publisher, max_messages=50)
-    with pytest.raises(MessageLimitExceeded, match="50 messages") as raised:
-        with driver.session(session):
-            session.add(account)
-            driver.execute(session, Deposit(account, 1))
+    with (
+        pytest.raises(MessageLimitExceeded, match="50 messages") as raised,
+        driver.session(session),
+    ):
+        session.add(account)
+        driver.execute(session, Deposit(account, 1))
     assert "max_messages" in str(raised.value)
     assert world.trace[-1] == "RolledBack a"
 
@@ -294,7 +304,9 @@ def test_readme_argument_order_and_keywords() -> None:
     bus, repository, publisher = Messagebus(), Repository[Any](), Publisher()
     session = Session(bus, repository, publisher)
     assert (session.messagebus, session.repository, session.publisher) == (
-        bus, repository, publisher,
+        bus,
+        repository,
+        publisher,
     )
     session = Session(publisher=publisher)
     assert session.publisher is publisher
@@ -303,8 +315,11 @@ def test_readme_argument_order_and_keywords() -> None:
 
 @pytest.mark.parametrize(
     ("arguments", "slot"),
-    [((Repository(),), "messagebus"), ((None, Messagebus()), "repository"),
-     ((None, None, Messagebus()), "publisher")],
+    [
+        ((Repository(),), "messagebus"),
+        ((None, Messagebus()), "repository"),
+        ((None, None, Messagebus()), "publisher"),
+    ],
 )
 def test_wrong_kind_of_argument_names_the_slot(arguments: tuple[Any, ...], slot: str) -> None:
     with pytest.raises(TypeError, match=f"argument '{slot}' expects"):
@@ -371,7 +386,7 @@ def test_async_session_with_async_handlers_and_hooks() -> None:
     bus, publisher, seen = Messagebus(), Publisher(), []
 
     class AsyncAccounts(Repository[Account]):
-        async def store(self, account: Account) -> None:  # type: ignore[override]
+        async def store(self, account: Account) -> None:
             await asyncio.sleep(0)
             seen.append(f"store {account.balance}")
 
@@ -412,7 +427,7 @@ def test_sync_session_refuses_async_handler_and_rolls_back() -> None:
 
 def test_sync_session_refuses_async_repository_hook() -> None:
     class AsyncBegin(Repository[Any]):
-        async def begin(self) -> None:  # type: ignore[override]
+        async def begin(self) -> None:
             pass
 
     with pytest.raises(AsyncRequired, match="begin"), Session(repository=AsyncBegin()):

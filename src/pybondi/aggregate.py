@@ -125,4 +125,5 @@ class Factory(ABC, Generic[A]):
         """Build and return a new aggregate."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> A:
+        """Build a new aggregate with `create`."""
         return self.create(*args, **kwargs)

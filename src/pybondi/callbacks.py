@@ -81,6 +81,7 @@ class Callbacks:
             callback.set(name, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Call every callback with the same arguments, in order."""
         for callback in self.list:
             callback(*args, **kwargs)
 

@@ -94,6 +94,7 @@ class Handler:
 
     @property
     def call(self) -> AnyCallable:
+        """The user's function."""
         return self.callee.call
 
     def __repr__(self) -> str:
@@ -250,9 +251,9 @@ class Planner:
         return index
 
 
-def plan(handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]) -> tuple[
-    tuple[Step, ...], tuple[tuple[str, int], ...]
-]:
+def plan(
+    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]
+) -> tuple[tuple[Step, ...], tuple[tuple[str, int], ...]]:
     """The steps that compute a handler's dependencies, and the keywords it receives."""
     planner = Planner(overrides)
     arguments = planner.arguments(handler.callee)
@@ -268,7 +269,8 @@ def compile_sync(
     dependency it would use is async.
     """
     steps, arguments = plan(handler, overrides)
-    for culprit in (handler.callee, *steps):
+    culprits: list[Callee | Step] = [handler.callee, *steps]
+    for culprit in culprits:
         if culprit.kind.is_async:
             raise AsyncRequired(what, getattr(culprit.call, "__wrapped__", culprit.call), instead)
     call = handler.call

@@ -127,9 +127,9 @@ class Messagebus:
     # Registration -----------------------------------------------------------------------
 
     @overload
-    def on(self, handler: F, /) -> F: ...
+    def on(self, *event_types: type[Event]) -> Callable[[F], F]: ...
     @overload
-    def on(self, *event_types: Any) -> Callable[[F], F]: ...
+    def on(self, handler: F, /) -> F: ...
 
     def on(self, *event_types: Any) -> Any:
         """Register the decorated function as a handler of these event types.
@@ -150,9 +150,9 @@ class Messagebus:
         return function
 
     @overload
-    def register(self, handler: F, /) -> F: ...
+    def register(self, command_type: type[Command] | None = None, /) -> Callable[[F], F]: ...
     @overload
-    def register(self, command_type: Any = None, /) -> Callable[[F], F]: ...
+    def register(self, handler: F, /) -> F: ...
 
     def register(self, command_type: Any = None, /) -> Any:
         """Register the decorated function as the one handler of a command type.
@@ -223,7 +223,9 @@ class Messagebus:
             if handler is None:
                 return _execute_route(type(message))
             what = f"the handler of {type(message).__name__}"
-            return compile_sync(handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
+            return compile_sync(
+                handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD
+            )
         handlers = self._event_handlers(type(_checked(message)))
         what = f"a handler of {type(message).__name__}"
         invokers = tuple(
@@ -282,7 +284,9 @@ class Messagebus:
         if not compiled:
             return _aignore
         raising = self._raise_on_event_error
-        triples = tuple((invoke, awaited, name) for (invoke, awaited), name in zip(compiled, names))
+        triples = tuple(
+            (invoke, awaited, name) for (invoke, awaited), name in zip(compiled, names, strict=True)
+        )
 
         async def route(event: Any) -> None:
             for invoke, awaited, name in triples:
@@ -356,8 +360,10 @@ def _message_classes(
     for message_type in given:
         cls = typing.get_origin(message_type) or message_type
         if not (isinstance(cls, type) and issubclass(cls, base)):
-            hint = " Commands go to @messagebus.register(...)." if base is Event else (
-                " Events go to @messagebus.on(...)." if base is Command else ""
+            hint = (
+                " Commands go to @messagebus.register(...)."
+                if base is Event
+                else (" Events go to @messagebus.on(...)." if base is Command else "")
             )
             raise InvalidHandler(
                 f"@messagebus.{decorator}() takes {base.__name__} subclasses, got "

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 from uuid import UUID, uuid4
 
 from pybondi.depends import (
@@ -144,6 +144,11 @@ class Publisher(BasePublisher):
         self._aroutes: dict[str, tuple[tuple[Callable[[Any], Any], bool, str], ...]] = {}
 
     # Subscribing ------------------------------------------------------------------------
+
+    @overload
+    def subscribe(self, *topics: str) -> Callable[[F], F]: ...
+    @overload
+    def subscribe(self, topic: str, subscriber: F, /) -> F: ...
 
     def subscribe(self, *topics: Any) -> Any:
         """Register the decorated function as a subscriber of these topics.
@@ -287,4 +292,3 @@ class Publisher(BasePublisher):
                 # Opened in another context (a task started inside the transaction):
                 # that context's copy of the variable ends with it.
                 self._transaction.set(None)
-

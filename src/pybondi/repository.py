@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Iterator
+from typing import Any, Generic, TypeVar, cast
 
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import AsyncRequired, NotFound, SessionError, short_repr
@@ -39,17 +39,17 @@ class Repository(Generic[A]):
 
     # Hooks for subclasses ---------------------------------------------------------------
 
-    def load(self, id: Any) -> A | None:
+    def load(self, id: Any) -> A | Awaitable[A | None] | None:
         """Return the stored aggregate with this id, or None. Override to read storage."""
         return None
 
-    def store(self, aggregate: A) -> None:
+    def store(self, aggregate: A) -> Awaitable[None] | None:
         """Persist an aggregate. Override to write storage; the default keeps it in memory."""
 
-    def restore(self, aggregate: A) -> None:
+    def restore(self, aggregate: A) -> Awaitable[None] | None:
         """Bring an aggregate back to its stored state. Override to read storage."""
 
-    def begin(self) -> None:
+    def begin(self) -> Awaitable[None] | None:
         """Start a unit of work. Override to open a connection or a transaction."""
 
     # The identity map -------------------------------------------------------------------
@@ -82,7 +82,7 @@ class Repository(Generic[A]):
             loaded = self.load(id)
             if inspect.isawaitable(loaded):
                 _refuse_coroutine(loaded, self.load, "repository.aget(id)")
-            aggregate = self._admit(id, loaded)
+            aggregate = self._admit(id, cast("A | None", loaded))
         return aggregate
 
     async def aget(self, id: Any) -> A:

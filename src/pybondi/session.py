@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
@@ -93,9 +93,9 @@ class Session:
         *,
         max_messages: int = 10_000,
     ) -> None:
-        self.messagebus = _slot("messagebus", messagebus, Messagebus)
-        self.repository = _slot("repository", repository, Repository)
-        self.publisher = _slot("publisher", publisher, BasePublisher, Publisher)
+        self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
+        self.repository: Repository[Any] = _slot("repository", repository, Repository, Repository)
+        self.publisher: BasePublisher = _slot("publisher", publisher, BasePublisher, Publisher)
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
         self.max_messages = max_messages
@@ -242,13 +242,19 @@ class Session:
         self._run(self._dispatch_flow(_message(message)))
 
     def commit(self) -> None:
-        """Finish the queue, send `Committed` for each aggregate, then commit the
-        repository and the publisher. On failure before the publisher's turn, roll back."""
+        """Commit the unit of work.
+
+        Finish the queue, send `Committed` for each aggregate, then commit the repository
+        and the publisher. A failure before the publisher's turn rolls back and propagates.
+        """
         self._run(self._active(self._commit_flow()))
 
     def rollback(self) -> None:
-        """Drop the queue, send `RolledBack` for each aggregate, then roll back the
-        repository and the publisher."""
+        """Roll back the unit of work.
+
+        Drop the queue, send `RolledBack` for each aggregate, then roll back the repository
+        and the publisher.
+        """
         self._run(self._active(self._rollback_flow()))
 
     def close(self) -> None:
@@ -351,14 +357,14 @@ def _attempt(steps: list[Step], cause: BaseException | None) -> Flow:
         return
     if cause is None:
         raise failures[0]
-    for failure in failures:
-        logger.error("While cleaning up after %r, another error occurred", cause, exc_info=failure)
-        cause.add_note(f"While cleaning up, another error occurred: {failure!r}")
+    for other in failures:
+        logger.error("While cleaning up after %r, another error occurred", cause, exc_info=other)
+        cause.add_note(f"While cleaning up, another error occurred: {other!r}")
 
 
-def _slot(name: str, value: Any, expected: type[T], default: type[T] | None = None) -> T:
+def _slot(name: str, value: T | None, expected: type, default: Callable[[], T]) -> T:
     if value is None:
-        return (default or expected)()
+        return default()
     if not isinstance(value, expected):
         raise TypeError(
             f"Session() argument {name!r} expects a {expected.__module__}.{expected.__name__}, "
