@@ -17,6 +17,7 @@ MODULES = [
     "pybondi.events",
     "pybondi.exceptions",
     "pybondi.messagebus",
+    "pybondi.messages",
     "pybondi.publisher",
     "pybondi.repository",
     "pybondi.session",

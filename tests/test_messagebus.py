@@ -15,7 +15,9 @@ from pybondi import (
     InvalidHandler,
     Messagebus,
 )
+from pybondi.events import Added, RolledBack
 from tests.conftest import Driver
+from tests.test_aggregate import BankAccount, User
 
 
 @dataclass
@@ -324,3 +326,46 @@ def test_failing_async_handler_is_logged_when_not_raising(caplog: pytest.LogCapt
     asyncio.run(bus.ahandle(Deposited(1)))
     assert seen == ["after"]
     assert "broken" in caplog.text
+
+
+# Generic events: `Added[User]` narrows a handler to one aggregate type -------------------
+
+
+def test_parametrized_aggregate_events_reach_only_their_aggregate_type(driver: Driver) -> None:
+    bus, seen = Messagebus(), []
+
+    @bus.on(Added, RolledBack)  # the 1.2.1 README form: the annotation narrows it
+    def users(event: Added[User] | RolledBack[User]) -> None:
+        seen.append(f"users:{event.user.name}")
+
+    @bus.on()
+    def accounts(event: Added[BankAccount]) -> None:
+        seen.append(f"accounts:{event.bank_account.id}")
+
+    @bus.on(Added[User], Added[BankAccount])
+    def both(event: Added[User] | Added[BankAccount]) -> None:
+        seen.append("both")
+
+    @bus.on(Added)
+    def everything(event: Added) -> None:  # type: ignore[type-arg]
+        seen.append("everything")
+
+    driver.handle(bus, Added(User(1, "ann")))
+    driver.handle(bus, Added(BankAccount("x")))
+    driver.handle(bus, RolledBack(BankAccount("x")))
+    assert seen == [
+        "users:ann", "both", "everything",
+        "accounts:x", "both", "everything",
+    ]  # fmt: skip
+
+
+def test_narrowed_async_handler() -> None:
+    bus, seen = Messagebus(), []
+
+    @bus.on
+    async def users(event: Added[User]) -> None:
+        seen.append(event.user.name)
+
+    asyncio.run(bus.ahandle(Added(BankAccount("x"))))
+    asyncio.run(bus.ahandle(Added(User(1, "ann"))))
+    assert seen == ["ann"]

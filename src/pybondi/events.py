@@ -12,6 +12,7 @@ Each is generic over the aggregate (`Added[User]` in annotations) and exposes it
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cache
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +36,14 @@ class AggregateEvent(Event, Generic[A]):
 
     def __init__(self, aggregate: A) -> None:
         self.aggregate = aggregate
+
+    @classmethod
+    def _guard(cls, arguments: tuple[Any, ...]) -> Callable[[Any], bool] | None:
+        """A handler of `Added[User]` receives `Added` events about users only."""
+        aggregate_type = arguments[0]
+        if not isinstance(aggregate_type, type):
+            return None  # a TypeVar or another unresolvable parameter: every aggregate
+        return lambda event: isinstance(event.aggregate, aggregate_type)
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found the normal way, so `.aggregate` stays fast.

@@ -22,8 +22,8 @@ import itertools
 import logging
 import types
 import typing
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar, Union, overload
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar, Union, overload
 
 from pybondi.depends import (
     AnyCallable,
@@ -42,6 +42,7 @@ from pybondi.exceptions import (
     callable_name,
     short_repr,
 )
+from pybondi.messages import Command, Event
 
 __all__ = ["Command", "Depends", "Event", "Messagebus"]
 
@@ -49,42 +50,10 @@ logger = logging.getLogger("pybondi.messagebus")
 
 F = TypeVar("F", bound=AnyCallable)
 Route = Callable[[Any], Any]
+Guard = Callable[[Any], bool]
 AsyncRoute = Callable[[Any], Awaitable[Any]]
 
 _SYNC_INSTEAD = "`await messagebus.ahandle(...)` (or `async with Session(...)`)"
-
-
-class _Readable:
-    """Plain message classes (not dataclasses) get a repr that shows their fields."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        fields = getattr(self, "__dict__", {})
-        body = ", ".join(f"{name}={value!r}" for name, value in fields.items())
-        return f"{type(self).__name__}({body})"
-
-
-class Event(_Readable):
-    """A notification that something happened in the domain.
-
-    Subclass it, as a plain class or a dataclass. Any number of handlers, registered with
-    `@messagebus.on(...)`, receive it; a handler registered for a base class (even `Event`
-    itself) receives its subclasses too.
-    """
-
-
-class Command(_Readable):
-    """A request to do something.
-
-    It goes to the one handler registered with `@messagebus.register(...)`; a command
-    without a handler runs its own `execute()`, which subclasses may override (sync, or
-    `async def` for the async path).
-    """
-
-    def execute(self) -> Any:
-        """Do what the command asks when no handler is registered for it."""
-        raise HandlerNotFound(type(self))
 
 
 def _ignore(message: Any) -> None:
@@ -108,7 +77,7 @@ class Messagebus:
     def __init__(self, raise_on_event_error: bool = True) -> None:
         self._raise_on_event_error = bool(raise_on_event_error)
         self.command_handlers: dict[type[Command], Handler] = {}
-        self.event_handlers: dict[type[Event], list[tuple[int, Handler]]] = {}
+        self.event_handlers: dict[type[Event], list[Registration]] = {}
         self.dependency_overrides: DependencyOverrides = DependencyOverrides(self._forget_routes)
         self._sequence = itertools.count()
         self._routes: dict[type, Route] = {}
@@ -144,9 +113,8 @@ class Messagebus:
 
     def _on(self, event_types: tuple[Any, ...], function: F) -> F:
         handler = Handler(function)
-        classes = _message_classes(event_types, Event, function, "on")
-        for event_type in classes:
-            self._add_event_handler(event_type, handler)
+        for event_type, guard in _message_types(event_types, Event, function, "on"):
+            self._add_event_handler(event_type, handler, guard)
         return function
 
     @overload
@@ -167,7 +135,7 @@ class Messagebus:
 
     def _register(self, command_types: tuple[Any, ...], function: F) -> F:
         handler = Handler(function)
-        for command_type in _message_classes(command_types, Command, function, "register"):
+        for command_type, _ in _message_types(command_types, Command, function, "register"):
             self._add_command_handler(command_type, handler)
         return function
 
@@ -179,10 +147,16 @@ class Messagebus:
         """Register `handler` for `command_type`, as `@bus.register(command_type)` does."""
         self._register((command_type,), handler)
 
-    def _add_event_handler(self, event_type: type[Event], handler: Handler) -> None:
+    def _add_event_handler(
+        self, event_type: type[Event], handler: Handler, guard: Guard | None
+    ) -> None:
         registered = self.event_handlers.setdefault(event_type, [])
-        if all(existing.call is not handler.call for _, existing in registered):
-            registered.append((next(self._sequence), handler))
+        for index, existing in enumerate(registered):
+            if existing.handler.call is handler.call:
+                registered[index] = existing.widened(guard)
+                break
+        else:
+            registered.append(Registration(next(self._sequence), handler, guard))
         self._forget_routes()
 
     def _add_command_handler(self, command_type: type[Command], handler: Handler) -> None:
@@ -226,13 +200,13 @@ class Messagebus:
             return compile_sync(
                 handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD
             )
-        handlers = self._event_handlers(type(_checked(message)))
-        what = f"a handler of {type(message).__name__}"
+        registrations = self._event_handlers(type(_checked(message)))
+        what, overrides = f"a handler of {type(message).__name__}", self.dependency_overrides
         invokers = tuple(
-            compile_sync(handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
-            for handler in handlers
+            _guarded(compile_sync(r.handler, overrides, what=what, instead=_SYNC_INSTEAD), r.guard)
+            for r in registrations
         )
-        return self._event_route(invokers, tuple(handler.name for handler in handlers))
+        return self._event_route(invokers, tuple(r.handler.name for r in registrations))
 
     def _async_route(self, message: object) -> AsyncRoute:
         if isinstance(message, Command):
@@ -241,9 +215,12 @@ class Messagebus:
                 return _aexecute_route(type(message))
             invoke, awaited = compile_async(handler, self.dependency_overrides)
             return invoke if awaited else _as_coroutine(invoke)
-        handlers = self._event_handlers(type(_checked(message)))
-        compiled = tuple(compile_async(handler, self.dependency_overrides) for handler in handlers)
-        return self._aevent_route(compiled, tuple(handler.name for handler in handlers))
+        registrations = self._event_handlers(type(_checked(message)))
+        compiled = tuple(
+            _aguarded(*compile_async(r.handler, self.dependency_overrides), r.guard)
+            for r in registrations
+        )
+        return self._aevent_route(compiled, tuple(r.handler.name for r in registrations))
 
     def _command_handler(self, command_type: type) -> Handler | None:
         for cls in command_type.__mro__:
@@ -252,12 +229,16 @@ class Messagebus:
                 return handler
         return None
 
-    def _event_handlers(self, event_type: type) -> list[Handler]:
-        found: dict[AnyCallable, tuple[int, Handler]] = {}
-        for cls in reversed(event_type.__mro__):
-            for sequence, handler in self.event_handlers.get(cls, ()):
-                found.setdefault(handler.call, (sequence, handler))
-        return [handler for _, handler in sorted(found.values(), key=lambda item: item[0])]
+    def _event_handlers(self, event_type: type) -> list[Registration]:
+        """The registrations that apply to `event_type`, in registration order, each once."""
+        found: dict[AnyCallable, Registration] = {}
+        for cls in event_type.__mro__:
+            for registration in self.event_handlers.get(cls, ()):
+                call = registration.handler.call
+                found[call] = (
+                    found[call].widened(registration.guard) if call in found else (registration)
+                )
+        return sorted(found.values(), key=lambda registration: registration.sequence)
 
     def _event_route(self, invokers: tuple[Route, ...], names: tuple[str, ...]) -> Route:
         if not invokers:
@@ -300,6 +281,41 @@ class Messagebus:
                     _log_failure(name, event)
 
         return route
+
+
+class Registration(NamedTuple):
+    """A handler registered for an event class, with the guard its annotation implies."""
+
+    sequence: int
+    handler: Handler
+    guard: Guard | None
+
+    def widened(self, guard: Guard | None) -> Registration:
+        """A copy of the registration that also accepts what `guard` accepts."""
+        mine = self.guard
+        if mine is None or guard is None:
+            return self._replace(guard=None)
+        return self._replace(guard=lambda event: mine(event) or guard(event))
+
+
+def _guarded(invoke: Route, guard: Guard | None) -> Route:
+    if guard is None:
+        return invoke
+
+    def guarded(event: Any) -> Any:
+        return invoke(event) if guard(event) else None
+
+    return guarded
+
+
+def _aguarded(invoke: Route, awaited: bool, guard: Guard | None) -> tuple[Route, bool]:
+    if guard is None or not awaited:
+        return _guarded(invoke, guard), awaited
+
+    async def guarded(event: Any) -> Any:
+        return await invoke(event) if guard(event) else None
+
+    return guarded, True
 
 
 def _log_failure(handler_name: str, event: object) -> None:
@@ -351,13 +367,17 @@ def _is_function(value: object) -> bool:
     return callable(value) and not isinstance(value, type) and typing.get_origin(value) is None
 
 
-def _message_classes(
-    given: Iterable[Any], base: type, function: AnyCallable, decorator: str
-) -> tuple[type, ...]:
-    """Check the types given to a decorator, or read them from the handler's annotation."""
-    given = tuple(given) or _annotated_types(function, base, decorator)
-    classes = []
-    for message_type in given:
+def _message_types(
+    given: tuple[Any, ...], base: type, function: AnyCallable, decorator: str
+) -> list[tuple[type, Guard | None]]:
+    """Check the types given to a decorator, or read them from the handler's annotation.
+
+    Each comes with its guard: `Added[User]`, given or annotated, means Added events
+    about users only (see `Event._guard`).
+    """
+    parametrized = _parametrized_annotation(function) if given else {}
+    result = []
+    for message_type in given or _annotated_types(function, base, decorator):
         cls = typing.get_origin(message_type) or message_type
         if not (isinstance(cls, type) and issubclass(cls, base)):
             hint = (
@@ -369,26 +389,44 @@ def _message_classes(
                 f"@messagebus.{decorator}() takes {base.__name__} subclasses, got "
                 f"{short_repr(message_type)} for {callable_name(function)}.{hint}"
             )
-        classes.append(cls)
-    return tuple(classes)
+        arguments = typing.get_args(message_type) or parametrized.get(cls, ())
+        guard = cls._guard(arguments) if arguments and issubclass(cls, Event) else None
+        result.append((cls, guard))
+    return result
+
+
+def _parametrized_annotation(function: AnyCallable) -> dict[type, tuple[Any, ...]]:
+    """`{Added: (User,)}` for `def f(event: Added[User] | RolledBack)`; best effort."""
+    try:
+        members = _first_annotation_members(function)
+    except Exception:
+        return {}
+    return {typing.get_origin(t): typing.get_args(t) for t in members if typing.get_origin(t)}
+
+
+def _first_annotation_members(function: AnyCallable) -> tuple[Any, ...]:
+    hints = typing.get_type_hints(function)
+    first = next(iter(inspect.signature(function).parameters), None)
+    annotation = hints.get(first) if first else None
+    if annotation is None:
+        return ()
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
 
 
 def _annotated_types(function: AnyCallable, base: type, decorator: str) -> tuple[Any, ...]:
     example = f"@messagebus.{decorator}({'MyEvent' if base is Event else 'MyCommand'})"
     try:
-        hints = typing.get_type_hints(function)
+        members = _first_annotation_members(function)
     except Exception as error:
         raise InvalidHandler(
             f"Cannot read the annotations of {callable_name(function)} ({error}); name the "
             f"message types in the decorator instead: {example}."
         ) from error
-    first = next(iter(inspect.signature(function).parameters), None)
-    annotation = hints.get(first) if first else None
-    if annotation is None:
+    if not members:
         raise InvalidHandler(
             f"Cannot tell which messages {callable_name(function)} handles: its first "
             f"parameter has no annotation. Annotate it, or name the types: {example}."
         )
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
+    return members
