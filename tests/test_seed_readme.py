@@ -106,7 +106,7 @@ def test_publisher():
     publisher.commit()
 
     print(api.data) ### ["Hello", "World", "!", "!"]
-"""  # noqa: E501, W293
+"""
 
 AGGREGATE = """
 from pybondi.aggregate import Aggregate, Root

@@ -72,6 +72,9 @@ class Accounts(Repository[Account]):
     def begin(self) -> None:
         self.log.append("begin")
 
+    def load(self, id: Any) -> Account | None:
+        return Account(id, self.database[id]) if id in self.database else None
+
     def store(self, account: Account) -> None:
         self.log.append(f"store {account.id}")
         self.database[account.id] = account.balance
@@ -432,3 +435,26 @@ def test_sync_session_refuses_async_repository_hook() -> None:
 
     with pytest.raises(AsyncRequired, match="begin"), Session(repository=AsyncBegin()):
         pass
+
+
+def test_aggregates_reaching_the_repository_otherwise_get_added_first(driver: Driver) -> None:
+    world = World()
+    accounts = Accounts({"old": 7})
+
+    @world.bus.register
+    def open_and_fund(command: Opening) -> None:
+        account = Account(command.id)
+        account.deposit(1)
+        accounts.add(account)
+
+    with driver.session(world.session(accounts)) as session:
+        driver.execute(session, Opening("new"))
+        accounts.get("old").deposit(2)
+    assert world.trace == [
+        "Added new", "deposited 1", "Added old", "deposited 2", "Committed new", "Committed old",
+    ]  # fmt: skip
+
+
+@dataclass
+class Opening(Command):
+    id: str

@@ -100,6 +100,7 @@ class Session:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
         self.max_messages = max_messages
         self.queue: deque[Command | Event] = deque()
+        self._announced = 0  # how many aggregates of the identity map got their `Added`
         self._state = _NEW
 
     # Work that needs no I/O -------------------------------------------------------------
@@ -107,22 +108,34 @@ class Session:
     def add(self, aggregate: Aggregate) -> None:
         """Take an aggregate into the session and queue `Added(aggregate)` for it.
 
+        Aggregates that reach the repository another way (`repository.get(id)`, or
+        `repository.add` in a handler) get their `Added` too, before their own events.
         Adding the same object twice is a no-op.
         """
         if self._state is not _ACTIVE:
             self._run(self._begin_flow())
-        if self.repository.add(aggregate):
-            self.queue.append(Added(aggregate))
+        self.repository.add(aggregate)
+        self._take_news()
+
+    def _take_news(self) -> None:
+        """Queue `Added` for aggregates new to the repository, then their events."""
+        queue, aggregates = self.queue, self.repository.aggregates
+        if len(aggregates) != self._announced:
+            # The identity map only grows during a unit of work, in insertion order.
+            newcomers = list(aggregates.values())[self._announced :]
+            queue.extend(map(Added, newcomers))
+            self._announced = len(aggregates)
+        for aggregate in aggregates.values():
+            events = aggregate.root.events
+            if events:
+                queue.extend(events)
+                events.clear()
 
     def _messages(self) -> Iterator[Command | Event]:
         """Yield queued messages, first taking what the aggregates published meanwhile."""
-        queue, aggregates = self.queue, self.repository.aggregates
+        queue = self.queue
         for count in range(self.max_messages + 1):
-            for aggregate in aggregates.values():
-                events = aggregate.root.events
-                if events:
-                    queue.extend(events)
-                    events.clear()
+            self._take_news()
             if not queue:
                 return
             if count == self.max_messages:
@@ -134,6 +147,7 @@ class Session:
 
     def _forget_pending(self) -> None:
         self.queue.clear()
+        self._announced = len(self.repository.aggregates)
         for aggregate in self.repository.aggregates.values():
             aggregate.root.events.clear()
 
