@@ -82,6 +82,7 @@ class Messagebus:
         self._sequence = itertools.count()
         self._routes: dict[type, Route] = {}
         self._aroutes: dict[type, AsyncRoute] = {}
+        self._listening: dict[type, bool] = {}
 
     @property
     def raise_on_event_error(self) -> bool:
@@ -169,6 +170,18 @@ class Messagebus:
     def _forget_routes(self) -> None:
         self._routes.clear()
         self._aroutes.clear()
+        self._listening.clear()
+
+    def listens(self, event_type: type[Event]) -> bool:
+        """Whether any handler is registered for `event_type` or one of its bases.
+
+        A session asks before creating `Added`, `Committed` or `RolledBack` events, so
+        that nobody pays for events nobody listens to.
+        """
+        listening = self._listening.get(event_type)
+        if listening is None:
+            listening = self._listening[event_type] = bool(self._event_handlers(event_type))
+        return listening
 
     # Dispatch ---------------------------------------------------------------------------
 

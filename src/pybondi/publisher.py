@@ -117,15 +117,15 @@ class BasePublisher(ABC):
         self.close()
 
 
-class _Transaction:
-    """The messages one transaction published, and where a failed delivery stopped."""
+class _Transaction(deque[tuple[str, "Message[Any]"]]):
+    """The `(topic, message)` pairs one transaction published, oldest first.
 
-    __slots__ = ("messages", "resume", "token")
+    `resume` is the index of the subscriber to call first for the oldest message, after a
+    failed delivery; `token` restores the transaction `begin()` replaced.
+    """
 
-    def __init__(self) -> None:
-        self.messages: deque[tuple[str, Message[Any]]] = deque()
-        self.resume = 0  # index of the subscriber to call first for messages[0]
-        self.token: Token[_Transaction | None] | None = None
+    resume = 0
+    token: Token[_Transaction | None] | None = None
 
 
 _SYNC_INSTEAD = "`await publisher.acommit()` (or `async with Session(...)`)"
@@ -140,8 +140,10 @@ class Publisher(BasePublisher):
         self._transaction: ContextVar[_Transaction | None] = ContextVar(
             f"pybondi.Publisher.{id(self):x}", default=None
         )
-        self._routes: dict[str, tuple[tuple[Callable[[Any], Any], str], ...]] = {}
-        self._aroutes: dict[str, tuple[tuple[Callable[[Any], Any], bool, str], ...]] = {}
+        self._routes: dict[str, tuple[tuple[Callable[[Any], Any], ...], tuple[str, ...]]] = {}
+        self._aroutes: dict[
+            str, tuple[tuple[tuple[Callable[[Any], Any], bool], ...], tuple[str, ...]]
+        ] = {}
 
     # Subscribing ------------------------------------------------------------------------
 
@@ -176,26 +178,27 @@ class Publisher(BasePublisher):
         self._routes.clear()
         self._aroutes.clear()
 
-    def _route(self, topic: str) -> tuple[tuple[Callable[[Any], Any], str], ...]:
+    def _route(self, topic: str) -> tuple[tuple[Callable[[Any], Any], ...], tuple[str, ...]]:
+        """The subscribers' invokers for `topic`, and their names for error messages."""
         route = self._routes.get(topic)
         if route is None:
-            what = f"a subscriber of {topic!r}"
-            route = self._routes[topic] = tuple(
-                (
-                    compile_sync(h, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD),
-                    h.name,
-                )
-                for h in self.subscribers.get(topic, ())
+            what, handlers = f"a subscriber of {topic!r}", self.subscribers.get(topic, ())
+            invokers = tuple(
+                compile_sync(h, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
+                for h in handlers
             )
+            route = self._routes[topic] = (invokers, tuple(h.name for h in handlers))
         return route
 
-    def _aroute(self, topic: str) -> tuple[tuple[Callable[[Any], Any], bool, str], ...]:
+    def _aroute(
+        self, topic: str
+    ) -> tuple[tuple[tuple[Callable[[Any], Any], bool], ...], tuple[str, ...]]:
+        """`_route` for the async path: each invoker says whether to await it."""
         route = self._aroutes.get(topic)
         if route is None:
-            route = self._aroutes[topic] = tuple(
-                (*compile_async(h, self.dependency_overrides), h.name)
-                for h in self.subscribers.get(topic, ())
-            )
+            handlers = self.subscribers.get(topic, ())
+            invokers = tuple(compile_async(h, self.dependency_overrides) for h in handlers)
+            route = self._aroutes[topic] = (invokers, tuple(h.name for h in handlers))
         return route
 
     # The transaction --------------------------------------------------------------------
@@ -213,7 +216,7 @@ class Publisher(BasePublisher):
         if transaction is None:
             transaction = _Transaction()
             self._transaction.set(transaction)
-        transaction.messages.append((topic, message))
+        transaction.append((topic, message))
 
     def begin(self) -> None:
         """Open a transaction for the current thread or task; `close()` ends it."""
@@ -223,53 +226,49 @@ class Publisher(BasePublisher):
     def pending(self) -> list[tuple[str, Message[Any]]]:
         """The `(topic, message)` pairs buffered and not yet delivered."""
         transaction = self._transaction.get()
-        return list(transaction.messages) if transaction else []
+        return [] if transaction is None else list(transaction)
 
     def commit(self) -> None:
         """Deliver the buffered messages in order; see the module docstring on failures."""
         transaction = self._transaction.get()
-        if transaction is None:
-            return
-        messages = transaction.messages
-        while messages:
-            topic, message = messages[0]
-            route = self._route(topic)
-            for index in range(transaction.resume, len(route)):
-                deliver, name = route[index]
-                try:
+        while transaction:
+            topic, message = transaction[0]
+            invokers, names = self._route(topic)
+            index = transaction.resume
+            try:
+                for deliver in invokers[index:] if index else invokers:
                     deliver(message)
-                except Exception as error:
-                    transaction.resume = index
-                    raise DeliveryError(topic, message, name, list(messages)) from error
+                    index += 1
+            except Exception as error:
+                transaction.resume = index
+                raise DeliveryError(topic, message, names[index], list(transaction)) from error
             transaction.resume = 0
-            messages.popleft()
+            transaction.popleft()
 
     async def acommit(self) -> None:
         """`commit`, awaiting async subscribers."""
         transaction = self._transaction.get()
-        if transaction is None:
-            return
-        messages = transaction.messages
-        while messages:
-            topic, message = messages[0]
-            route = self._aroute(topic)
-            for index in range(transaction.resume, len(route)):
-                deliver, awaited, name = route[index]
-                try:
+        while transaction:
+            topic, message = transaction[0]
+            invokers, names = self._aroute(topic)
+            index = transaction.resume
+            try:
+                for deliver, awaited in invokers[index:] if index else invokers:
                     result = deliver(message)
                     if awaited:
                         await result
-                except Exception as error:
-                    transaction.resume = index
-                    raise DeliveryError(topic, message, name, list(messages)) from error
+                    index += 1
+            except Exception as error:
+                transaction.resume = index
+                raise DeliveryError(topic, message, names[index], list(transaction)) from error
             transaction.resume = 0
-            messages.popleft()
+            transaction.popleft()
 
     def rollback(self) -> None:
         """Drop every buffered message of the current transaction."""
         transaction = self._transaction.get()
         if transaction is not None:
-            transaction.messages.clear()
+            transaction.clear()
             transaction.resume = 0
 
     def close(self) -> None:
@@ -280,9 +279,9 @@ class Publisher(BasePublisher):
         transaction = self._transaction.get()
         if transaction is None:
             return
-        if transaction.messages:
+        if transaction:
             raise SessionError(
-                f"The publisher still holds {len(transaction.messages)} undelivered "
+                f"The publisher still holds {len(transaction)} undelivered "
                 f"message(s); call commit() or rollback() before close()."
             )
         if transaction.token is not None:

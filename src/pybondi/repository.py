@@ -17,7 +17,6 @@ A repository serves one session at a time: its identity map is that unit of work
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Awaitable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
@@ -34,8 +33,6 @@ class Repository(Generic[A]):
 
     def __init__(self) -> None:
         self.aggregates: dict[Any, A] = {}
-        self._owner: object | None = None
-        self._owner_lock = threading.Lock()
 
     # Hooks for subclasses ---------------------------------------------------------------
 
@@ -60,7 +57,13 @@ class Repository(Generic[A]):
         A different object with the same id is an error: one unit of work holds one
         object per aggregate, so that no change is silently lost.
         """
-        id = _root_of(aggregate).id
+        root = getattr(aggregate, "root", None)
+        if root.__class__ is not Root and not isinstance(root, Root):
+            raise TypeError(
+                f"A repository holds aggregates with a root (self.root = Root(id)), got "
+                f"{type(aggregate).__name__}: {short_repr(aggregate)}."
+            )
+        id = root.id
         existing = self.aggregates.get(id)
         if existing is aggregate:
             return False
@@ -109,17 +112,18 @@ class Repository(Generic[A]):
     def commit(self) -> None:
         """Store every aggregate in the identity map."""
         for aggregate in self.aggregates.values():
-            _sync(self.store(aggregate), self.store)
+            if (stored := self.store(aggregate)) is not None:
+                _sync(stored, self.store)
 
     def rollback(self) -> None:
         """Restore every aggregate in the identity map."""
         for aggregate in self.aggregates.values():
-            _sync(self.restore(aggregate), self.restore)
+            if (restored := self.restore(aggregate)) is not None:
+                _sync(restored, self.restore)
 
     def close(self) -> None:
-        """End the unit of work: forget the aggregates and serve another session."""
+        """End the unit of work: forget the aggregates."""
         self.aggregates.clear()
-        self.release()
 
     async def abegin(self) -> None:
         """`begin`, awaited if the hook is async."""
@@ -143,32 +147,21 @@ class Repository(Generic[A]):
 
     def claim(self, session: object) -> None:
         """Reserve the repository for a session; a second open session is an error."""
-        with self._owner_lock:
-            if self._owner is not None and self._owner is not session:
-                raise SessionError(
-                    f"This {type(self).__name__} is already used by another open session. "
-                    f"A repository holds one unit of work: give each session its own, as in "
-                    f"Session(messagebus, {type(self).__name__}(), publisher)."
-                )
-            self._owner = session
+        # dict.setdefault is atomic, so two threads cannot both claim the repository.
+        if self.__dict__.setdefault("_owner", session) is not session:
+            raise SessionError(
+                f"This {type(self).__name__} is already used by another open session. "
+                f"A repository holds one unit of work: give each session its own, as in "
+                f"Session(messagebus, {type(self).__name__}(), publisher)."
+            )
 
     def release(self) -> None:
         """Let another session use the repository."""
-        self._owner = None
-
-
-def _root_of(aggregate: object) -> Root:
-    root = getattr(aggregate, "root", None)
-    if not isinstance(root, Root):
-        raise TypeError(
-            f"A repository holds aggregates with a root (self.root = Root(id)), got "
-            f"{type(aggregate).__name__}: {short_repr(aggregate)}."
-        )
-    return root
+        self.__dict__.pop("_owner", None)
 
 
 def _sync(result: object, hook: object) -> None:
-    if result is not None and inspect.isawaitable(result):
+    if inspect.isawaitable(result):
         _refuse_coroutine(result, hook, "`async with Session(...)` or the repository's a-methods")
 
 
