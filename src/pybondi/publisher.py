@@ -230,10 +230,10 @@ class Publisher(BasePublisher):
 
     def commit(self) -> None:
         """Deliver the buffered messages in order; see the module docstring on failures."""
-        transaction = self._transaction.get()
+        transaction, routes = self._transaction.get(), self._routes
         while transaction:
             topic, message = transaction[0]
-            invokers, names = self._route(topic)
+            invokers, names = routes.get(topic) or self._route(topic)
             index = transaction.resume
             try:
                 for deliver in invokers[index:] if index else invokers:

@@ -28,7 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pybondi.aggregate import Aggregate
 from pybondi.events import Added, AggregateEvent, Committed, RolledBack
@@ -126,9 +126,12 @@ class Session:
                 self.queue.extend(map(Added, list(aggregates.values())[self._announced :]))
             self._announced = len(aggregates)
 
-    def _announce(self, event_type: type[AggregateEvent[Any]]) -> None:
-        if self.messagebus.listens(event_type):
-            self.queue.extend(map(event_type, self.repository.aggregates.values()))
+    def _announce(self, event_type: type[AggregateEvent[Any]]) -> bool:
+        """Queue `event_type` for each aggregate, if anyone listens; tell if it did."""
+        if not self.messagebus.listens(event_type):
+            return False
+        self.queue.extend(map(event_type, self.repository.aggregates.values()))
+        return True
 
     def _forget_pending(self) -> None:
         self.queue.clear()
@@ -149,8 +152,11 @@ class Session:
 
     # The sync driver --------------------------------------------------------------------
 
-    def begin(self) -> None:
-        """Begin the unit of work (`with` does it; other methods do it when needed)."""
+    def begin(self) -> Self:
+        """Begin the unit of work and return the session.
+
+        `with` does it; so do the other methods, when the session has not begun.
+        """
         self._claim()
         try:
             if (started := self.repository.begin()) is not None:
@@ -159,6 +165,9 @@ class Session:
         except BaseException as error:
             self._close(error)
             raise
+        return self
+
+    __enter__ = begin
 
     def _drain(self) -> None:
         # After each message: welcome new aggregates, queue what they published, go on.
@@ -204,8 +213,8 @@ class Session:
             self.begin()
         try:
             self._drain()
-            self._announce(Committed)
-            self._drain()
+            if self._announce(Committed):
+                self._drain()
             self.repository.commit()
         except BaseException as error:
             self._rollback(error)
@@ -248,10 +257,6 @@ class Session:
             if failures:
                 _report(failures, cause)
 
-    def __enter__(self) -> Session:
-        self.begin()
-        return self
-
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -270,7 +275,7 @@ class Session:
 
     # The async driver: the same, awaiting the steps that may do I/O ---------------------
 
-    async def abegin(self) -> None:
+    async def abegin(self) -> Self:
         """`begin` for the async path."""
         self._claim()
         try:
@@ -279,6 +284,9 @@ class Session:
         except BaseException as error:
             await self._aclose(error)
             raise
+        return self
+
+    __aenter__ = abegin
 
     async def _adrain(self) -> None:
         ahandle, queue, aggregates = self.messagebus.ahandle, self.queue, self.repository.aggregates
@@ -319,8 +327,8 @@ class Session:
             await self.abegin()
         try:
             await self._adrain()
-            self._announce(Committed)
-            await self._adrain()
+            if self._announce(Committed):
+                await self._adrain()
             await self.repository.acommit()
         except BaseException as error:
             await self._arollback(error)
@@ -359,10 +367,6 @@ class Session:
                 self.repository.release()
             if failures:
                 _report(failures, cause)
-
-    async def __aenter__(self) -> Session:
-        await self.abegin()
-        return self
 
     async def __aexit__(
         self,
