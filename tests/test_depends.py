@@ -247,3 +247,22 @@ def test_publisher_dependencies_and_overrides(driver: Driver) -> None:
     publisher.publish("t", pybondi.Message(1))
     driver.deliver(publisher)
     assert sink == [1]
+
+
+def test_single_dependency_by_position_or_keyword(driver: Driver) -> None:
+    bus, seen = Messagebus(), list[tuple[object, ...]]()
+
+    @bus.on(Ping)
+    def next_to_message(event: Ping, n: int = Depends(number)) -> None:
+        seen.append(("next", n))
+
+    @bus.on(Ping)
+    def keyword_only(event: Ping, *, n: int = Depends(number)) -> None:
+        seen.append(("keyword", n))
+
+    @bus.on(Ping)
+    def after_a_default(event: Ping, flag: bool = True, n: int = Depends(number)) -> None:
+        seen.append(("after default", n, flag))
+
+    driver.handle(bus, Ping())
+    assert seen == [("next", 7), ("keyword", 7), ("after default", 7, True)]

@@ -458,3 +458,20 @@ def test_aggregates_reaching_the_repository_otherwise_get_added_first(driver: Dr
 @dataclass
 class Opening(Command):
     id: str
+
+
+def test_lifecycle_events_reach_catch_all_handlers(driver: Driver) -> None:
+    bus, seen = Messagebus(), []
+    bus.on(Event)(lambda event: seen.append(type(event).__name__))
+    with driver.session(Session(bus)) as session:
+        session.add(Account("a"))
+    assert seen == ["Added", "Committed"]
+    bus.on(Deposited)(lambda event: None)  # registering clears what the bus knew
+    assert bus.listens(Added) and bus.listens(Deposited)
+    assert not Messagebus().listens(Added)
+
+
+def test_begin_returns_the_session() -> None:
+    session = Session()
+    assert session.begin() is session
+    session.close()

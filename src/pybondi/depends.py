@@ -75,6 +75,9 @@ class Callee:
     call: AnyCallable
     kind: Kind
     dependencies: tuple[tuple[str, Dependant], ...]
+    # The first dependency is the parameter right after the message and can be passed
+    # by position, which spares a keyword dictionary per call.
+    positional: bool = False
 
 
 class Handler:
@@ -167,7 +170,13 @@ def inspect_callee(call: AnyCallable, *, takes_message: bool) -> Callee:
                 f"default nor Depends(...). pybondi passes the message as the first argument "
                 f"and fills the others only through Depends(...)."
             )
-    return Callee(call, kind_of(call), tuple(dependencies))
+    positional = bool(
+        takes_message
+        and parameters
+        and parameters[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and marker_of(parameters[0]) is not None
+    )
+    return Callee(call, kind_of(call), tuple(dependencies), positional)
 
 
 class DependencyOverrides(MutableMapping[AnyCallable, AnyCallable]):
@@ -277,15 +286,26 @@ def compile_sync(
     if not steps:
         return call
     if len(steps) == 1 and len(arguments) == 1 and steps[0].kind is Kind.FUNCTION:
+        if handler.callee.positional:
+            return _invoke_with_next(call, steps[0].call)
         return _invoke_with_one(call, arguments[0][0], steps[0].call)
     if not any(step.kind is Kind.GENERATOR for step in steps):
         return _invoke_with_steps(call, steps, arguments)
     return _invoke_with_teardown(call, steps, arguments)
 
 
+# The common case, one plain dependency (often overridden), gets closures of its own that
+# cost little more than calling both functions by hand.
+
+
+def _invoke_with_next(call: AnyCallable, dependency: AnyCallable) -> AnyCallable:
+    def invoke(message: Any) -> Any:
+        return call(message, dependency())
+
+    return invoke
+
+
 def _invoke_with_one(call: AnyCallable, name: str, dependency: AnyCallable) -> AnyCallable:
-    # The common case (one plain dependency, often overridden) gets a closure of its own:
-    # it costs little more than calling both functions by hand.
     def invoke(message: Any) -> Any:
         return call(message, **{name: dependency()})
 
