@@ -72,6 +72,16 @@ class Session:
     handlers and hooks; the `a`-prefixed twins (and `async with`) accept both.
     """
 
+    __slots__ = (
+        "_announced",
+        "_state",
+        "max_messages",
+        "messagebus",
+        "publisher",
+        "queue",
+        "repository",
+    )
+
     def __init__(
         self,
         messagebus: Messagebus | None = None,
