@@ -90,22 +90,9 @@ class Session:
         *,
         max_messages: int = 10_000,
     ) -> None:
-        # The exact default classes are checked first: a session is built per unit of work.
-        self.messagebus: Messagebus = (
-            messagebus
-            if messagebus.__class__ is Messagebus
-            else _slot("messagebus", messagebus, Messagebus, Messagebus)
-        )
-        self.repository: Repository[Any] = (
-            repository
-            if repository.__class__ is Repository
-            else _slot("repository", repository, Repository, Repository)
-        )
-        self.publisher: BasePublisher = (
-            publisher
-            if publisher.__class__ is Publisher
-            else _slot("publisher", publisher, BasePublisher, Publisher)
-        )
+        self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
+        self.repository: Repository[Any] = _slot("repository", repository, Repository, Repository)
+        self.publisher: BasePublisher = _slot("publisher", publisher, BasePublisher, Publisher)
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
         self.max_messages = max_messages
@@ -443,6 +430,8 @@ def _report(failures: list[BaseException], cause: BaseException | None) -> None:
 def _slot(name: str, value: T | None, expected: type, default: Callable[[], T]) -> T:
     if value is None:
         return default()
+    # The exact default class is checked first: isinstance on an ABC is slow, and a
+    # session is built per unit of work.
     if type(value) is not default and not isinstance(value, expected):
         raise TypeError(
             f"Session() argument {name!r} expects a {expected.__module__}.{expected.__name__}, "
