@@ -5,9 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-# Extra interpreters to run the test suite on: from PATH, else from pyenv.
-find_python = $(firstword $(shell command -v python$(1) 2>/dev/null) \
-	$(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)))
+# Extra interpreters for the test suite: pyenv builds first, then PATH; a candidate counts
+# only if it runs (a pyenv shim for a version that is not selected does not).
 EXTRA_PYTHONS := 3.12 3.13
 
 .PHONY: demo test check lint typecheck pytest pytest-extra bench clean
@@ -31,11 +30,13 @@ pytest: $(STAMP)
 
 pytest-extra:
 	@for version in $(EXTRA_PYTHONS); do \
-		case $$version in \
-			3.12) python="$(call find_python,3.12)";; \
-			3.13) python="$(call find_python,3.13)";; \
-		esac; \
+		python=""; \
+		for candidate in $(HOME)/.pyenv/versions/$$version.*/bin/python$$version \
+				$$(command -v python$$version); do \
+			if "$$candidate" -c "" 2>/dev/null; then python="$$candidate"; break; fi; \
+		done; \
 		if [ -z "$$python" ]; then echo "== Python $$version not found: skipped"; continue; fi; \
+		echo "== Python $$version: $$python"; \
 		$(MAKE) --no-print-directory VENV=.venv-$$version PYTHON=$$python pytest || exit 1; \
 	done
 
