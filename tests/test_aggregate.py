@@ -126,3 +126,16 @@ def test_commited_is_the_1_2_1_spelling_and_events_are_generic() -> None:
 )
 def test_snake_case(name: str, expected: str) -> None:
     assert snake_case(name) == expected
+
+
+def test_slotted_dataclass_entities_keep_their_id() -> None:
+    @dataclass(eq=False, slots=True)
+    class Line(Entity):
+        id: int
+        quantity: int
+
+    line = Line(1, 2)
+    with pytest.raises(AttributeError, match="cannot be reassigned"):
+        line.id = 2
+    assert line == Line(1, 5)
+    assert hash(line) == hash(Line(1, 5))

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import fast_depends
 import pytest
@@ -266,3 +266,49 @@ def test_single_dependency_by_position_or_keyword(driver: Driver) -> None:
 
     driver.handle(bus, Ping())
     assert seen == [("next", 7), ("keyword", 7), ("after default", 7, True)]
+
+
+def test_assigning_a_whole_overrides_mapping_applies_and_copies(driver: Driver) -> None:
+    bus, seen = Messagebus(), list[object]()
+    bus.on(Ping)(lambda event, db=Depends(get_db): seen.append(db))
+    bus.dependency_overrides[get_db] = lambda: "first"
+    driver.handle(bus, Ping())
+    mapping = {get_db: lambda: "second"}
+    bus.dependency_overrides = mapping
+    driver.handle(bus, Ping())
+    mapping[get_db] = lambda: "ignored: the bus keeps a copy"
+    driver.handle(bus, Ping())
+    assert seen == ["first", "second", "second"]
+    with pytest.raises(TypeError, match="must be callable"):
+        bus.dependency_overrides = {get_db: "not callable"}  # type: ignore[dict-item]
+
+
+def test_a_wrapped_async_handler_is_async() -> None:
+    import functools
+
+    bus, seen = Messagebus(), []
+
+    def logged(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)  # a plain decorator, around an async function
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    @bus.on(Ping)
+    @logged
+    async def handler(event: Ping) -> None:
+        seen.append(event.value)
+
+    with pytest.raises(AsyncRequired, match="handler is async"):
+        bus.handle(Ping(1))
+    asyncio.run(bus.ahandle(Ping(2)))
+    assert seen == [2]
+
+
+def test_generator_handlers_are_refused_at_registration() -> None:
+    def handler(event: Ping) -> Iterator[None]:
+        yield None
+
+    with pytest.raises(InvalidHandler, match="generator function: its body would never run"):
+        Messagebus().on(Ping)(handler)

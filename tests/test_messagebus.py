@@ -369,3 +369,28 @@ def test_narrowed_async_handler() -> None:
     asyncio.run(bus.ahandle(Added(BankAccount("x"))))
     asyncio.run(bus.ahandle(Added(User(1, "ann"))))
     assert seen == ["ann"]
+
+
+def test_a_failed_registration_registers_nothing() -> None:
+    bus = Messagebus()
+
+    @bus.register(SelfExecuting)
+    def existing(command: SelfExecuting) -> None: ...
+
+    def both(command: Deposit | SelfExecuting) -> None: ...
+
+    with pytest.raises(DuplicateHandler):
+        bus.register()(both)
+    assert Deposit not in bus.command_handlers
+
+
+def test_union_of_parametrized_events_narrows_to_either_type(driver: Driver) -> None:
+    bus, seen = Messagebus(), []
+
+    @bus.on(Added)
+    def people(event: Added[User] | Added[BankAccount]) -> None:
+        seen.append(type(event.aggregate).__name__)
+
+    driver.handle(bus, Added(User(1, "ann")))
+    driver.handle(bus, Added(BankAccount("x")))
+    assert seen == ["User", "BankAccount"]

@@ -11,6 +11,7 @@ from pybondi import (
     Added,
     Aggregate,
     AsyncRequired,
+    BasePublisher,
     Command,
     Committed,
     DeliveryError,
@@ -475,3 +476,137 @@ def test_begin_returns_the_session() -> None:
     session = Session()
     assert session.begin() is session
     session.close()
+
+
+# Sessions sharing one publisher on one thread must nest ---------------------------------
+
+
+def test_outer_session_refuses_work_while_an_inner_one_is_open(driver: Driver) -> None:
+    world, outer_account, inner_account = World(), Account("outer"), Account("inner")
+    with pytest.raises(RuntimeError), driver.session(world.session()) as outer:
+        outer.add(outer_account)
+        driver.execute(outer, Deposit(outer_account, 1))
+        with driver.session(world.session()) as inner:
+            inner.add(inner_account)
+            with pytest.raises(SessionError, match="Close the inner session"):
+                driver.execute(outer, Deposit(outer_account, 2))
+            driver.execute(inner, Deposit(inner_account, 3))
+        raise RuntimeError("the outer unit of work fails")
+    assert world.sent == [3]  # only the inner session's message left
+
+
+def test_interleaved_sessions_cannot_deliver_each_others_messages() -> None:
+    world = World()
+    first, second = world.session().begin(), world.session().begin()
+    with pytest.raises(SessionError, match="Close the inner session"):
+        first.commit()
+    second.dispatch(Deposited("second", 2))
+    second.rollback()
+    second.close()
+    first.dispatch(Deposited("first", 1))
+    first.commit()
+    first.close()
+    assert world.sent == [1]
+
+
+def test_handler_dispatching_through_the_session_is_queued_and_bounded() -> None:
+    world, account = World(), Account("a")
+    session = Session(world.bus, Accounts(), world.publisher, max_messages=20)
+
+    @world.bus.on(Deposited)
+    def again(event: Deposited) -> None:
+        session.dispatch(Deposited(event.account, event.amount + 1))
+
+    with pytest.raises(MessageLimitExceeded), session:
+        session.add(account)
+        session.execute(Deposit(account, 1))
+    assert "deposited 2" in world.trace  # queued and handled by the drain under way
+
+
+# Rollback is best effort, aggregate by aggregate -----------------------------------------
+
+
+def test_one_failing_rolled_back_handler_does_not_stop_the_others(driver: Driver) -> None:
+    world, a, b = World(), Account("a"), Account("b")
+
+    @world.bus.on(RolledBack)
+    def fragile(event: RolledBack[Account]) -> None:
+        if event.account.id == "a":
+            raise ConnectionError("cache down")
+
+    with pytest.raises(KeyError) as raised, driver.session(world.session()) as session:
+        session.add(a)
+        session.add(b)
+        raise KeyError("original")
+    assert world.trace[-2:] == ["RolledBack a", "RolledBack b"]
+    assert any("cache down" in note for note in raised.value.__notes__)
+
+
+def test_explicit_rollback_raises_the_first_failure_and_notes_the_rest() -> None:
+    world, account = World(), Account("a")
+    world.bus.on(RolledBack)(lambda event: 1 / 0)
+
+    class Broken(Accounts):
+        def restore(self, account: Account) -> None:
+            raise OSError("disk gone")
+
+    with Session(world.bus, Broken(), world.publisher) as session:
+        session.add(account)
+        with pytest.raises(ZeroDivisionError) as raised:
+            session.rollback()
+    assert any("disk gone" in note for note in raised.value.__notes__)
+
+
+# Async hooks are awaited, never dropped ---------------------------------------------------
+
+
+def test_async_repository_close_is_awaited() -> None:
+    closed = []
+
+    class AsyncClose(Repository[Account]):
+        async def close(self) -> None:
+            super().close()
+            closed.append(True)
+
+    async def main() -> None:
+        async with Session(repository=AsyncClose()) as session:
+            session.add(Account("a"))
+
+    asyncio.run(main())
+    assert closed == [True]
+    with pytest.raises(AsyncRequired, match="close"), Session(repository=AsyncClose()):
+        pass
+
+
+class AsyncBroker(BasePublisher):
+    """A publisher adapter written with `async def` hooks, as a broker client would be."""
+
+    def __init__(self) -> None:
+        self.buffer: list[Message[Any]] = []
+        self.sent: list[object] = []
+
+    def publish(self, topic: str, message: Message[Any]) -> None:
+        self.buffer.append(message)
+
+    async def commit(self) -> None:
+        self.sent.extend(message.payload for message in self.buffer)
+        self.buffer.clear()
+
+    def rollback(self) -> None:
+        self.buffer.clear()
+
+
+def test_async_publisher_hooks_are_awaited_or_refused() -> None:
+    bus, broker = Messagebus(), AsyncBroker()
+    bus.on(Deposited)(lambda event: broker.publish("out", Message(event.amount)))
+
+    async def main() -> None:
+        async with Session(bus, publisher=broker) as session:
+            await session.adispatch(Deposited("a", 7))
+
+    asyncio.run(main())
+    assert broker.sent == [7]
+    with pytest.raises(AsyncRequired, match="commit"), Session(bus, publisher=broker) as session:
+        session.dispatch(Deposited("a", 8))
+    assert broker.sent == [7]
+    assert broker.buffer == []  # the session rolled the publisher back

@@ -28,7 +28,9 @@ class Entity:
     """A domain object with an identity: equal to another of its class with the same id.
 
     The id is set once, by `Entity.__init__` or a dataclass field, and cannot be reassigned
-    or deleted afterwards, since the entity's hash and equality rest on it.
+    or deleted afterwards, since the entity's hash and equality rest on it. Declare
+    dataclass entities with `@dataclass(eq=False)`: the default `eq=True` would replace
+    this equality with a field-by-field one and make the entity unhashable.
     """
 
     id: Any
@@ -37,10 +39,10 @@ class Entity:
         self.id = id
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "id" and "id" in self.__dict__:
+        if name == "id" and hasattr(self, "id"):
             raise AttributeError(
-                f"{type(self).__name__}.id is already {self.__dict__['id']!r} and cannot be "
-                f"reassigned: an entity's identity never changes. Create a new entity instead."
+                f"{type(self).__name__}.id is already {self.id!r} and cannot be reassigned: "
+                f"an entity's identity never changes. Create a new entity instead."
             )
         super().__setattr__(name, value)
 

@@ -55,6 +55,8 @@ def kind_of(call: AnyCallable) -> Kind:
     """Tell how `call` runs; a callable object is judged by its `__call__`."""
     plain = inspect.isroutine(call) or inspect.isclass(call)
     targets = (call,) if plain else (call, type(call).__call__)
+    # A sync wrapper made with functools.wraps around an `async def` returns a coroutine.
+    targets += tuple(inspect.unwrap(target) for target in targets if hasattr(target, "__wrapped__"))
     for kind, test in _KIND_TESTS:
         if any(test(target) for target in targets):
             return kind
@@ -94,6 +96,11 @@ class Handler:
             raise InvalidHandler(f"A handler must be callable, got {type(call).__name__}.")
         self.callee = inspect_callee(call, takes_message=True)
         self.name = callable_name(call)
+        if self.callee.kind in (Kind.GENERATOR, Kind.ASYNC_GENERATOR):
+            raise InvalidHandler(
+                f"Handler {self.name} is a {self.callee.kind.value} function: its body would "
+                f"never run. Handlers return; only dependencies may yield."
+            )
 
     @property
     def call(self) -> AnyCallable:
@@ -194,11 +201,7 @@ class DependencyOverrides(MutableMapping[AnyCallable, AnyCallable]):
         return self._overrides[original]
 
     def __setitem__(self, original: AnyCallable, replacement: AnyCallable) -> None:
-        if not callable(replacement):
-            raise TypeError(
-                f"dependency_overrides[{callable_name(original)}] must be callable, got "
-                f"{type(replacement).__name__}; to give a fixed value, use `lambda: value`."
-            )
+        _check_replacement(replacement)
         self._overrides[original] = replacement
         self._on_change()
 
@@ -212,8 +215,23 @@ class DependencyOverrides(MutableMapping[AnyCallable, AnyCallable]):
     def __len__(self) -> int:
         return len(self._overrides)
 
+    def replace(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+        """Replace every entry with those of `overrides` (copied), in one change."""
+        for replacement in overrides.values():
+            _check_replacement(replacement)
+        self._overrides = dict(overrides)
+        self._on_change()
+
     def __repr__(self) -> str:
         return f"DependencyOverrides({self._overrides!r})"
+
+
+def _check_replacement(replacement: object) -> None:
+    if not callable(replacement):
+        raise TypeError(
+            f"A dependency override must be callable, got {type(replacement).__name__}; "
+            f"to give a fixed value, use `lambda: value`."
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ Builtins are kept as second bases so that `except TypeError` and friends keep wo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __all__ = [
@@ -127,3 +128,23 @@ def short_repr(value: object, limit: int = 120) -> str:
     """A repr short enough to sit inside an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def report_failures(failures: list[BaseException], cause: BaseException | None = None) -> None:
+    """Report what went wrong while cleaning up, without losing any of it.
+
+    With a `cause` (the error that made us roll back or close), each failure is logged
+    and noted on it, since the cause is what must propagate. Without one, the first
+    failure is raised with the others logged and noted on it.
+    """
+    if not failures:
+        return
+    first, *others = failures if cause is None else (cause, *failures)
+    for other in others:
+        _cleanup_logger.error("While handling %r, another error occurred", first, exc_info=other)
+        first.add_note(f"While cleaning up, another error occurred: {other!r}")
+    if cause is None:
+        raise first
+
+
+_cleanup_logger = logging.getLogger("pybondi")

@@ -22,7 +22,7 @@ import itertools
 import logging
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, TypeVar, Union, overload
 
 from pybondi.depends import (
@@ -78,7 +78,7 @@ class Messagebus:
         self._raise_on_event_error = bool(raise_on_event_error)
         self.command_handlers: dict[type[Command], Handler] = {}
         self.event_handlers: dict[type[Event], list[Registration]] = {}
-        self.dependency_overrides: DependencyOverrides = DependencyOverrides(self._forget_routes)
+        self._overrides = DependencyOverrides(self._forget_routes)
         self._sequence = itertools.count()
         self._routes: dict[type, Route] = {}
         self._aroutes: dict[type, AsyncRoute] = {}
@@ -136,8 +136,14 @@ class Messagebus:
 
     def _register(self, command_types: tuple[Any, ...], function: F) -> F:
         handler = Handler(function)
-        for command_type, _ in _message_types(command_types, Command, function, "register"):
-            self._add_command_handler(command_type, handler)
+        types = [t for t, _ in _message_types(command_types, Command, function, "register")]
+        for command_type in types:  # all checked before any is registered
+            existing = self.command_handlers.get(command_type)
+            if existing is not None and existing.call is not handler.call:
+                raise DuplicateHandler(command_type, existing.call, handler.call)
+        for command_type in types:
+            self.command_handlers[command_type] = handler
+        self._forget_routes()
         return function
 
     def add_event_handler(self, event_type: type[Event], handler: AnyCallable) -> None:
@@ -160,12 +166,18 @@ class Messagebus:
             registered.append(Registration(next(self._sequence), handler, guard))
         self._forget_routes()
 
-    def _add_command_handler(self, command_type: type[Command], handler: Handler) -> None:
-        existing = self.command_handlers.get(command_type)
-        if existing is not None and existing.call is not handler.call:
-            raise DuplicateHandler(command_type, existing.call, handler.call)
-        self.command_handlers[command_type] = handler
-        self._forget_routes()
+    @property
+    def dependency_overrides(self) -> DependencyOverrides:
+        """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
+
+        Set entries at any time, before or after registration. Assigning a whole mapping
+        replaces the entries with a copy of it: change it later through this attribute.
+        """
+        return self._overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+        self._overrides.replace(overrides)
 
     def _forget_routes(self) -> None:
         self._routes.clear()
@@ -210,11 +222,9 @@ class Messagebus:
             if handler is None:
                 return _execute_route(type(message))
             what = f"the handler of {type(message).__name__}"
-            return compile_sync(
-                handler, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD
-            )
+            return compile_sync(handler, self._overrides, what=what, instead=_SYNC_INSTEAD)
         registrations = self._event_handlers(type(_checked(message)))
-        what, overrides = f"a handler of {type(message).__name__}", self.dependency_overrides
+        what, overrides = f"a handler of {type(message).__name__}", self._overrides
         invokers = tuple(
             _guarded(compile_sync(r.handler, overrides, what=what, instead=_SYNC_INSTEAD), r.guard)
             for r in registrations
@@ -226,12 +236,11 @@ class Messagebus:
             handler = self._command_handler(type(message))
             if handler is None:
                 return _aexecute_route(type(message))
-            invoke, awaited = compile_async(handler, self.dependency_overrides)
+            invoke, awaited = compile_async(handler, self._overrides)
             return invoke if awaited else _as_coroutine(invoke)
         registrations = self._event_handlers(type(_checked(message)))
         compiled = tuple(
-            _aguarded(*compile_async(r.handler, self.dependency_overrides), r.guard)
-            for r in registrations
+            _aguarded(*compile_async(r.handler, self._overrides), r.guard) for r in registrations
         )
         return self._aevent_route(compiled, tuple(r.handler.name for r in registrations))
 
@@ -402,19 +411,36 @@ def _message_types(
                 f"@messagebus.{decorator}() takes {base.__name__} subclasses, got "
                 f"{short_repr(message_type)} for {callable_name(function)}.{hint}"
             )
-        arguments = typing.get_args(message_type) or parametrized.get(cls, ())
-        guard = cls._guard(arguments) if arguments and issubclass(cls, Event) else None
-        result.append((cls, guard))
+        given_arguments = typing.get_args(message_type)
+        argument_sets = [given_arguments] if given_arguments else parametrized.get(cls, [])
+        result.append((cls, _guard_for(cls, argument_sets)))
     return result
 
 
-def _parametrized_annotation(function: AnyCallable) -> dict[type, tuple[Any, ...]]:
-    """`{Added: (User,)}` for `def f(event: Added[User] | RolledBack)`; best effort."""
+def _guard_for(cls: type, argument_sets: list[tuple[Any, ...]]) -> Guard | None:
+    """The guard of `cls[a] | cls[b] | ...`: an event passes if any of them takes it."""
+    if not argument_sets or not issubclass(cls, Event):
+        return None
+    guards = [cls._guard(arguments) for arguments in argument_sets]
+    if any(guard is None for guard in guards):
+        return None
+    if len(guards) == 1:
+        return guards[0]
+    checks = typing.cast(list[Guard], guards)
+    return lambda event: any(check(event) for check in checks)
+
+
+def _parametrized_annotation(function: AnyCallable) -> dict[type, list[tuple[Any, ...]]]:
+    """`{Added: [(User,), (Admin,)]}` for `event: Added[User] | Added[Admin]`; best effort."""
     try:
         members = _first_annotation_members(function)
     except Exception:
         return {}
-    return {typing.get_origin(t): typing.get_args(t) for t in members if typing.get_origin(t)}
+    found: dict[type, list[tuple[Any, ...]]] = {}
+    for member in members:
+        if origin := typing.get_origin(member):
+            found.setdefault(origin, []).append(typing.get_args(member))
+    return found
 
 
 def _first_annotation_members(function: AnyCallable) -> tuple[Any, ...]:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, overload
 from uuid import UUID, uuid4
 
+from pybondi._awaiting import maybe_await
 from pybondi.depends import (
     AnyCallable,
     DependencyOverrides,
@@ -77,44 +78,54 @@ class BasePublisher(ABC):
 
     Override `publish`, `commit` and `rollback`, plus `begin` and `close` if the transport
     needs them. `publish` only buffers, so it is sync everywhere. A publisher that does I/O
-    in `commit` overrides `acommit` (and the other `a` methods) for the async path; an
-    async-only one makes the sync methods raise `AsyncRequired`. The async methods call
-    the sync ones by default.
+    in `commit` overrides `acommit` (and the other `a` methods) for the async path, or
+    writes its hooks `async def`: the `a` methods await what the sync ones return. An
+    async-only publisher makes the sync methods raise `AsyncRequired`.
+
+    A publisher that keeps one buffer per transaction returns a handle from `begin()` and
+    the handle of the transaction `publish` writes to from `current()`; a session compares
+    the two to refuse interleaving with another session on the same publisher.
     """
 
     @abstractmethod
     def publish(self, topic: str, message: Message[Any]) -> None:
         """Buffer a message for `topic` until `commit()`."""
 
-    def begin(self) -> None:
-        """Start a transaction."""
+    def begin(self) -> object | None:
+        """Start a transaction; may return a handle that identifies it."""
+        return None
+
+    def current(self) -> object | None:
+        """The handle of the transaction `publish` writes to now, if the publisher has one."""
+        return None
 
     @abstractmethod
-    def commit(self) -> None:
+    def commit(self) -> Awaitable[None] | None:
         """Send every buffered message, in the order published."""
 
     @abstractmethod
-    def rollback(self) -> None:
+    def rollback(self) -> Awaitable[None] | None:
         """Drop every buffered message."""
 
-    def close(self) -> None:
+    def close(self) -> Awaitable[None] | None:
         """End the transaction and release what it held."""
+        return None
 
-    async def abegin(self) -> None:
+    async def abegin(self) -> object | None:
         """`begin` for the async path."""
-        self.begin()
+        return await maybe_await(self.begin())
 
     async def acommit(self) -> None:
         """`commit` for the async path."""
-        self.commit()
+        await maybe_await(self.commit())
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
-        self.rollback()
+        await maybe_await(self.rollback())
 
     async def aclose(self) -> None:
         """`close` for the async path."""
-        self.close()
+        await maybe_await(self.close())
 
 
 class _Transaction(deque[tuple[str, "Message[Any]"]]):
@@ -136,7 +147,7 @@ class Publisher(BasePublisher):
 
     def __init__(self) -> None:
         self.subscribers: dict[str, list[Handler]] = {}
-        self.dependency_overrides: DependencyOverrides = DependencyOverrides(self._forget_routes)
+        self._overrides = DependencyOverrides(self._forget_routes)
         self._transaction: ContextVar[_Transaction | None] = ContextVar(
             f"pybondi.Publisher.{id(self):x}", default=None
         )
@@ -174,6 +185,19 @@ class Publisher(BasePublisher):
         self._forget_routes()
         return function
 
+    @property
+    def dependency_overrides(self) -> DependencyOverrides:
+        """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
+
+        Set entries at any time, before or after registration. Assigning a whole mapping
+        replaces the entries with a copy of it: change it later through this attribute.
+        """
+        return self._overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+        self._overrides.replace(overrides)
+
     def _forget_routes(self) -> None:
         self._routes.clear()
         self._aroutes.clear()
@@ -184,8 +208,7 @@ class Publisher(BasePublisher):
         if route is None:
             what, handlers = f"a subscriber of {topic!r}", self.subscribers.get(topic, ())
             invokers = tuple(
-                compile_sync(h, self.dependency_overrides, what=what, instead=_SYNC_INSTEAD)
-                for h in handlers
+                compile_sync(h, self._overrides, what=what, instead=_SYNC_INSTEAD) for h in handlers
             )
             route = self._routes[topic] = (invokers, tuple(h.name for h in handlers))
         return route
@@ -197,7 +220,7 @@ class Publisher(BasePublisher):
         route = self._aroutes.get(topic)
         if route is None:
             handlers = self.subscribers.get(topic, ())
-            invokers = tuple(compile_async(h, self.dependency_overrides) for h in handlers)
+            invokers = tuple(compile_async(h, self._overrides) for h in handlers)
             route = self._aroutes[topic] = (invokers, tuple(h.name for h in handlers))
         return route
 
@@ -218,10 +241,15 @@ class Publisher(BasePublisher):
             self._transaction.set(transaction)
         transaction.append((topic, message))
 
-    def begin(self) -> None:
+    def begin(self) -> object:
         """Open a transaction for the current thread or task; `close()` ends it."""
         transaction = _Transaction()
         transaction.token = self._transaction.set(transaction)
+        return transaction
+
+    def current(self) -> object | None:
+        """The transaction `publish` writes to in this thread or task."""
+        return self._transaction.get()
 
     def pending(self) -> list[tuple[str, Message[Any]]]:
         """The `(topic, message)` pairs buffered and not yet delivered."""

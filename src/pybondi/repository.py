@@ -16,14 +16,16 @@ A repository serves one session at a time: its identity map is that unit of work
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
+from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi.aggregate import Aggregate, Root
-from pybondi.exceptions import AsyncRequired, NotFound, SessionError, short_repr
+from pybondi.exceptions import NotFound, SessionError, report_failures, short_repr
 
 __all__ = ["Repository"]
+
+_INSTEAD = "`async with Session(...)` or the repository's a-methods"
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -83,8 +85,7 @@ class Repository(Generic[A]):
         aggregate = self.aggregates.get(id)
         if aggregate is None:
             loaded = self.load(id)
-            if inspect.isawaitable(loaded):
-                _refuse_coroutine(loaded, self.load, "repository.aget(id)")
+            refuse_awaitable(loaded, self.load, "`await repository.aget(id)`")
             aggregate = self._admit(id, cast("A | None", loaded))
         return aggregate
 
@@ -92,10 +93,7 @@ class Repository(Generic[A]):
         """`get` for a repository whose `load` may be async."""
         aggregate = self.aggregates.get(id)
         if aggregate is None:
-            loaded = self.load(id)
-            if inspect.isawaitable(loaded):
-                loaded = await loaded
-            aggregate = self._admit(id, loaded)
+            aggregate = self._admit(id, await maybe_await(self.load(id)))
         return aggregate
 
     def _admit(self, id: Any, loaded: A | None) -> A:
@@ -110,38 +108,54 @@ class Repository(Generic[A]):
     # The unit of work -------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Store every aggregate in the identity map."""
+        """Store every aggregate in the identity map; the first failure stops it."""
         for aggregate in self.aggregates.values():
             if (stored := self.store(aggregate)) is not None:
-                _sync(stored, self.store)
+                refuse_awaitable(stored, self.store, _INSTEAD)
 
     def rollback(self) -> None:
-        """Restore every aggregate in the identity map."""
-        for aggregate in self.aggregates.values():
-            if (restored := self.restore(aggregate)) is not None:
-                _sync(restored, self.restore)
+        """Restore every aggregate, even when restoring one fails.
 
-    def close(self) -> None:
-        """End the unit of work: forget the aggregates."""
+        The first failure is raised afterwards, with the others noted on it.
+        """
+        failures: list[BaseException] = []
+        for aggregate in self.aggregates.values():
+            try:
+                refuse_awaitable(self.restore(aggregate), self.restore, _INSTEAD)
+            except Exception as failure:
+                failures.append(failure)
+        report_failures(failures)
+
+    def close(self) -> Awaitable[None] | None:
+        """End the unit of work: forget the aggregates.
+
+        Override to release a connection too (and call `super().close()`).
+        """
         self.aggregates.clear()
+        return None
 
     async def abegin(self) -> None:
         """`begin`, awaited if the hook is async."""
-        await _maybe_await(self.begin())
+        await maybe_await(self.begin())
 
     async def acommit(self) -> None:
         """`commit`, awaiting `store` where it is async."""
         for aggregate in self.aggregates.values():
-            await _maybe_await(self.store(aggregate))
+            await maybe_await(self.store(aggregate))
 
     async def arollback(self) -> None:
         """`rollback`, awaiting `restore` where it is async."""
+        failures: list[BaseException] = []
         for aggregate in self.aggregates.values():
-            await _maybe_await(self.restore(aggregate))
+            try:
+                await maybe_await(self.restore(aggregate))
+            except Exception as failure:
+                failures.append(failure)
+        report_failures(failures)
 
     async def aclose(self) -> None:
-        """`close` for the async path."""
-        self.close()
+        """`close`, awaited if it is async."""
+        await maybe_await(self.close())
 
     # One session at a time --------------------------------------------------------------
 
@@ -158,20 +172,3 @@ class Repository(Generic[A]):
     def release(self) -> None:
         """Let another session use the repository."""
         self.__dict__.pop("_owner", None)
-
-
-def _sync(result: object, hook: object) -> None:
-    if inspect.isawaitable(result):
-        _refuse_coroutine(result, hook, "`async with Session(...)` or the repository's a-methods")
-
-
-def _refuse_coroutine(result: object, hook: object, instead: str) -> None:
-    close = getattr(result, "close", None)
-    if close is not None:
-        close()  # never leave an un-awaited coroutine behind to warn later
-    raise AsyncRequired(f"the repository's {getattr(hook, '__name__', 'hook')}", hook, instead)
-
-
-async def _maybe_await(result: object) -> None:
-    if result is not None and inspect.isawaitable(result):
-        await result

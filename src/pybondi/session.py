@@ -30,13 +30,13 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from pybondi._awaiting import refuse_awaitable
 from pybondi.aggregate import Aggregate
 from pybondi.events import Added, AggregateEvent, Committed, RolledBack
 from pybondi.exceptions import (
-    AsyncRequired,
     MessageLimitExceeded,
     SessionError,
-    callable_name,
+    report_failures,
     short_repr,
 )
 from pybondi.messagebus import Command, Event, Messagebus
@@ -50,6 +50,8 @@ logger = logging.getLogger("pybondi.session")
 T = TypeVar("T")
 
 _NEW, _ACTIVE, _CLOSED = "new", "active", "closed"
+
+_INSTEAD = "`async with Session(...)`"
 
 _PUBLISHER_ROLLED_BACK = (
     "The repository had committed; the session rolled the publisher back, dropping the "
@@ -74,7 +76,9 @@ class Session:
 
     __slots__ = (
         "_announced",
+        "_draining",
         "_state",
+        "_transaction",
         "max_messages",
         "messagebus",
         "publisher",
@@ -98,6 +102,8 @@ class Session:
         self.max_messages = max_messages
         self.queue: deque[Command | Event] = deque()
         self._announced = 0  # how many aggregates of the identity map got their `Added`
+        self._draining = False
+        self._transaction: object | None = None  # what publisher.begin() returned
         self._state = _NEW
 
     # Decisions, shared by both drivers (no I/O here) ------------------------------------
@@ -130,6 +136,11 @@ class Session:
         self.queue.extend(map(event_type, self.repository.aggregates.values()))
         return True
 
+    def _rolled_back_events(self) -> list[RolledBack[Any]]:
+        if not self.messagebus.listens(RolledBack):
+            return []
+        return [RolledBack(aggregate) for aggregate in self.repository.aggregates.values()]
+
     def _forget_pending(self) -> None:
         self.queue.clear()
         self._announced = len(self.repository.aggregates)
@@ -147,6 +158,14 @@ class Session:
         self.repository.claim(self)
         self._state = _ACTIVE
 
+    def _owns_publisher(self) -> bool:
+        """Whether `publish` still writes to the transaction this session began."""
+        return self._transaction is None or self.publisher.current() is self._transaction
+
+    def _check_publisher(self) -> None:
+        if not self._owns_publisher():
+            raise _publisher_taken_over()
+
     # The sync driver --------------------------------------------------------------------
 
     def begin(self) -> Self:
@@ -156,9 +175,9 @@ class Session:
         """
         self._claim()
         try:
-            if (started := self.repository.begin()) is not None:
-                _sync(started, self.repository.begin)
-            self.publisher.begin()
+            refuse_awaitable(self.repository.begin(), self.repository.begin, _INSTEAD)
+            self._transaction = self.publisher.begin()
+            refuse_awaitable(self._transaction, self.publisher.begin, _INSTEAD)
         except BaseException as error:
             self._close(error)
             raise
@@ -168,35 +187,40 @@ class Session:
 
     def _drain(self) -> None:
         # After each message: welcome new aggregates, queue what they published, go on.
+        # A handler that dispatches through the session only queues: the drain under way
+        # reaches its message, and the budget covers the whole chain.
+        if self._draining:
+            return
         handle, queue, aggregates = self.messagebus.handle, self.queue, self.repository.aggregates
-        budget = self.max_messages
-        while True:
-            if len(aggregates) != self._announced:
-                self._welcome()
-            for aggregate in aggregates.values():
-                if aggregate.root.events:
-                    queue.extend(aggregate.root.events)
-                    aggregate.root.events.clear()
-            if not queue:
-                return
-            budget -= 1
-            if budget < 0:
-                raise MessageLimitExceeded(self.max_messages, queue[0])
-            handle(queue.popleft())
+        budget, self._draining = self.max_messages, True
+        try:
+            while True:
+                if len(aggregates) != self._announced:
+                    self._welcome()
+                for aggregate in aggregates.values():
+                    if aggregate.root.events:
+                        queue.extend(aggregate.root.events)
+                        aggregate.root.events.clear()
+                if not queue:
+                    return
+                budget -= 1
+                if budget < 0:
+                    raise MessageLimitExceeded(self.max_messages, queue[0])
+                handle(queue.popleft())
+        finally:
+            self._draining = False
 
     def execute(self, command: Command) -> None:
         """Handle a command now, and every event it causes."""
-        if self._state is not _ACTIVE:
-            self.begin()
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        self.queue.append(command)
-        self._drain()
+        self.dispatch(command)
 
     def dispatch(self, message: Command | Event) -> None:
         """Handle a command or an event now, and every event it causes."""
         if self._state is not _ACTIVE:
             self.begin()
+        self._check_publisher()
         self.queue.append(_message(message))
         self._drain()
 
@@ -209,6 +233,7 @@ class Session:
         if self._state is not _ACTIVE:
             self.begin()
         try:
+            self._check_publisher()
             self._drain()
             if self._announce(Committed):
                 self._drain()
@@ -217,17 +242,18 @@ class Session:
             self._rollback(error)
             raise
         try:
-            self.publisher.commit()
+            refuse_awaitable(self.publisher.commit(), self.publisher.commit, _INSTEAD)
         except BaseException as error:
             error.add_note(_PUBLISHER_ROLLED_BACK)
-            _report(_attempt(self.publisher.rollback), error)
+            report_failures(_attempt(self.publisher.rollback), error)
             raise
 
     def rollback(self) -> None:
         """Roll back the unit of work.
 
-        Drop the queue, send `RolledBack` for each aggregate, then roll back the repository
-        and the publisher.
+        Drop the queue, send `RolledBack` for each aggregate (each chain on its own, so
+        that one failing handler does not keep the others from restoring their
+        aggregate), then roll back the repository and the publisher.
         """
         if self._state is not _ACTIVE:
             self.begin()
@@ -235,10 +261,17 @@ class Session:
 
     def _rollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
-        self._announce(RolledBack)
-        failures = _attempt(self._drain, self.repository.rollback, self.publisher.rollback)
-        self._forget_pending()
-        _report(failures, cause)
+        failures = []
+        for rolled_back in self._rolled_back_events():
+            self.queue.append(rolled_back)
+            failures += _attempt(self._drain)
+            self._forget_pending()
+        failures += _attempt(self.repository.rollback)
+        if self._owns_publisher():
+            failures += _attempt(self.publisher.rollback)
+        else:
+            failures.append(_publisher_taken_over())
+        report_failures(failures, cause)
 
     def close(self) -> None:
         """Close the repository and the publisher; the session cannot be used again."""
@@ -251,8 +284,7 @@ class Session:
                 failures = _attempt(self.repository.close, self.publisher.close)
             finally:
                 self.repository.release()
-            if failures:
-                _report(failures, cause)
+            report_failures(failures, cause)
 
     def __exit__(
         self,
@@ -277,7 +309,7 @@ class Session:
         self._claim()
         try:
             await self.repository.abegin()
-            await self.publisher.abegin()
+            self._transaction = await self.publisher.abegin()
         except BaseException as error:
             await self._aclose(error)
             raise
@@ -286,35 +318,38 @@ class Session:
     __aenter__ = abegin
 
     async def _adrain(self) -> None:
+        if self._draining:
+            return
         ahandle, queue, aggregates = self.messagebus.ahandle, self.queue, self.repository.aggregates
-        budget = self.max_messages
-        while True:
-            if len(aggregates) != self._announced:
-                self._welcome()
-            for aggregate in aggregates.values():
-                if aggregate.root.events:
-                    queue.extend(aggregate.root.events)
-                    aggregate.root.events.clear()
-            if not queue:
-                return
-            budget -= 1
-            if budget < 0:
-                raise MessageLimitExceeded(self.max_messages, queue[0])
-            await ahandle(queue.popleft())
+        budget, self._draining = self.max_messages, True
+        try:
+            while True:
+                if len(aggregates) != self._announced:
+                    self._welcome()
+                for aggregate in aggregates.values():
+                    if aggregate.root.events:
+                        queue.extend(aggregate.root.events)
+                        aggregate.root.events.clear()
+                if not queue:
+                    return
+                budget -= 1
+                if budget < 0:
+                    raise MessageLimitExceeded(self.max_messages, queue[0])
+                await ahandle(queue.popleft())
+        finally:
+            self._draining = False
 
     async def aexecute(self, command: Command) -> None:
         """`execute`, awaiting async handlers."""
-        if self._state is not _ACTIVE:
-            await self.abegin()
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        self.queue.append(command)
-        await self._adrain()
+        await self.adispatch(command)
 
     async def adispatch(self, message: Command | Event) -> None:
         """`dispatch`, awaiting async handlers."""
         if self._state is not _ACTIVE:
             await self.abegin()
+        self._check_publisher()
         self.queue.append(_message(message))
         await self._adrain()
 
@@ -323,6 +358,7 @@ class Session:
         if self._state is not _ACTIVE:
             await self.abegin()
         try:
+            self._check_publisher()
             await self._adrain()
             if self._announce(Committed):
                 await self._adrain()
@@ -334,7 +370,7 @@ class Session:
             await self.publisher.acommit()
         except BaseException as error:
             error.add_note(_PUBLISHER_ROLLED_BACK)
-            _report(await _aattempt(self.publisher.arollback), error)
+            report_failures(await _aattempt(self.publisher.arollback), error)
             raise
 
     async def arollback(self) -> None:
@@ -345,11 +381,17 @@ class Session:
 
     async def _arollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
-        self._announce(RolledBack)
-        steps = (self._adrain, self.repository.arollback, self.publisher.arollback)
-        failures = await _aattempt(*steps)
-        self._forget_pending()
-        _report(failures, cause)
+        failures = []
+        for rolled_back in self._rolled_back_events():
+            self.queue.append(rolled_back)
+            failures += await _aattempt(self._adrain)
+            self._forget_pending()
+        failures += await _aattempt(self.repository.arollback)
+        if self._owns_publisher():
+            failures += await _aattempt(self.publisher.arollback)
+        else:
+            failures.append(_publisher_taken_over())
+        report_failures(failures, cause)
 
     async def aclose(self) -> None:
         """`close` for the async path."""
@@ -362,8 +404,7 @@ class Session:
                 failures = await _aattempt(self.repository.aclose, self.publisher.aclose)
             finally:
                 self.repository.release()
-            if failures:
-                _report(failures, cause)
+            report_failures(failures, cause)
 
     async def __aexit__(
         self,
@@ -393,9 +434,7 @@ def _attempt(*steps: Callable[[], object]) -> list[BaseException]:
     failures: list[BaseException] = []
     for step in steps:
         try:
-            result = step()
-            if result is not None:
-                _sync(result, step)
+            refuse_awaitable(step(), step, _INSTEAD)
         except Exception as failure:
             failures.append(failure)
     return failures
@@ -410,21 +449,6 @@ async def _aattempt(*steps: Callable[[], Awaitable[object]]) -> list[BaseExcepti
         except Exception as failure:
             failures.append(failure)
     return failures
-
-
-def _report(failures: list[BaseException], cause: BaseException | None) -> None:
-    """Raise the first cleanup failure, or note them all on the error being handled.
-
-    With a `cause` (the error that made us roll back or close), failures are logged and
-    noted on it, since it is the one that must propagate.
-    """
-    if not failures:
-        return
-    if cause is None:
-        raise failures[0]
-    for failure in failures:
-        logger.error("While cleaning up after %r, another error occurred", cause, exc_info=failure)
-        cause.add_note(f"While cleaning up, another error occurred: {failure!r}")
 
 
 def _slot(name: str, value: T | None, expected: type, default: Callable[[], T]) -> T:
@@ -457,10 +481,9 @@ def _message(message: object) -> Command | Event:
     return message
 
 
-def _sync(result: object, hook: Any) -> None:
-    """Refuse what a hook returned if it must be awaited: the hook is async."""
-    if result is not None and hasattr(result, "__await__"):
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()  # never leave an un-awaited coroutine behind to warn later
-        raise AsyncRequired(f"{callable_name(hook)}()", hook, "`async with Session(...)`")
+def _publisher_taken_over() -> SessionError:
+    return SessionError(
+        "Another session began on the same publisher, on this thread or task, after this "
+        "one, and is still open: messages published now would join its transaction. Close "
+        "the inner session before using this one again."
+    )
