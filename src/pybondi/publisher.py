@@ -12,7 +12,8 @@
 `BasePublisher` is the interface broker adapters implement; `Publisher` is the in-memory
 one. Buffered messages belong to the current transaction: `begin()` opens one for the
 current thread or asyncio task (a `contextvars` context), so sessions on two threads or
-two tasks sharing one publisher never see each other's messages.
+two tasks sharing one publisher never see each other's messages. (A thread started with
+`loop.run_in_executor` does not inherit the task's context; `asyncio.to_thread` does.)
 
 When a subscriber raises during `commit()`, delivery stops at that message and
 `DeliveryError` is raised. Nothing is dropped: that message and every one behind it stay
