@@ -175,9 +175,12 @@ class Session:
         """
         self._claim()
         try:
-            refuse_awaitable(self.repository.begin(), self.repository.begin, _INSTEAD)
-            self._transaction = self.publisher.begin()
-            refuse_awaitable(self._transaction, self.publisher.begin, _INSTEAD)
+            # A hook that returns something may be an async one, called here by mistake.
+            if (started := self.repository.begin()) is not None:
+                refuse_awaitable(started, self.repository.begin, _INSTEAD)
+            if (transaction := self.publisher.begin()) is not None:
+                refuse_awaitable(transaction, self.publisher.begin, _INSTEAD)
+            self._transaction = transaction
         except BaseException as error:
             self._close(error)
             raise
@@ -214,7 +217,11 @@ class Session:
         """Handle a command now, and every event it causes."""
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        self.dispatch(command)
+        if self._state is not _ACTIVE:
+            self.begin()
+        self._check_publisher()
+        self.queue.append(command)
+        self._drain()
 
     def dispatch(self, message: Command | Event) -> None:
         """Handle a command or an event now, and every event it causes."""
@@ -242,7 +249,8 @@ class Session:
             self._rollback(error)
             raise
         try:
-            refuse_awaitable(self.publisher.commit(), self.publisher.commit, _INSTEAD)
+            if (sent := self.publisher.commit()) is not None:
+                refuse_awaitable(sent, self.publisher.commit, _INSTEAD)
         except BaseException as error:
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(_attempt(self.publisher.rollback), error)
@@ -284,7 +292,8 @@ class Session:
                 failures = _attempt(self.repository.close, self.publisher.close)
             finally:
                 self.repository.release()
-            report_failures(failures, cause)
+            if failures:
+                report_failures(failures, cause)
 
     def __exit__(
         self,
@@ -434,7 +443,8 @@ def _attempt(*steps: Callable[[], object]) -> list[BaseException]:
     failures: list[BaseException] = []
     for step in steps:
         try:
-            refuse_awaitable(step(), step, _INSTEAD)
+            if (result := step()) is not None:
+                refuse_awaitable(result, step, _INSTEAD)
         except Exception as failure:
             failures.append(failure)
     return failures
