@@ -163,6 +163,7 @@ class Session:
         return self._transaction is None or self.publisher.current() is self._transaction
 
     def _check_publisher(self) -> None:
+        """Refuse to go on while another session has taken the publisher over."""
         if not self._owns_publisher():
             raise _publisher_taken_over()
 
