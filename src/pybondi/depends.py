@@ -33,7 +33,14 @@ from fast_depends.dependencies import Dependant
 
 from pybondi.exceptions import AsyncRequired, InvalidHandler, callable_name
 
-__all__ = ["DependencyOverrides", "Depends", "Handler", "compile_async", "compile_sync"]
+__all__ = [
+    "DependencyOverrides",
+    "Depends",
+    "Handler",
+    "Overridable",
+    "compile_async",
+    "compile_sync",
+]
 
 AnyCallable = Callable[..., Any]
 
@@ -224,6 +231,29 @@ class DependencyOverrides(MutableMapping[AnyCallable, AnyCallable]):
 
     def __repr__(self) -> str:
         return f"DependencyOverrides({self._overrides!r})"
+
+
+class Overridable:
+    """Gives a messagebus or publisher its `dependency_overrides` attribute.
+
+    Subclasses create `self._overrides = DependencyOverrides(self._forget_routes)`, so
+    that every change drops the plans compiled with the old overrides.
+    """
+
+    _overrides: DependencyOverrides
+
+    @property
+    def dependency_overrides(self) -> DependencyOverrides:
+        """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
+
+        Set entries at any time, before or after registration. Assigning a whole mapping
+        replaces the entries with a copy of it: change it later through this attribute.
+        """
+        return self._overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+        self._overrides.replace(overrides)
 
 
 def _check_replacement(replacement: object) -> None:

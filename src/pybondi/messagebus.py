@@ -22,7 +22,7 @@ import itertools
 import logging
 import types
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar, Union, overload
 
 from pybondi.depends import (
@@ -30,6 +30,7 @@ from pybondi.depends import (
     DependencyOverrides,
     Depends,
     Handler,
+    Overridable,
     compile_async,
     compile_sync,
     kind_of,
@@ -64,7 +65,7 @@ async def _aignore(message: Any) -> None:
     """The async route of an event nobody handles."""
 
 
-class Messagebus:
+class Messagebus(Overridable):
     """Routes each command to its handler and each event to all of its handlers.
 
     Args:
@@ -165,19 +166,6 @@ class Messagebus:
         else:
             registered.append(Registration(next(self._sequence), handler, guard))
         self._forget_routes()
-
-    @property
-    def dependency_overrides(self) -> DependencyOverrides:
-        """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
-
-        Set entries at any time, before or after registration. Assigning a whole mapping
-        replaces the entries with a copy of it: change it later through this attribute.
-        """
-        return self._overrides
-
-    @dependency_overrides.setter
-    def dependency_overrides(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
-        self._overrides.replace(overrides)
 
     def _forget_routes(self) -> None:
         self._routes.clear()

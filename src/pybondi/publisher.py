@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +40,7 @@ from pybondi.depends import (
     DependencyOverrides,
     Depends,
     Handler,
+    Overridable,
     compile_async,
     compile_sync,
 )
@@ -143,7 +144,7 @@ class _Transaction(deque[tuple[str, "Message[Any]"]]):
 _SYNC_INSTEAD = "`await publisher.acommit()` (or `async with Session(...)`)"
 
 
-class Publisher(BasePublisher):
+class Publisher(BasePublisher, Overridable):
     """The in-memory publisher: subscribers are functions in this process."""
 
     def __init__(self) -> None:
@@ -185,19 +186,6 @@ class Publisher(BasePublisher):
             self.subscribers.setdefault(topic, []).append(handler)
         self._forget_routes()
         return function
-
-    @property
-    def dependency_overrides(self) -> DependencyOverrides:
-        """`original -> replacement` for dependencies, as FastAPI's `app.dependency_overrides`.
-
-        Set entries at any time, before or after registration. Assigning a whole mapping
-        replaces the entries with a copy of it: change it later through this attribute.
-        """
-        return self._overrides
-
-    @dependency_overrides.setter
-    def dependency_overrides(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
-        self._overrides.replace(overrides)
 
     def _forget_routes(self) -> None:
         self._routes.clear()
