@@ -17,14 +17,12 @@ or changing `dependency_overrides` clears the cache.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
-import types
-import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar, Union, overload
+from typing import Any, NamedTuple, TypeVar, overload
 
+from pybondi._annotations import Guard, is_function, message_types
 from pybondi.depends import (
     AnyCallable,
     DependencyOverrides,
@@ -39,8 +37,6 @@ from pybondi.exceptions import (
     AsyncRequired,
     DuplicateHandler,
     HandlerNotFound,
-    InvalidHandler,
-    callable_name,
     short_repr,
 )
 from pybondi.messages import Command, Event
@@ -51,7 +47,6 @@ logger = logging.getLogger("pybondi.messagebus")
 
 F = TypeVar("F", bound=AnyCallable)
 Route = Callable[[Any], Any]
-Guard = Callable[[Any], bool]
 AsyncRoute = Callable[[Any], Awaitable[Any]]
 
 _SYNC_INSTEAD = "`await messagebus.ahandle(...)` (or `async with Session(...)`)"
@@ -109,13 +104,13 @@ class Messagebus(Overridable):
         parameter's annotation (`event: Deposited | Withdrawn` registers both).
         The function is returned unchanged.
         """
-        if len(event_types) == 1 and _is_function(event_types[0]):
+        if len(event_types) == 1 and is_function(event_types[0]):
             return self._on((), event_types[0])
         return lambda handler: self._on(event_types, handler)
 
     def _on(self, event_types: tuple[Any, ...], function: F) -> F:
         handler = Handler(function)
-        for event_type, guard in _message_types(event_types, Event, function, "on"):
+        for event_type, guard in message_types(event_types, Event, function, "on"):
             self._add_event_handler(event_type, handler, guard)
         return function
 
@@ -130,14 +125,14 @@ class Messagebus(Overridable):
         With no type, `@bus.register()` or bare `@bus.register`, the type is read from the
         first parameter's annotation. The function is returned unchanged.
         """
-        if command_type is not None and _is_function(command_type):
+        if command_type is not None and is_function(command_type):
             return self._register((), command_type)
         given = () if command_type is None else (command_type,)
         return lambda handler: self._register(given, handler)
 
     def _register(self, command_types: tuple[Any, ...], function: F) -> F:
         handler = Handler(function)
-        types = [t for t, _ in _message_types(command_types, Command, function, "register")]
+        types = [t for t, _ in message_types(command_types, Command, function, "register")]
         for command_type in types:  # all checked before any is registered
             existing = self.command_handlers.get(command_type)
             if existing is not None and existing.call is not handler.call:
@@ -370,90 +365,3 @@ def _as_coroutine(invoke: Route) -> AsyncRoute:
         return invoke(message)
 
     return route
-
-
-def _is_function(value: object) -> bool:
-    """A bare decorator receives the function itself instead of message types."""
-    return callable(value) and not isinstance(value, type) and typing.get_origin(value) is None
-
-
-def _message_types(
-    given: tuple[Any, ...], base: type, function: AnyCallable, decorator: str
-) -> list[tuple[type, Guard | None]]:
-    """Check the types given to a decorator, or read them from the handler's annotation.
-
-    Each comes with its guard: `Added[User]`, given or annotated, means Added events
-    about users only (see `Event._guard`).
-    """
-    parametrized = _parametrized_annotation(function) if given else {}
-    result = []
-    for message_type in given or _annotated_types(function, base, decorator):
-        cls = typing.get_origin(message_type) or message_type
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            hint = (
-                " Commands go to @messagebus.register(...)."
-                if base is Event
-                else (" Events go to @messagebus.on(...)." if base is Command else "")
-            )
-            raise InvalidHandler(
-                f"@messagebus.{decorator}() takes {base.__name__} subclasses, got "
-                f"{short_repr(message_type)} for {callable_name(function)}.{hint}"
-            )
-        given_arguments = typing.get_args(message_type)
-        argument_sets = [given_arguments] if given_arguments else parametrized.get(cls, [])
-        result.append((cls, _guard_for(cls, argument_sets)))
-    return result
-
-
-def _guard_for(cls: type, argument_sets: list[tuple[Any, ...]]) -> Guard | None:
-    """The guard of `cls[a] | cls[b] | ...`: an event passes if any of them takes it."""
-    if not argument_sets or not issubclass(cls, Event):
-        return None
-    guards = [cls._guard(arguments) for arguments in argument_sets]
-    if any(guard is None for guard in guards):
-        return None
-    if len(guards) == 1:
-        return guards[0]
-    checks = typing.cast(list[Guard], guards)
-    return lambda event: any(check(event) for check in checks)
-
-
-def _parametrized_annotation(function: AnyCallable) -> dict[type, list[tuple[Any, ...]]]:
-    """`{Added: [(User,), (Admin,)]}` for `event: Added[User] | Added[Admin]`; best effort."""
-    try:
-        members = _first_annotation_members(function)
-    except Exception:
-        return {}
-    found: dict[type, list[tuple[Any, ...]]] = {}
-    for member in members:
-        if origin := typing.get_origin(member):
-            found.setdefault(origin, []).append(typing.get_args(member))
-    return found
-
-
-def _first_annotation_members(function: AnyCallable) -> tuple[Any, ...]:
-    hints = typing.get_type_hints(function)
-    first = next(iter(inspect.signature(function).parameters), None)
-    annotation = hints.get(first) if first else None
-    if annotation is None:
-        return ()
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def _annotated_types(function: AnyCallable, base: type, decorator: str) -> tuple[Any, ...]:
-    example = f"@messagebus.{decorator}({'MyEvent' if base is Event else 'MyCommand'})"
-    try:
-        members = _first_annotation_members(function)
-    except Exception as error:
-        raise InvalidHandler(
-            f"Cannot read the annotations of {callable_name(function)} ({error}); name the "
-            f"message types in the decorator instead: {example}."
-        ) from error
-    if not members:
-        raise InvalidHandler(
-            f"Cannot tell which messages {callable_name(function)} handles: its first "
-            f"parameter has no annotation. Annotate it, or name the types: {example}."
-        )
-    return members
