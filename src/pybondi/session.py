@@ -202,9 +202,9 @@ class Session:
                 if len(aggregates) != self._announced:
                     self._welcome()
                 for aggregate in aggregates.values():
-                    if aggregate.root.events:
-                        queue.extend(aggregate.root.events)
-                        aggregate.root.events.clear()
+                    if events := aggregate.root.events:
+                        queue.extend(events)
+                        events.clear()
                 if not queue:
                     return
                 budget -= 1
@@ -337,9 +337,9 @@ class Session:
                 if len(aggregates) != self._announced:
                     self._welcome()
                 for aggregate in aggregates.values():
-                    if aggregate.root.events:
-                        queue.extend(aggregate.root.events)
-                        aggregate.root.events.clear()
+                    if events := aggregate.root.events:
+                        queue.extend(events)
+                        events.clear()
                 if not queue:
                     return
                 budget -= 1
