@@ -8,6 +8,10 @@
     ├── MessageLimitExceeded (RuntimeError) a chain of events that does not end
     ├── SessionError (RuntimeError)         a session used in the wrong state
     ├── NotFound (LookupError)              a repository holds no aggregate with that id
+    ├── ConcurrencyError (RuntimeError)     a write based on a stale version of an aggregate
+    ├── SerializationError (ValueError)     data that does not fit its registered type
+    │   └── UnknownMessageType (LookupError) a type name or class nobody registered
+    ├── MissingDependency (ImportError)     a backend whose optional extra is not installed
     └── DeliveryError                       a subscriber failed while a publisher committed
 
 Builtins are kept as second bases so that `except TypeError` and friends keep working.
@@ -20,14 +24,18 @@ from typing import Any
 
 __all__ = [
     "AsyncRequired",
+    "ConcurrencyError",
     "DeliveryError",
     "DuplicateHandler",
     "HandlerNotFound",
     "InvalidHandler",
     "MessageLimitExceeded",
+    "MissingDependency",
     "NotFound",
     "PybondiError",
+    "SerializationError",
     "SessionError",
+    "UnknownMessageType",
 ]
 
 
@@ -96,6 +104,44 @@ class NotFound(PybondiError, LookupError):
     def __init__(self, repository: object, id: object) -> None:
         super().__init__(f"{type(repository).__name__} has no aggregate with id {id!r}.")
         self.id = id
+
+
+class ConcurrencyError(PybondiError, RuntimeError):
+    """Another unit of work changed an aggregate after this one read it.
+
+    Nothing of the failing session was written; load the aggregate again and retry.
+    """
+
+    def __init__(self, stream: str, expected: int, actual: int | None) -> None:
+        found = "no longer exists" if actual is None else f"is now at version {actual}"
+        super().__init__(
+            f"{stream} was read at version {expected} but {found}: another session "
+            f"committed a change in between. Nothing of this session was written; load the "
+            f"aggregate again and retry."
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class SerializationError(PybondiError, ValueError):
+    """Data that cannot be turned into (or made from) its registered type."""
+
+
+class UnknownMessageType(SerializationError, LookupError):
+    """A type name, or a class, that nobody registered."""
+
+
+class MissingDependency(PybondiError, ImportError):
+    """A backend needs a package that is not installed; the message names the extra."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the {package!r} package, which is not installed. "
+            f"Install it with: pip install 'pybondi[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
 
 
 class DeliveryError(PybondiError):

@@ -1,0 +1,492 @@
+"""SQL stores on SQLAlchemy 2: SQLite embedded, PostgreSQL and MariaDB for production.
+
+    store = SQLStore("sqlite:///bank.db")                       # sync engine
+    store = SQLStore("postgresql://localhost/bank", asynchronous=True)
+    store.create_tables()                                        # or await store.acreate_tables()
+
+URLs without a driver get pybondi's: psycopg for PostgreSQL, PyMySQL (sync) or aiomysql
+(async) for MariaDB and MySQL, aiosqlite for async SQLite. An `Engine` or `AsyncEngine`
+you built yourself works too.
+
+Four tables, named with `prefix` (and in `schema`, if given): `aggregates` (one row per
+aggregate: its version, and its state if it is state-stored), `events`, `log` (one row:
+the last position handed out) and `snapshots`. A version check guards every write to an
+aggregate's row, so a stale write changes nothing. Appending events takes the log row's
+lock until commit: positions are handed out in commit order and a rolled-back
+transaction gives its positions back, so that committed events have no gaps and a reader
+that follows the log from a checkpoint misses none.
+
+Every read and write is a sync function of a `Connection`; an async store runs it on its
+`AsyncConnection` with `run_sync` (SQLAlchemy's greenlet bridge), so the SQL is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
+from pybondi.stores.base import Record, Records, Snapshot, Store, StoredEvent, Transaction
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
+    raise MissingDependency("sqlalchemy", "sqlite", "pybondi.stores.sql") from missing
+
+__all__ = ["SQLStore", "SQLTransaction"]
+
+T = TypeVar("T")
+
+# Which driver a URL without one gets, sync and async, and which extra installs it.
+_DRIVERS = {
+    "sqlite": ("pysqlite", "aiosqlite"),
+    "postgresql": ("psycopg", "psycopg"),
+    "mysql": ("pymysql", "aiomysql"),
+    "mariadb": ("pymysql", "aiomysql"),
+}
+_EXTRAS = {
+    "aiosqlite": "sqlite",
+    "psycopg": "postgres",
+    "asyncpg": "postgres",
+    "psycopg2": "postgres",
+    "pymysql": "mariadb",
+    "aiomysql": "mariadb",
+    "greenlet": "sqlite",
+}
+_STREAM_LENGTH = 255
+
+
+class SQLStore(Store):
+    """A store in a SQL database, through a SQLAlchemy engine.
+
+    Args:
+        engine: a database URL, or an `Engine` / `AsyncEngine`.
+        asynchronous: for a URL, build an async engine (for `async with Session(...)`).
+        schema: the database schema (PostgreSQL) or database (MariaDB) of the tables.
+        prefix: the tables' name prefix.
+        engine_options: passed to `create_engine` / `create_async_engine` with a URL.
+    """
+
+    def __init__(
+        self,
+        engine: str | sa.URL | Engine | AsyncEngine,
+        *,
+        asynchronous: bool = False,
+        schema: str | None = None,
+        prefix: str = "pybondi_",
+        **engine_options: Any,
+    ) -> None:
+        if isinstance(engine, str | sa.URL):
+            engine = _create_engine(sa.make_url(engine), asynchronous, engine_options)
+        self.engine: Engine | AsyncEngine = engine
+        self.is_async = isinstance(engine, AsyncEngine)
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        if sync_engine.dialect.name == "sqlite":
+            _take_over_sqlite_transactions(sync_engine)
+        self.metadata = sa.MetaData(schema=schema)
+        self.statements = _Statements(self.metadata, prefix, sync_engine.dialect)
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"<SQLStore {url}{' async' if self.is_async else ''}>"
+
+    # Transactions -----------------------------------------------------------------------
+
+    def begin(self) -> SQLTransaction:
+        """Open a transaction on a connection from the engine's pool."""
+        if isinstance(self.engine, AsyncEngine):
+            raise SessionError(
+                f"{self!r} is async: use it with `async with Session(...)`, or create a "
+                f"sync store for sync sessions."
+            )
+        return SQLTransaction(self.statements, self.engine.connect(), None)
+
+    async def abegin(self) -> SQLTransaction:
+        """Open a transaction on an async connection."""
+        if not isinstance(self.engine, AsyncEngine):
+            raise SessionError(
+                f"{self!r} is sync, and would block the event loop: for async sessions, "
+                f"create the store with SQLStore(url, asynchronous=True)."
+            )
+        return SQLTransaction(self.statements, None, await self.engine.connect())
+
+    # Tables -----------------------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        """Create the tables that do not exist yet, and the log's row."""
+        if isinstance(self.engine, AsyncEngine):
+            raise SessionError(f"{self!r} is async: use `await store.acreate_tables()`.")
+        with self.engine.begin() as connection:
+            self.statements.create(connection)
+
+    async def acreate_tables(self) -> None:
+        """`create_tables` for async stores."""
+        if not isinstance(self.engine, AsyncEngine):
+            self.create_tables()
+            return
+        async with self.engine.begin() as connection:
+            await connection.run_sync(self.statements.create)
+
+    def drop_tables(self) -> None:
+        """Drop the tables, and everything in them."""
+        if isinstance(self.engine, AsyncEngine):
+            raise SessionError(f"{self!r} is async: use `await store.adrop_tables()`.")
+        with self.engine.begin() as connection:
+            self.metadata.drop_all(connection)
+
+    async def adrop_tables(self) -> None:
+        """`drop_tables` for async stores."""
+        if not isinstance(self.engine, AsyncEngine):
+            self.drop_tables()
+            return
+        async with self.engine.begin() as connection:
+            await connection.run_sync(self.metadata.drop_all)
+
+    def dispose(self) -> None:
+        """Close the engine's pooled connections."""
+        if isinstance(self.engine, AsyncEngine):
+            self.engine.sync_engine.dispose()
+        else:
+            self.engine.dispose()
+
+    async def adispose(self) -> None:
+        """`dispose` for async stores."""
+        if isinstance(self.engine, AsyncEngine):
+            await self.engine.dispose()
+        else:
+            self.engine.dispose()
+
+
+class SQLTransaction(Transaction):
+    """A unit of work on one pooled connection, sync or async."""
+
+    def __init__(
+        self,
+        statements: _Statements,
+        connection: Connection | None,
+        aconnection: AsyncConnection | None,
+    ) -> None:
+        self.statements = statements
+        self.connection = connection
+        self.aconnection = aconnection
+
+    def run(self, work: Callable[[Records], T]) -> T:
+        """Call `work` with records on this transaction's connection."""
+        if self.connection is None:
+            raise SessionError("This transaction is async: use `await transaction.arun(work)`.")
+        return work(SQLRecords(self.statements, self.connection))
+
+    async def arun(self, work: Callable[[Records], T]) -> T:
+        """Run `work` on the async connection, without blocking the event loop."""
+        if self.aconnection is None:
+            raise SessionError("This transaction is sync: use `transaction.run(work)`.")
+        statements = self.statements
+        return await self.aconnection.run_sync(
+            lambda connection: work(SQLRecords(statements, connection))
+        )
+
+    def commit(self) -> None:
+        """COMMIT."""
+        if self.connection is not None:
+            self.connection.commit()
+
+    def rollback(self) -> None:
+        """ROLLBACK."""
+        if self.connection is not None:
+            self.connection.rollback()
+
+    def close(self) -> None:
+        """Give the connection back to the pool, rolling back what was not committed."""
+        if self.connection is not None:
+            self.connection.close()
+
+    async def acommit(self) -> None:
+        """COMMIT, awaited."""
+        if self.aconnection is not None:
+            await self.aconnection.commit()
+        else:
+            self.commit()
+
+    async def arollback(self) -> None:
+        """ROLLBACK, awaited."""
+        if self.aconnection is not None:
+            await self.aconnection.rollback()
+        else:
+            self.rollback()
+
+    async def aclose(self) -> None:
+        """`close`, awaited."""
+        if self.aconnection is not None:
+            await self.aconnection.close()
+        else:
+            self.close()
+
+
+class SQLRecords(Records):
+    """Reads and writes on a sync `Connection`, with statements compiled once per store."""
+
+    __slots__ = ("connection", "statements")
+
+    def __init__(self, statements: _Statements, connection: Connection) -> None:
+        self.statements = statements
+        self.connection = connection
+
+    def read(self, stream: str) -> Record | None:
+        """SELECT the aggregate's row."""
+        row = self.connection.execute(self.statements.read, {"s": stream}).first()
+        return None if row is None else Record(stream, row.version, row.type_version, row.data)
+
+    def write(self, record: Record, expected: int) -> None:
+        """INSERT a new row, or UPDATE the row still at `expected`; else ConcurrencyError."""
+        statements, stream = self.statements, record.stream
+        if len(stream) > _STREAM_LENGTH:
+            raise ValueError(
+                f"Stream names are at most {_STREAM_LENGTH} characters; {stream[:40]!r}... has "
+                f"{len(stream)}. Use a shorter aggregate id or registered name."
+            )
+        values = {
+            "s": stream,
+            "v": record.version,
+            "t": record.schema,
+            "d": record.data,
+            "e": expected,
+        }
+        statement = statements.insert if expected == 0 else statements.update
+        if self.connection.execute(statement, values).rowcount == 1:
+            return
+        # A current (locking) read: under REPEATABLE READ a plain SELECT would show the
+        # version this transaction started from, not the one that beat it.
+        actual = self.connection.execute(statements.current_version, {"s": stream}).scalar()
+        raise ConcurrencyError(stream, expected, actual)
+
+    def append(self, events: Sequence[StoredEvent]) -> None:
+        """Take the next positions from the log row (locking it until commit), then INSERT."""
+        if not events:
+            return
+        last = self.statements.advance(self.connection, len(events))
+        first = last - len(events) + 1
+        rows = [
+            {
+                "position": first + offset,
+                "stream": event.stream,
+                "version": event.version,
+                "type": event.type,
+                "type_version": event.schema,
+                "data": event.data,
+                "recorded_at": event.recorded_at.astimezone(UTC).replace(tzinfo=None),
+            }
+            for offset, event in enumerate(events)
+        ]
+        self.connection.execute(self.statements.append, rows)
+
+    def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:
+        """SELECT the stream's events after a version."""
+        rows = self.connection.execute(self.statements.read_stream, {"s": stream, "a": after})
+        return [_stored_event(row) for row in rows]
+
+    def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """SELECT the log after a position."""
+        rows = self.connection.execute(self.statements.read_log, {"a": after, "l": limit})
+        return [_stored_event(row) for row in rows]
+
+    def read_snapshot(self, stream: str) -> Snapshot | None:
+        """SELECT the stream's snapshot."""
+        row = self.connection.execute(self.statements.read_snapshot, {"s": stream}).first()
+        if row is None:
+            return None
+        return Snapshot(stream, row.version, row.type_version, row.data)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """INSERT or replace the stream's snapshot."""
+        values = {
+            "stream": snapshot.stream,
+            "version": snapshot.version,
+            "type_version": snapshot.schema,
+            "data": snapshot.data,
+        }
+        self.connection.execute(self.statements.write_snapshot, values)
+
+
+def _stored_event(row: sa.Row[Any]) -> StoredEvent:
+    return StoredEvent(
+        stream=row.stream,
+        version=row.version,
+        type=row.type,
+        schema=row.type_version,
+        data=row.data,
+        position=row.position,
+        recorded_at=row.recorded_at.replace(tzinfo=UTC),
+    )
+
+
+class _Statements:
+    """The tables and every statement on them, built once for one dialect."""
+
+    def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
+        text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+        timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+        stream = sa.String(_STREAM_LENGTH)
+        self.aggregates = aggregates = sa.Table(
+            f"{prefix}aggregates",
+            metadata,
+            sa.Column("stream", stream, primary_key=True),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text),
+        )
+        self.events = events = sa.Table(
+            f"{prefix}events",
+            metadata,
+            sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("stream", stream, nullable=False),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type", sa.String(255), nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text, nullable=False),
+            sa.Column("recorded_at", timestamp, nullable=False),
+            sa.UniqueConstraint("stream", "version", name=f"{prefix}events_stream_version"),
+        )
+        self.log = log = sa.Table(
+            f"{prefix}log",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("position", sa.BigInteger, nullable=False),
+        )
+        self.snapshots = snapshots = sa.Table(
+            f"{prefix}snapshots",
+            metadata,
+            sa.Column("stream", stream, primary_key=True),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text, nullable=False),
+        )
+        param = sa.bindparam
+        self.read = sa.select(
+            aggregates.c.version, aggregates.c.type_version, aggregates.c.data
+        ).where(aggregates.c.stream == param("s"))
+        self.current_version = (
+            sa.select(aggregates.c.version)
+            .where(aggregates.c.stream == param("s"))
+            .with_for_update(read=True)
+        )
+        new_row = {"stream": param("s"), "version": param("v")}
+        new_row |= {"type_version": param("t"), "data": param("d")}
+        # SQLAlchemy keeps the rowcount of an INSERT only when asked to.
+        self.insert = (
+            _insert_ignoring_duplicates(dialect, aggregates)
+            .values(new_row)
+            .execution_options(preserve_rowcount=True)
+        )
+        self.update = (
+            aggregates.update()
+            .where(aggregates.c.stream == param("s"), aggregates.c.version == param("e"))
+            .values(version=param("v"), type_version=param("t"), data=param("d"))
+        )
+        self.append = events.insert()
+        self.read_stream = (
+            sa.select(events)
+            .where(events.c.stream == param("s"), events.c.version > param("a"))
+            .order_by(events.c.version)
+        )
+        self.read_log = (
+            sa.select(events)
+            .where(events.c.position > param("a"))
+            .order_by(events.c.position)
+            .limit(param("l"))
+        )
+        self.read_snapshot = sa.select(
+            snapshots.c.version, snapshots.c.type_version, snapshots.c.data
+        ).where(snapshots.c.stream == param("s"))
+        self.write_snapshot = _upsert(dialect, snapshots, ["version", "type_version", "data"])
+        self._advance = self._head_advance(dialect)
+
+    def _head_advance(self, dialect: sa.Dialect) -> Callable[[Connection, int], int]:
+        log, head = self.log, self.log.c.id == 1
+        if dialect.update_returning:
+            advance = (
+                log.update()
+                .where(head)
+                .values(position=log.c.position + sa.bindparam("n"))
+                .returning(log.c.position)
+            )
+
+            def returning(connection: Connection, count: int) -> int:
+                return int(connection.execute(advance, {"n": count}).scalar_one())
+
+            return returning
+        lock = sa.select(log.c.position).where(head).with_for_update()
+        move = log.update().where(head).values(position=sa.bindparam("p"))
+
+        def lock_then_move(connection: Connection, count: int) -> int:
+            last = int(connection.execute(lock).scalar_one()) + count
+            connection.execute(move, {"p": last})
+            return last
+
+        return lock_then_move
+
+    def advance(self, connection: Connection, count: int) -> int:
+        """Move the log's head by `count` positions; return the last one taken."""
+        return self._advance(connection, count)
+
+    def create(self, connection: Connection) -> None:
+        """Create what is missing, and the log's one row."""
+        self.aggregates.metadata.create_all(connection)
+        if connection.execute(sa.select(self.log.c.id)).first() is None:
+            connection.execute(self.log.insert().values(id=1, position=0))
+
+
+def _insert_ignoring_duplicates(dialect: sa.Dialect, table: sa.Table) -> Any:
+    """An INSERT that, on a duplicate key, inserts nothing and leaves the transaction usable."""
+    if dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    # MariaDB/MySQL: IGNORE also turns truncation into a warning, which is why stream
+    # names are checked for length before they get here.
+    return table.insert().prefix_with("IGNORE")
+
+
+def _upsert(dialect: sa.Dialect, table: sa.Table, columns: list[str]) -> Any:
+    """An INSERT that replaces `columns` of the row with the same primary key."""
+    if dialect.name in ("postgresql", "sqlite"):
+        module: Any = postgresql if dialect.name == "postgresql" else sqlite
+        statement = module.insert(table)
+        replaced = {name: statement.excluded[name] for name in columns}
+        return statement.on_conflict_do_update(index_elements=["stream"], set_=replaced)
+    statement = mysql.insert(table)
+    return statement.on_duplicate_key_update({name: statement.inserted[name] for name in columns})
+
+
+def _create_engine(url: sa.URL, asynchronous: bool, options: Mapping[str, Any]) -> Any:
+    backend, _, driver = url.drivername.partition("+")
+    if not driver and backend in _DRIVERS:
+        driver = _DRIVERS[backend][asynchronous]
+        url = url.set(drivername=f"{backend}+{driver}")
+    try:
+        if asynchronous:
+            return create_async_engine(url, **options)
+        return sa.create_engine(url, **options)
+    except ModuleNotFoundError as missing:
+        package = (missing.name or driver).partition(".")[0]
+        extra = _EXTRAS.get(package, "all")
+        raise MissingDependency(package, extra, f"A {backend} store") from missing
+
+
+def _take_over_sqlite_transactions(engine: Engine) -> None:
+    """Let SQLAlchemy, not Python's sqlite3 module, decide when transactions begin.
+
+    sqlite3 begins a transaction only at the first write, so a read-modify-write would
+    read outside it. This is SQLAlchemy's documented recipe for SQLite transactions.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
