@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from pybondi import Command, Event, Messagebus, Publisher, Session
+from pybondi.stores import SQLStore, Store
+from tests.backends import BACKENDS, SQL_BACKENDS, Backend
 
 
 class SyncDriver:
@@ -39,6 +41,10 @@ class SyncDriver:
 
     def rollback(self, session: Session) -> None:
         session.rollback()
+
+    def io(self, target: Any, method: str, *args: Any) -> Any:
+        """Call a method that does I/O: `method` itself on the sync path."""
+        return getattr(target, method)(*args)
 
     def close(self) -> None:
         pass
@@ -81,6 +87,10 @@ class AsyncDriver:
     def rollback(self, session: Session) -> None:
         self.runner.run(session.arollback())
 
+    def io(self, target: Any, method: str, *args: Any) -> Any:
+        """Call a method that does I/O: its `a`-prefixed twin, awaited, on the async path."""
+        return self.runner.run(getattr(target, f"a{method}")(*args))
+
     def close(self) -> None:
         self.runner.close()
 
@@ -93,3 +103,65 @@ def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
     instance = request.param()
     yield instance
     instance.close()
+
+
+# Stores --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
+    """One namespace per backend for the whole run, made when first needed."""
+    made: dict[str, Backend] = {}
+    tmp = tmp_path_factory.mktemp("stores")
+
+    class Lazy(dict[str, Backend]):
+        def __missing__(self, name: str) -> Backend:
+            backend = made[name] = self[name] = Backend(name)
+            backend.setup(tmp)
+            return backend
+
+    yield Lazy()
+    for backend in made.values():
+        backend.teardown()
+
+
+def _backend_params(names: list[str]) -> list[Any]:
+    """Each backend as a parameter carrying its marker (`-m postgres` runs just those)."""
+    return [
+        pytest.param(name, marks=() if name == "memory" else getattr(pytest.mark, name))
+        for name in names
+    ]
+
+
+@pytest.fixture(params=_backend_params(BACKENDS))
+def backend(request: pytest.FixtureRequest, backends: dict[str, Backend]) -> Backend:
+    """Each store backend: memory, SQLite, PostgreSQL, MariaDB."""
+    return backends[request.param]
+
+
+@pytest.fixture(params=_backend_params(SQL_BACKENDS))
+def sql_backend(request: pytest.FixtureRequest, backends: dict[str, Backend]) -> Backend:
+    """Each SQL backend."""
+    return backends[request.param]
+
+
+@pytest.fixture
+def store(backend: Backend, driver: Driver) -> Iterator[Store]:
+    """A store with fresh tables, sync or async to match the driver."""
+    yield from _store(backend, driver)
+
+
+@pytest.fixture
+def sql_store(sql_backend: Backend, driver: Driver) -> Iterator[Store]:
+    """A SQL store with fresh tables, sync or async to match the driver."""
+    yield from _store(sql_backend, driver)
+
+
+def _store(backend: Backend, driver: Driver) -> Iterator[Store]:
+    made = backend.store(asynchronous=driver.name == "async")
+    if isinstance(made, SQLStore):
+        driver.io(made, "create_tables")
+    yield made
+    if isinstance(made, SQLStore):
+        # An async engine's connections belong to the driver's loop: dispose of them there.
+        driver.io(made, "dispose")

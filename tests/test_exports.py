@@ -19,8 +19,14 @@ MODULES = [
     "pybondi.messagebus",
     "pybondi.messages",
     "pybondi.publisher",
+    "pybondi.repositories",
     "pybondi.repository",
+    "pybondi.serialization",
     "pybondi.session",
+    "pybondi.stores",
+    "pybondi.stores.base",
+    "pybondi.stores.memory",
+    "pybondi.stores.sql",
 ]
 
 
@@ -37,7 +43,7 @@ def test_all_names_exist_and_are_documented(name: str) -> None:
 
 def test_package_exports_every_public_name_once() -> None:
     exported = {name for name in dir(pybondi) if not name.startswith("_")}
-    modules = {name.rsplit(".", 1)[1] for name in MODULES[1:]}
+    modules = {name.split(".")[1] for name in MODULES[1:]}
     assert exported - modules == set(pybondi.__all__)
     assert len(pybondi.__all__) == len(set(pybondi.__all__))
 

@@ -101,8 +101,8 @@ class SessionError(PybondiError, RuntimeError):
 class NotFound(PybondiError, LookupError):
     """A repository has no aggregate with the requested id."""
 
-    def __init__(self, repository: object, id: object) -> None:
-        super().__init__(f"{type(repository).__name__} has no aggregate with id {id!r}.")
+    def __init__(self, repository: object, id: object, kind: str = "aggregate") -> None:
+        super().__init__(f"{type(repository).__name__} has no {kind} with id {id!r}.")
         self.id = id
 
 
@@ -113,12 +113,20 @@ class ConcurrencyError(PybondiError, RuntimeError):
     """
 
     def __init__(self, stream: str, expected: int, actual: int | None) -> None:
-        found = "no longer exists" if actual is None else f"is now at version {actual}"
-        super().__init__(
-            f"{stream} was read at version {expected} but {found}: another session "
-            f"committed a change in between. Nothing of this session was written; load the "
-            f"aggregate again and retry."
-        )
+        if expected == 0:
+            problem = (
+                f"{stream} was added as a new aggregate, but one with that id already "
+                f"exists (version {actual}). Nothing of this session was written; get the "
+                f"stored one with repository.get(id) instead of adding a new one."
+            )
+        else:
+            found = "no longer exists" if actual is None else f"is now at version {actual}"
+            problem = (
+                f"{stream} was read at version {expected} but {found}: another session "
+                f"committed a change in between. Nothing of this session was written; load "
+                f"the aggregate again and retry."
+            )
+        super().__init__(problem)
         self.stream = stream
         self.expected = expected
         self.actual = actual

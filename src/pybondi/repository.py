@@ -6,6 +6,7 @@ Subclass `Repository` and override what your storage needs:
 - `restore(aggregate)`: bring it back to its stored state; called on `rollback()`.
 - `load(id)`: return the stored aggregate, or None if there is none; used by `get(id)`.
 - `begin()` / `close()`: open and release whatever a unit of work needs.
+- `record(aggregate, events)`: see the events the session takes from each root.
 
 Each hook may be written `async def`; then use the repository through the async path
 (`async with Session(...)`, `await repository.acommit()`). The base class keeps
@@ -16,12 +17,13 @@ A repository serves one session at a time: its identity map is that unit of work
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
 from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import NotFound, SessionError, report_failures, short_repr
+from pybondi.messages import Event
 
 __all__ = ["Repository"]
 
@@ -50,6 +52,13 @@ class Repository(Generic[A]):
 
     def begin(self) -> Awaitable[None] | None:
         """Start a unit of work. Override to open a connection or a transaction."""
+
+    def record(self, aggregate: A, events: Iterable[Event]) -> None:
+        """Take note of events an aggregate published, as the session dispatches them.
+
+        The session calls it before it clears the root's events. The base class needs
+        them for nothing; repositories that store events keep them until `commit`.
+        """
 
     # The identity map -------------------------------------------------------------------
 

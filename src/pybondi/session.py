@@ -196,6 +196,7 @@ class Session:
         if self._draining:
             return
         handle, queue, aggregates = self.messagebus.handle, self.queue, self.repository.aggregates
+        record = self.repository.record
         budget, self._draining = self.max_messages, True
         try:
             while True:
@@ -204,6 +205,7 @@ class Session:
                 for aggregate in aggregates.values():
                     if events := aggregate.root.events:
                         queue.extend(events)
+                        record(aggregate, events)
                         events.clear()
                 if not queue:
                     return
@@ -331,6 +333,7 @@ class Session:
         if self._draining:
             return
         ahandle, queue, aggregates = self.messagebus.ahandle, self.queue, self.repository.aggregates
+        record = self.repository.record
         budget, self._draining = self.max_messages, True
         try:
             while True:
@@ -339,6 +342,7 @@ class Session:
                 for aggregate in aggregates.values():
                     if events := aggregate.root.events:
                         queue.extend(events)
+                        record(aggregate, events)
                         events.clear()
                 if not queue:
                     return

@@ -23,7 +23,7 @@ Every read and write is a sync function of a `Connection`; an async store runs i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, TypeVar
 
 from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
@@ -82,6 +82,7 @@ class SQLStore(Store):
     ) -> None:
         if isinstance(engine, str | sa.URL):
             engine = _create_engine(sa.make_url(engine), asynchronous, engine_options)
+        assert isinstance(engine, Engine | AsyncEngine)
         self.engine: Engine | AsyncEngine = engine
         self.is_async = isinstance(engine, AsyncEngine)
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
@@ -173,12 +174,13 @@ class SQLTransaction(Transaction):
         self.statements = statements
         self.connection = connection
         self.aconnection = aconnection
+        self.writing = False  # whether the writes' explicit BEGIN (SQLite) was sent
 
     def run(self, work: Callable[[Records], T]) -> T:
         """Call `work` with records on this transaction's connection."""
         if self.connection is None:
             raise SessionError("This transaction is async: use `await transaction.arun(work)`.")
-        return work(SQLRecords(self.statements, self.connection))
+        return work(SQLRecords(self.statements, self.connection, self))
 
     async def arun(self, work: Callable[[Records], T]) -> T:
         """Run `work` on the async connection, without blocking the event loop."""
@@ -186,16 +188,18 @@ class SQLTransaction(Transaction):
             raise SessionError("This transaction is sync: use `transaction.run(work)`.")
         statements = self.statements
         return await self.aconnection.run_sync(
-            lambda connection: work(SQLRecords(statements, connection))
+            lambda connection: work(SQLRecords(statements, connection, self))
         )
 
     def commit(self) -> None:
         """COMMIT."""
+        self.writing = False
         if self.connection is not None:
             self.connection.commit()
 
     def rollback(self) -> None:
         """ROLLBACK."""
+        self.writing = False
         if self.connection is not None:
             self.connection.rollback()
 
@@ -206,6 +210,7 @@ class SQLTransaction(Transaction):
 
     async def acommit(self) -> None:
         """COMMIT, awaited."""
+        self.writing = False
         if self.aconnection is not None:
             await self.aconnection.commit()
         else:
@@ -213,6 +218,7 @@ class SQLTransaction(Transaction):
 
     async def arollback(self) -> None:
         """ROLLBACK, awaited."""
+        self.writing = False
         if self.aconnection is not None:
             await self.aconnection.rollback()
         else:
@@ -229,11 +235,19 @@ class SQLTransaction(Transaction):
 class SQLRecords(Records):
     """Reads and writes on a sync `Connection`, with statements compiled once per store."""
 
-    __slots__ = ("connection", "statements")
+    __slots__ = ("connection", "statements", "transaction")
 
-    def __init__(self, statements: _Statements, connection: Connection) -> None:
+    def __init__(
+        self, statements: _Statements, connection: Connection, transaction: SQLTransaction
+    ) -> None:
         self.statements = statements
         self.connection = connection
+        self.transaction = transaction
+
+    def _writing(self) -> None:
+        if self.statements.begin_writes and not self.transaction.writing:
+            self.connection.exec_driver_sql(self.statements.begin_writes)
+        self.transaction.writing = True
 
     def read(self, stream: str) -> Record | None:
         """SELECT the aggregate's row."""
@@ -248,6 +262,7 @@ class SQLRecords(Records):
                 f"Stream names are at most {_STREAM_LENGTH} characters; {stream[:40]!r}... has "
                 f"{len(stream)}. Use a shorter aggregate id or registered name."
             )
+        self._writing()
         values = {
             "s": stream,
             "v": record.version,
@@ -267,6 +282,7 @@ class SQLRecords(Records):
         """Take the next positions from the log row (locking it until commit), then INSERT."""
         if not events:
             return
+        self._writing()
         last = self.statements.advance(self.connection, len(events))
         first = last - len(events) + 1
         rows = [
@@ -302,6 +318,7 @@ class SQLRecords(Records):
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """INSERT or replace the stream's snapshot."""
+        self._writing()
         values = {
             "stream": snapshot.stream,
             "version": snapshot.version,
@@ -350,7 +367,7 @@ class _Statements:
             sa.Column("recorded_at", timestamp, nullable=False),
             sa.UniqueConstraint("stream", "version", name=f"{prefix}events_stream_version"),
         )
-        self.log = log = sa.Table(
+        self.log = sa.Table(
             f"{prefix}log",
             metadata,
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
@@ -364,6 +381,7 @@ class _Statements:
             sa.Column("type_version", sa.Integer, nullable=False),
             sa.Column("data", text, nullable=False),
         )
+        self.begin_writes = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
         param = sa.bindparam
         self.read = sa.select(
             aggregates.c.version, aggregates.c.type_version, aggregates.c.data
@@ -373,12 +391,10 @@ class _Statements:
             .where(aggregates.c.stream == param("s"))
             .with_for_update(read=True)
         )
-        new_row = {"stream": param("s"), "version": param("v")}
-        new_row |= {"type_version": param("t"), "data": param("d")}
         # SQLAlchemy keeps the rowcount of an INSERT only when asked to.
         self.insert = (
             _insert_ignoring_duplicates(dialect, aggregates)
-            .values(new_row)
+            .values(stream=param("s"), version=param("v"), type_version=param("t"), data=param("d"))
             .execution_options(preserve_rowcount=True)
         )
         self.update = (
@@ -461,7 +477,9 @@ def _upsert(dialect: sa.Dialect, table: sa.Table, columns: list[str]) -> Any:
     return statement.on_duplicate_key_update({name: statement.inserted[name] for name in columns})
 
 
-def _create_engine(url: sa.URL, asynchronous: bool, options: Mapping[str, Any]) -> Any:
+def _create_engine(
+    url: sa.URL, asynchronous: bool, options: Mapping[str, Any]
+) -> Engine | AsyncEngine:
     backend, _, driver = url.drivername.partition("+")
     if not driver and backend in _DRIVERS:
         driver = _DRIVERS[backend][asynchronous]
@@ -477,16 +495,14 @@ def _create_engine(url: sa.URL, asynchronous: bool, options: Mapping[str, Any]) 
 
 
 def _take_over_sqlite_transactions(engine: Engine) -> None:
-    """Let SQLAlchemy, not Python's sqlite3 module, decide when transactions begin.
+    """Let pybondi, not Python's sqlite3 module, decide when SQLite transactions begin.
 
-    sqlite3 begins a transaction only at the first write, so a read-modify-write would
-    read outside it. This is SQLAlchemy's documented recipe for SQLite transactions.
+    Reads run outside a transaction: an open read transaction would keep every other
+    connection from committing (or, in WAL mode, fail this one's first write). Writes
+    begin with BEGIN IMMEDIATE, which waits for the database's one writer slot; the
+    version check then runs on the latest committed state, as on the other databases.
     """
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")

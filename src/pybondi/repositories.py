@@ -1,0 +1,354 @@
+"""Repositories on a store: state-stored and event-sourced, sync and async.
+
+    registry = Registry()
+    registry.register(Account, name="accounts.Account")
+    registry.register(Deposited, name="accounts.Deposited")
+
+    store = SQLStore("sqlite:///bank.db")
+    store.create_tables()
+    with Session(messagebus, StateRepository(store, Account, registry), publisher) as session:
+        account = session.repository.get("acc-1")     # NotFound if there is none
+        session.execute(Deposit(account.id, 10))      # committed as one transaction
+
+`StateRepository` keeps each aggregate's state as a JSON document beside its version,
+and its events in the log. `EventSourcedRepository` keeps only events, rebuilds each
+aggregate from its stream (from a snapshot, if it has one), and calls its `apply(event)`.
+
+Both open one store transaction per unit of work: `commit()` writes every changed
+aggregate, with its version checked, and every event its aggregates published, then
+commits; a stale version raises `ConcurrencyError` and nothing is written. Each step is
+a sync function of the transaction's records, which async stores run without blocking:
+the logic is written once. On `rollback()` the identity map is emptied, so that the next
+`get` reads the stored state again.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, TypeVar
+
+from pybondi.aggregate import Aggregate
+from pybondi.exceptions import NotFound, SessionError
+from pybondi.messages import Event
+from pybondi.repository import Repository
+from pybondi.serialization import Registry
+from pybondi.stores.base import Record, Records, Snapshot, Store, StoredEvent, Transaction
+
+__all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository"]
+
+A = TypeVar("A", bound=Aggregate)
+T = TypeVar("T")
+
+
+class StoreRepository(Repository[A]):
+    """What both kinds share: a transaction per unit of work, versions, recorded events.
+
+    Subclasses say how to load an aggregate from the records (`_load`) and what to write
+    for a changed one (`_save_aggregate`); both are sync and run inside the transaction.
+    """
+
+    def __init__(
+        self, store: Store, aggregate_type: type[A], registry: Registry, *, name: str | None = None
+    ) -> None:
+        super().__init__()
+        self.storage = store
+        self.aggregate_type = aggregate_type
+        self.registry = registry
+        self.name = name or _registered_name(registry, aggregate_type)
+        self.transaction: Transaction | None = None
+        self.versions: dict[Any, int] = {}  # the stored version each aggregate was read at
+        self.recorded: dict[Any, list[Event]] = {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self.name} on {self.storage!r}>"
+
+    def stream(self, id: Any) -> str:
+        """The name under which an aggregate's record and events are stored."""
+        return f"{self.name}-{id}"
+
+    # Loading ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _load(self, records: Records, id: Any) -> A | None:
+        """Read an aggregate, note its version in `self.versions`; None if it is absent."""
+
+    def get(self, id: Any) -> A:
+        """The aggregate with this id, from the identity map or the store."""
+        aggregate = self.aggregates.get(id)
+        if aggregate is None:
+            aggregate = self._found(id, self._open().run(lambda records: self._load(records, id)))
+        return aggregate
+
+    async def aget(self, id: Any) -> A:
+        """`get` for async stores."""
+        aggregate = self.aggregates.get(id)
+        if aggregate is None:
+            loaded = await self._open().arun(lambda records: self._load(records, id))
+            aggregate = self._found(id, loaded)
+        return aggregate
+
+    def _found(self, id: Any, loaded: A | None) -> A:
+        if loaded is None:
+            raise NotFound(self, id, self.name)
+        self.add(loaded)
+        return loaded
+
+    def _open(self) -> Transaction:
+        if self.transaction is None:
+            raise SessionError(
+                f"{type(self).__name__} reads and writes inside a unit of work: use it within "
+                f"a Session (or call repository.begin() first)."
+            )
+        return self.transaction
+
+    def _loading(self, id: Any, what: str, decode: Callable[[], T]) -> T:
+        """Decode stored data, adding to any error which aggregate it belonged to."""
+        try:
+            return decode()
+        except Exception as error:
+            error.add_note(f"While loading {what} of {self.stream(id)}.")
+            raise
+
+    # Saving -----------------------------------------------------------------------------
+
+    def record(self, aggregate: A, events: Iterable[Event]) -> None:
+        """Keep the events the session takes from an aggregate, to append on commit."""
+        self.recorded.setdefault(aggregate.root.id, []).extend(events)
+
+    def _pending(self, aggregate: A) -> list[Event]:
+        # Events still on the root were published outside a session, which never took
+        # them: they are the aggregate's too.
+        return [*self.recorded.get(aggregate.root.id, ()), *aggregate.root.events]
+
+    @abstractmethod
+    def _save_aggregate(
+        self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
+    ) -> int | None:
+        """Write what changed of one aggregate; return its new version, or None if none."""
+
+    def _save(self, records: Records) -> dict[Any, int]:
+        stored: list[StoredEvent] = []
+        saved: dict[Any, int] = {}
+        for id, aggregate in self.aggregates.items():
+            expected = self.versions.get(id, 0)
+            events = [
+                self._stored(self.stream(id), expected + number, event)
+                for number, event in enumerate(self._pending(aggregate), start=1)
+            ]
+            version = self._save_aggregate(records, aggregate, events, expected)
+            if version is not None:
+                saved[id] = version
+            stored += events
+        # Events last, and for all aggregates at once: appending locks the log's head
+        # until COMMIT, and it should be held for as short a time as possible.
+        records.append(stored)
+        return saved
+
+    def _stored(self, stream: str, version: int, event: Event) -> StoredEvent:
+        serialized = self.registry.dumps(event)
+        return StoredEvent(stream, version, serialized.name, serialized.version, serialized.data)
+
+    def _saved(self, versions: dict[Any, int]) -> None:
+        self.versions.update(versions)
+        self.recorded.clear()
+        for aggregate in self.aggregates.values():
+            aggregate.root.events.clear()
+
+    # The unit of work -------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open the unit of work's transaction."""
+        self.transaction = self.storage.begin()
+
+    async def abegin(self) -> None:
+        """`begin` for async stores."""
+        self.transaction = await self.storage.abegin()
+
+    def commit(self) -> None:
+        """Write every changed aggregate and every new event, then commit; or nothing."""
+        transaction = self._open()
+        saved = transaction.run(self._save)
+        transaction.commit()
+        self._saved(saved)
+
+    async def acommit(self) -> None:
+        """`commit` for async stores."""
+        transaction = self._open()
+        saved = await transaction.arun(self._save)
+        await transaction.acommit()
+        self._saved(saved)
+
+    def rollback(self) -> None:
+        """Roll the transaction back and forget the aggregates, which may be stale now."""
+        self._forget()
+        if self.transaction is not None:
+            self.transaction.rollback()
+
+    async def arollback(self) -> None:
+        """`rollback` for async stores."""
+        self._forget()
+        if self.transaction is not None:
+            await self.transaction.arollback()
+
+    def close(self) -> None:
+        """Close the transaction, rolling back what was not committed."""
+        self._forget()
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None:
+            transaction.close()
+
+    async def aclose(self) -> None:
+        """`close` for async stores."""
+        self._forget()
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None:
+            await transaction.aclose()
+
+    def _forget(self) -> None:
+        self.aggregates.clear()
+        self.versions.clear()
+        self.recorded.clear()
+
+
+class StateRepository(StoreRepository[A]):
+    """Stores each aggregate's state as a JSON document, with a version, and its events.
+
+    The aggregate type must be registered in `registry` (a dataclass, a pydantic model
+    or a plain class); its registered name names the stored rows. Renaming the class is
+    safe; changing its fields is, with a new registered version and an upcaster.
+    """
+
+    def __init__(
+        self, store: Store, aggregate_type: type[A], registry: Registry, *, name: str | None = None
+    ) -> None:
+        super().__init__(store, aggregate_type, registry, name=name)
+        registry.version_of(aggregate_type)  # unregistered: the error says how to register
+        self.documents: dict[Any, str] = {}  # the JSON each aggregate was read as
+
+    def _load(self, records: Records, id: Any) -> A | None:
+        record = records.read(self.stream(id))
+        if record is None or record.data is None:
+            return None
+        data = record.data
+        aggregate = self._loading(
+            id, "its state", lambda: self.registry.loads(self.name, record.schema, data, id=id)
+        )
+        self.versions[id] = record.version
+        self.documents[id] = data
+        return aggregate  # type: ignore[no-any-return]
+
+    def _save_aggregate(
+        self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
+    ) -> int | None:
+        state = self.registry.dumps(aggregate)
+        if not events and state.data == self.documents.get(aggregate.root.id):
+            return None
+        # A change without events still needs a new version, for the next writer's check.
+        version = expected + max(1, len(events))
+        records.write(
+            Record(self.stream(aggregate.root.id), version, state.version, state.data), expected
+        )
+        return version
+
+    def _saved(self, versions: dict[Any, int]) -> None:
+        super()._saved(versions)
+        self.documents.clear()
+
+    def _forget(self) -> None:
+        super()._forget()
+        self.documents.clear()
+
+
+class EventSourcedRepository(StoreRepository[A]):
+    """Keeps each aggregate as the stream of its events, and rebuilds it from them.
+
+    The aggregate type needs an `apply(event)` method that changes its state as the event
+    says; the repository builds a blank one with `create(id)` (default: the aggregate
+    type called with the id) and applies each stored event in order. Publish each event
+    from the aggregate's methods as they apply it, and the session records it.
+
+    With `snapshot_every=N`, a snapshot of the state (the aggregate type must then be
+    registered) is kept every N events, and loading starts from it. A snapshot written
+    under another registered version of the aggregate type is ignored, not trusted.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        aggregate_type: type[A],
+        registry: Registry,
+        *,
+        name: str | None = None,
+        create: Callable[[Any], A] | None = None,
+        snapshot_every: int | None = None,
+    ) -> None:
+        super().__init__(store, aggregate_type, registry, name=name)
+        if not callable(getattr(aggregate_type, "apply", None)):
+            raise TypeError(
+                f"{aggregate_type.__name__} has no apply(event) method: an event-sourced "
+                f"aggregate is rebuilt by applying its stored events to a blank one."
+            )
+        if snapshot_every is not None and snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}.")
+        if snapshot_every is not None:
+            registry.version_of(aggregate_type)  # snapshots need the state registered
+        self.create: Callable[[Any], A] = create or aggregate_type
+        self.snapshot_every = snapshot_every
+
+    def _load(self, records: Records, id: Any) -> A | None:
+        stream = self.stream(id)
+        aggregate, version = self._from_snapshot(records, id), 0
+        if aggregate is not None:
+            version = self.versions[id]
+        events = records.read_stream(stream, after=version)
+        if aggregate is None:
+            if not events:
+                return None
+            aggregate = self.create(id)
+        apply = aggregate.apply  # type: ignore[attr-defined]
+        for stored in events:
+            event = self._loading(
+                id,
+                f"event {stored.version}",
+                partial(self.registry.loads, stored.type, stored.schema, stored.data),
+            )
+            apply(event)
+        if events:
+            self.versions[id] = events[-1].version
+        return aggregate
+
+    def _from_snapshot(self, records: Records, id: Any) -> A | None:
+        if self.snapshot_every is None:
+            return None
+        snapshot = records.read_snapshot(self.stream(id))
+        if snapshot is None or snapshot.schema != self.registry.version_of(self.aggregate_type):
+            return None
+        aggregate: A = self._loading(
+            id,
+            "its snapshot",
+            lambda: self.registry.loads(self.name, snapshot.schema, snapshot.data, id=id),
+        )
+        self.versions[id] = snapshot.version
+        return aggregate
+
+    def _save_aggregate(
+        self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
+    ) -> int | None:
+        if not events:
+            return None
+        version = events[-1].version
+        stream = self.stream(aggregate.root.id)
+        records.write(Record(stream, version, 1, None), expected)
+        every = self.snapshot_every
+        if every is not None and version // every > expected // every:
+            state = self.registry.dumps(aggregate)
+            records.write_snapshot(Snapshot(stream, version, state.version, state.data))
+        return version
+
+
+def _registered_name(registry: Registry, aggregate_type: type) -> str:
+    return (
+        registry.name_of(aggregate_type) if aggregate_type in registry else aggregate_type.__name__
+    )

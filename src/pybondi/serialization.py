@@ -1,0 +1,659 @@
+"""Turn messages and aggregate states into JSON and back, through a registry of names.
+
+A `Registry` maps stable names and versions to classes. Only registered classes are ever
+built from stored data: no pickle, no eval, and no type name from the data is imported.
+There is no global registry; an application makes its own.
+
+    registry = Registry()
+
+    @registry.register(name="accounts.Deposited", version=2)
+    @dataclass(frozen=True)
+    class Deposited(Event):
+        account: str
+        amount: Decimal
+
+    @registry.upcaster("accounts.Deposited", from_version=1)
+    def amount_as_text(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "amount": str(data["amount"])}  # version 1 stored a float
+
+    stored = registry.dumps(Deposited("a-1", Decimal("9.50")))
+    # Serialized(name='accounts.Deposited', version=2, data='{"account":"a-1","amount":"9.50"}')
+    event = registry.loads(stored.name, stored.version, stored.data)
+
+Registered classes may be dataclasses, pydantic v2 models, or plain classes whose
+`__init__` takes their attributes by name; aggregates of all three kinds too, whose `root`
+is not stored: repositories keep the id and pass it back with `loads(..., id=...)`.
+Field values may be JSON natives, datetime, date, time, UUID, Decimal, Enum, tuples, sets
+and nested dataclasses, pydantic models or registered classes; the class's type hints say
+what to build back, and a hint that does not resolve leaves the JSON value as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import operator
+import re
+import types
+import typing
+from collections.abc import Callable
+from datetime import date, datetime, time
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Literal, TypeVar, overload
+from uuid import UUID
+
+from pybondi.aggregate import Aggregate, Root
+from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
+
+__all__ = ["Registry", "Serialized"]
+
+Convert = Callable[[Any], Any]
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+C = TypeVar("C", bound=type)
+U = TypeVar("U", bound=Upcaster)
+
+_NATIVE = frozenset({str, int, float, bool, type(None)})
+_SEQUENCES = (list, tuple, set, frozenset)
+_NOT_NESTED = (Aggregate, Root)
+_isoformat = operator.methodcaller("isoformat")
+_AS_TEXT: dict[type, Convert] = {datetime: _isoformat, date: _isoformat, time: _isoformat}
+_AS_TEXT |= {UUID: str, Decimal: str}
+# Enum comes first, since a str or int Enum is also a str or an int.
+_BY_BASE: tuple[tuple[type, Convert], ...] = (
+    (Enum, operator.attrgetter("value")),
+    *((native, native) for native in (str, int, float)),
+    *_AS_TEXT.items(),
+)
+_SUPPORTED = (
+    "use JSON-native values, datetime, date, time, UUID, Decimal, Enum, tuples, sets, "
+    "dataclasses or pydantic models, or register its class"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Serialized:
+    """A stored message or aggregate state: its registered name, version and JSON text."""
+
+    name: str
+    version: int
+    data: str
+
+
+class _Unsupported(Exception):
+    """A value encode cannot store; each enclosing field adds its name on the way up."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why, self.path = why, list[str]()
+
+
+@dataclasses.dataclass(slots=True)
+class _Shape:
+    """What encode and decode do with one class, worked out once, when it is registered."""
+
+    cls: type[Any]
+    name: str  # the registered name, or the qualname of a nested unregistered class
+    version: int
+    kind: Literal["dataclass", "pydantic", "plain"]
+    aggregate: bool
+    fields: tuple[str, ...] = ()  # dataclass: its init fields; plain: its __init__ parameters
+    late: tuple[str, ...] = ()  # dataclass fields with init=False, set after construction
+    required: frozenset[str] = frozenset()
+    root_init: bool = False  # a dataclass aggregate whose __init__ takes root=
+    open: bool = False  # a plain __init__ with **kwargs accepts any field
+    converters: dict[str, tuple[str, Convert]] | None = None  # built on first decode
+    stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
+
+    def __post_init__(self) -> None:
+        self.stored = (*self.fields, *self.late)
+
+    @property
+    def label(self) -> str:
+        return f"{self.cls.__name__} ({self.name!r})"
+
+
+def _is_pydantic(cls: type) -> bool:
+    # Duck-typed, so that pydantic stays an optional dependency.
+    return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
+
+
+def _make_shape(cls: type, name: str, version: int) -> _Shape:
+    aggregate = issubclass(cls, Aggregate)
+    if _is_pydantic(cls):
+        return _Shape(cls, name, version, "pydantic", aggregate)
+    if dataclasses.is_dataclass(cls):
+        every = dataclasses.fields(cls)
+        # An aggregate's root is never stored: repositories keep its id apart.
+        stored = [f for f in every if not (aggregate and f.name == "root")]
+        return _Shape(
+            cls,
+            name,
+            version,
+            "dataclass",
+            aggregate,
+            fields=tuple(f.name for f in stored if f.init),
+            late=tuple(f.name for f in stored if not f.init),
+            required=frozenset(
+                f.name
+                for f in stored
+                if f.init
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ),
+            root_init=aggregate and any(f.name == "root" and f.init for f in every),
+        )
+    try:
+        parameters = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # a signature Python cannot read: let the call decide
+        return _Shape(cls, name, version, "plain", aggregate, open=True)
+    if aggregate:
+        parameters = parameters[1:]  # the id, passed positionally
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return _Shape(
+        cls,
+        name,
+        version,
+        "plain",
+        aggregate,
+        fields=tuple(p.name for p in named),
+        required=frozenset(p.name for p in named if p.default is p.empty),
+        open=any(p.kind is p.VAR_KEYWORD for p in parameters),
+    )
+
+
+def _text(parse: Callable[[str], Any]) -> Convert:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            raise TypeError(f"expected text, got {type(value).__name__}")
+        return parse(value)
+
+    return convert
+
+
+def _decimal(value: Any) -> Decimal:
+    # Stored as text; a JSON number is accepted too, through str() so that 0.1 stays 0.1.
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise TypeError(f"expected text or a number, got {type(value).__name__}")
+    return Decimal(str(value))
+
+
+_PARSERS: dict[type, Convert] = {
+    datetime: _text(datetime.fromisoformat),
+    date: _text(date.fromisoformat),
+    time: _text(time.fromisoformat),
+    UUID: _text(UUID),
+    Decimal: _decimal,
+}
+
+
+def _expect(value: Any, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a JSON {what}, got {short_repr(value, 60)}")
+
+
+def _collection(kind: type, inner: Convert | None) -> Convert | None:
+    if kind is list and inner is None:
+        return None  # JSON already gives a list
+
+    def convert(value: Any) -> Any:
+        _expect(value, list, "list")
+        return kind(value if inner is None else map(inner, value))
+
+    return convert
+
+
+def _fixed_tuple(inner: list[Convert | None]) -> Convert:
+    def convert(value: Any) -> Any:
+        _expect(value, list, "list")
+        if len(value) != len(inner):
+            raise ValueError(f"expected {len(inner)} items, got {len(value)}")
+        return tuple(v if c is None else c(v) for c, v in zip(inner, value, strict=True))
+
+    return convert
+
+
+def _mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
+    if keys is None and values is None:
+        return None
+
+    def convert(value: Any) -> Any:
+        _expect(value, dict, "object")
+        return {
+            k if keys is None else keys(k): v if values is None else values(v)
+            for k, v in value.items()
+        }
+
+    return convert
+
+
+def _type_name(hint: Any) -> str:
+    # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
+    return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
+
+
+class Registry:
+    """Classes under stable names and versions, to store their instances as JSON.
+
+    Register each message and aggregate class once, with `register`, under a name that
+    outlives refactorings (`"accounts.Deposited"`, not the module path). When a class
+    changes shape, raise its version and register an `upcaster` that turns the previous
+    version's payload into the new one; stored data is upgraded step by step as it loads.
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, _Shape] = {}
+        self._by_class: dict[type, _Shape] = {}
+        self._nested: dict[type, _Shape] = {}  # unregistered dataclasses and models
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    @overload
+    def register(self, cls: C, /, *, name: str | None = None, version: int = 1) -> C: ...
+    @overload
+    def register(
+        self, cls: None = None, /, *, name: str | None = None, version: int = 1
+    ) -> Callable[[C], C]: ...
+    def register(
+        self, cls: C | None = None, /, *, name: str | None = None, version: int = 1
+    ) -> C | Callable[[C], C]:
+        """Register `cls` under `name` (default: its `__name__`) at `version` (default 1).
+
+        Returns the class, so it also works as a decorator: `@registry.register(name=...)`.
+        Registering the same class, name and version again does nothing; any other reuse
+        of a name or a class is a ValueError.
+        """
+        if cls is None:
+
+            def decorate(cls: C) -> C:
+                return self.register(cls, name=name, version=version)
+
+            return decorate
+        self._add(cls, name, version)
+        return cls
+
+    def upcaster(self, name: str, *, from_version: int) -> Callable[[U], U]:
+        """Register a function that upgrades a payload of `name` from `from_version` to the next.
+
+        The function takes the stored payload dict and returns the upgraded one; chain
+        one per version (1 to 2, 2 to 3, ...) up to the registered version.
+        """
+        _check_version(from_version, "from_version")
+
+        def decorate(function: U) -> U:
+            shape = self._by_name.get(name)
+            if shape is not None and from_version >= shape.version:
+                raise _late_upcaster(name, [from_version], shape, function)
+            existing = self._upcasters.setdefault((name, from_version), function)
+            if existing is not function:
+                raise ValueError(
+                    f"{name!r} already has an upcaster from version {from_version}, "
+                    f"{callable_name(existing)}; cannot also register "
+                    f"{callable_name(function)}. Keep one of them."
+                )
+            return function
+
+        return decorate
+
+    def dumps(self, obj: object) -> Serialized:
+        """Store a registered object as compact JSON text, with its name and version."""
+        shape = self._registered(type(obj))
+        data = json.dumps(self._encode(shape, obj), separators=(",", ":"), ensure_ascii=False)
+        return Serialized(shape.name, shape.version, data)
+
+    def loads(self, name: str, version: int, data: str | bytes, *, id: Any = None) -> Any:
+        """Build the object that `dumps` stored, upcasting it first if `version` is older.
+
+        `id` is required for aggregates (their root is not part of the data) and ignored
+        for other classes.
+        """
+        self._named(name)  # an unknown name is reported before the data is read
+        try:
+            payload = json.loads(data)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"Cannot load {short_repr(name)} version {version}: the data is not valid "
+                f"JSON ({exc}): {short_repr(data)}. Pass the text that dumps() produced."
+            ) from exc
+        return self.decode(name, version, payload, id=id)
+
+    def encode(self, obj: object) -> dict[str, Any]:
+        """The JSON-able payload of a registered object, without its name and version."""
+        return self._encode(self._registered(type(obj)), obj)
+
+    def decode(self, name: str, version: int, payload: dict[str, Any], *, id: Any = None) -> Any:
+        """Build an object from the payload `encode` produced; see `loads`."""
+        shape = self._named(name)
+        if not isinstance(payload, dict):
+            raise SerializationError(
+                f"Cannot load {name!r} version {version}: the data must be a JSON object, "
+                f"got {short_repr(payload)}. Pass what dumps() or encode() produced."
+            )
+        return self._build(shape, self._upcast(shape, version, payload), id)
+
+    def name_of(self, cls_or_instance: object) -> str:
+        """The name a class, or the class of an instance, is registered under."""
+        return self._registered(_class_of(cls_or_instance)).name
+
+    def version_of(self, cls_or_instance: object) -> int:
+        """The version a class, or the class of an instance, is registered at."""
+        return self._registered(_class_of(cls_or_instance)).version
+
+    def type_of(self, name: str) -> type:
+        """The class registered under `name`."""
+        return self._named(name).cls
+
+    def __contains__(self, item: object) -> bool:
+        """Whether a name (str) or a class is registered."""
+        if isinstance(item, str):
+            return item in self._by_name
+        return isinstance(item, type) and item in self._by_class
+
+    def _add(self, cls: Any, name: str | None, version: int) -> None:
+        if not isinstance(cls, type):
+            raise TypeError(
+                f"registry.register() takes a class, got {short_repr(cls)}. Pass the class "
+                f"itself, or use @registry.register(name=...) above the class statement."
+            )
+        name = cls.__name__ if name is None else name
+        if not isinstance(name, str) or not name:
+            error = ValueError if isinstance(name, str) else TypeError
+            raise error(f"A registered name must be non-empty text, got {short_repr(name)}.")
+        _check_version(version, "version")
+        known = self._by_class.get(cls)
+        if known is not None and (known.name, known.version) == (name, version):
+            return
+        if known is not None:
+            raise ValueError(
+                f"{callable_name(cls)} is already registered as {known.name!r} version "
+                f"{known.version}; cannot also register it as {name!r} version {version}. "
+                f"A class has one name and one current version: keep one registration."
+            )
+        if (taken := self._by_name.get(name)) is not None:
+            raise ValueError(
+                f"The name {name!r} is already registered for {callable_name(taken.cls)}; "
+                f"cannot also register {callable_name(cls)} under it. Give one of them "
+                f"another name: registry.register({cls.__name__}, name=...)."
+            )
+        shape = _make_shape(cls, name, version)
+        if late := sorted(step for n, step in self._upcasters if n == name and step >= version):
+            raise _late_upcaster(name, late, shape, self._upcasters[name, late[0]])
+        self._by_name[name] = self._by_class[cls] = shape
+
+    def _registered(self, cls: type) -> _Shape:
+        shape = self._by_class.get(cls)
+        if shape is None:
+            raise UnknownMessageType(
+                f"{cls.__name__} is not registered; register it with "
+                f"registry.register({cls.__name__}, name=...)."
+            )
+        return shape
+
+    def _named(self, name: str) -> _Shape:
+        shape = self._by_name.get(name) if isinstance(name, str) else None
+        if shape is None:
+            names = sorted(self._by_name)
+            known = ", ".join(map(repr, names[:10])) or "none yet"
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            raise UnknownMessageType(
+                f"No class is registered under the name {short_repr(name)} (registered: "
+                f"{known}{more}). Register the class with registry.register(cls, "
+                f"name={short_repr(name)}), or check where the stored name came from."
+            )
+        return shape
+
+    def _shape_of(self, cls: type) -> _Shape | None:
+        """The shape of a registered class, or of a dataclass or model nested in one."""
+        shape = self._by_class.get(cls) or self._nested.get(cls)
+        if shape is None and (dataclasses.is_dataclass(cls) or _is_pydantic(cls)):
+            shape = self._nested[cls] = _make_shape(cls, cls.__qualname__, 1)
+        return shape
+
+    def _encode(self, shape: _Shape, obj: object) -> dict[str, Any]:
+        try:
+            return self._fields_of(shape, obj)
+        except _Unsupported as exc:
+            where = f"field {'.'.join(reversed(exc.path))!r} of " if exc.path else ""
+            raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
+
+    def _fields_of(self, shape: _Shape, obj: Any) -> dict[str, Any]:
+        if shape.kind == "pydantic":
+            try:
+                dumped: dict[str, Any] = obj.model_dump(
+                    mode="json", exclude={"root"} if shape.aggregate else None
+                )
+            except ValueError as exc:
+                raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
+            return dumped
+        if shape.kind == "dataclass":
+            items = [(name, getattr(obj, name)) for name in shape.stored]
+        elif (attributes := getattr(obj, "__dict__", None)) is None:
+            raise _Unsupported("it has no __dict__ to read fields from; make it a dataclass")
+        else:
+            items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
+        encoded = {}
+        for name, value in items:
+            try:
+                encoded[name] = value if type(value) in _NATIVE else self._value(value)
+            except _Unsupported as exc:
+                exc.path.append(name)
+                raise
+        return encoded
+
+    def _value(self, value: Any) -> Any:
+        kind = type(value)
+        if kind in _NATIVE:
+            return value
+        if kind in _AS_TEXT:
+            return _AS_TEXT[kind](value)
+        if isinstance(value, _SEQUENCES):
+            return [item if type(item) in _NATIVE else self._value(item) for item in value]
+        if isinstance(value, dict):
+            return {self._key(k): self._value(v) for k, v in value.items()}
+        if isinstance(value, _NOT_NESTED):
+            raise _Unsupported(
+                f"{short_repr(value)} is an aggregate or a root, which is not stored inside "
+                f"another object; store its id instead"
+            )
+        for base, encode in _BY_BASE:  # subclasses, such as Enums and datetime subclasses
+            if isinstance(value, base):
+                return self._value(encode(value))
+        if (shape := self._shape_of(kind)) is not None:
+            return self._fields_of(shape, value)
+        raise _Unsupported(
+            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}"
+        )
+
+    def _key(self, key: Any) -> str:
+        # JSON keys are text: a key must be text, or something stored as text (UUID, date...).
+        encoded = key if type(key) is str else self._value(key)
+        if not isinstance(encoded, str):
+            raise _Unsupported(
+                f"the dict key {short_repr(key)} is not text; JSON object keys are strings, so use "
+                f"str keys, or UUID, date or str Enum keys, which are stored as text"
+            )
+        return encoded
+
+    def _upcast(self, shape: _Shape, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise SerializationError(
+                f"Cannot load {shape.name!r}: version must be an int >= 1, got "
+                f"{short_repr(version)}. Pass the version that dumps() stored."
+            )
+        if version > shape.version:
+            raise SerializationError(
+                f"Cannot load {shape.name!r} version {version}: it was stored by newer code; "
+                f"this registry has {shape.cls.__name__} at version {shape.version}. Upgrade "
+                f"this code before loading that data."
+            )
+        payload = dict(payload)  # upcasters may edit it in place: never the caller's dict
+        for step in range(version, shape.version):
+            upcaster = self._upcasters.get((shape.name, step))
+            if upcaster is None:
+                raise SerializationError(
+                    f"Cannot upcast {shape.name!r} from version {version} to {shape.version}: "
+                    f"no upcaster from version {step} to {step + 1}. Register one with "
+                    f"@registry.upcaster({shape.name!r}, from_version={step})."
+                )
+            payload = _run_upcaster(upcaster, shape.name, step, payload)
+        return payload
+
+    def _build(self, shape: _Shape, payload: Any, id: Any) -> Any:
+        if not isinstance(payload, dict):
+            raise SerializationError(
+                f"Cannot build {shape.label}: its data must be a JSON object, got "
+                f"{short_repr(payload)}."
+            )
+        if shape.aggregate and id is None:
+            raise SerializationError(
+                f"Cannot build {shape.label} without its id: it is an aggregate, whose root "
+                f"is not part of the stored data. Pass it: loads(..., id=...)."
+            )
+        if shape.kind == "pydantic":
+            data = {**payload, "root": Root(id)} if shape.aggregate else payload
+            try:
+                return shape.cls.model_validate(data)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise _unfit(shape, payload, str(exc)) from exc
+        self._check_fields(shape, payload)
+        values = self._convert(shape, payload)
+        try:
+            return self._construct(shape, values, id)
+        except (TypeError, ValueError) as exc:
+            problem = f"{shape.cls.__name__}() raised {type(exc).__name__}: {exc}"
+            raise _unfit(shape, payload, problem) from exc
+
+    def _check_fields(self, shape: _Shape, payload: dict[str, Any]) -> None:
+        problems = []
+        if missing := sorted(shape.required.difference(payload)):
+            problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
+        if not shape.open and (unknown := [key for key in payload if key not in shape.stored]):
+            problems.append(f"unknown field(s) {short_repr(unknown, 80)[1:-1]}")
+        if problems:
+            advice = (
+                f"If the stored data has an older shape, convert it with an upcaster, "
+                f"@registry.upcaster({shape.name!r}, from_version=...), or give new fields "
+                f"defaults."
+            )
+            raise _unfit(shape, payload, " and ".join(problems), advice)
+
+    def _convert(self, shape: _Shape, payload: dict[str, Any]) -> dict[str, Any]:
+        values = dict(payload)
+        for field, (type_name, convert) in self._converters(shape).items():
+            if field in values:
+                try:
+                    values[field] = convert(values[field])
+                except (TypeError, ValueError, ArithmeticError) as exc:
+                    problem = (
+                        f"field {field!r} holds {short_repr(values[field], 60)}, which is not "
+                        f"a valid {type_name} ({exc})"
+                    )
+                    advice = "Fix the data, or convert it in an upcaster."
+                    raise _unfit(shape, payload, problem, advice) from exc
+        return values
+
+    def _converters(self, shape: _Shape) -> dict[str, tuple[str, Convert]]:
+        # Built on first decode, not at registration, so that hints may name classes
+        # defined after the decorated one.
+        if shape.converters is None:
+            target = shape.cls.__init__ if shape.kind == "plain" else shape.cls
+            try:
+                hints = typing.get_type_hints(target)
+            except Exception:
+                # Hints that do not resolve (a class local to a function, under postponed
+                # annotations) leave every value as JSON gives it.
+                hints = {}
+            shape.converters = {
+                field: (_type_name(hints[field]), convert)
+                for field in shape.stored
+                if field in hints and (convert := self._converter(hints[field])) is not None
+            }
+        return shape.converters
+
+    def _converter(self, hint: Any) -> Convert | None:
+        """How to rebuild a value of type `hint` from JSON; None when JSON gives it as is."""
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is None and isinstance(hint, type):
+            return self._class_converter(hint)
+        if origin is typing.Union or origin is types.UnionType:
+            rest = [arg for arg in args if arg is not type(None)]
+            inner = self._converter(rest[0]) if len(rest) == 1 else None
+            return None if inner is None else lambda value: None if value is None else inner(value)
+        if origin in (list, set, frozenset) or (origin is tuple and args[1:] == (...,)):
+            return _collection(origin, self._converter(args[0]) if args else None)
+        if origin is tuple:
+            return _fixed_tuple([self._converter(arg) for arg in args])
+        if origin is dict and len(args) == 2:
+            return _mapping(self._converter(args[0]), self._converter(args[1]))
+        return None  # Any, Literal, unions of several types...: the JSON value as is
+
+    def _class_converter(self, cls: type) -> Convert | None:
+        if cls in _PARSERS:
+            return _PARSERS[cls]
+        if issubclass(cls, Enum):
+            return cls
+        if cls in (tuple, set, frozenset):
+            return _collection(cls, None)
+        # Classes named by the code's own hints, never by the data, so this builds only
+        # what the registered class declares.
+        if cls in self._by_class or dataclasses.is_dataclass(cls) or _is_pydantic(cls):
+            return lambda value: self._build(typing.cast(_Shape, self._shape_of(cls)), value, None)
+        return None
+
+    @staticmethod
+    def _construct(shape: _Shape, values: dict[str, Any], id: Any) -> Any:
+        if shape.kind == "plain":
+            return shape.cls(id, **values) if shape.aggregate else shape.cls(**values)
+        init = {name: values[name] for name in shape.fields if name in values}
+        if shape.root_init:
+            init["root"] = Root(id)
+        obj = shape.cls(**init)
+        for name in shape.late:  # object.__setattr__ also works on frozen dataclasses
+            if name in values:
+                object.__setattr__(obj, name, values[name])
+        if shape.aggregate and not shape.root_init and not hasattr(obj, "root"):
+            object.__setattr__(obj, "root", Root(id))
+        return obj
+
+
+def _class_of(cls_or_instance: object) -> type:
+    return cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
+
+
+def _check_version(version: object, what: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        error = ValueError if isinstance(version, int) else TypeError
+        raise error(f"{what} must be an int >= 1, got {short_repr(version)}.")
+
+
+def _unfit(shape: _Shape, payload: Any, problem: str, advice: str = "") -> SerializationError:
+    return SerializationError(
+        f"Cannot build {shape.label}: {problem}; payload {short_repr(payload)}. {advice}".rstrip()
+    )
+
+
+def _late_upcaster(name: str, steps: list[int], shape: _Shape, fn: object) -> ValueError:
+    return ValueError(
+        f"Upcaster {callable_name(fn)} upgrades {name!r} from version {steps[0]}, but "
+        f"{shape.cls.__name__} is registered at version {shape.version}: an upcaster "
+        f"upgrades an older version, so from_version must be below {shape.version}. Raise "
+        f"the version in registry.register(...) or fix from_version."
+    )
+
+
+def _run_upcaster(
+    upcaster: Upcaster, name: str, step: int, payload: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        result = upcaster(payload)
+    except Exception as exc:
+        raise SerializationError(
+            f"Upcaster {callable_name(upcaster)} failed to upgrade {name!r} from version "
+            f"{step} to {step + 1} ({exc!r}) on payload {short_repr(payload)}. Fix the upcaster."
+        ) from exc
+    if not isinstance(result, dict):
+        raise SerializationError(
+            f"Upcaster {callable_name(upcaster)} returned {short_repr(result)} for {name!r} "
+            f"version {step}; an upcaster must return the upgraded payload dict."
+        )
+    return result

@@ -1,0 +1,813 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from enum import Enum, IntEnum
+from typing import Any, Optional
+from uuid import UUID
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from pybondi import Aggregate, Command, Event, Root
+from pybondi.exceptions import SerializationError, UnknownMessageType
+from pybondi.serialization import Registry, Serialized
+
+ACCOUNT = UUID("12345678-1234-5678-1234-567812345678")
+OTHER = UUID("87654321-4321-8765-4321-876543218765")
+NOON = datetime(2024, 5, 17, 12, 30, 15, 250, tzinfo=timezone(timedelta(hours=2)))
+
+
+class Currency(Enum):
+    EUR = "EUR"
+    USD = "USD"
+
+
+class Priority(IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+@dataclass(frozen=True)
+class Money:
+    amount: Decimal
+    currency: Currency
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deposited(Event):
+    account: UUID
+    money: Money
+    at: datetime
+    on: date
+    cutoff: time
+    priority: Priority = Priority.LOW
+    tags: tuple[str, ...] = ()
+    pair: tuple[int, Decimal] = (0, Decimal(0))
+    seen: frozenset[str] = frozenset()
+    ids: set[UUID] = field(default_factory=set)
+    history: list[Money] = field(default_factory=list)
+    by_day: dict[str, date] = field(default_factory=dict)
+    by_account: dict[UUID, int] = field(default_factory=dict)
+    memo: str | None = None
+    due: Optional[datetime] = None  # noqa: UP045 - the typing.Optional spelling on purpose
+    extra: Any = None
+    counted: int = field(default=0, init=False)
+
+
+def full_deposit() -> Deposited:
+    return Deposited(
+        account=ACCOUNT,
+        money=Money(Decimal("10.25"), Currency.EUR),
+        at=NOON,
+        on=date(2024, 5, 17),
+        cutoff=time(17, 45),
+        priority=Priority.HIGH,
+        tags=("a", "b"),
+        pair=(3, Decimal("0.1")),
+        seen=frozenset({"x"}),
+        ids={ACCOUNT, OTHER},
+        history=[Money(Decimal(1), Currency.USD), Money(Decimal("2.5"), Currency.EUR)],
+        by_day={"first": date(2024, 1, 1)},
+        by_account={OTHER: 2},
+        memo="café",
+        due=NOON,
+        extra={"free": ["form", 1, None]},
+    )
+
+
+@dataclass
+class Opened(Event):
+    owner: str
+    limit: int = 100
+
+
+@dataclass
+class Tree:
+    label: str
+    children: list[Tree] = field(default_factory=list)
+
+
+@dataclass
+class Planted(Event):
+    tree: Tree
+
+
+@dataclass
+class Validated(Event):
+    amount: int
+
+    def __post_init__(self) -> None:
+        if self.amount < 0:
+            raise ValueError("amount must not be negative")
+
+
+@dataclass
+class Bag(Event):
+    content: dict[str, Any]
+
+
+class SomethingHappened(Event):
+    def __init__(self, message: str):
+        self.message = message
+
+
+class Scheduled(Command):
+    def __init__(self, when: datetime, who: UUID, note: str = "") -> None:
+        self.when = when
+        self.who = who
+        self.note = note
+
+
+class Renamed(Event, BaseModel):
+    name: str
+    at: datetime
+    score: int = Field(ge=0)
+
+
+@dataclass(eq=False)
+class Wallet(Aggregate):
+    root: Root
+    owner: str
+    coins: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Ledger(Aggregate):
+    name: str
+    opened: date
+
+
+@dataclass(eq=False)
+class Vault(Aggregate):
+    code: str
+    root: Root = field(init=False)
+
+
+class User(Aggregate):
+    def __init__(self, id: int, name: str, joined: date | None = None) -> None:
+        self.root = Root(id)
+        self.name = name
+        self.joined = joined
+
+
+class Account(Aggregate, BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    root: Root
+    owner: str
+    balance: Decimal = Decimal(0)
+
+
+@dataclass
+class Signup(Event):
+    username: str
+    email: str
+    plan: str = "free"
+
+
+@dataclass
+class Holder(Event):
+    item: Any
+
+
+class Label(BaseModel):
+    text: str
+    since: date
+
+
+@dataclass
+class Labelled(Event):
+    label: Label
+    others: list[Label]
+    cause: SomethingHappened | None = None
+
+
+@pytest.fixture
+def registry() -> Registry:
+    registry = Registry()
+    classes: list[type] = [Deposited, Opened, Planted, Validated, Bag, SomethingHappened]
+    classes += [Scheduled, Renamed, Wallet, Ledger, Vault, User, Account, Holder, Labelled]
+    for cls in classes:
+        registry.register(cls)
+    return registry
+
+
+def roundtrip(registry: Registry, obj: object, **kwargs: Any) -> Any:
+    stored = registry.dumps(obj)
+    return registry.loads(stored.name, stored.version, stored.data, **kwargs)
+
+
+# Roundtrips
+
+
+def test_a_dataclass_with_every_supported_value_roundtrips(registry: Registry) -> None:
+    event = full_deposit()
+    object.__setattr__(event, "counted", 7)
+
+    loaded = roundtrip(registry, event)
+
+    assert loaded == event
+    assert loaded.counted == 7
+    assert type(loaded.money.amount) is Decimal
+    assert type(loaded.priority) is Priority
+    assert type(loaded.tags) is tuple
+    assert type(loaded.seen) is frozenset
+    assert type(loaded.ids) is set
+    assert loaded.at.utcoffset() == timedelta(hours=2)
+
+
+def test_dumps_gives_compact_json_with_the_name_and_version(registry: Registry) -> None:
+    stored = registry.dumps(Opened("Zoë", limit=5))
+
+    assert stored == Serialized("Opened", 1, '{"owner":"Zoë","limit":5}')
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stored.name = "other"  # type: ignore[misc]
+
+
+def test_values_are_stored_as_json_text(registry: Registry) -> None:
+    payload = registry.encode(full_deposit())
+
+    assert payload["account"] == str(ACCOUNT)
+    assert payload["money"] == {"amount": "10.25", "currency": "EUR"}
+    assert payload["at"] == "2024-05-17T12:30:15.000250+02:00"
+    assert payload["cutoff"] == "17:45:00"
+    assert payload["priority"] == 2
+    assert payload["pair"] == [3, "0.1"]
+    assert payload["by_account"] == {str(OTHER): 2}
+    assert json.loads(json.dumps(payload)) == payload
+
+
+def test_defaults_fill_fields_missing_from_the_payload(registry: Registry) -> None:
+    assert registry.loads("Opened", 1, '{"owner":"ann"}') == Opened("ann", 100)
+
+
+def test_nested_and_recursive_dataclasses_roundtrip(registry: Registry) -> None:
+    event = Planted(Tree("root", [Tree("a"), Tree("b", [Tree("c")])]))
+
+    assert roundtrip(registry, event) == event
+
+
+def test_the_readme_plain_class_roundtrips(registry: Registry) -> None:
+    stored = registry.dumps(SomethingHappened("Hello"))
+
+    assert stored == Serialized("SomethingHappened", 1, '{"message":"Hello"}')
+    loaded = registry.loads(*dataclasses.astuple(stored))
+    assert type(loaded) is SomethingHappened
+    assert loaded.message == "Hello"
+
+
+def test_a_plain_class_is_decoded_with_its_init_annotations(registry: Registry) -> None:
+    loaded = roundtrip(registry, Scheduled(NOON, ACCOUNT))
+
+    assert (loaded.when, loaded.who, loaded.note) == (NOON, ACCOUNT, "")
+
+
+def test_a_pydantic_model_roundtrips(registry: Registry) -> None:
+    event = Renamed(name="ann", at=NOON, score=3)
+
+    assert registry.encode(event) == {
+        "name": "ann",
+        "at": "2024-05-17T12:30:15.000250+02:00",
+        "score": 3,
+    }
+    assert roundtrip(registry, event) == event
+
+
+def test_pydantic_models_and_registered_plain_classes_nest_in_dataclasses(
+    registry: Registry,
+) -> None:
+    event = Labelled(
+        Label(text="a", since=date(2024, 1, 1)), [Label(text="b", since=date(2023, 1, 1))]
+    )
+    event.cause = SomethingHappened("why")
+
+    assert registry.encode(event)["cause"] == {"message": "why"}
+    loaded = roundtrip(registry, event)
+    assert (loaded.label, loaded.others) == (event.label, event.others)
+    assert type(loaded.cause) is SomethingHappened
+    assert loaded.cause.message == "why"
+
+
+def test_the_module_docstring_example_runs() -> None:
+    import textwrap
+
+    from pybondi import serialization
+
+    doc = serialization.__doc__ or ""
+    example = doc[doc.index("    registry = Registry()") : doc.index("Registered classes")]
+    namespace: dict[str, Any] = {"Any": Any, "Decimal": Decimal, "Event": Event}
+    namespace |= {"dataclass": dataclass, "Registry": Registry}
+    # dont_inherit: this module's postponed annotations would leave the example's unresolvable.
+    exec(
+        compile(textwrap.dedent(example), "serialization.__doc__", "exec", dont_inherit=True),
+        namespace,
+    )
+
+    stored, event = namespace["stored"], namespace["event"]
+    assert stored.data == '{"account":"a-1","amount":"9.50"}'
+    assert event == namespace["Deposited"]("a-1", Decimal("9.50"))
+    assert namespace["registry"].loads("accounts.Deposited", 1, '{"account":"a","amount":0.1}') == (
+        namespace["Deposited"]("a", Decimal("0.1"))
+    )
+
+
+def test_loads_accepts_bytes(registry: Registry) -> None:
+    assert registry.loads("Opened", 1, '{"owner":"é"}'.encode()) == Opened("é")
+
+
+def test_decode_builds_from_a_payload_dict(registry: Registry) -> None:
+    payload = registry.encode(Opened("ann", 3))
+
+    assert payload == {"owner": "ann", "limit": 3}
+    assert registry.decode("Opened", 1, payload) == Opened("ann", 3)
+
+
+# Aggregates
+
+
+def test_a_dataclass_aggregate_with_a_root_field_roundtrips(registry: Registry) -> None:
+    wallet = Wallet(Root("w-1"), "ann", [1, 2])
+
+    assert registry.encode(wallet) == {"owner": "ann", "coins": [1, 2]}
+    loaded = roundtrip(registry, wallet, id="w-1")
+    assert (loaded.id, loaded.owner, loaded.coins) == ("w-1", "ann", [1, 2])
+    assert isinstance(loaded.root, Root)
+
+
+def test_a_dataclass_aggregate_without_a_root_field_gets_one(registry: Registry) -> None:
+    ledger = Ledger("main", date(2024, 1, 2))
+    ledger.root = Root(5)
+
+    loaded = roundtrip(registry, ledger, id=5)
+
+    assert (loaded.id, loaded.name, loaded.opened) == (5, "main", date(2024, 1, 2))
+
+
+def test_a_dataclass_aggregate_with_a_non_init_root_gets_one(registry: Registry) -> None:
+    vault = Vault("1234")
+    vault.root = Root("v")
+
+    assert registry.encode(vault) == {"code": "1234"}
+    loaded = roundtrip(registry, vault, id="v")
+    assert (loaded.id, loaded.code) == ("v", "1234")
+
+
+def test_a_plain_aggregate_roundtrips(registry: Registry) -> None:
+    user = User(7, "ann", date(2020, 2, 29))
+
+    assert registry.encode(user) == {"name": "ann", "joined": "2020-02-29"}
+    loaded = roundtrip(registry, user, id=7)
+    assert loaded == user
+    assert (loaded.name, loaded.joined) == ("ann", date(2020, 2, 29))
+
+
+def test_a_pydantic_aggregate_roundtrips(registry: Registry) -> None:
+    account = Account(root=Root("a"), owner="ann", balance=Decimal("9.5"))
+
+    assert registry.encode(account) == {"owner": "ann", "balance": "9.5"}
+    loaded = roundtrip(registry, account, id="a")
+    assert (loaded.id, loaded.owner, loaded.balance) == ("a", "ann", Decimal("9.5"))
+
+
+@pytest.mark.parametrize("name", ["Wallet", "Ledger", "Vault", "User", "Account"])
+def test_an_aggregate_needs_its_id(registry: Registry, name: str) -> None:
+    with pytest.raises(
+        SerializationError, match=rf"Cannot build {name} .*without its id.*id=\.\.\."
+    ):
+        registry.loads(name, 1, '{"owner":"ann","name":"x","code":"1","opened":"2024-01-01"}')
+
+
+# Registration and lookup
+
+
+def test_register_defaults_to_the_class_name_and_version_1() -> None:
+    registry = Registry()
+
+    assert registry.register(Opened) is Opened
+    assert registry.name_of(Opened) == "Opened"
+    assert registry.version_of(Opened("ann")) == 1
+
+
+def test_register_as_a_decorator_with_a_name_and_version() -> None:
+    registry = Registry()
+
+    @registry.register(name="accounts.Closed", version=3)
+    @dataclass
+    class Closed(Event):
+        reason: str
+
+    assert registry.name_of(Closed("x")) == "accounts.Closed"
+    assert registry.version_of(Closed) == 3
+    assert registry.type_of("accounts.Closed") is Closed
+    assert "accounts.Closed" in registry
+    assert Closed in registry
+    assert "Closed" not in registry
+    assert Opened not in registry
+    assert 42 not in registry
+
+
+def test_registries_are_independent(registry: Registry) -> None:
+    assert Opened in registry
+    assert Opened not in Registry()
+
+
+def test_registering_the_same_class_name_and_version_again_does_nothing() -> None:
+    registry = Registry()
+    registry.register(Opened, name="o", version=2)
+
+    registry.register(Opened, name="o", version=2)
+
+    assert registry.type_of("o") is Opened
+
+
+def test_a_taken_name_is_refused_naming_both_classes() -> None:
+    registry = Registry()
+    registry.register(Opened, name="accounts.Opened")
+
+    with pytest.raises(
+        ValueError, match=r"'accounts.Opened' is already registered for .*Opened.*Bag"
+    ):
+        registry.register(Bag, name="accounts.Opened")
+
+
+@pytest.mark.parametrize(("name", "version"), [("other", 1), ("Opened", 2)])
+def test_a_class_has_one_name_and_version(name: str, version: int) -> None:
+    registry = Registry()
+    registry.register(Opened)
+
+    with pytest.raises(ValueError, match=rf"already registered as 'Opened' version 1.*'{name}'"):
+        registry.register(Opened, name=name, version=version)
+
+
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), (3, TypeError)])
+def test_names_are_non_empty_text(name: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="must be non-empty text"):
+        Registry().register(Opened, name=name)
+
+
+def test_only_classes_can_be_registered() -> None:
+    with pytest.raises(TypeError, match=r"takes a class, got 'Opened'"):
+        Registry().register("Opened")  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("version", "error"), [(0, ValueError), (-1, ValueError), ("2", TypeError)]
+)
+def test_versions_are_ints_from_1(version: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"version must be an int >= 1"):
+        Registry().register(Opened, version=version)
+
+
+@pytest.mark.parametrize("call", ["dumps", "encode", "name_of", "version_of"])
+def test_an_unregistered_class_is_reported(call: str) -> None:
+    message = r"Opened is not registered; register it with registry.register\(Opened, name=\.\.\.\)"
+    with pytest.raises(UnknownMessageType, match=message):
+        getattr(Registry(), call)(Opened("ann"))
+
+
+def test_a_subclass_of_a_registered_class_is_not_registered(registry: Registry) -> None:
+    @dataclass
+    class Special(Opened):
+        pass
+
+    with pytest.raises(UnknownMessageType, match="Special is not registered"):
+        registry.dumps(Special("ann"))
+
+
+def test_an_unknown_name_is_reported_with_the_registered_names(registry: Registry) -> None:
+    with pytest.raises(UnknownMessageType, match=r"'accounts.Nope'.*registered: 'Account', 'Bag'"):
+        registry.loads("accounts.Nope", 1, "{}")
+    with pytest.raises(LookupError, match="none yet"):
+        Registry().type_of("Opened")
+
+
+# Bad data
+
+
+@pytest.mark.parametrize("data", ["{", "not json", b"\xff\xfe", ""])
+def test_data_that_is_not_json_is_refused(registry: Registry, data: str | bytes) -> None:
+    with pytest.raises(
+        SerializationError, match=r"Cannot load 'Opened' version 1: .*not valid JSON"
+    ):
+        registry.loads("Opened", 1, data)
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", '"text"', "3", "null"])
+def test_json_that_is_not_an_object_is_refused(registry: Registry, data: str) -> None:
+    with pytest.raises(SerializationError, match=r"'Opened' version 1: .*must be a JSON object"):
+        registry.loads("Opened", 1, data)
+
+
+def test_a_missing_field_is_named(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError, match=r"Cannot build Opened \('Opened'\).*missing field\(s\) 'owner'"
+    ):
+        registry.loads("Opened", 1, '{"limit":1}')
+
+
+def test_an_unknown_field_is_named(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError,
+        match=r"Opened.*unknown field\(s\) 'bogus'; payload .*'bogus': 1.*upcaster",
+    ):
+        registry.loads("Opened", 1, '{"owner":"ann","bogus":1}')
+
+
+def test_a_plain_class_reports_missing_and_unknown_fields(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError, match=r"missing field\(s\) 'message' and unknown field\(s\) 'text'"
+    ):
+        registry.loads("SomethingHappened", 1, '{"text":"hi"}')
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "type_name"),
+    [
+        ("at", "abc", "datetime"),
+        ("at", 12, "datetime"),
+        ("account", "not-a-uuid", "UUID"),
+        ("on", "2024-13-01", "date"),
+        ("priority", 7, "Priority"),
+        ("pair", [1], r"tuple\[int, Decimal\]"),
+        ("tags", "abc", r"tuple\[str, \.\.\.\]"),
+        ("by_day", [], r"dict\[str, date\]"),
+        ("due", "soon", r"Optional\[datetime\]"),
+    ],
+)
+def test_a_value_that_does_not_convert_is_named(
+    registry: Registry, field: str, value: Any, type_name: str
+) -> None:
+    payload = registry.encode(full_deposit()) | {field: value}
+
+    with pytest.raises(
+        SerializationError,
+        match=rf"Cannot build Deposited .*field '{field}' holds .*not a valid {type_name}",
+    ):
+        registry.decode("Deposited", 1, payload)
+
+
+def test_a_bad_nested_value_names_the_field_and_the_nested_problem(registry: Registry) -> None:
+    payload = registry.encode(full_deposit())
+    payload["money"] = {"amount": "lots", "currency": "EUR"}
+
+    with pytest.raises(
+        SerializationError, match=r"field 'money'.*field 'amount' holds 'lots'.*Decimal"
+    ):
+        registry.decode("Deposited", 1, payload)
+
+
+def test_a_constructor_that_refuses_the_data_is_reported(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError, match=r"Validated.*ValueError: amount must not be negative"
+    ):
+        registry.loads("Validated", 1, '{"amount":-1}')
+
+
+def test_a_pydantic_validation_error_becomes_a_serialization_error(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError, match=r"(?s)Cannot build Renamed .*score.*greater than or equal to 0"
+    ):
+        registry.loads(
+            "Renamed", 1, json.dumps({"name": "ann", "at": NOON.isoformat(), "score": -1})
+        )
+
+
+# Encoding errors
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [(b"raw", "bytes"), (lambda: None, "function"), (object(), "object"), ({1: "a"}, "dict key 1")],
+)
+def test_an_unsupported_value_is_named_with_its_field_and_class(
+    registry: Registry, value: Any, type_name: str
+) -> None:
+    with pytest.raises(
+        SerializationError,
+        match=rf"Cannot encode field 'item' of Holder \('Holder'\): .*{type_name}",
+    ):
+        registry.dumps(Holder(value))
+
+
+def test_a_socket_is_refused(registry: Registry) -> None:
+    with (
+        socket.socket() as sock,
+        pytest.raises(
+            SerializationError, match=r"field 'item' of Holder.*a socket value is not supported"
+        ),
+    ):
+        registry.encode(Holder(sock))
+
+
+def test_the_path_to_a_nested_unsupported_value_is_named(registry: Registry) -> None:
+    with pytest.raises(
+        SerializationError, match=r"field 'item.children.children' of Holder.*bytes"
+    ):
+        registry.encode(Holder(Tree("a", [Tree("b", [b"raw"])])))  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("inside", [User(1, "ann"), Root(1), [Wallet(Root(2), "bob")]])
+def test_an_aggregate_or_root_inside_a_message_is_refused(registry: Registry, inside: Any) -> None:
+    with pytest.raises(
+        SerializationError, match=r"field 'item' of Holder.*aggregate or a root.*store its id"
+    ):
+        registry.encode(Holder(inside))
+
+
+# Versions and upcasters
+
+
+def signup_registry() -> Registry:
+    registry = Registry()
+    registry.register(Signup, name="users.Signup", version=3)
+
+    @registry.upcaster("users.Signup", from_version=1)
+    def rename_user(data: dict[str, Any]) -> dict[str, Any]:
+        data["username"] = data.pop("user")
+        return data
+
+    @registry.upcaster("users.Signup", from_version=2)
+    def add_email(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "email": f"{data['username']}@unknown"}
+
+    return registry
+
+
+@pytest.mark.parametrize(
+    ("version", "data"),
+    [
+        (1, '{"user":"ann","plan":"pro"}'),
+        (2, '{"username":"ann","plan":"pro"}'),
+        (3, '{"username":"ann","email":"ann@unknown","plan":"pro"}'),
+    ],
+)
+def test_older_versions_are_upcast_step_by_step(version: int, data: str) -> None:
+    assert signup_registry().loads("users.Signup", version, data) == Signup(
+        "ann", "ann@unknown", "pro"
+    )
+
+
+def test_decode_does_not_change_the_callers_payload() -> None:
+    payload = {"user": "ann"}
+
+    signup_registry().decode("users.Signup", 1, payload)
+
+    assert payload == {"user": "ann"}
+
+
+def test_a_version_stored_by_newer_code_is_refused() -> None:
+    with pytest.raises(
+        SerializationError,
+        match=r"'users.Signup' version 4: it was stored by newer code.*version 3",
+    ):
+        signup_registry().loads("users.Signup", 4, "{}")
+
+
+@pytest.mark.parametrize("version", [0, "1", True])
+def test_a_stored_version_must_be_an_int_from_1(version: Any) -> None:
+    with pytest.raises(SerializationError, match="version must be an int >= 1"):
+        signup_registry().loads("users.Signup", version, "{}")
+
+
+def test_a_missing_upcaster_step_is_named() -> None:
+    registry = Registry()
+    registry.register(Signup, version=3)
+    registry.upcaster("Signup", from_version=1)(lambda data: data)
+
+    with pytest.raises(
+        SerializationError,
+        match=r"from version 1 to 3: no upcaster from version 2 to 3.*from_version=2",
+    ):
+        registry.loads("Signup", 1, "{}")
+
+
+def test_an_upcaster_must_upgrade_an_older_version() -> None:
+    registry = Registry()
+    registry.register(Signup, version=2)
+
+    def late(data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    with pytest.raises(
+        ValueError, match=r"Upcaster .*late upgrades 'Signup' from version 2.*below 2"
+    ):
+        registry.upcaster("Signup", from_version=2)(late)
+
+
+def test_an_upcaster_registered_first_is_checked_when_the_class_is_registered() -> None:
+    registry = Registry()
+
+    @registry.upcaster("Signup", from_version=3)
+    def early(data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    with pytest.raises(
+        ValueError, match=r"early upgrades 'Signup' from version 3.*registered at version 2"
+    ):
+        registry.register(Signup, version=2)
+    registry.register(Signup, version=4)
+    assert registry.version_of(Signup) == 4
+
+
+def test_a_second_upcaster_for_one_step_is_refused() -> None:
+    registry = signup_registry()
+
+    with pytest.raises(ValueError, match=r"already has an upcaster from version 1, .*rename_user"):
+        registry.upcaster("users.Signup", from_version=1)(lambda data: data)
+
+
+def test_an_upcaster_that_raises_is_named() -> None:
+    registry = Registry()
+    registry.register(Signup, version=2)
+
+    @registry.upcaster("Signup", from_version=1)
+    def broken(data: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("user")
+
+    with pytest.raises(
+        SerializationError,
+        match=r"Upcaster .*broken failed to upgrade 'Signup' from version 1 to 2.*KeyError",
+    ):
+        registry.loads("Signup", 1, "{}")
+
+
+def test_an_upcaster_that_returns_no_dict_is_named() -> None:
+    registry = Registry()
+    registry.register(Signup, version=2)
+
+    @registry.upcaster("Signup", from_version=1)
+    def forgetful(data: dict[str, Any]) -> dict[str, Any]:
+        data["email"] = "x"
+        return None  # type: ignore[return-value]
+
+    with pytest.raises(
+        SerializationError, match=r"forgetful returned None .*must return the upgraded payload dict"
+    ):
+        registry.loads("Signup", 1, "{}")
+
+
+# Safety: only registered classes are ever built
+
+
+@pytest.mark.parametrize(
+    "name", ["os.system", "builtins.eval", "subprocess.Popen", "pickle.loads", "Event"]
+)
+def test_a_type_name_in_the_data_is_never_imported(registry: Registry, name: str) -> None:
+    with pytest.raises(UnknownMessageType, match="No class is registered under the name"):
+        registry.loads(name, 1, '{"args":["echo pwned"]}')
+
+
+@pytest.mark.parametrize("trick", ["__class__", "py/object", "__reduce__", "__init__"])
+def test_class_tricks_in_a_payload_are_unknown_fields(registry: Registry, trick: str) -> None:
+    data = json.dumps({"owner": "ann", trick: "os.system"})
+
+    with pytest.raises(SerializationError, match=rf"unknown field\(s\) '{trick}'"):
+        registry.loads("Opened", 1, data)
+
+
+def test_class_tricks_in_free_form_values_stay_plain_data(registry: Registry) -> None:
+    trick = {"__class__": "builtins.eval", "py/object": "os.system", "args": ["1 + 1"]}
+
+    loaded = registry.loads("Bag", 1, json.dumps({"content": trick}))
+
+    assert type(loaded) is Bag
+    assert loaded.content == trick
+
+
+def test_class_tricks_in_a_nested_dataclass_are_unknown_fields(registry: Registry) -> None:
+    data = {"tree": {"label": "a", "__class__": "os.system"}}
+
+    with pytest.raises(SerializationError, match=r"field 'tree'.*unknown field\(s\) '__class__'"):
+        registry.decode("Planted", 1, data)
+
+
+# Hints that cannot be resolved
+
+
+def test_hints_that_do_not_resolve_leave_json_values() -> None:
+    @dataclass
+    class Local:
+        when: datetime
+
+    @dataclass
+    class Outer(Event):
+        inner: Local
+
+    registry = Registry()
+    registry.register(Outer)
+
+    loaded = registry.loads(*dataclasses.astuple(registry.dumps(Outer(Local(NOON)))))
+
+    assert loaded.inner == {"when": NOON.isoformat()}
+
+
+def test_errors_keep_builtin_bases(registry: Registry) -> None:
+    with pytest.raises(ValueError):
+        registry.loads("Opened", 1, "{")
+    with pytest.raises(LookupError):
+        registry.loads("Nope", 1, "{}")
