@@ -12,7 +12,7 @@ EXTRA_PYTHONS := 3.12 3.13
 .PHONY: demo test check lint typecheck pytest pytest-extra bench clean
 
 demo: $(STAMP)
-	$(VENV)/bin/python examples/bank.py
+	$(VENV)/bin/python examples/bank.py bank.db  # run it twice: the state persists
 
 test: check pytest pytest-extra
 

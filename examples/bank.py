@@ -1,30 +1,39 @@
-"""A small bank built with pybondi: run `python examples/bank.py` and read the trace.
+"""A small bank built with pybondi: run `python examples/bank.py [bank.db]`, twice.
 
 Commands go through a `Messagebus` to handlers, which get the repository through
 `Depends(get_accounts)`. The `Account` aggregate publishes domain events; event handlers
 turn them into `Message`s that the `Publisher` delivers only when the `Session` commits.
-A domain error (`InsufficientFunds`) rolls the whole session back: the balance is restored
-from the "database" (a plain dict) and no message leaves. The same bus also runs async.
+Accounts and events are kept in a SQLite file by a `StateRepository`: the second run
+starts from what the first one left. A domain error (`InsufficientFunds`) rolls the
+whole session back: nothing of it is written and no message leaves. The same bus also
+runs async, on an async store over the same file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from pybondi import (
     Aggregate,
     Command,
+    Committed,
     Depends,
     Event,
     Message,
     Messagebus,
     Publisher,
-    Repository,
     RolledBack,
     Root,
     Session,
 )
+from pybondi.exceptions import NotFound
+from pybondi.repositories import StateRepository
+from pybondi.serialization import Registry
+from pybondi.stores import SQLStore
 
 # Messages: what we ask for (commands) and what happened (events) ------------------------
 
@@ -98,23 +107,13 @@ class Account(Aggregate):
         self.root.publish(Withdrawn(self.id, amount))
 
 
-class Accounts(Repository[Account]):
-    """Accounts kept as `{id: balance}` in a dict that stands in for a database."""
+# What may be stored, under names that stay stable when the code moves.
+registry = Registry()
+registry.register(Account, name="bank.Account")
+for event_type in (AccountOpened, Deposited, Withdrawn):
+    registry.register(event_type, name=f"bank.{event_type.__name__}")
 
-    def __init__(self, database: dict[str, int]) -> None:
-        super().__init__()
-        self.database = database
-
-    def load(self, id: str) -> Account | None:
-        return Account(id, self.database[id]) if id in self.database else None
-
-    def store(self, account: Account) -> None:
-        self.database[account.id] = account.balance
-        print(f"[commit]   {account.id}: balance {account.balance} saved")
-
-    def restore(self, account: Account) -> None:
-        account.balance = self.database.get(account.id, 0)
-        print(f"[rollback] {account.id}: balance restored to {account.balance}")
+Accounts = StateRepository[Account]
 
 
 # Handlers: `@bus.register` / `@bus.on` read the message type from the first annotation ---
@@ -130,7 +129,11 @@ def get_accounts() -> Accounts:
 @bus.register
 def open_account(command: OpenAccount, accounts: Accounts = Depends(get_accounts)) -> None:
     print(f"[command]  {command}")
-    accounts.add(Account.open(command.id))
+    try:
+        accounts.get(command.id)
+        print(f"[command]  {command.id} is already open (a previous run opened it)")
+    except NotFound:
+        accounts.add(Account.open(command.id))
 
 
 @bus.register
@@ -159,6 +162,11 @@ def announce(event: AccountOpened | Deposited | Withdrawn) -> None:
 
 
 @bus.on
+def saving(event: Committed[Account]) -> None:
+    print(f"[commit]   {event.account.id}: balance {event.account.balance} saved")
+
+
+@bus.on
 def discard(event: RolledBack[Account]) -> None:
     print(f"[rollback] {event.account.id}: unsaved balance {event.account.balance} discarded")
 
@@ -171,17 +179,36 @@ def send(message: Message[dict[str, object]]) -> None:
 # The run ---------------------------------------------------------------------------------
 
 
-async def pay_interest_async(accounts: Accounts) -> None:
-    async with Session(bus, accounts, publisher) as session:
-        await session.aexecute(PayInterest("alice", percent=10))
+def balances(accounts: Accounts) -> dict[str, int]:
+    """What the database holds, read in a session of its own (with no handlers)."""
+    found = {}
+    with Session(Messagebus(), accounts):
+        for id in ("alice", "bob"):
+            with suppress(NotFound):
+                found[id] = accounts.get(id).balance
+    return found
 
 
-def main() -> dict[str, int]:
-    database: dict[str, int] = {}
-    accounts = Accounts(database)
+async def pay_interest_async(path: Path) -> None:
+    store = SQLStore(f"sqlite:///{path}", asynchronous=True)
+    accounts = StateRepository(store, Account, registry)
+    bus.dependency_overrides[get_accounts] = lambda: accounts
+    try:
+        async with Session(bus, accounts, publisher) as session:
+            await session.aexecute(PayInterest("alice", percent=10))
+    finally:
+        await store.adispose()
+
+
+def main(path: Path) -> dict[str, int]:
+    store = SQLStore(f"sqlite:///{path}")
+    store.create_tables()
+    accounts = StateRepository(store, Account, registry)
     bus.dependency_overrides[get_accounts] = lambda: accounts
 
-    print("== 1. Alice and Bob open accounts and deposit; messages leave after the commit")
+    print(f"== 0. The database {path} holds {balances(accounts) or 'no accounts yet'}")
+
+    print("\n== 1. Alice and Bob open accounts and deposit; messages leave after the commit")
     with Session(bus, accounts, publisher) as session:
         session.execute(OpenAccount("alice"))
         session.execute(Deposit("alice", 100))
@@ -198,14 +225,19 @@ def main() -> dict[str, int]:
             session.execute(Deposit("bob", 5))
             session.execute(Withdraw("bob", 500))
     except InsufficientFunds as error:
-        print(f"[error]    InsufficientFunds: {error}; no message left")
+        print(f"[error]    InsufficientFunds: {error}; nothing written, no message left")
 
     print("\n== 4. Alice earns 10% interest, in an async session")
-    asyncio.run(pay_interest_async(accounts))
+    asyncio.run(pay_interest_async(path))
 
-    print(f"\nFinal balances in the database: {database}")
-    return database
+    bus.dependency_overrides[get_accounts] = lambda: accounts
+    final = balances(accounts)
+    events = len(store.read_log(limit=10_000))
+    print(f"\nFinal balances in the database: {final}; {events} events in its log")
+    print("Run it again: the next run starts from here.")
+    store.dispose()
+    return final
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "bank.db"))
