@@ -25,7 +25,7 @@ the logic is written once. On `rollback()` the identity map is emptied, so that 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -34,9 +34,17 @@ from pybondi.exceptions import NotFound, SessionError
 from pybondi.messages import Event
 from pybondi.repository import Repository
 from pybondi.serialization import Registry
-from pybondi.stores.base import Record, Records, Snapshot, Store, StoredEvent, Transaction
+from pybondi.stores.base import (
+    Record,
+    Records,
+    Snapshot,
+    Store,
+    StoredEvent,
+    TableRecords,
+    Transaction,
+)
 
-__all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository"]
+__all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository", "TableRepository"]
 
 A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
@@ -59,6 +67,7 @@ class StoreRepository(Repository[A]):
         self.name = name or _registered_name(registry, aggregate_type)
         self.transaction: Transaction | None = None
         self.versions: dict[Any, int] = {}  # the stored version each aggregate was read at
+        self.states: dict[Any, object] = {}  # its stored form, to tell if it changed
         self.recorded: dict[Any, list[Event]] = {}
 
     def __repr__(self) -> str:
@@ -72,7 +81,7 @@ class StoreRepository(Repository[A]):
 
     @abstractmethod
     def _load(self, records: Records, id: Any) -> A | None:
-        """Read an aggregate, note its version in `self.versions`; None if it is absent."""
+        """Read an aggregate, noting its version and stored form; None if it is absent."""
 
     def get(self, id: Any) -> A:
         """The aggregate with this id, from the identity map or the store."""
@@ -125,21 +134,24 @@ class StoreRepository(Repository[A]):
     @abstractmethod
     def _save_aggregate(
         self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
-    ) -> int | None:
-        """Write what changed of one aggregate; return its new version, or None if none."""
+    ) -> tuple[int, object] | None:
+        """Write what changed of one aggregate.
 
-    def _save(self, records: Records) -> dict[Any, int]:
+        Return its new version and stored form, or None if nothing needed writing.
+        """
+
+    def _save(self, records: Records) -> dict[Any, tuple[int, object]]:
         stored: list[StoredEvent] = []
-        saved: dict[Any, int] = {}
+        saved: dict[Any, tuple[int, object]] = {}
         for id, aggregate in self.aggregates.items():
             expected = self.versions.get(id, 0)
             events = [
                 self._stored(self.stream(id), expected + number, event)
                 for number, event in enumerate(self._pending(aggregate), start=1)
             ]
-            version = self._save_aggregate(records, aggregate, events, expected)
-            if version is not None:
-                saved[id] = version
+            written = self._save_aggregate(records, aggregate, events, expected)
+            if written is not None:
+                saved[id] = written
             stored += events
         # Events last, and for all aggregates at once: appending locks the log's head
         # until COMMIT, and it should be held for as short a time as possible.
@@ -150,8 +162,9 @@ class StoreRepository(Repository[A]):
         serialized = self.registry.dumps(event)
         return StoredEvent(stream, version, serialized.name, serialized.version, serialized.data)
 
-    def _saved(self, versions: dict[Any, int]) -> None:
-        self.versions.update(versions)
+    def _saved(self, saved: dict[Any, tuple[int, object]]) -> None:
+        for id, (version, state) in saved.items():
+            self.versions[id], self.states[id] = version, state
         self.recorded.clear()
         for aggregate in self.aggregates.values():
             aggregate.root.events.clear()
@@ -209,6 +222,7 @@ class StoreRepository(Repository[A]):
     def _forget(self) -> None:
         self.aggregates.clear()
         self.versions.clear()
+        self.states.clear()
         self.recorded.clear()
 
 
@@ -225,7 +239,6 @@ class StateRepository(StoreRepository[A]):
     ) -> None:
         super().__init__(store, aggregate_type, registry, name=name)
         registry.version_of(aggregate_type)  # unregistered: the error says how to register
-        self.documents: dict[Any, str] = {}  # the JSON each aggregate was read as
 
     def _load(self, records: Records, id: Any) -> A | None:
         record = records.read(self.stream(id))
@@ -235,30 +248,19 @@ class StateRepository(StoreRepository[A]):
         aggregate = self._loading(
             id, "its state", lambda: self.registry.loads(self.name, record.schema, data, id=id)
         )
-        self.versions[id] = record.version
-        self.documents[id] = data
+        self.versions[id], self.states[id] = record.version, data
         return aggregate  # type: ignore[no-any-return]
 
     def _save_aggregate(
         self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
-    ) -> int | None:
+    ) -> tuple[int, object] | None:
+        id = aggregate.root.id
         state = self.registry.dumps(aggregate)
-        if not events and state.data == self.documents.get(aggregate.root.id):
+        if not events and state.data == self.states.get(id):
             return None
-        # A change without events still needs a new version, for the next writer's check.
-        version = expected + max(1, len(events))
-        records.write(
-            Record(self.stream(aggregate.root.id), version, state.version, state.data), expected
-        )
-        return version
-
-    def _saved(self, versions: dict[Any, int]) -> None:
-        super()._saved(versions)
-        self.documents.clear()
-
-    def _forget(self) -> None:
-        super()._forget()
-        self.documents.clear()
+        version = _next_version(expected, events)
+        records.write(Record(self.stream(id), version, state.version, state.data), expected)
+        return version, state.data
 
 
 class EventSourcedRepository(StoreRepository[A]):
@@ -335,7 +337,7 @@ class EventSourcedRepository(StoreRepository[A]):
 
     def _save_aggregate(
         self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
-    ) -> int | None:
+    ) -> tuple[int, object] | None:
         if not events:
             return None
         version = events[-1].version
@@ -345,7 +347,89 @@ class EventSourcedRepository(StoreRepository[A]):
         if every is not None and version // every > expected // every:
             state = self.registry.dumps(aggregate)
             records.write_snapshot(Snapshot(stream, version, state.version, state.data))
-        return version
+        return version, None
+
+
+class TableRepository(StoreRepository[A]):
+    """Keeps each aggregate as a row of a SQL table of your own, and its events in the log.
+
+    The table (a SQLAlchemy `Table`, which you create) has the aggregate's id as primary
+    key and an integer version column that pybondi keeps. `to_row(aggregate)` returns the
+    other columns' values; `from_row(row)` builds the aggregate from a row, given as a
+    mapping of column names to values (the id and the version included). Writes check
+    the version as `StateRepository` does, and only changed rows are written.
+
+        accounts = TableRepository(store, Account, registry, table,
+                                   to_row=lambda a: {"owner": a.owner, "balance": a.balance},
+                                   from_row=lambda row: Account(row["id"], row["owner"], ...))
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        aggregate_type: type[A],
+        registry: Registry,
+        table: Any,
+        *,
+        to_row: Callable[[A], dict[str, Any]],
+        from_row: Callable[[Mapping[str, Any]], A],
+        id_column: str = "id",
+        version_column: str = "version",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(store, aggregate_type, registry, name=name)
+        for column in (id_column, version_column):
+            if column not in table.c:
+                raise ValueError(
+                    f"Table {table.name!r} has no column {column!r}; pass the names of its "
+                    f"id and version columns as id_column= and version_column=."
+                )
+        self.table = table
+        self.to_row, self.from_row = to_row, from_row
+        self.id_column, self.version_column = id_column, version_column
+
+    def _rows(self, records: Records) -> TableRecords:
+        if not isinstance(records, TableRecords):
+            raise TypeError(
+                f"TableRepository needs a SQL store (pybondi.stores.SQLStore), got "
+                f"{self.storage!r}. Use StateRepository for other stores."
+            )
+        return records
+
+    def _load(self, records: Records, id: Any) -> A | None:
+        row = self._rows(records).read_row(self.table, self.id_column, id)
+        if row is None:
+            return None
+        aggregate = self._loading(id, "its row", lambda: self.from_row(row))
+        state = {key: value for key, value in row.items() if key != self.version_column}
+        self.versions[id], self.states[id] = row[self.version_column], state
+        return aggregate
+
+    def _save_aggregate(
+        self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
+    ) -> tuple[int, object] | None:
+        id = aggregate.root.id
+        state = {**self.to_row(aggregate), self.id_column: id}
+        if not events and state == self.states.get(id):
+            return None
+        version = _next_version(expected, events)
+        self._rows(records).write_row(
+            self.table,
+            state,
+            self.id_column,
+            version_column=self.version_column,
+            version=version,
+            expected=expected,
+        )
+        return version, state
+
+
+def _next_version(expected: int, events: list[StoredEvent]) -> int:
+    """The version after a write: one per event, and one for a change without events.
+
+    A change without events still needs a new version, for the next writer's check.
+    """
+    return expected + max(1, len(events))
 
 
 def _registered_name(registry: Registry, aggregate_type: type) -> str:

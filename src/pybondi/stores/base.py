@@ -16,12 +16,20 @@ run it on their connection without blocking the event loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["Record", "Records", "Snapshot", "Store", "StoredEvent", "Transaction"]
+__all__ = [
+    "Record",
+    "Records",
+    "Snapshot",
+    "Store",
+    "StoredEvent",
+    "TableRecords",
+    "Transaction",
+]
 
 T = TypeVar("T")
 
@@ -103,6 +111,31 @@ class Records(ABC):
     @abstractmethod
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """Keep a snapshot, replacing the stream's previous one."""
+
+
+class TableRecords(Records):
+    """Records that can also read and write rows of the application's own SQL tables."""
+
+    @abstractmethod
+    def read_row(self, table: Any, key: str, id: Any) -> Mapping[str, Any] | None:
+        """The row whose primary key column `key` holds `id`, as a mapping, or None."""
+
+    @abstractmethod
+    def write_row(
+        self,
+        table: Any,
+        values: Mapping[str, Any],
+        key: str,
+        *,
+        version_column: str,
+        version: int,
+        expected: int,
+    ) -> None:
+        """INSERT a new row (`expected` 0), or UPDATE the row still at `expected`.
+
+        `values` holds every column but the version, the primary key `key` included.
+        A row at another version raises `ConcurrencyError`, naming both versions.
+        """
 
 
 class Transaction(ABC):

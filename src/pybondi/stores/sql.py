@@ -27,7 +27,15 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
-from pybondi.stores.base import Record, Records, Snapshot, Store, StoredEvent, Transaction
+from pybondi.stores.base import (
+    Record,
+    Records,
+    Snapshot,
+    Store,
+    StoredEvent,
+    TableRecords,
+    Transaction,
+)
 
 try:
     import sqlalchemy as sa
@@ -232,7 +240,7 @@ class SQLTransaction(Transaction):
             self.close()
 
 
-class SQLRecords(Records):
+class SQLRecords(TableRecords):
     """Reads and writes on a sync `Connection`, with statements compiled once per store."""
 
     __slots__ = ("connection", "statements", "transaction")
@@ -253,6 +261,35 @@ class SQLRecords(Records):
         """SELECT the aggregate's row."""
         row = self.connection.execute(self.statements.read, {"s": stream}).first()
         return None if row is None else Record(stream, row.version, row.type_version, row.data)
+
+    def read_row(self, table: sa.Table, key: str, id: Any) -> Mapping[str, Any] | None:
+        """SELECT a row of the application's own table."""
+        statement = self.statements.for_table(table, key, "").read
+        row = self.connection.execute(statement, {"id": id}).mappings().first()
+        return None if row is None else dict(row)
+
+    def write_row(
+        self,
+        table: sa.Table,
+        values: Mapping[str, Any],
+        key: str,
+        *,
+        version_column: str,
+        version: int,
+        expected: int,
+    ) -> None:
+        """INSERT or version-checked UPDATE of a row of the application's own table."""
+        self._writing()
+        statements = self.statements.for_table(table, key, version_column)
+        row = {**values, version_column: version}
+        if expected == 0:
+            written = self.connection.execute(statements.insert, row).rowcount
+        else:
+            where = {"pybondi_id": values[key], "pybondi_expected": expected}
+            written = self.connection.execute(statements.update, {**row, **where}).rowcount
+        if written != 1:
+            actual = self.connection.execute(statements.version, {"id": values[key]}).scalar()
+            raise ConcurrencyError(f"{table.name} {values[key]!r}", expected, actual)
 
     def write(self, record: Record, expected: int) -> None:
         """INSERT a new row, or UPDATE the row still at `expected`; else ConcurrencyError."""
@@ -340,6 +377,29 @@ def _stored_event(row: sa.Row[Any]) -> StoredEvent:
     )
 
 
+class _TableStatements:
+    """The statements on one application table, built once."""
+
+    def __init__(self, table: sa.Table, key: str, version: str, dialect: sa.Dialect) -> None:
+        id_column = table.c[key]
+        self.read = sa.select(table).where(id_column == sa.bindparam("id"))
+        if not version:
+            return
+        version_column = table.c[version]
+        self.version = (
+            sa.select(version_column)
+            .where(id_column == sa.bindparam("id"))
+            .with_for_update(read=True)
+        )
+        self.insert = _insert_ignoring_duplicates(dialect, table).execution_options(
+            preserve_rowcount=True
+        )
+        self.update = table.update().where(
+            id_column == sa.bindparam("pybondi_id"),
+            version_column == sa.bindparam("pybondi_expected"),
+        )
+
+
 class _Statements:
     """The tables and every statement on them, built once for one dialect."""
 
@@ -419,6 +479,17 @@ class _Statements:
         ).where(snapshots.c.stream == param("s"))
         self.write_snapshot = _upsert(dialect, snapshots, ["version", "type_version", "data"])
         self._advance = self._head_advance(dialect)
+        self.dialect = dialect
+        self.tables: dict[tuple[sa.Table, str, str], _TableStatements] = {}
+
+    def for_table(self, table: sa.Table, key: str, version: str) -> _TableStatements:
+        """The statements on an application table, built at first use."""
+        found = self.tables.get((table, key, version))
+        if found is None:
+            found = self.tables[table, key, version] = _TableStatements(
+                table, key, version, self.dialect
+            )
+        return found
 
     def _head_advance(self, dialect: sa.Dialect) -> Callable[[Connection, int], int]:
         log, head = self.log, self.log.c.id == 1
