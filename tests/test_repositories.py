@@ -393,3 +393,22 @@ def test_publishing_an_unregistered_event_fails_the_commit_and_writes_nothing(
         unit.add(account)
         account.root.publish(Unregistered("x"))
     assert log(driver, store) == []
+
+
+def test_a_session_goes_on_after_rollback(driver: Driver, store: Store) -> None:
+    from pybondi import Added
+
+    bus, added = Messagebus(), []
+
+    @bus.on(Added)
+    def welcome(event: Added[Account]) -> None:
+        added.append(event.aggregate.root.id)
+
+    with driver.session(session(accounts(store), bus)) as unit:
+        unit.add(Account(Root("a-1"), "ada"))
+        driver.rollback(unit)  # the store forgets a-1: it was never written
+        unit.add(Account(Root("a-2"), "bob"))
+    assert added == ["a-2"]  # a-1's Added was still queued when the rollback dropped it
+    assert read(driver, accounts(store), "a-2").owner == "bob"
+    with pytest.raises(NotFound):
+        read(driver, accounts(store), "a-1")

@@ -278,6 +278,7 @@ class Session:
             failures += _attempt(self._drain)
             self._forget_pending()
         failures += _attempt(self.repository.rollback)
+        self._announced = len(self.repository.aggregates)  # a store may forget them all
         if self._owns_publisher():
             failures += _attempt(self.publisher.rollback)
         else:
@@ -401,6 +402,7 @@ class Session:
             failures += await _aattempt(self._adrain)
             self._forget_pending()
         failures += await _aattempt(self.repository.arollback)
+        self._announced = len(self.repository.aggregates)
         if self._owns_publisher():
             failures += await _aattempt(self.publisher.arollback)
         else:
