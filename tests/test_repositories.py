@@ -412,3 +412,24 @@ def test_a_session_goes_on_after_rollback(driver: Driver, store: Store) -> None:
     assert read(driver, accounts(store), "a-2").owner == "bob"
     with pytest.raises(NotFound):
         read(driver, accounts(store), "a-1")
+
+
+def test_old_states_are_upcast_on_load(driver: Driver, store: Store) -> None:
+    write_raw(driver, store, Record("bank.Account-a-1", 3, 1, '{"name":"ada","cents":700}'))
+    types = Registry()
+    types.register(Account, name="bank.Account", version=2)
+    types.register(Deposited, name="bank.Deposited")
+
+    @types.upcaster("bank.Account", from_version=1)
+    def rename_fields(data: dict[str, Any]) -> dict[str, Any]:
+        return {"owner": data["name"], "balance": data["cents"] // 100, "history": []}
+
+    repository = accounts(store, types)
+    with driver.session(session(repository)):
+        account = driver.io(repository, "get", "a-1")
+        assert (account.owner, account.balance, repository.versions) == ("ada", 7, {"a-1": 3})
+        account.deposit(1)
+    # Written back under the new version of the class, at the next version of the row.
+    with driver.session(session(accounts(store, types))) as unit:
+        assert driver.io(unit.repository, "get", "a-1").balance == 8
+    assert [(e.stream, e.version) for e in log(driver, store)] == [("bank.Account-a-1", 4)]
