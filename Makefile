@@ -6,7 +6,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 # Extra interpreters for the test suite: pyenv builds first, then PATH; a candidate counts
-# only if it runs (a pyenv shim for a version that is not selected does not).
+# only if it runs (a pyenv shim for a version that is not selected does not). They run
+# every test but the `stress` ones (many threads and processes against the database
+# servers, minutes long), which test the servers and pybondi's SQL, not the interpreter,
+# and run once, on the main Python.
 EXTRA_PYTHONS := 3.12 3.13
 
 .PHONY: demo test check lint typecheck pytest pytest-extra bench clean
@@ -26,7 +29,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 pytest-extra:
 	@for version in $(EXTRA_PYTHONS); do \
@@ -37,11 +40,13 @@ pytest-extra:
 		done; \
 		if [ -z "$$python" ]; then echo "== Python $$version not found: skipped"; continue; fi; \
 		echo "== Python $$version: $$python"; \
-		$(MAKE) --no-print-directory VENV=.venv-$$version PYTHON=$$python pytest || exit 1; \
+		$(MAKE) --no-print-directory VENV=.venv-$$version PYTHON=$$python \
+			PYTEST_ARGS="-m 'not stress'" pytest || exit 1; \
 	done
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
+	$(VENV)/bin/python benchmarks/bench_persistence.py
 
 $(STAMP): pyproject.toml
 	@echo "== Installing pybondi and its dev tools into $(VENV) ($(PYTHON))"
