@@ -23,7 +23,7 @@ Every read and write is a sync function of a `Connection`; an async store runs i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
@@ -188,16 +188,24 @@ class SQLTransaction(Transaction):
         """Call `work` with records on this transaction's connection."""
         if self.connection is None:
             raise SessionError("This transaction is async: use `await transaction.arun(work)`.")
-        return work(SQLRecords(self.statements, self.connection, self))
+        return self._work(self.connection, work)
 
     async def arun(self, work: Callable[[Records], T]) -> T:
         """Run `work` on the async connection, without blocking the event loop."""
         if self.aconnection is None:
             raise SessionError("This transaction is sync: use `transaction.run(work)`.")
-        statements = self.statements
-        return await self.aconnection.run_sync(
-            lambda connection: work(SQLRecords(statements, connection, self))
-        )
+        return await self.aconnection.run_sync(self._work, work)
+
+    def _work(self, connection: Connection, work: Callable[[Records], T]) -> T:
+        # pybondi sends its statements on the driver's cursor (see SQLRecords), so tell
+        # SQLAlchemy that a transaction is under way, or its commit() would do nothing.
+        if not connection.in_transaction():
+            connection.begin()
+        records = SQLRecords(self.statements, connection, self)
+        try:
+            return work(records)
+        finally:
+            records.close()
 
     def commit(self) -> None:
         """COMMIT."""
@@ -241,9 +249,17 @@ class SQLTransaction(Transaction):
 
 
 class SQLRecords(TableRecords):
-    """Reads and writes on a sync `Connection`, with statements compiled once per store."""
+    """Reads and writes in one transaction, on the driver's cursor.
 
-    __slots__ = ("connection", "statements", "transaction")
+    pybondi's own statements are compiled once per store and sent on the DBAPI cursor of
+    the SQLAlchemy connection: SQLAlchemy's per-execution work cost more than the round
+    trip itself (see benchmarks/README.md). SQLAlchemy still owns the connection, the pool
+    and the transaction, its `before_cursor_execute` and `after_cursor_execute` events see
+    every statement (tracing tools rely on them), and driver errors reach you as
+    SQLAlchemy's exceptions, with broken connections invalidated.
+    """
+
+    __slots__ = ("_cursor", "connection", "observed", "statements", "transaction")
 
     def __init__(
         self, statements: _Statements, connection: Connection, transaction: SQLTransaction
@@ -251,16 +267,70 @@ class SQLRecords(TableRecords):
         self.statements = statements
         self.connection = connection
         self.transaction = transaction
+        self._cursor: Any = None
+        dispatch = connection.dispatch
+        self.observed = bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+
+    def close(self) -> None:
+        """Close the cursor, if one was opened."""
+        if self._cursor is not None:
+            self._cursor.close()
+
+    def _execute(self, query: _Query, values: Mapping[str, Any]) -> Any:
+        return self._send(query, query.parameters(values), many=False)
+
+    def _execute_many(self, query: _Query, rows: list[dict[str, Any]]) -> Any:
+        return self._send(query, [query.parameters(row) for row in rows], many=True)
+
+    def _send(self, query: _Query, parameters: Any, *, many: bool) -> Any:
+        connection = self.connection
+        if self._cursor is None:
+            self._cursor = connection.connection.cursor()
+        cursor = self._cursor
+        if self.observed:
+            connection.dispatch.before_cursor_execute(
+                connection, cursor, query.sql, parameters, None, many
+            )
+        try:
+            if many:
+                cursor.executemany(query.sql, parameters)
+            else:
+                cursor.execute(query.sql, parameters)
+        except self.statements.driver_error as error:
+            raise self._translated(error, query.sql, parameters, many) from error
+        if self.observed:
+            connection.dispatch.after_cursor_execute(
+                connection, cursor, query.sql, parameters, None, many
+            )
+        return cursor
+
+    def _translated(
+        self, error: Exception, sql: str, parameters: Any, many: bool
+    ) -> sa.exc.StatementError:
+        """The driver's error as SQLAlchemy would raise it, dropping a broken connection."""
+        dialect = self.connection.dialect
+        broken = dialect.is_disconnect(error, self.connection.connection, self._cursor)  # type: ignore[arg-type]
+        if broken:
+            self.connection.invalidate(error)
+        return sa.exc.DBAPIError.instance(
+            sql,
+            parameters,
+            error,
+            self.statements.driver_error,
+            connection_invalidated=broken,
+            dialect=dialect,
+            ismulti=many,
+        )
 
     def _writing(self) -> None:
-        if self.statements.begin_writes and not self.transaction.writing:
-            self.connection.exec_driver_sql(self.statements.begin_writes)
+        if self.statements.begin_writes is not None and not self.transaction.writing:
+            self._execute(self.statements.begin_writes, {})
         self.transaction.writing = True
 
     def read(self, stream: str) -> Record | None:
         """SELECT the aggregate's row."""
-        row = self.connection.execute(self.statements.read, {"s": stream}).first()
-        return None if row is None else Record(stream, row.version, row.type_version, row.data)
+        row = self._execute(self.statements.read, {"s": stream}).fetchone()
+        return None if row is None else Record(stream, *row)
 
     def read_row(self, table: sa.Table, key: str, id: Any) -> Mapping[str, Any] | None:
         """SELECT a row of the application's own table."""
@@ -308,20 +378,21 @@ class SQLRecords(TableRecords):
             "e": expected,
         }
         statement = statements.insert if expected == 0 else statements.update
-        if self.connection.execute(statement, values).rowcount == 1:
+        if self._execute(statement, values).rowcount == 1:
             return
         # A current (locking) read: under REPEATABLE READ a plain SELECT would show the
         # version this transaction started from, not the one that beat it.
-        actual = self.connection.execute(statements.current_version, {"s": stream}).scalar()
-        raise ConcurrencyError(stream, expected, actual)
+        row = self._execute(statements.current_version, {"s": stream}).fetchone()
+        raise ConcurrencyError(stream, expected, None if row is None else row[0])
 
     def append(self, events: Sequence[StoredEvent]) -> None:
         """Take the next positions from the log row (locking it until commit), then INSERT."""
         if not events:
             return
         self._writing()
-        last = self.statements.advance(self.connection, len(events))
-        first = last - len(events) + 1
+        statements = self.statements
+        first = self._advance(len(events)) - len(events) + 1
+        timestamp = statements.timestamp_in
         rows = [
             {
                 "position": first + offset,
@@ -330,28 +401,45 @@ class SQLRecords(TableRecords):
                 "type": event.type,
                 "type_version": event.schema,
                 "data": event.data,
-                "recorded_at": event.recorded_at.astimezone(UTC).replace(tzinfo=None),
+                "recorded_at": timestamp(event.recorded_at.astimezone(UTC).replace(tzinfo=None)),
             }
             for offset, event in enumerate(events)
         ]
-        self.connection.execute(self.statements.append, rows)
+        if len(rows) == 1:
+            self._execute(statements.append, rows[0])
+        else:
+            self._execute_many(statements.append, rows)
+
+    def _advance(self, count: int) -> int:
+        """Move the log's head by `count` positions, locking it; return the last one taken."""
+        statements = self.statements
+        if statements.lock_head is None:
+            return int(self._execute(statements.advance_head, {"n": count}).fetchone()[0])
+        last = int(self._execute(statements.lock_head, {}).fetchone()[0]) + count
+        self._execute(statements.move_head, {"p": last})
+        return last
 
     def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:
         """SELECT the stream's events after a version."""
-        rows = self.connection.execute(self.statements.read_stream, {"s": stream, "a": after})
-        return [_stored_event(row) for row in rows]
+        rows = self._execute(self.statements.read_stream, {"s": stream, "a": after}).fetchall()
+        return self._stored_events(rows)
 
     def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """SELECT the log after a position."""
-        rows = self.connection.execute(self.statements.read_log, {"a": after, "l": limit})
-        return [_stored_event(row) for row in rows]
+        rows = self._execute(self.statements.read_log, {"a": after, "l": limit}).fetchall()
+        return self._stored_events(rows)
+
+    def _stored_events(self, rows: list[tuple[Any, ...]]) -> list[StoredEvent]:
+        timestamp = self.statements.timestamp_out
+        return [
+            StoredEvent(stream, version, type, schema, data, position, timestamp(at))
+            for position, stream, version, type, schema, data, at in rows
+        ]
 
     def read_snapshot(self, stream: str) -> Snapshot | None:
         """SELECT the stream's snapshot."""
-        row = self.connection.execute(self.statements.read_snapshot, {"s": stream}).first()
-        if row is None:
-            return None
-        return Snapshot(stream, row.version, row.type_version, row.data)
+        row = self._execute(self.statements.read_snapshot, {"s": stream}).fetchone()
+        return None if row is None else Snapshot(stream, *row)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """INSERT or replace the stream's snapshot."""
@@ -362,19 +450,30 @@ class SQLRecords(TableRecords):
             "type_version": snapshot.schema,
             "data": snapshot.data,
         }
-        self.connection.execute(self.statements.write_snapshot, values)
+        self._execute(self.statements.write_snapshot, values)
 
 
-def _stored_event(row: sa.Row[Any]) -> StoredEvent:
-    return StoredEvent(
-        stream=row.stream,
-        version=row.version,
-        type=row.type,
-        schema=row.type_version,
-        data=row.data,
-        position=row.position,
-        recorded_at=row.recorded_at.replace(tzinfo=UTC),
-    )
+class _Query:
+    """A statement compiled once for a dialect: its SQL, and how to pass its parameters."""
+
+    __slots__ = ("fixed", "names", "sql")
+
+    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        # Drivers with positional placeholders (?, %s) take a tuple in this order.
+        self.names = tuple(compiled.positiontup or ()) if compiled.positional else None
+        # Values written into the statement itself, such as the 1 of `id == 1`.
+        binds = compiled.binds.items()
+        self.fixed = {name: bind.value for name, bind in binds if not bind.required}
+
+    def parameters(self, values: Mapping[str, Any]) -> Any:
+        """The values as the driver takes them."""
+        if self.fixed:
+            values = {**self.fixed, **values}
+        if self.names is None:
+            return values
+        return tuple(values[name] for name in self.names)
 
 
 class _TableStatements:
@@ -441,45 +540,78 @@ class _Statements:
             sa.Column("type_version", sa.Integer, nullable=False),
             sa.Column("data", text, nullable=False),
         )
-        self.begin_writes = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
+        self.dialect = dialect
+        self.driver_error: type[Exception] = dialect.loaded_dbapi.Error
+        self.begin_writes = (
+            _Query(sa.text("BEGIN IMMEDIATE"), dialect) if dialect.name == "sqlite" else None
+        )
+        # What the driver takes and gives for a timestamp: SQLAlchemy's own conversions
+        # (SQLite keeps timestamps as text), applied by hand since pybondi bypasses them.
+        stored_at = events.c.recorded_at.type.dialect_impl(dialect)
+        self.timestamp_in: Callable[[datetime], Any] = (
+            stored_at.bind_processor(dialect) or _unchanged
+        )
+        to_datetime: Callable[[Any], Any] = stored_at.result_processor(dialect, None) or _unchanged
+        self.timestamp_out: Callable[[Any], datetime] = lambda value: to_datetime(value).replace(
+            tzinfo=UTC
+        )
+
+        def compiled(statement: Any) -> _Query:
+            return _Query(statement, dialect)
+
         param = sa.bindparam
-        self.read = sa.select(
-            aggregates.c.version, aggregates.c.type_version, aggregates.c.data
-        ).where(aggregates.c.stream == param("s"))
-        self.current_version = (
-            sa.select(aggregates.c.version)
-            .where(aggregates.c.stream == param("s"))
-            .with_for_update(read=True)
+        stream_is = aggregates.c.stream == param("s")
+        self.read = compiled(
+            sa.select(aggregates.c.version, aggregates.c.type_version, aggregates.c.data).where(
+                stream_is
+            )
         )
-        # SQLAlchemy keeps the rowcount of an INSERT only when asked to.
-        self.insert = (
-            _insert_ignoring_duplicates(dialect, aggregates)
-            .values(stream=param("s"), version=param("v"), type_version=param("t"), data=param("d"))
-            .execution_options(preserve_rowcount=True)
+        self.current_version = compiled(
+            sa.select(aggregates.c.version).where(stream_is).with_for_update(read=True)
         )
-        self.update = (
+        self.insert = compiled(
+            _insert_ignoring_duplicates(dialect, aggregates).values(
+                stream=param("s"), version=param("v"), type_version=param("t"), data=param("d")
+            )
+        )
+        self.update = compiled(
             aggregates.update()
-            .where(aggregates.c.stream == param("s"), aggregates.c.version == param("e"))
+            .where(stream_is, aggregates.c.version == param("e"))
             .values(version=param("v"), type_version=param("t"), data=param("d"))
         )
-        self.append = events.insert()
-        self.read_stream = (
+        self.append = compiled(events.insert())
+        self.read_stream = compiled(
             sa.select(events)
             .where(events.c.stream == param("s"), events.c.version > param("a"))
             .order_by(events.c.version)
         )
-        self.read_log = (
+        self.read_log = compiled(
             sa.select(events)
             .where(events.c.position > param("a"))
             .order_by(events.c.position)
             .limit(param("l"))
         )
-        self.read_snapshot = sa.select(
-            snapshots.c.version, snapshots.c.type_version, snapshots.c.data
-        ).where(snapshots.c.stream == param("s"))
-        self.write_snapshot = _upsert(dialect, snapshots, ["version", "type_version", "data"])
-        self._advance = self._head_advance(dialect)
-        self.dialect = dialect
+        self.read_snapshot = compiled(
+            sa.select(snapshots.c.version, snapshots.c.type_version, snapshots.c.data).where(
+                snapshots.c.stream == param("s")
+            )
+        )
+        self.write_snapshot = compiled(
+            _upsert(dialect, snapshots, ["version", "type_version", "data"])
+        )
+        # The log's head moves in one statement where UPDATE..RETURNING exists; MariaDB
+        # locks the row with SELECT..FOR UPDATE first, then moves it.
+        log, head = self.log, self.log.c.id == 1
+        self.advance_head = compiled(
+            log.update()
+            .where(head)
+            .values(position=log.c.position + param("n"))
+            .returning(log.c.position)
+        )
+        self.lock_head: _Query | None = None
+        if not dialect.update_returning:
+            self.lock_head = compiled(sa.select(log.c.position).where(head).with_for_update())
+            self.move_head = compiled(log.update().where(head).values(position=param("p")))
         self.tables: dict[tuple[sa.Table, str, str], _TableStatements] = {}
 
     def for_table(self, table: sa.Table, key: str, version: str) -> _TableStatements:
@@ -490,34 +622,6 @@ class _Statements:
                 table, key, version, self.dialect
             )
         return found
-
-    def _head_advance(self, dialect: sa.Dialect) -> Callable[[Connection, int], int]:
-        log, head = self.log, self.log.c.id == 1
-        if dialect.update_returning:
-            advance = (
-                log.update()
-                .where(head)
-                .values(position=log.c.position + sa.bindparam("n"))
-                .returning(log.c.position)
-            )
-
-            def returning(connection: Connection, count: int) -> int:
-                return int(connection.execute(advance, {"n": count}).scalar_one())
-
-            return returning
-        lock = sa.select(log.c.position).where(head).with_for_update()
-        move = log.update().where(head).values(position=sa.bindparam("p"))
-
-        def lock_then_move(connection: Connection, count: int) -> int:
-            last = int(connection.execute(lock).scalar_one()) + count
-            connection.execute(move, {"p": last})
-            return last
-
-        return lock_then_move
-
-    def advance(self, connection: Connection, count: int) -> int:
-        """Move the log's head by `count` positions; return the last one taken."""
-        return self._advance(connection, count)
 
     def create(self, connection: Connection) -> None:
         """Create what is missing, and the log's one row."""
@@ -577,3 +681,7 @@ def _take_over_sqlite_transactions(engine: Engine) -> None:
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+
+
+def _unchanged(value: Any) -> Any:
+    return value
