@@ -54,6 +54,8 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
 
+# One encoder for every dumps: json.dumps with separators= would build a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _NATIVE = frozenset({str, int, float, bool, type(None)})
 _SEQUENCES = (list, tuple, set, frozenset)
 _NOT_NESTED = (Aggregate, Root)
@@ -298,8 +300,7 @@ class Registry:
     def dumps(self, obj: object) -> Serialized:
         """Store a registered object as compact JSON text, with its name and version."""
         shape = self._registered(type(obj))
-        data = json.dumps(self._encode(shape, obj), separators=(",", ":"), ensure_ascii=False)
-        return Serialized(shape.name, shape.version, data)
+        return Serialized(shape.name, shape.version, _JSON.encode(self._encode(shape, obj)))
 
     def loads(self, name: str, version: int, data: str | bytes, *, id: Any = None) -> Any:
         """Build the object that `dumps` stored, upcasting it first if `version` is older.
@@ -307,7 +308,7 @@ class Registry:
         `id` is required for aggregates (their root is not part of the data) and ignored
         for other classes.
         """
-        self._named(name)  # an unknown name is reported before the data is read
+        shape = self._named(name)  # an unknown name is reported before the data is read
         try:
             payload = json.loads(data)
         except (TypeError, ValueError) as exc:
@@ -315,7 +316,7 @@ class Registry:
                 f"Cannot load {short_repr(name)} version {version}: the data is not valid "
                 f"JSON ({exc}): {short_repr(data)}. Pass the text that dumps() produced."
             ) from exc
-        return self.decode(name, version, payload, id=id)
+        return self._decode(shape, version, payload, id)
 
     def encode(self, obj: object) -> dict[str, Any]:
         """The JSON-able payload of a registered object, without its name and version."""
@@ -323,7 +324,10 @@ class Registry:
 
     def decode(self, name: str, version: int, payload: dict[str, Any], *, id: Any = None) -> Any:
         """Build an object from the payload `encode` produced; see `loads`."""
-        shape = self._named(name)
+        return self._decode(self._named(name), version, payload, id)
+
+    def _decode(self, shape: _Shape, version: int, payload: Any, id: Any) -> Any:
+        name = shape.name
         if not isinstance(payload, dict):
             raise SerializationError(
                 f"Cannot load {name!r} version {version}: the data must be a JSON object, "
@@ -486,7 +490,8 @@ class Registry:
                 f"this registry has {shape.cls.__name__} at version {shape.version}. Upgrade "
                 f"this code before loading that data."
             )
-        payload = dict(payload)  # upcasters may edit it in place: never the caller's dict
+        if version < shape.version:
+            payload = dict(payload)  # upcasters may edit it in place: never the caller's dict
         for step in range(version, shape.version):
             upcaster = self._upcasters.get((shape.name, step))
             if upcaster is None:
