@@ -15,7 +15,7 @@ from pybondi import Aggregate, Event, Messagebus, Root, Session
 from pybondi.exceptions import ConcurrencyError, NotFound, SerializationError, UnknownMessageType
 from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
 from pybondi.serialization import Registry
-from pybondi.stores import Record, Store, StoredEvent
+from pybondi.stores import Record, Snapshot, Store, StoredEvent
 from tests.conftest import Driver
 
 # The domain -----------------------------------------------------------------------------
@@ -433,3 +433,94 @@ def test_old_states_are_upcast_on_load(driver: Driver, store: Store) -> None:
     with driver.session(session(accounts(store, types))) as unit:
         assert driver.io(unit.repository, "get", "a-1").balance == 8
     assert [(e.stream, e.version) for e in log(driver, store)] == [("bank.Account-a-1", 4)]
+
+
+# Found in review --------------------------------------------------------------------------
+
+
+def test_a_name_of_your_own_names_the_rows_and_still_loads(driver: Driver, store: Store) -> None:
+    with driver.session(session(StateRepository(store, Account, registry(), name="acct"))) as s:
+        s.add(Account(Root("a-1"), "ada"))
+    assert read(driver, StateRepository(store, Account, registry(), name="acct"), "a-1").owner
+    assert [e.stream for e in log(driver, store)] == []
+    with pytest.raises(NotFound):
+        read(driver, accounts(store), "a-1")  # another name: other rows
+
+
+def test_ids_differing_in_case_or_spaces_are_other_aggregates(driver: Driver, store: Store) -> None:
+    with driver.session(session(accounts(store))) as unit:
+        unit.add(Account(Root("ada"), "ada"))
+        unit.add(Account(Root("ada "), "spaced"))
+    for other in ("ADA", "Ada"):
+        with pytest.raises(NotFound):
+            read(driver, accounts(store), other)
+    assert read(driver, accounts(store), "ada ").owner == "spaced"
+
+
+def test_a_session_reads_what_was_committed_since_it_began(driver: Driver, store: Store) -> None:
+    # MariaDB's REPEATABLE READ would show the state as of the session's first read.
+    with driver.session(session(accounts(store))) as unit:
+        unit.add(Account(Root("x"), "ada"))
+        unit.add(Account(Root("y"), "bob"))
+    slow = accounts(store)
+    with driver.session(session(slow)):
+        driver.io(slow, "get", "x")
+        with driver.session(session(accounts(store))) as other:
+            driver.io(other.repository, "get", "y").deposit(5)
+        late = driver.io(slow, "get", "y")
+        assert (late.balance, slow.versions["y"]) == (5, 2)
+        late.deposit(1)
+    assert read(driver, accounts(store), "y").balance == 6
+
+
+def test_the_log_keeps_the_order_events_were_dispatched_in(driver: Driver, store: Store) -> None:
+    bus = Messagebus()
+    repository = accounts(store)
+
+    # a's deposit causes one on b, in a handler of the driver's kind.
+    if driver.name == "sync":
+
+        @bus.on(Deposited)
+        def mirror(event: Deposited) -> None:
+            if event.account == "a":
+                repository.get("b").deposit(event.amount)
+    else:
+
+        @bus.on(Deposited)
+        async def amirror(event: Deposited) -> None:
+            if event.account == "a":
+                (await repository.aget("b")).deposit(event.amount)
+
+    with driver.session(session(accounts(store))) as unit:
+        unit.add(Account(Root("b"), "bob"))  # b first in the identity map
+        unit.add(Account(Root("a"), "ada"))
+    with driver.session(session(repository, bus)):
+        driver.io(repository, "get", "b")
+        driver.io(repository, "get", "a").deposit(3)
+    assert [(e.stream, e.version) for e in log(driver, store)] == [
+        ("bank.Account-a", 2),  # the cause ...
+        ("bank.Account-b", 2),  # ... before its effect
+    ]
+
+
+def test_a_snapshot_that_does_not_load_is_skipped_for_the_events(
+    driver: Driver, store: Store
+) -> None:
+    with driver.session(session(ledgers(store, snapshot_every=2))) as unit:
+        ledger = Ledger("l-1")
+        unit.add(ledger)
+        ledger.deposit(1)
+        ledger.deposit(2)
+
+    def corrupt(records: Any) -> None:
+        records.write_snapshot(Snapshot("bank.Ledger-l-1", 2, 1, '{"balance": '))
+
+    transaction = driver.io(store, "begin")
+    if driver.name == "sync":
+        transaction.run(corrupt)
+    else:
+        driver.runner.run(transaction.arun(corrupt))  # type: ignore[union-attr]
+    driver.io(transaction, "commit")
+    driver.io(transaction, "close")
+    rebuilt = read(driver, ledgers(store, snapshot_every=2), "l-1")
+    assert (rebuilt.balance, rebuilt.applied) == (3, 2)

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -811,3 +814,249 @@ def test_errors_keep_builtin_bases(registry: Registry) -> None:
         registry.loads("Opened", 1, "{")
     with pytest.raises(LookupError):
         registry.loads("Nope", 1, "{}")
+
+
+# Plain classes must round-trip
+
+
+class Tracker(Event):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[str] = []  # not an __init__ parameter: could never be loaded back
+
+
+class Loose(Event):
+    def __init__(self, name: str, **extra: Any) -> None:
+        self.name = name
+        self.__dict__.update(extra)
+
+
+class Counter(Aggregate):
+    def __init__(self, id: int, total: int = 0) -> None:
+        self.root = Root(id)
+        self.total = total
+        self._cache: dict[str, int] = {}
+
+
+@pytest.mark.parametrize("call", ["dumps", "encode"])
+def test_a_plain_class_with_attributes_its_init_does_not_take_is_refused(call: str) -> None:
+    registry = Registry()
+    registry.register(Tracker)
+
+    with pytest.raises(
+        SerializationError,
+        match=r"Cannot encode Tracker \('Tracker'\): Tracker has attribute\(s\) 'seen' that its "
+        r"__init__ does not take.*make them __init__ parameters, or make Tracker a dataclass",
+    ):
+        getattr(registry, call)(Tracker("ann"))
+
+
+def test_a_plain_aggregate_with_attributes_its_init_does_not_take_is_refused() -> None:
+    registry = Registry()
+    registry.register(Counter)
+
+    with pytest.raises(SerializationError, match=r"Cannot encode Counter .*'_cache'"):
+        registry.dumps(Counter(1, 5))
+
+
+def test_a_nested_plain_class_with_extra_attributes_is_refused_with_its_path(
+    registry: Registry,
+) -> None:
+    event = Labelled(Label(text="a", since=date(2024, 1, 1)), [])
+    event.cause = SomethingHappened("why")
+    event.cause.extra = 1  # type: ignore[attr-defined]
+
+    with pytest.raises(
+        SerializationError,
+        match=r"field 'cause' of Labelled .*SomethingHappened has attribute\(s\) 'extra'",
+    ):
+        registry.dumps(event)
+
+
+def test_a_plain_class_whose_init_takes_kwargs_stores_every_attribute() -> None:
+    registry = Registry()
+    registry.register(Loose)
+
+    loaded = roundtrip(registry, Loose("ann", colour="red"))
+
+    assert (loaded.name, loaded.colour) == ("ann", "red")
+
+
+# Sets are stored in a stable order
+
+
+def test_sets_are_stored_sorted(registry: Registry) -> None:
+    event = dataclasses.replace(full_deposit(), seen=frozenset("qwertyuiop"), ids={OTHER, ACCOUNT})
+
+    payload = registry.encode(event)
+
+    assert payload["seen"] == sorted("qwertyuiop")
+    assert payload["ids"] == [str(ACCOUNT), str(OTHER)]
+    assert registry.encode(Holder({8, 1}))["item"] == [1, 8]  # {8, 1} iterates as 8, 1
+
+
+def test_sets_of_unsortable_values_are_stored_as_they_iterate(registry: Registry) -> None:
+    stored = registry.encode(Holder({1, "a", None}))["item"]
+
+    assert sorted(map(str, stored)) == ["1", "None", "a"]
+
+
+def test_the_same_set_gives_the_same_json_in_every_process() -> None:
+    script = (
+        "from pybondi import Event\n"
+        "from pybondi.serialization import Registry\n"
+        "class Tagged(Event):\n"
+        "    def __init__(self, tags: frozenset[str]) -> None:\n"
+        "        self.tags = tags\n"
+        "registry = Registry()\n"
+        "registry.register(Tagged)\n"
+        "print(registry.dumps(Tagged(frozenset('abcdefgh'))).data)\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+
+    assert outputs == {'{"tags":["a","b","c","d","e","f","g","h"]}\n'}
+
+
+# JSON-native fields are checked on decode
+
+
+@dataclass
+class Typed(Event):
+    amount: int
+    account: str
+    rate: float
+    active: bool
+    counts: list[int]
+    note: str | None = None
+
+
+TYPED = {"amount": 10, "account": "a-1", "rate": 0.5, "active": True, "counts": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "type_name"),
+    [
+        ("amount", "ten", "int"),
+        ("amount", True, "int"),
+        ("amount", 1.5, "int"),
+        ("account", {"id": 1}, "str"),
+        ("account", 7, "str"),
+        ("rate", "0.5", "float"),
+        ("rate", False, "float"),
+        ("active", 1, "bool"),
+        ("active", "yes", "bool"),
+        ("counts", ["a", None], r"list\[int\]"),
+        ("note", 3, r"str \| None"),
+    ],
+)
+def test_a_json_native_field_of_the_wrong_type_is_refused(
+    field: str, value: Any, type_name: str
+) -> None:
+    registry = Registry()
+    registry.register(Typed)
+
+    with pytest.raises(
+        SerializationError,
+        match=rf"Cannot build Typed \('Typed'\): field '{field}' holds .*not a valid "
+        rf"{type_name} \(expected .*, got .*\); payload .*'account'",
+    ):
+        registry.decode("Typed", 1, TYPED | {field: value})
+
+
+def test_an_int_is_accepted_for_a_float_field_as_a_float() -> None:
+    registry = Registry()
+    registry.register(Typed)
+
+    loaded = registry.loads("Typed", 1, json.dumps(TYPED | {"rate": 2}))
+
+    assert loaded == Typed(10, "a-1", 2.0, True, [1, 2])
+    assert type(loaded.rate) is float
+
+
+def test_a_plain_class_init_hint_is_checked(registry: Registry) -> None:
+    with pytest.raises(SerializationError, match=r"field 'message' holds 5, .*not a valid str"):
+        registry.loads("SomethingHappened", 1, '{"message":5}')
+
+
+# Values JSON cannot hold
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "shown"),
+    [
+        (float("nan"), "item", "nan"),
+        (float("inf"), "item", "inf"),
+        ({"a": [1.0, float("-inf")]}, "item.a", "-inf"),
+    ],
+)
+def test_nan_and_infinity_are_refused_by_dumps(
+    registry: Registry, value: Any, path: str, shown: str
+) -> None:
+    with pytest.raises(
+        SerializationError,
+        match=rf"Cannot encode field '{path}' of Holder \('Holder'\): {shown} is not valid JSON"
+        rf".*Decimal",
+    ):
+        registry.dumps(Holder(value))
+
+
+def test_json_nested_too_deeply_is_refused(registry: Registry) -> None:
+    data = '{"content":{"a":' + "[" * 100_000 + "]" * 100_000 + "}}"
+
+    with pytest.raises(
+        SerializationError,
+        match=r"Cannot load 'Bag' version 1: the data is nested too deeply .*: '\{\"content",
+    ):
+        registry.loads("Bag", 1, data)
+
+
+def deep_tree(depth: int) -> dict[str, Any]:
+    tree: dict[str, Any] = {"label": "leaf", "children": []}
+    for _ in range(depth):
+        tree = {"label": "node", "children": [tree]}
+    return tree
+
+
+def test_data_too_deep_to_build_is_refused(registry: Registry) -> None:
+    # Parses, but building a Tree takes a few calls per level.
+    data = json.dumps({"tree": deep_tree(300)})
+
+    with pytest.raises(SerializationError, match=r"Cannot load 'Planted' version 1: .*too deeply"):
+        registry.loads("Planted", 1, data)
+    with pytest.raises(SerializationError, match=r"Cannot load 'Planted' version 1: .*too deeply"):
+        registry.decode("Planted", 1, {"tree": deep_tree(2000)})
+
+
+# Upcasters never touch the caller's data
+
+
+def test_an_upcaster_editing_nested_data_does_not_change_the_callers_payload() -> None:
+    registry = Registry()
+    registry.register(Bag, version=2)
+
+    @registry.upcaster("Bag", from_version=1)
+    def tag(data: dict[str, Any]) -> dict[str, Any]:
+        data["content"]["tags"].append("upcast")
+        return data
+
+    payload = {"content": {"tags": ["old"]}}
+
+    loaded = registry.decode("Bag", 1, payload)
+
+    assert loaded.content == {"tags": ["old", "upcast"]}
+    assert payload == {"content": {"tags": ["old"]}}
+
+
+def test_decode_without_upcasting_copies_nothing(registry: Registry) -> None:
+    payload = {"content": {"tags": ["old"]}}
+
+    assert registry.decode("Bag", 1, payload).content is payload["content"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,10 +111,93 @@ def test_repository_outside_a_session_says_what_to_do() -> None:
         repository.get("a-1")
 
 
-def test_a_missing_driver_names_the_extra_to_install() -> None:
-    # asyncpg is a real PostgreSQL driver that pybondi does not install.
-    with pytest.raises(MissingDependency, match=r"pip install 'pybondi\[postgres\]'"):
+def test_a_driver_pybondi_does_not_ship_is_named_to_install() -> None:
+    # asyncpg is a real PostgreSQL driver, which none of pybondi's extras installs.
+    with pytest.raises(MissingDependency, match=r"pip install asyncpg$"):
         SQLStore("postgresql+asyncpg://localhost/test", asynchronous=True)
+
+
+def test_a_missing_driver_of_an_extra_names_the_extra() -> None:
+    # A fresh interpreter in which psycopg cannot be imported, as without pybondi[postgres].
+    script = """
+import sys
+sys.modules["psycopg"] = None
+from pybondi.stores import SQLStore
+try:
+    SQLStore("postgresql://localhost/test")
+except ImportError as error:
+    print(type(error).__name__, error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("MissingDependency")
+    assert "pip install 'pybondi[postgres]'" in result.stdout
+
+
+def test_an_sqlite_engine_of_your_own_is_refused_with_what_to_pass() -> None:
+    engine = sa.create_engine("sqlite://")
+    with pytest.raises(ValueError, match=r"pass its URL instead"):
+        SQLStore(engine)
+    engine.dispose()
+
+
+def test_workers_creating_the_tables_at_once_all_succeed(sql_backend: Backend) -> None:
+    prefix = f"race{uuid.uuid4().hex[:6]}_"
+    stores = [sql_backend.store(prefix=prefix) for _ in range(4)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def create(store: Store) -> None:
+        assert isinstance(store, SQLStore)
+        start.wait()
+        try:
+            store.create_tables()
+        except BaseException as failure:
+            failures.append(failure)
+
+    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert failures == []
+        assert stores[0].read_log() == []
+    finally:
+        for store in stores:
+            assert isinstance(store, SQLStore)
+            store.dispose()
+
+
+def test_rows_are_written_in_one_order_whatever_the_loading_order(
+    driver: Driver, sql_store: Store
+) -> None:
+    # Two sessions that lock the same rows in different orders could deadlock.
+    assert isinstance(sql_store, SQLStore)
+    engine = sql_store.engine
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    with driver.session(
+        Session(Messagebus(), StateRepository(sql_store, Account, registry()))
+    ) as s:
+        s.add(Account(Root("x"), "ada"))
+        s.add(Account(Root("y"), "bob"))
+    written: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.startswith("UPDATE") and "aggregates" in statement:
+            written.append(repr(parameters))
+
+    sa.event.listen(sync_engine, "before_cursor_execute", note)
+    repository = StateRepository(sql_store, Account, registry())
+    try:
+        with driver.session(Session(Messagebus(), repository)):
+            driver.io(repository, "get", "y").deposit(1)
+            driver.io(repository, "get", "x").deposit(1)
+    finally:
+        sa.event.remove(sync_engine, "before_cursor_execute", note)
+    assert len(written) == 2
+    assert "bank.Account-x" in written[0] and "bank.Account-y" in written[1]
 
 
 def test_pybondi_works_without_sqlalchemy_and_says_which_extra_to_install() -> None:

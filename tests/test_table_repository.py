@@ -119,3 +119,39 @@ def test_table_without_the_columns_or_store_without_sql_says_so() -> None:
     repository = accounts(MemoryStore(), good)
     with pytest.raises(TypeError, match="needs a SQL store"), Session(Messagebus(), repository):
         repository.get("a-1")
+
+
+def test_a_row_at_version_0_says_versions_start_at_1(
+    driver: Driver, sql_store: Store, table: sa.Table
+) -> None:
+    assert isinstance(sql_store, SQLStore)
+    row = {"id": "old", "owner": "ada", "balance": 1, "version": 0}
+    engine = sql_store.engine
+    if isinstance(engine, AsyncEngine):
+
+        async def insert() -> None:
+            async with engine.begin() as connection:
+                await connection.execute(table.insert().values(row))
+
+        driver.runner.run(insert())  # type: ignore[union-attr]
+    else:
+        with engine.begin() as connection:
+            connection.execute(table.insert().values(row))
+    with pytest.raises(ValueError, match=r"versions start at 1.*SET version = 1"):
+        read(driver, accounts(sql_store, table), "old")
+
+
+def test_a_loaded_aggregate_with_another_id_is_refused(
+    driver: Driver, sql_store: Store, table: sa.Table
+) -> None:
+    with driver.session(Session(Messagebus(), accounts(sql_store, table))) as unit:
+        unit.add(Account(Root("a-1"), "ada"))
+
+    def shouting(row: Mapping[str, Any]) -> Account:
+        return Account(Root(row["id"].upper()), row["owner"], row["balance"])
+
+    repository = TableRepository(
+        sql_store, Account, registry(), table, to_row=to_row, from_row=shouting
+    )
+    with pytest.raises(ValueError, match=r"root id is 'A-1'"):
+        read(driver, repository, "a-1")

@@ -143,10 +143,11 @@ class UnknownMessageType(SerializationError, LookupError):
 class MissingDependency(PybondiError, ImportError):
     """A backend needs a package that is not installed; the message names the extra."""
 
-    def __init__(self, package: str, extra: str, purpose: str) -> None:
+    def __init__(self, package: str, extra: str | None, purpose: str) -> None:
+        install = f"'pybondi[{extra}]'" if extra else package
         super().__init__(
             f"{purpose} needs the {package!r} package, which is not installed. "
-            f"Install it with: pip install 'pybondi[{extra}]'"
+            f"Install it with: pip install {install}"
         )
         self.package = package
         self.extra = extra

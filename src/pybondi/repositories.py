@@ -24,13 +24,14 @@ the logic is written once. On `rollback()` the identity map is emptied, so that 
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
 from pybondi.aggregate import Aggregate
-from pybondi.exceptions import NotFound, SessionError
+from pybondi.exceptions import NotFound, SerializationError, SessionError
 from pybondi.messages import Event
 from pybondi.repository import Repository
 from pybondi.serialization import Registry
@@ -45,6 +46,8 @@ from pybondi.stores.base import (
 )
 
 __all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository", "TableRepository"]
+
+logger = logging.getLogger("pybondi.repositories")
 
 A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
@@ -64,11 +67,13 @@ class StoreRepository(Repository[A]):
         self.storage = store
         self.aggregate_type = aggregate_type
         self.registry = registry
-        self.name = name or _registered_name(registry, aggregate_type)
+        # The stored rows are named after the aggregate type's registered name (or `name`),
+        # never its class name, so that renaming or moving the class loses nothing.
+        self.name = name or registry.name_of(aggregate_type)
         self.transaction: Transaction | None = None
         self.versions: dict[Any, int] = {}  # the stored version each aggregate was read at
         self.states: dict[Any, object] = {}  # its stored form, to tell if it changed
-        self.recorded: dict[Any, list[Event]] = {}
+        self.recorded: list[tuple[Any, Event]] = []  # in the order the session took them
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.name} on {self.storage!r}>"
@@ -101,6 +106,12 @@ class StoreRepository(Repository[A]):
     def _found(self, id: Any, loaded: A | None) -> A:
         if loaded is None:
             raise NotFound(self, id, self.name)
+        if loaded.root.id != id:
+            raise ValueError(
+                f"get({id!r}) loaded {self.stream(id)}, whose root id is {loaded.root.id!r}: "
+                f"the identity map would hold it under another id than the one asked for. "
+                f"Ask with the id as the aggregate holds it ({type(loaded.root.id).__name__})."
+            )
         self.add(loaded)
         return loaded
 
@@ -124,12 +135,16 @@ class StoreRepository(Repository[A]):
 
     def record(self, aggregate: A, events: Iterable[Event]) -> None:
         """Keep the events the session takes from an aggregate, to append on commit."""
-        self.recorded.setdefault(aggregate.root.id, []).extend(events)
+        id = aggregate.root.id
+        self.recorded.extend((id, event) for event in events)
 
-    def _pending(self, aggregate: A) -> list[Event]:
-        # Events still on the root were published outside a session, which never took
-        # them: they are the aggregate's too.
-        return [*self.recorded.get(aggregate.root.id, ()), *aggregate.root.events]
+    def _pending(self) -> list[tuple[Any, Event]]:
+        # Events still on a root were published outside a session, which never took
+        # them: they come after the ones the session took.
+        pending = list(self.recorded)
+        for id, aggregate in self.aggregates.items():
+            pending.extend((id, event) for event in aggregate.root.events)
+        return pending
 
     @abstractmethod
     def _save_aggregate(
@@ -141,18 +156,23 @@ class StoreRepository(Repository[A]):
         """
 
     def _save(self, records: Records) -> dict[Any, tuple[int, object]]:
+        # Each event takes the next version of its aggregate's stream, and its place in
+        # the log in the order the session dispatched it, cause before effect.
         stored: list[StoredEvent] = []
+        streams: dict[Any, list[StoredEvent]] = {}
+        for id, event in self._pending():
+            events = streams.setdefault(id, [])
+            version = self.versions.get(id, 0) + len(events) + 1
+            stored.append(self._stored(self.stream(id), version, event))
+            events.append(stored[-1])
         saved: dict[Any, tuple[int, object]] = {}
-        for id, aggregate in self.aggregates.items():
-            expected = self.versions.get(id, 0)
-            events = [
-                self._stored(self.stream(id), expected + number, event)
-                for number, event in enumerate(self._pending(aggregate), start=1)
-            ]
-            written = self._save_aggregate(records, aggregate, events, expected)
+        # Rows in one order, whatever order the aggregates were loaded in: two sessions
+        # writing the same rows then lock them in the same order, and cannot deadlock.
+        for id in sorted(self.aggregates, key=self.stream):
+            aggregate, expected = self.aggregates[id], self.versions.get(id, 0)
+            written = self._save_aggregate(records, aggregate, streams.get(id, []), expected)
             if written is not None:
                 saved[id] = written
-            stored += events
         # Events last, and for all aggregates at once: appending locks the log's head
         # until COMMIT, and it should be held for as short a time as possible.
         records.append(stored)
@@ -238,7 +258,7 @@ class StateRepository(StoreRepository[A]):
         self, store: Store, aggregate_type: type[A], registry: Registry, *, name: str | None = None
     ) -> None:
         super().__init__(store, aggregate_type, registry, name=name)
-        registry.version_of(aggregate_type)  # unregistered: the error says how to register
+        self.type_name = registry.name_of(aggregate_type)
 
     def _load(self, records: Records, id: Any) -> A | None:
         record = records.read(self.stream(id))
@@ -246,7 +266,7 @@ class StateRepository(StoreRepository[A]):
             return None
         data = record.data
         aggregate = self._loading(
-            id, "its state", lambda: self.registry.loads(self.name, record.schema, data, id=id)
+            id, "its state", lambda: self.registry.loads(self.type_name, record.schema, data, id=id)
         )
         self.versions[id], self.states[id] = record.version, data
         return aggregate  # type: ignore[no-any-return]
@@ -294,8 +314,8 @@ class EventSourcedRepository(StoreRepository[A]):
             )
         if snapshot_every is not None and snapshot_every < 1:
             raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}.")
-        if snapshot_every is not None:
-            registry.version_of(aggregate_type)  # snapshots need the state registered
+        # Snapshots store the state: its type must be registered (the error says how).
+        self.type_name = registry.name_of(aggregate_type) if snapshot_every else ""
         self.create: Callable[[Any], A] = create or aggregate_type
         self.snapshot_every = snapshot_every
 
@@ -327,11 +347,20 @@ class EventSourcedRepository(StoreRepository[A]):
         snapshot = records.read_snapshot(self.stream(id))
         if snapshot is None or snapshot.schema != self.registry.version_of(self.aggregate_type):
             return None
-        aggregate: A = self._loading(
-            id,
-            "its snapshot",
-            lambda: self.registry.loads(self.name, snapshot.schema, snapshot.data, id=id),
-        )
+        try:
+            aggregate: A = self.registry.loads(
+                self.type_name, snapshot.schema, snapshot.data, id=id
+            )
+        except SerializationError:
+            # A snapshot only saves time: one that does not load is skipped, not trusted,
+            # and the aggregate is rebuilt from its events.
+            logger.warning(
+                "Ignoring the snapshot of %s at version %d, which does not load",
+                self.stream(id),
+                snapshot.version,
+                exc_info=True,
+            )
+            return None
         self.versions[id] = snapshot.version
         return aggregate
 
@@ -400,16 +429,27 @@ class TableRepository(StoreRepository[A]):
         row = self._rows(records).read_row(self.table, self.id_column, id)
         if row is None:
             return None
+        version = row[self.version_column]
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f"{self.table.name} row {id!r} has version {version!r}: versions start at 1 "
+                f"(0 means a row not written yet). Give existing rows version 1, as in "
+                f"UPDATE {self.table.name} SET {self.version_column} = 1."
+            )
         aggregate = self._loading(id, "its row", lambda: self.from_row(row))
-        state = {key: value for key, value in row.items() if key != self.version_column}
-        self.versions[id], self.states[id] = row[self.version_column], state
+        # What to_row gives now, not the raw row: from_row may convert values (to aware
+        # datetimes, say) that would never compare equal to the row again.
+        self.versions[id], self.states[id] = version, self._state(aggregate)
         return aggregate
+
+    def _state(self, aggregate: A) -> dict[str, Any]:
+        return {**self.to_row(aggregate), self.id_column: aggregate.root.id}
 
     def _save_aggregate(
         self, records: Records, aggregate: A, events: list[StoredEvent], expected: int
     ) -> tuple[int, object] | None:
         id = aggregate.root.id
-        state = {**self.to_row(aggregate), self.id_column: id}
+        state = self._state(aggregate)
         if not events and state == self.states.get(id):
             return None
         version = _next_version(expected, events)
@@ -430,9 +470,3 @@ def _next_version(expected: int, events: list[StoredEvent]) -> int:
     A change without events still needs a new version, for the next writer's check.
     """
     return expected + max(1, len(events))
-
-
-def _registered_name(registry: Registry, aggregate_type: type) -> str:
-    return (
-        registry.name_of(aggregate_type) if aggregate_type in registry else aggregate_type.__name__
-    )

@@ -26,15 +26,19 @@ is not stored: repositories keep the id and pass it back with `loads(..., id=...
 Field values may be JSON natives, datetime, date, time, UUID, Decimal, Enum, tuples, sets
 and nested dataclasses, pydantic models or registered classes; the class's type hints say
 what to build back, and a hint that does not resolve leaves the JSON value as it is.
+Sets are stored sorted when their items allow it, so the same state gives the same JSON.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
+import math
 import operator
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -55,9 +59,11 @@ C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
 
 # One encoder for every dumps: json.dumps with separators= would build a new one per call.
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# allow_nan=False: NaN and Infinity are not JSON, and other readers refuse them.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _NATIVE = frozenset({str, int, float, bool, type(None)})
 _SEQUENCES = (list, tuple, set, frozenset)
+_SETS = (set, frozenset)
 _NOT_NESTED = (Aggregate, Root)
 _isoformat = operator.methodcaller("isoformat")
 _AS_TEXT: dict[type, Convert] = {datetime: _isoformat, date: _isoformat, time: _isoformat}
@@ -107,9 +113,11 @@ class _Shape:
     open: bool = False  # a plain __init__ with **kwargs accepts any field
     converters: dict[str, tuple[str, Convert]] | None = None  # built on first decode
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
+    loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
 
     def __post_init__(self) -> None:
         self.stored = (*self.fields, *self.late)
+        self.loadable = frozenset(self.stored) | ({"root"} if self.aggregate else set())
 
     @property
     def label(self) -> str:
@@ -181,7 +189,25 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(str(value))
 
 
-_PARSERS: dict[type, Convert] = {
+def _native(kind: type) -> Convert:
+    # JSON gives these types exactly, so one type() test is the fast path.
+    article = "an" if kind is int else "a"
+
+    def convert(value: Any) -> Any:
+        if type(value) is kind:
+            return value
+        # bool is an int to Python, but true is no number, so it is refused for int and float.
+        if isinstance(value, kind) and type(value) is not bool:
+            return value  # a subclass, such as a str Enum member in a payload given to decode()
+        if kind is float and type(value) is int:
+            return float(value)  # JSON has one number type: other writers store 2.0 as 2
+        raise TypeError(f"expected {article} {kind.__name__}, got {type(value).__name__}")
+
+    return convert
+
+
+_PARSERS: dict[type, Convert] = {native: _native(native) for native in (str, int, float, bool)}
+_PARSERS |= {
     datetime: _text(datetime.fromisoformat),
     date: _text(date.fromisoformat),
     time: _text(time.fromisoformat),
@@ -300,7 +326,12 @@ class Registry:
     def dumps(self, obj: object) -> Serialized:
         """Store a registered object as compact JSON text, with its name and version."""
         shape = self._registered(type(obj))
-        return Serialized(shape.name, shape.version, _JSON.encode(self._encode(shape, obj)))
+        payload = self._encode(shape, obj)
+        try:
+            data = _JSON.encode(payload)
+        except ValueError as exc:  # a NaN or an infinity: encode leaves floats as they are
+            raise _not_json(shape, payload, exc) from exc
+        return Serialized(shape.name, shape.version, data)
 
     def loads(self, name: str, version: int, data: str | bytes, *, id: Any = None) -> Any:
         """Build the object that `dumps` stored, upcasting it first if `version` is older.
@@ -316,7 +347,12 @@ class Registry:
                 f"Cannot load {short_repr(name)} version {version}: the data is not valid "
                 f"JSON ({exc}): {short_repr(data)}. Pass the text that dumps() produced."
             ) from exc
-        return self._decode(shape, version, payload, id)
+        except RecursionError as exc:
+            raise _too_deep(shape, version, data, exc) from None
+        try:
+            return self._decode(shape, version, payload, id, owned=True)
+        except RecursionError as exc:
+            raise _too_deep(shape, version, data, exc) from None
 
     def encode(self, obj: object) -> dict[str, Any]:
         """The JSON-able payload of a registered object, without its name and version."""
@@ -324,16 +360,21 @@ class Registry:
 
     def decode(self, name: str, version: int, payload: dict[str, Any], *, id: Any = None) -> Any:
         """Build an object from the payload `encode` produced; see `loads`."""
-        return self._decode(self._named(name), version, payload, id)
+        shape = self._named(name)
+        try:
+            return self._decode(shape, version, payload, id, owned=False)
+        except RecursionError as exc:
+            raise _too_deep(shape, version, payload, exc) from None
 
-    def _decode(self, shape: _Shape, version: int, payload: Any, id: Any) -> Any:
+    def _decode(self, shape: _Shape, version: int, payload: Any, id: Any, owned: bool) -> Any:
+        """Upcast and build; `owned` says the payload is ours (fresh from json.loads)."""
         name = shape.name
         if not isinstance(payload, dict):
             raise SerializationError(
                 f"Cannot load {name!r} version {version}: the data must be a JSON object, "
                 f"got {short_repr(payload)}. Pass what dumps() or encode() produced."
             )
-        return self._build(shape, self._upcast(shape, version, payload), id)
+        return self._build(shape, self._upcast(shape, version, payload, owned), id)
 
     def name_of(self, cls_or_instance: object) -> str:
         """The name a class, or the class of an instance, is registered under."""
@@ -434,6 +475,8 @@ class Registry:
         elif (attributes := getattr(obj, "__dict__", None)) is None:
             raise _Unsupported("it has no __dict__ to read fields from; make it a dataclass")
         else:
+            if not shape.open and not attributes.keys() <= shape.loadable:
+                raise _not_loadable(shape, attributes)
             items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
         encoded = {}
         for name, value in items:
@@ -451,7 +494,8 @@ class Registry:
         if kind in _AS_TEXT:
             return _AS_TEXT[kind](value)
         if isinstance(value, _SEQUENCES):
-            return [item if type(item) in _NATIVE else self._value(item) for item in value]
+            items = [item if type(item) in _NATIVE else self._value(item) for item in value]
+            return _sorted(items) if isinstance(value, _SETS) else items
         if isinstance(value, dict):
             return {self._key(k): self._value(v) for k, v in value.items()}
         if isinstance(value, _NOT_NESTED):
@@ -478,7 +522,9 @@ class Registry:
             )
         return encoded
 
-    def _upcast(self, shape: _Shape, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+    def _upcast(
+        self, shape: _Shape, version: int, payload: dict[str, Any], owned: bool
+    ) -> dict[str, Any]:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise SerializationError(
                 f"Cannot load {shape.name!r}: version must be an int >= 1, got "
@@ -490,8 +536,9 @@ class Registry:
                 f"this registry has {shape.cls.__name__} at version {shape.version}. Upgrade "
                 f"this code before loading that data."
             )
-        if version < shape.version:
-            payload = dict(payload)  # upcasters may edit it in place: never the caller's dict
+        if version < shape.version and not owned:
+            # Upcasters may edit it in place, nested lists and dicts too: never the caller's.
+            payload = copy.deepcopy(payload)
         for step in range(version, shape.version):
             upcaster = self._upcasters.get((shape.name, step))
             if upcaster is None:
@@ -589,7 +636,10 @@ class Registry:
         if origin is tuple:
             return _fixed_tuple([self._converter(arg) for arg in args])
         if origin is dict and len(args) == 2:
-            return _mapping(self._converter(args[0]), self._converter(args[1]))
+            # JSON object keys are always text: str keys need no check, and dict[str, Any]
+            # then needs no copy.
+            keys = None if args[0] is str else self._converter(args[0])
+            return _mapping(keys, self._converter(args[1]))
         return None  # Any, Literal, unions of several types...: the JSON value as is
 
     def _class_converter(self, cls: type) -> Convert | None:
@@ -662,3 +712,56 @@ def _run_upcaster(
             f"version {step}; an upcaster must return the upgraded payload dict."
         )
     return result
+
+
+def _sorted(items: list[Any]) -> list[Any]:
+    # A set iterates in hash order, which changes from one process to the next for text:
+    # sorted, the same state always gives the same JSON, and repositories see no change.
+    try:
+        return sorted(items)
+    except TypeError:  # mixed types, or dicts: no order to give them
+        return items
+
+
+def _not_loadable(shape: _Shape, attributes: dict[str, Any]) -> _Unsupported:
+    extra = sorted(attributes.keys() - shape.loadable)
+    cls = shape.cls.__name__
+    return _Unsupported(
+        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
+        f"take, so it could be stored but never loaded back; make them __init__ parameters, "
+        f"or make {cls} a dataclass"
+    )
+
+
+def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
+    """The first NaN or infinity in a payload, with the keys that lead to it."""
+    if type(value) is float:
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        found = (_non_finite(item, (*path, str(key))) for key, item in value.items())
+    elif isinstance(value, list):  # no index in the path: paths name fields, as in encode's
+        found = (_non_finite(item, path) for item in value)
+    else:
+        return None
+    return next((where for where in found if where is not None), None)
+
+
+def _not_json(shape: _Shape, payload: dict[str, Any], exc: ValueError) -> SerializationError:
+    found = _non_finite(payload)
+    if found is None:
+        return SerializationError(f"Cannot encode {shape.label}: {exc}.")
+    path, value = found
+    return SerializationError(
+        f"Cannot encode field {'.'.join(path)!r} of {shape.label}: {value!r} is not valid "
+        f"JSON, which has no NaN or infinity; store None for a missing number, or a Decimal, "
+        f"which is stored as text."
+    )
+
+
+def _too_deep(shape: _Shape, version: int, data: Any, exc: RecursionError) -> SerializationError:
+    # reprlib stops at a few levels, where repr() itself would recurse too deeply.
+    shown = short_repr(data) if isinstance(data, str | bytes) else reprlib.repr(data)
+    return SerializationError(
+        f"Cannot load {shape.name!r} version {version}: the data is nested too deeply to "
+        f"load ({exc}): {shown}. Store flatter values, or check where the data came from."
+    )

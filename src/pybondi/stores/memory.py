@@ -86,11 +86,14 @@ class MemoryTransaction(Transaction, Records):
 
     # Records ----------------------------------------------------------------------------
 
+    # Reads take the store's lock, so that they never see half of another's commit.
+
     def read(self, stream: str) -> Record | None:
         """The record as this transaction sees it."""
         if stream in self.writes:
             return self.writes[stream][0]
-        return self.store.records.get(stream)
+        with self.store.lock:
+            return self.store.records.get(stream)
 
     def write(self, record: Record, expected: int) -> None:
         """Buffer a record write after checking its version."""
@@ -110,16 +113,22 @@ class MemoryTransaction(Transaction, Records):
 
     def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:
         """Committed events of the stream, then this transaction's."""
-        events = [*self.store.streams.get(stream, ()), *self.appended]
+        with self.store.lock:
+            events = [*self.store.streams.get(stream, ()), *self.appended]
         return [e for e in events if e.stream == stream and e.version > after]
 
     def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Committed events of the log (positions start at 1)."""
-        return self.store.log[after : after + limit]
+        after = max(after, 0)
+        with self.store.lock:
+            return self.store.log[after : after + limit]
 
     def read_snapshot(self, stream: str) -> Snapshot | None:
         """The latest snapshot, this transaction's first."""
-        return self.snapshots.get(stream) or self.store.snapshots.get(stream)
+        if stream in self.snapshots:
+            return self.snapshots[stream]
+        with self.store.lock:
+            return self.store.snapshots.get(stream)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """Buffer a snapshot."""

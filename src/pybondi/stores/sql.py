@@ -22,6 +22,7 @@ Every read and write is a sync function of a `Connection`; an async store runs i
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -56,14 +57,18 @@ _DRIVERS = {
     "mysql": ("pymysql", "aiomysql"),
     "mariadb": ("pymysql", "aiomysql"),
 }
+# The extra that installs each driver pybondi chooses; other drivers are yours to install.
 _EXTRAS = {
     "aiosqlite": "sqlite",
     "psycopg": "postgres",
-    "asyncpg": "postgres",
-    "psycopg2": "postgres",
     "pymysql": "mariadb",
     "aiomysql": "mariadb",
-    "greenlet": "sqlite",
+}
+_BACKEND_EXTRAS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgres",
+    "mysql": "mariadb",
+    "mariadb": "mariadb",
 }
 _STREAM_LENGTH = 255
 
@@ -88,6 +93,7 @@ class SQLStore(Store):
         prefix: str = "pybondi_",
         **engine_options: Any,
     ) -> None:
+        made = isinstance(engine, str | sa.URL)
         if isinstance(engine, str | sa.URL):
             engine = _create_engine(sa.make_url(engine), asynchronous, engine_options)
         assert isinstance(engine, Engine | AsyncEngine)
@@ -95,6 +101,13 @@ class SQLStore(Store):
         self.is_async = isinstance(engine, AsyncEngine)
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if sync_engine.dialect.name == "sqlite":
+            if not made:
+                # Taking over its transactions would change the engine for its other users.
+                raise ValueError(
+                    f"SQLStore manages SQLite transactions itself, which would change how "
+                    f"your engine {sync_engine.url} behaves elsewhere: pass its URL instead "
+                    f"(and engine options as keywords), as in SQLStore('{sync_engine.url}')."
+                )
             _take_over_sqlite_transactions(sync_engine)
         self.metadata = sa.MetaData(schema=schema)
         self.statements = _Statements(self.metadata, prefix, sync_engine.dialect)
@@ -126,19 +139,34 @@ class SQLStore(Store):
     # Tables -----------------------------------------------------------------------------
 
     def create_tables(self) -> None:
-        """Create the tables that do not exist yet, and the log's row."""
+        """Create the tables that do not exist yet, and the log's row.
+
+        Workers that start together may all call it: another one creating the same
+        tables at the same moment makes the first attempt fail, and the second find them.
+        """
         if isinstance(self.engine, AsyncEngine):
             raise SessionError(f"{self!r} is async: use `await store.acreate_tables()`.")
-        with self.engine.begin() as connection:
-            self.statements.create(connection)
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as connection:
+                    self.statements.create(connection)
+                return
+            except sa.exc.DBAPIError:
+                if attempt:
+                    raise
 
     async def acreate_tables(self) -> None:
         """`create_tables` for async stores."""
         if not isinstance(self.engine, AsyncEngine):
-            self.create_tables()
-            return
-        async with self.engine.begin() as connection:
-            await connection.run_sync(self.statements.create)
+            raise SessionError(f"{self!r} is sync: use `store.create_tables()`.")
+        for attempt in range(2):
+            try:
+                async with self.engine.begin() as connection:
+                    await connection.run_sync(self.statements.create)
+                return
+            except sa.exc.DBAPIError:
+                if attempt:
+                    raise
 
     def drop_tables(self) -> None:
         """Drop the tables, and everything in them."""
@@ -187,13 +215,19 @@ class SQLTransaction(Transaction):
     def run(self, work: Callable[[Records], T]) -> T:
         """Call `work` with records on this transaction's connection."""
         if self.connection is None:
-            raise SessionError("This transaction is async: use `await transaction.arun(work)`.")
+            raise SessionError(
+                "This store is async: use the async path (`async with Session(...)`, "
+                "`await repository.aget(id)`, `await transaction.arun(work)`)."
+            )
         return self._work(self.connection, work)
 
     async def arun(self, work: Callable[[Records], T]) -> T:
         """Run `work` on the async connection, without blocking the event loop."""
         if self.aconnection is None:
-            raise SessionError("This transaction is sync: use `transaction.run(work)`.")
+            raise SessionError(
+                "This store is sync: use the sync path (`with Session(...)`, "
+                "`repository.get(id)`, `transaction.run(work)`)."
+            )
         return await self.aconnection.run_sync(self._work, work)
 
     def _work(self, connection: Connection, work: Callable[[Records], T]) -> T:
@@ -322,6 +356,15 @@ class SQLRecords(TableRecords):
             ismulti=many,
         )
 
+    def _written(self, query: _Query, values: Mapping[str, Any]) -> bool:
+        """Run an INSERT or a version-checked UPDATE; tell whether it wrote its row."""
+        try:
+            return bool(self._execute(query, values).rowcount == 1)
+        except sa.exc.IntegrityError as error:
+            if not self.statements.is_duplicate(error):
+                raise
+            return False
+
     def _writing(self) -> None:
         if self.statements.begin_writes is not None and not self.transaction.writing:
             self._execute(self.statements.begin_writes, {})
@@ -352,11 +395,16 @@ class SQLRecords(TableRecords):
         self._writing()
         statements = self.statements.for_table(table, key, version_column)
         row = {**values, version_column: version}
-        if expected == 0:
-            written = self.connection.execute(statements.insert, row).rowcount
-        else:
-            where = {"pybondi_id": values[key], "pybondi_expected": expected}
-            written = self.connection.execute(statements.update, {**row, **where}).rowcount
+        try:
+            if expected == 0:
+                written = self.connection.execute(statements.insert, row).rowcount
+            else:
+                where = {"pybondi_id": values[key], "pybondi_expected": expected}
+                written = self.connection.execute(statements.update, {**row, **where}).rowcount
+        except sa.exc.IntegrityError as error:
+            if not self.statements.is_duplicate(error):
+                raise
+            written = 0
         if written != 1:
             actual = self.connection.execute(statements.version, {"id": values[key]}).scalar()
             raise ConcurrencyError(f"{table.name} {values[key]!r}", expected, actual)
@@ -377,8 +425,7 @@ class SQLRecords(TableRecords):
             "d": record.data,
             "e": expected,
         }
-        statement = statements.insert if expected == 0 else statements.update
-        if self._execute(statement, values).rowcount == 1:
+        if self._written(statements.insert if expected == 0 else statements.update, values):
             return
         # A current (locking) read: under REPEATABLE READ a plain SELECT would show the
         # version this transaction started from, not the one that beat it.
@@ -505,7 +552,11 @@ class _Statements:
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
         text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
         timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-        stream = sa.String(_STREAM_LENGTH)
+        # Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA'
+        # and 'ada ' one aggregate.
+        stream = sa.String(_STREAM_LENGTH).with_variant(
+            mysql.VARCHAR(_STREAM_LENGTH, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+        )
         self.aggregates = aggregates = sa.Table(
             f"{prefix}aggregates",
             metadata,
@@ -520,7 +571,7 @@ class _Statements:
             sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("stream", stream, nullable=False),
             sa.Column("version", sa.Integer, nullable=False),
-            sa.Column("type", sa.String(255), nullable=False),
+            sa.Column("type", stream, nullable=False),
             sa.Column("type_version", sa.Integer, nullable=False),
             sa.Column("data", text, nullable=False),
             sa.Column("recorded_at", timestamp, nullable=False),
@@ -623,6 +674,17 @@ class _Statements:
             )
         return found
 
+    def is_duplicate(self, error: sa.exc.IntegrityError) -> bool:
+        """Whether an INSERT failed only because its row exists (MariaDB/MySQL: 1062).
+
+        PostgreSQL and SQLite INSERT with ON CONFLICT DO NOTHING instead. MariaDB's INSERT
+        IGNORE would do that too, but it also turns truncated values, NULLs in NOT NULL
+        columns and broken foreign keys into warnings; a duplicate key error there undoes
+        the statement only, and the transaction goes on.
+        """
+        code = getattr(error.orig, "args", ())[:1]
+        return self.dialect.name in ("mysql", "mariadb") and code == (1062,)
+
     def create(self, connection: Connection) -> None:
         """Create what is missing, and the log's one row."""
         self.aggregates.metadata.create_all(connection)
@@ -631,14 +693,15 @@ class _Statements:
 
 
 def _insert_ignoring_duplicates(dialect: sa.Dialect, table: sa.Table) -> Any:
-    """An INSERT that, on a duplicate key, inserts nothing and leaves the transaction usable."""
+    """An INSERT that, on a duplicate key, inserts nothing and leaves the transaction usable.
+
+    On MariaDB and MySQL, a plain INSERT whose duplicate key error is caught.
+    """
     if dialect.name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     if dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
-    # MariaDB/MySQL: IGNORE also turns truncation into a warning, which is why stream
-    # names are checked for length before they get here.
-    return table.insert().prefix_with("IGNORE")
+    return table.insert()  # MariaDB/MySQL: see _Statements.is_duplicate
 
 
 def _upsert(dialect: sa.Dialect, table: sa.Table, columns: list[str]) -> Any:
@@ -659,14 +722,29 @@ def _create_engine(
     if not driver and backend in _DRIVERS:
         driver = _DRIVERS[backend][asynchronous]
         url = url.set(drivername=f"{backend}+{driver}")
+    if backend in ("mysql", "mariadb"):
+        # MariaDB's default, REPEATABLE READ, would show a session the state of an
+        # aggregate as of the session's first read, not its latest commit, and make it
+        # fail its version check where the other databases let it commit. The version
+        # checks, not the isolation level, keep writes safe.
+        options = {"isolation_level": "READ COMMITTED", **options}
+    if asynchronous:
+        _require("greenlet", _BACKEND_EXTRAS.get(backend), "An async store")
     try:
         if asynchronous:
             return create_async_engine(url, **options)
         return sa.create_engine(url, **options)
     except ModuleNotFoundError as missing:
         package = (missing.name or driver).partition(".")[0]
-        extra = _EXTRAS.get(package, "all")
-        raise MissingDependency(package, extra, f"A {backend} store") from missing
+        raise MissingDependency(package, _EXTRAS.get(package), f"A {backend} store") from missing
+
+
+def _require(package: str, extra: str | None, purpose: str) -> None:
+    """Fail now, naming the extra, rather than at the first query."""
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as missing:
+        raise MissingDependency(package, extra, purpose) from missing
 
 
 def _take_over_sqlite_transactions(engine: Engine) -> None:
