@@ -116,6 +116,11 @@ def write_raw(
             transaction_records.write(record, 0)
         transaction_records.append(events)
 
+    in_transaction(driver, store, work)
+
+
+def in_transaction(driver: Driver, store: Store, work: Any) -> None:
+    """Run `work` with the records of a transaction of its own, and commit."""
     transaction = driver.io(store, "begin")
     try:
         if driver.name == "sync":
@@ -515,12 +520,6 @@ def test_a_snapshot_that_does_not_load_is_skipped_for_the_events(
     def corrupt(records: Any) -> None:
         records.write_snapshot(Snapshot("bank.Ledger-l-1", 2, 1, '{"balance": '))
 
-    transaction = driver.io(store, "begin")
-    if driver.name == "sync":
-        transaction.run(corrupt)
-    else:
-        driver.runner.run(transaction.arun(corrupt))  # type: ignore[union-attr]
-    driver.io(transaction, "commit")
-    driver.io(transaction, "close")
+    in_transaction(driver, store, corrupt)
     rebuilt = read(driver, ledgers(store, snapshot_every=2), "l-1")
     assert (rebuilt.balance, rebuilt.applied) == (3, 2)

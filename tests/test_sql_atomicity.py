@@ -39,11 +39,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pybondi import Aggregate, Event, Messagebus, Root, Session
+from pybondi import Messagebus, Root, Session
 from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
-from pybondi.serialization import Registry
 from pybondi.stores import SQLStore
 from tests.backends import Backend, unavailable
+from tests.counters import Counter, registry
 
 SERVERS = [
     pytest.param("sqlite", marks=pytest.mark.sqlite),
@@ -67,35 +67,7 @@ class Injected(Exception):
     """The failure the tests inject into a commit."""
 
 
-# The domain and the unit of work -----------------------------------------------------------
-
-
-@dataclass
-class Incremented(Event):
-    counter: str
-    value: int
-
-
-@dataclass(eq=False)
-class Counter(Aggregate):
-    root: Root
-    value: int = 0
-
-    def increment(self) -> None:
-        event = Incremented(self.root.id, self.value + 1)
-        self.apply(event)
-        self.root.publish(event)
-
-    def apply(self, event: Event) -> None:
-        if isinstance(event, Incremented):
-            self.value = event.value
-
-
-def registry() -> Registry:
-    made = Registry()
-    made.register(Counter, name="counters.Counter")
-    made.register(Incremented, name="counters.Incremented")
-    return made
+# The unit of work ---------------------------------------------------------------------------
 
 
 def stream(id: str) -> str:

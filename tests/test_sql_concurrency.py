@@ -35,17 +35,17 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from pybondi import Aggregate, Event, Messagebus, Root, Session
+from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import ConcurrencyError, NotFound
 from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
 from pybondi.serialization import Registry
 from pybondi.stores import SQLStore, Store, StoredEvent
 from tests.backends import Backend
+from tests.counters import Counter, registry
 
 SERVERS = [
     pytest.param("postgres", marks=pytest.mark.postgres),
@@ -57,37 +57,7 @@ BACKOFF = 0.003  # seconds: the first retry waits up to this long, later ones up
 JOIN_TIMEOUT = 300  # seconds: a writer still running by then is stuck, not slow
 
 
-# The domain -----------------------------------------------------------------------------
-
-
-@dataclass
-class Incremented(Event):
-    counter: str
-    value: int
-
-
-@dataclass(eq=False)
-class Counter(Aggregate):
-    """State-stored as `{"value": n}`, or event-sourced from its `Incremented` events."""
-
-    root: Root
-    value: int = 0
-
-    def increment(self) -> None:
-        event = Incremented(self.root.id, self.value + 1)
-        self.apply(event)
-        self.root.publish(event)
-
-    def apply(self, event: Event) -> None:
-        if isinstance(event, Incremented):
-            self.value = event.value
-
-
-def registry() -> Registry:
-    made = Registry()
-    made.register(Counter, name="counters.Counter")
-    made.register(Incremented, name="counters.Incremented")
-    return made
+# Repositories of counters --------------------------------------------------------------
 
 
 def state_repository(store: Store, types: Registry) -> StoreRepository[Counter]:
