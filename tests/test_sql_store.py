@@ -219,3 +219,73 @@ except ImportError as error:
     )
     assert result.stdout.startswith("MissingDependency")
     assert "pip install 'pybondi[sqlite]'" in result.stdout
+
+
+def test_cursor_listeners_get_sqlalchemy_s_execution_context(
+    driver: Driver, sql_store: Store
+) -> None:
+    # Tracing tools (OpenTelemetry, Sentry) keep their span on the context.
+    assert isinstance(sql_store, SQLStore)
+    engine = sql_store.engine
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    traced: list[str] = []
+
+    def start(_conn: Any, _cursor: Any, statement: str, _p: Any, context: Any, _m: Any) -> None:
+        context.span = statement.split(maxsplit=1)[0]
+
+    def end(_conn: Any, _cursor: Any, _s: str, _p: Any, context: Any, _m: Any) -> None:
+        traced.append(context.span)
+
+    sa.event.listen(sync_engine, "before_cursor_execute", start)
+    sa.event.listen(sync_engine, "after_cursor_execute", end)
+    try:
+        with driver.session(
+            Session(Messagebus(), StateRepository(sql_store, Account, registry()))
+        ) as unit:
+            unit.add(Account(Root("a-1"), "ada"))
+    finally:
+        sa.event.remove(sync_engine, "before_cursor_execute", start)
+        sa.event.remove(sync_engine, "after_cursor_execute", end)
+    assert "INSERT" in traced
+
+
+def test_hide_parameters_hides_them_in_errors(sql_backend: Backend) -> None:
+    store = SQLStore(
+        sql_backend.store().engine.url,  # type: ignore[attr-defined]
+        schema=sql_backend.namespace,
+        prefix=f"missing{uuid.uuid4().hex[:6]}_",  # tables never created
+        hide_parameters=True,
+    )
+    repository = StateRepository(store, Account, registry())
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as caught, Session(Messagebus(), repository):
+            repository.get("secret-id")
+        assert "secret-id" not in str(caught.value)
+    finally:
+        store.dispose()
+
+
+def test_engines_that_would_break_the_promises_are_refused() -> None:
+    url = "postgresql+psycopg://localhost/test"
+    with pytest.raises(ValueError, match="AUTOCOMMIT"):
+        SQLStore(sa.create_engine(url, isolation_level="AUTOCOMMIT"))
+    with pytest.raises(ValueError, match="AUTOCOMMIT"):
+        SQLStore(sa.create_engine(url).execution_options(isolation_level="AUTOCOMMIT"))
+    translated = sa.create_engine(url, execution_options={"schema_translate_map": {None: "x"}})
+    with pytest.raises(ValueError, match=r"schema_translate_map.*schema="):
+        SQLStore(translated)
+
+
+def test_your_own_transactions_on_a_sqlite_store_s_engine_roll_back(tmp_path: Any) -> None:
+    store = SQLStore(f"sqlite:///{tmp_path / 'own.db'}")
+    store.create_tables()
+    engine = store.engine
+    assert isinstance(engine, sa.Engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE notes (text VARCHAR(20))")
+    with pytest.raises(RuntimeError), engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO notes VALUES ('lost')")
+        raise RuntimeError("roll back")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
+    store.dispose()

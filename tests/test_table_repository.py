@@ -26,7 +26,7 @@ def table(sql_store: Store, driver: Driver) -> Iterator[sa.Table]:
         f"accounts_{uuid.uuid4().hex[:8]}",
         sa.MetaData(schema=sql_store.metadata.schema),
         sa.Column("id", sa.String(50), primary_key=True),
-        sa.Column("owner", sa.String(100), nullable=False),
+        sa.Column("owner", sa.String(100), nullable=False, unique=True),
         sa.Column("balance", sa.Integer, nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
     )
@@ -155,3 +155,16 @@ def test_a_loaded_aggregate_with_another_id_is_refused(
     )
     with pytest.raises(ValueError, match=r"root id is 'A-1'"):
         read(driver, repository, "a-1")
+
+
+def test_another_unique_column_is_an_integrity_error_not_a_conflict(
+    driver: Driver, sql_store: Store, table: sa.Table
+) -> None:
+    with driver.session(Session(Messagebus(), accounts(sql_store, table))) as unit:
+        unit.add(Account(Root("a-1"), "ada"))
+    # Retrying a ConcurrencyError would never help here: the owner is taken.
+    with (
+        pytest.raises(sa.exc.IntegrityError),
+        driver.session(Session(Messagebus(), accounts(sql_store, table))) as unit,
+    ):
+        unit.add(Account(Root("a-2"), "ada"))

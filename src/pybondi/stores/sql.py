@@ -71,6 +71,11 @@ _BACKEND_EXTRAS = {
     "mariadb": "mariadb",
 }
 _STREAM_LENGTH = 255
+_CREATE_ATTEMPTS = 3
+# Marks a SQLite connection whose transaction pybondi begins itself (see below).
+_OWN_SQLITE_CONNECTION = {"pybondi_reads_outside": True}
+# SQLAlchemy drops the row count of an INSERT unless asked to keep it.
+_KEEP_ROWCOUNT = {"preserve_rowcount": True}
 
 
 class SQLStore(Store):
@@ -109,6 +114,8 @@ class SQLStore(Store):
                     f"(and engine options as keywords), as in SQLStore('{sync_engine.url}')."
                 )
             _take_over_sqlite_transactions(sync_engine)
+        if not made:
+            _check_engine(sync_engine)
         self.metadata = sa.MetaData(schema=schema)
         self.statements = _Statements(self.metadata, prefix, sync_engine.dialect)
 
@@ -141,31 +148,31 @@ class SQLStore(Store):
     def create_tables(self) -> None:
         """Create the tables that do not exist yet, and the log's row.
 
-        Workers that start together may all call it: another one creating the same
-        tables at the same moment makes the first attempt fail, and the second find them.
+        Workers that start together may all call it: tables are created IF NOT EXISTS,
+        and an attempt that still collides with another worker's is tried again.
         """
         if isinstance(self.engine, AsyncEngine):
             raise SessionError(f"{self!r} is async: use `await store.acreate_tables()`.")
-        for attempt in range(2):
+        for attempt in range(_CREATE_ATTEMPTS):
             try:
                 with self.engine.begin() as connection:
                     self.statements.create(connection)
                 return
             except sa.exc.DBAPIError:
-                if attempt:
+                if attempt == _CREATE_ATTEMPTS - 1:
                     raise
 
     async def acreate_tables(self) -> None:
         """`create_tables` for async stores."""
         if not isinstance(self.engine, AsyncEngine):
             raise SessionError(f"{self!r} is sync: use `store.create_tables()`.")
-        for attempt in range(2):
+        for attempt in range(_CREATE_ATTEMPTS):
             try:
                 async with self.engine.begin() as connection:
                     await connection.run_sync(self.statements.create)
                 return
             except sa.exc.DBAPIError:
-                if attempt:
+                if attempt == _CREATE_ATTEMPTS - 1:
                     raise
 
     def drop_tables(self) -> None:
@@ -234,6 +241,8 @@ class SQLTransaction(Transaction):
         # pybondi sends its statements on the driver's cursor (see SQLRecords), so tell
         # SQLAlchemy that a transaction is under way, or its commit() would do nothing.
         if not connection.in_transaction():
+            if self.statements.begin_writes is not None:
+                connection.execution_options(**_OWN_SQLITE_CONNECTION)
             connection.begin()
         records = SQLRecords(self.statements, connection, self)
         try:
@@ -302,8 +311,15 @@ class SQLRecords(TableRecords):
         self.connection = connection
         self.transaction = transaction
         self._cursor: Any = None
+        # Anyone watching this connection's statements (cursor or error events, tracing
+        # tools, echo) gets them through SQLAlchemy's own execution, with its context.
         dispatch = connection.dispatch
-        self.observed = bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+        self.observed = bool(
+            dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+            or connection.dialect.dispatch.handle_error
+            or connection.engine.echo
+        )
 
     def close(self) -> None:
         """Close the cursor, if one was opened."""
@@ -318,13 +334,11 @@ class SQLRecords(TableRecords):
 
     def _send(self, query: _Query, parameters: Any, *, many: bool) -> Any:
         connection = self.connection
+        if self.observed:
+            return connection.exec_driver_sql(query.sql, parameters, _KEEP_ROWCOUNT)
         if self._cursor is None:
             self._cursor = connection.connection.cursor()
         cursor = self._cursor
-        if self.observed:
-            connection.dispatch.before_cursor_execute(
-                connection, cursor, query.sql, parameters, None, many
-            )
         try:
             if many:
                 cursor.executemany(query.sql, parameters)
@@ -332,25 +346,26 @@ class SQLRecords(TableRecords):
                 cursor.execute(query.sql, parameters)
         except self.statements.driver_error as error:
             raise self._translated(error, query.sql, parameters, many) from error
-        if self.observed:
-            connection.dispatch.after_cursor_execute(
-                connection, cursor, query.sql, parameters, None, many
-            )
         return cursor
 
     def _translated(
         self, error: Exception, sql: str, parameters: Any, many: bool
     ) -> sa.exc.StatementError:
         """The driver's error as SQLAlchemy would raise it, dropping a broken connection."""
-        dialect = self.connection.dialect
-        broken = dialect.is_disconnect(error, self.connection.connection, self._cursor)  # type: ignore[arg-type]
+        connection = self.connection
+        dialect = connection.dialect
+        broken = dialect.is_disconnect(error, connection.connection, self._cursor)  # type: ignore[arg-type]
         if broken:
-            self.connection.invalidate(error)
+            # As SQLAlchemy does: the server is likely gone for the pool's other idle
+            # connections too.
+            connection.invalidate(error)
+            connection.engine.pool.dispose()
         return sa.exc.DBAPIError.instance(
             sql,
             parameters,
             error,
             self.statements.driver_error,
+            hide_parameters=connection.engine.hide_parameters,
             connection_invalidated=broken,
             dialect=dialect,
             ismulti=many,
@@ -395,6 +410,7 @@ class SQLRecords(TableRecords):
         self._writing()
         statements = self.statements.for_table(table, key, version_column)
         row = {**values, version_column: version}
+        duplicate: sa.exc.IntegrityError | None = None
         try:
             if expected == 0:
                 written = self.connection.execute(statements.insert, row).rowcount
@@ -404,9 +420,11 @@ class SQLRecords(TableRecords):
         except sa.exc.IntegrityError as error:
             if not self.statements.is_duplicate(error):
                 raise
-            written = 0
+            written, duplicate = 0, error
         if written != 1:
             actual = self.connection.execute(statements.version, {"id": values[key]}).scalar()
+            if duplicate is not None and actual is None:
+                raise duplicate  # another unique column, not the id: not a version conflict
             raise ConcurrencyError(f"{table.name} {values[key]!r}", expected, actual)
 
     def write(self, record: Record, expected: int) -> None:
@@ -686,21 +704,30 @@ class _Statements:
         return self.dialect.name in ("mysql", "mariadb") and code == (1062,)
 
     def create(self, connection: Connection) -> None:
-        """Create what is missing, and the log's one row."""
-        self.aggregates.metadata.create_all(connection)
+        """Create what is missing, and the log's one row, even with others doing the same."""
+        for table in self.aggregates.metadata.sorted_tables:
+            connection.execute(sa.schema.CreateTable(table, if_not_exists=True))
         if connection.execute(sa.select(self.log.c.id)).first() is None:
-            connection.execute(self.log.insert().values(id=1, position=0))
+            try:
+                connection.execute(
+                    _insert_ignoring_duplicates(self.dialect, self.log).values(id=1, position=0)
+                )
+            except sa.exc.IntegrityError as error:
+                if not self.is_duplicate(error):
+                    raise
 
 
 def _insert_ignoring_duplicates(dialect: sa.Dialect, table: sa.Table) -> Any:
-    """An INSERT that, on a duplicate key, inserts nothing and leaves the transaction usable.
+    """An INSERT that, on a duplicate primary key, inserts nothing; the transaction goes on.
 
-    On MariaDB and MySQL, a plain INSERT whose duplicate key error is caught.
+    Any other constraint it breaks is still an error. On MariaDB and MySQL it is a plain
+    INSERT whose duplicate key error the caller catches.
     """
+    key = [column.name for column in table.primary_key.columns]
     if dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=key)
     if dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=key)
     return table.insert()  # MariaDB/MySQL: see _Statements.is_duplicate
 
 
@@ -747,6 +774,26 @@ def _require(package: str, extra: str | None, purpose: str) -> None:
         raise MissingDependency(package, extra, purpose) from missing
 
 
+def _check_engine(engine: Engine) -> None:
+    """Refuse engine settings under which a session could not keep its promises."""
+    options = engine.get_execution_options()
+    # create_engine(isolation_level=...) is kept on the dialect, not in the options.
+    level = options.get("isolation_level") or getattr(
+        engine.dialect, "_on_connect_isolation_level", None
+    )
+    if level == "AUTOCOMMIT":
+        raise ValueError(
+            f"Engine {engine.url} runs in AUTOCOMMIT: each statement of a session would "
+            f"commit on its own, and a failed session would leave half its writes. Pass an "
+            f"engine with transactions (READ COMMITTED, say)."
+        )
+    if options.get("schema_translate_map"):
+        raise ValueError(
+            f"Engine {engine.url} has a schema_translate_map, which pybondi's precompiled "
+            f"statements would not follow: pass SQLStore(..., schema=...) instead."
+        )
+
+
 def _take_over_sqlite_transactions(engine: Engine) -> None:
     """Let pybondi, not Python's sqlite3 module, decide when SQLite transactions begin.
 
@@ -759,6 +806,13 @@ def _take_over_sqlite_transactions(engine: Engine) -> None:
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin_for_others(connection: Connection) -> None:
+        # Other users of the store's engine (your own queries, create_tables) get the
+        # usual transactions: SQLAlchemy's documented recipe for pysqlite.
+        if not connection.get_execution_options().get("pybondi_reads_outside"):
+            connection.exec_driver_sql("BEGIN")
 
 
 def _unchanged(value: Any) -> Any:
