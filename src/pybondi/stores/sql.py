@@ -23,28 +23,26 @@ Every read and write is a sync function of a `Connection`; an async store runs i
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
+from pybondi.exceptions import MissingDependency, SessionError
 from pybondi.stores.base import (
-    Record,
     Records,
-    Snapshot,
     Store,
-    StoredEvent,
-    TableRecords,
     Transaction,
 )
 
 try:
     import sqlalchemy as sa
-    from sqlalchemy.dialects import mysql, postgresql, sqlite
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependency("sqlalchemy", "sqlite", "pybondi.stores.sql") from missing
+
+# After the check above, which names the extra to install when SQLAlchemy is missing.
+from pybondi.stores._sqlrecords import SQLRecords
+from pybondi.stores._sqlstatements import Statements
 
 __all__ = ["SQLStore", "SQLTransaction"]
 
@@ -70,12 +68,9 @@ _BACKEND_EXTRAS = {
     "mysql": "mariadb",
     "mariadb": "mariadb",
 }
-_STREAM_LENGTH = 255
 _CREATE_ATTEMPTS = 3
 # Marks a SQLite connection whose transaction pybondi begins itself (see below).
 _OWN_SQLITE_CONNECTION = {"pybondi_reads_outside": True}
-# SQLAlchemy drops the row count of an INSERT unless asked to keep it.
-_KEEP_ROWCOUNT = {"preserve_rowcount": True}
 
 
 class SQLStore(Store):
@@ -117,7 +112,7 @@ class SQLStore(Store):
         if not made:
             _check_engine(sync_engine)
         self.metadata = sa.MetaData(schema=schema)
-        self.statements = _Statements(self.metadata, prefix, sync_engine.dialect)
+        self.statements = Statements(self.metadata, prefix, sync_engine.dialect)
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -210,7 +205,7 @@ class SQLTransaction(Transaction):
 
     def __init__(
         self,
-        statements: _Statements,
+        statements: Statements,
         connection: Connection | None,
         aconnection: AsyncConnection | None,
     ) -> None:
@@ -291,457 +286,6 @@ class SQLTransaction(Transaction):
             self.close()
 
 
-class SQLRecords(TableRecords):
-    """Reads and writes in one transaction, on the driver's cursor.
-
-    pybondi's own statements are compiled once per store and sent on the DBAPI cursor of
-    the SQLAlchemy connection: SQLAlchemy's per-execution work cost more than the round
-    trip itself (see benchmarks/README.md). SQLAlchemy still owns the connection, the pool
-    and the transaction, its `before_cursor_execute` and `after_cursor_execute` events see
-    every statement (tracing tools rely on them), and driver errors reach you as
-    SQLAlchemy's exceptions, with broken connections invalidated.
-    """
-
-    __slots__ = ("_cursor", "connection", "observed", "statements", "transaction")
-
-    def __init__(
-        self, statements: _Statements, connection: Connection, transaction: SQLTransaction
-    ) -> None:
-        self.statements = statements
-        self.connection = connection
-        self.transaction = transaction
-        self._cursor: Any = None
-        # Anyone watching this connection's statements (cursor or error events, tracing
-        # tools, echo) gets them through SQLAlchemy's own execution, with its context.
-        dispatch = connection.dispatch
-        self.observed = bool(
-            dispatch.before_cursor_execute
-            or dispatch.after_cursor_execute
-            or connection.dialect.dispatch.handle_error
-            or connection.engine.echo
-        )
-
-    def close(self) -> None:
-        """Close the cursor, if one was opened."""
-        if self._cursor is not None:
-            self._cursor.close()
-
-    def _execute(self, query: _Query, values: Mapping[str, Any]) -> Any:
-        return self._send(query, query.parameters(values), many=False)
-
-    def _execute_many(self, query: _Query, rows: list[dict[str, Any]]) -> Any:
-        return self._send(query, [query.parameters(row) for row in rows], many=True)
-
-    def _send(self, query: _Query, parameters: Any, *, many: bool) -> Any:
-        connection = self.connection
-        if self.observed:
-            return connection.exec_driver_sql(query.sql, parameters, _KEEP_ROWCOUNT)
-        if self._cursor is None:
-            self._cursor = connection.connection.cursor()
-        cursor = self._cursor
-        try:
-            if many:
-                cursor.executemany(query.sql, parameters)
-            else:
-                cursor.execute(query.sql, parameters)
-        except self.statements.driver_error as error:
-            raise self._translated(error, query.sql, parameters, many) from error
-        return cursor
-
-    def _translated(
-        self, error: Exception, sql: str, parameters: Any, many: bool
-    ) -> sa.exc.StatementError:
-        """The driver's error as SQLAlchemy would raise it, dropping a broken connection."""
-        connection = self.connection
-        dialect = connection.dialect
-        broken = dialect.is_disconnect(error, connection.connection, self._cursor)  # type: ignore[arg-type]
-        if broken:
-            # As SQLAlchemy does: the server is likely gone for the pool's other idle
-            # connections too.
-            connection.invalidate(error)
-            connection.engine.pool.dispose()
-        return sa.exc.DBAPIError.instance(
-            sql,
-            parameters,
-            error,
-            self.statements.driver_error,
-            hide_parameters=connection.engine.hide_parameters,
-            connection_invalidated=broken,
-            dialect=dialect,
-            ismulti=many,
-        )
-
-    def _written(self, query: _Query, values: Mapping[str, Any]) -> bool:
-        """Run an INSERT or a version-checked UPDATE; tell whether it wrote its row."""
-        try:
-            return bool(self._execute(query, values).rowcount == 1)
-        except sa.exc.IntegrityError as error:
-            if not self.statements.is_duplicate(error):
-                raise
-            return False
-
-    def _writing(self) -> None:
-        if self.statements.begin_writes is not None and not self.transaction.writing:
-            self._execute(self.statements.begin_writes, {})
-        self.transaction.writing = True
-
-    def read(self, stream: str) -> Record | None:
-        """SELECT the aggregate's row."""
-        row = self._execute(self.statements.read, {"s": stream}).fetchone()
-        return None if row is None else Record(stream, *row)
-
-    def read_row(self, table: sa.Table, key: str, id: Any) -> Mapping[str, Any] | None:
-        """SELECT a row of the application's own table."""
-        statement = self.statements.for_table(table, key, "").read
-        row = self.connection.execute(statement, {"id": id}).mappings().first()
-        return None if row is None else dict(row)
-
-    def write_row(
-        self,
-        table: sa.Table,
-        values: Mapping[str, Any],
-        key: str,
-        *,
-        version_column: str,
-        version: int,
-        expected: int,
-    ) -> None:
-        """INSERT or version-checked UPDATE of a row of the application's own table."""
-        self._writing()
-        statements = self.statements.for_table(table, key, version_column)
-        row = {**values, version_column: version}
-        duplicate: sa.exc.IntegrityError | None = None
-        try:
-            if expected == 0:
-                written = self.connection.execute(statements.insert, row).rowcount
-            else:
-                where = {"pybondi_id": values[key], "pybondi_expected": expected}
-                written = self.connection.execute(statements.update, {**row, **where}).rowcount
-        except sa.exc.IntegrityError as error:
-            if not self.statements.is_duplicate(error):
-                raise
-            written, duplicate = 0, error
-        if written != 1:
-            actual = self.connection.execute(statements.version, {"id": values[key]}).scalar()
-            if duplicate is not None and actual is None:
-                raise duplicate  # another unique column, not the id: not a version conflict
-            raise ConcurrencyError(f"{table.name} {values[key]!r}", expected, actual)
-
-    def write(self, record: Record, expected: int) -> None:
-        """INSERT a new row, or UPDATE the row still at `expected`; else ConcurrencyError."""
-        statements, stream = self.statements, record.stream
-        if len(stream) > _STREAM_LENGTH:
-            raise ValueError(
-                f"Stream names are at most {_STREAM_LENGTH} characters; {stream[:40]!r}... has "
-                f"{len(stream)}. Use a shorter aggregate id or registered name."
-            )
-        self._writing()
-        values = {
-            "s": stream,
-            "v": record.version,
-            "t": record.schema,
-            "d": record.data,
-            "e": expected,
-        }
-        if self._written(statements.insert if expected == 0 else statements.update, values):
-            return
-        # A current (locking) read: under REPEATABLE READ a plain SELECT would show the
-        # version this transaction started from, not the one that beat it.
-        row = self._execute(statements.current_version, {"s": stream}).fetchone()
-        raise ConcurrencyError(stream, expected, None if row is None else row[0])
-
-    def append(self, events: Sequence[StoredEvent]) -> None:
-        """Take the next positions from the log row (locking it until commit), then INSERT."""
-        if not events:
-            return
-        self._writing()
-        statements = self.statements
-        first = self._advance(len(events)) - len(events) + 1
-        timestamp = statements.timestamp_in
-        rows = [
-            {
-                "position": first + offset,
-                "stream": event.stream,
-                "version": event.version,
-                "type": event.type,
-                "type_version": event.schema,
-                "data": event.data,
-                "recorded_at": timestamp(event.recorded_at.astimezone(UTC).replace(tzinfo=None)),
-            }
-            for offset, event in enumerate(events)
-        ]
-        if len(rows) == 1:
-            self._execute(statements.append, rows[0])
-        else:
-            self._execute_many(statements.append, rows)
-
-    def _advance(self, count: int) -> int:
-        """Move the log's head by `count` positions, locking it; return the last one taken."""
-        statements = self.statements
-        if statements.lock_head is None:
-            return int(self._execute(statements.advance_head, {"n": count}).fetchone()[0])
-        last = int(self._execute(statements.lock_head, {}).fetchone()[0]) + count
-        self._execute(statements.move_head, {"p": last})
-        return last
-
-    def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:
-        """SELECT the stream's events after a version."""
-        rows = self._execute(self.statements.read_stream, {"s": stream, "a": after}).fetchall()
-        return self._stored_events(rows)
-
-    def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        """SELECT the log after a position."""
-        rows = self._execute(self.statements.read_log, {"a": after, "l": limit}).fetchall()
-        return self._stored_events(rows)
-
-    def _stored_events(self, rows: list[tuple[Any, ...]]) -> list[StoredEvent]:
-        timestamp = self.statements.timestamp_out
-        return [
-            StoredEvent(stream, version, type, schema, data, position, timestamp(at))
-            for position, stream, version, type, schema, data, at in rows
-        ]
-
-    def read_snapshot(self, stream: str) -> Snapshot | None:
-        """SELECT the stream's snapshot."""
-        row = self._execute(self.statements.read_snapshot, {"s": stream}).fetchone()
-        return None if row is None else Snapshot(stream, *row)
-
-    def write_snapshot(self, snapshot: Snapshot) -> None:
-        """INSERT or replace the stream's snapshot."""
-        self._writing()
-        values = {
-            "stream": snapshot.stream,
-            "version": snapshot.version,
-            "type_version": snapshot.schema,
-            "data": snapshot.data,
-        }
-        self._execute(self.statements.write_snapshot, values)
-
-
-class _Query:
-    """A statement compiled once for a dialect: its SQL, and how to pass its parameters."""
-
-    __slots__ = ("fixed", "names", "sql")
-
-    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
-        self.sql: str = compiled.string
-        # Drivers with positional placeholders (?, %s) take a tuple in this order.
-        self.names = tuple(compiled.positiontup or ()) if compiled.positional else None
-        # Values written into the statement itself, such as the 1 of `id == 1`.
-        binds = compiled.binds.items()
-        self.fixed = {name: bind.value for name, bind in binds if not bind.required}
-
-    def parameters(self, values: Mapping[str, Any]) -> Any:
-        """The values as the driver takes them."""
-        if self.fixed:
-            values = {**self.fixed, **values}
-        if self.names is None:
-            return values
-        return tuple(values[name] for name in self.names)
-
-
-class _TableStatements:
-    """The statements on one application table, built once."""
-
-    def __init__(self, table: sa.Table, key: str, version: str, dialect: sa.Dialect) -> None:
-        id_column = table.c[key]
-        self.read = sa.select(table).where(id_column == sa.bindparam("id"))
-        if not version:
-            return
-        version_column = table.c[version]
-        self.version = (
-            sa.select(version_column)
-            .where(id_column == sa.bindparam("id"))
-            .with_for_update(read=True)
-        )
-        self.insert = _insert_ignoring_duplicates(dialect, table).execution_options(
-            preserve_rowcount=True
-        )
-        self.update = table.update().where(
-            id_column == sa.bindparam("pybondi_id"),
-            version_column == sa.bindparam("pybondi_expected"),
-        )
-
-
-class _Statements:
-    """The tables and every statement on them, built once for one dialect."""
-
-    def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
-        text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-        timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-        # Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA'
-        # and 'ada ' one aggregate.
-        stream = sa.String(_STREAM_LENGTH).with_variant(
-            mysql.VARCHAR(_STREAM_LENGTH, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
-        )
-        self.aggregates = aggregates = sa.Table(
-            f"{prefix}aggregates",
-            metadata,
-            sa.Column("stream", stream, primary_key=True),
-            sa.Column("version", sa.Integer, nullable=False),
-            sa.Column("type_version", sa.Integer, nullable=False),
-            sa.Column("data", text),
-        )
-        self.events = events = sa.Table(
-            f"{prefix}events",
-            metadata,
-            sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
-            sa.Column("stream", stream, nullable=False),
-            sa.Column("version", sa.Integer, nullable=False),
-            sa.Column("type", stream, nullable=False),
-            sa.Column("type_version", sa.Integer, nullable=False),
-            sa.Column("data", text, nullable=False),
-            sa.Column("recorded_at", timestamp, nullable=False),
-            sa.UniqueConstraint("stream", "version", name=f"{prefix}events_stream_version"),
-        )
-        self.log = sa.Table(
-            f"{prefix}log",
-            metadata,
-            sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-            sa.Column("position", sa.BigInteger, nullable=False),
-        )
-        self.snapshots = snapshots = sa.Table(
-            f"{prefix}snapshots",
-            metadata,
-            sa.Column("stream", stream, primary_key=True),
-            sa.Column("version", sa.Integer, nullable=False),
-            sa.Column("type_version", sa.Integer, nullable=False),
-            sa.Column("data", text, nullable=False),
-        )
-        self.dialect = dialect
-        self.driver_error: type[Exception] = dialect.loaded_dbapi.Error
-        self.begin_writes = (
-            _Query(sa.text("BEGIN IMMEDIATE"), dialect) if dialect.name == "sqlite" else None
-        )
-        # What the driver takes and gives for a timestamp: SQLAlchemy's own conversions
-        # (SQLite keeps timestamps as text), applied by hand since pybondi bypasses them.
-        stored_at = events.c.recorded_at.type.dialect_impl(dialect)
-        self.timestamp_in: Callable[[datetime], Any] = (
-            stored_at.bind_processor(dialect) or _unchanged
-        )
-        to_datetime: Callable[[Any], Any] = stored_at.result_processor(dialect, None) or _unchanged
-        self.timestamp_out: Callable[[Any], datetime] = lambda value: to_datetime(value).replace(
-            tzinfo=UTC
-        )
-
-        def compiled(statement: Any) -> _Query:
-            return _Query(statement, dialect)
-
-        param = sa.bindparam
-        stream_is = aggregates.c.stream == param("s")
-        self.read = compiled(
-            sa.select(aggregates.c.version, aggregates.c.type_version, aggregates.c.data).where(
-                stream_is
-            )
-        )
-        self.current_version = compiled(
-            sa.select(aggregates.c.version).where(stream_is).with_for_update(read=True)
-        )
-        self.insert = compiled(
-            _insert_ignoring_duplicates(dialect, aggregates).values(
-                stream=param("s"), version=param("v"), type_version=param("t"), data=param("d")
-            )
-        )
-        self.update = compiled(
-            aggregates.update()
-            .where(stream_is, aggregates.c.version == param("e"))
-            .values(version=param("v"), type_version=param("t"), data=param("d"))
-        )
-        self.append = compiled(events.insert())
-        self.read_stream = compiled(
-            sa.select(events)
-            .where(events.c.stream == param("s"), events.c.version > param("a"))
-            .order_by(events.c.version)
-        )
-        self.read_log = compiled(
-            sa.select(events)
-            .where(events.c.position > param("a"))
-            .order_by(events.c.position)
-            .limit(param("l"))
-        )
-        self.read_snapshot = compiled(
-            sa.select(snapshots.c.version, snapshots.c.type_version, snapshots.c.data).where(
-                snapshots.c.stream == param("s")
-            )
-        )
-        self.write_snapshot = compiled(
-            _upsert(dialect, snapshots, ["version", "type_version", "data"])
-        )
-        # The log's head moves in one statement where UPDATE..RETURNING exists; MariaDB
-        # locks the row with SELECT..FOR UPDATE first, then moves it.
-        log, head = self.log, self.log.c.id == 1
-        self.advance_head = compiled(
-            log.update()
-            .where(head)
-            .values(position=log.c.position + param("n"))
-            .returning(log.c.position)
-        )
-        self.lock_head: _Query | None = None
-        if not dialect.update_returning:
-            self.lock_head = compiled(sa.select(log.c.position).where(head).with_for_update())
-            self.move_head = compiled(log.update().where(head).values(position=param("p")))
-        self.tables: dict[tuple[sa.Table, str, str], _TableStatements] = {}
-
-    def for_table(self, table: sa.Table, key: str, version: str) -> _TableStatements:
-        """The statements on an application table, built at first use."""
-        found = self.tables.get((table, key, version))
-        if found is None:
-            found = self.tables[table, key, version] = _TableStatements(
-                table, key, version, self.dialect
-            )
-        return found
-
-    def is_duplicate(self, error: sa.exc.IntegrityError) -> bool:
-        """Whether an INSERT failed only because its row exists (MariaDB/MySQL: 1062).
-
-        PostgreSQL and SQLite INSERT with ON CONFLICT DO NOTHING instead. MariaDB's INSERT
-        IGNORE would do that too, but it also turns truncated values, NULLs in NOT NULL
-        columns and broken foreign keys into warnings; a duplicate key error there undoes
-        the statement only, and the transaction goes on.
-        """
-        code = getattr(error.orig, "args", ())[:1]
-        return self.dialect.name in ("mysql", "mariadb") and code == (1062,)
-
-    def create(self, connection: Connection) -> None:
-        """Create what is missing, and the log's one row, even with others doing the same."""
-        for table in self.aggregates.metadata.sorted_tables:
-            connection.execute(sa.schema.CreateTable(table, if_not_exists=True))
-        if connection.execute(sa.select(self.log.c.id)).first() is None:
-            try:
-                connection.execute(
-                    _insert_ignoring_duplicates(self.dialect, self.log).values(id=1, position=0)
-                )
-            except sa.exc.IntegrityError as error:
-                if not self.is_duplicate(error):
-                    raise
-
-
-def _insert_ignoring_duplicates(dialect: sa.Dialect, table: sa.Table) -> Any:
-    """An INSERT that, on a duplicate primary key, inserts nothing; the transaction goes on.
-
-    Any other constraint it breaks is still an error. On MariaDB and MySQL it is a plain
-    INSERT whose duplicate key error the caller catches.
-    """
-    key = [column.name for column in table.primary_key.columns]
-    if dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=key)
-    if dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=key)
-    return table.insert()  # MariaDB/MySQL: see _Statements.is_duplicate
-
-
-def _upsert(dialect: sa.Dialect, table: sa.Table, columns: list[str]) -> Any:
-    """An INSERT that replaces `columns` of the row with the same primary key."""
-    if dialect.name in ("postgresql", "sqlite"):
-        module: Any = postgresql if dialect.name == "postgresql" else sqlite
-        statement = module.insert(table)
-        replaced = {name: statement.excluded[name] for name in columns}
-        return statement.on_conflict_do_update(index_elements=["stream"], set_=replaced)
-    statement = mysql.insert(table)
-    return statement.on_duplicate_key_update({name: statement.inserted[name] for name in columns})
-
-
 def _create_engine(
     url: sa.URL, asynchronous: bool, options: Mapping[str, Any]
 ) -> Engine | AsyncEngine:
@@ -813,7 +357,3 @@ def _take_over_sqlite_transactions(engine: Engine) -> None:
         # usual transactions: SQLAlchemy's documented recipe for pysqlite.
         if not connection.get_execution_options().get("pybondi_reads_outside"):
             connection.exec_driver_sql("BEGIN")
-
-
-def _unchanged(value: Any) -> Any:
-    return value
