@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import operator
-import re
 import reprlib
 import types
 import typing
@@ -45,15 +43,25 @@ from collections.abc import Callable
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar, overload
 from uuid import UUID
 
+from pybondi._shapes import (
+    PARSERS,
+    Convert,
+    Shape,
+    collection,
+    fixed_tuple,
+    is_pydantic,
+    make_shape,
+    mapping,
+    type_name,
+)
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
 
 __all__ = ["Registry", "Serialized"]
 
-Convert = Callable[[Any], Any]
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
@@ -97,170 +105,6 @@ class _Unsupported(Exception):
         self.why, self.path = why, list[str]()
 
 
-@dataclasses.dataclass(slots=True)
-class _Shape:
-    """What encode and decode do with one class, worked out once, when it is registered."""
-
-    cls: type[Any]
-    name: str  # the registered name, or the qualname of a nested unregistered class
-    version: int
-    kind: Literal["dataclass", "pydantic", "plain"]
-    aggregate: bool
-    fields: tuple[str, ...] = ()  # dataclass: its init fields; plain: its __init__ parameters
-    late: tuple[str, ...] = ()  # dataclass fields with init=False, set after construction
-    required: frozenset[str] = frozenset()
-    root_init: bool = False  # a dataclass aggregate whose __init__ takes root=
-    open: bool = False  # a plain __init__ with **kwargs accepts any field
-    converters: dict[str, tuple[str, Convert]] | None = None  # built on first decode
-    stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
-    loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
-
-    def __post_init__(self) -> None:
-        self.stored = (*self.fields, *self.late)
-        self.loadable = frozenset(self.stored) | ({"root"} if self.aggregate else set())
-
-    @property
-    def label(self) -> str:
-        return f"{self.cls.__name__} ({self.name!r})"
-
-
-def _is_pydantic(cls: type) -> bool:
-    # Duck-typed, so that pydantic stays an optional dependency.
-    return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
-
-
-def _make_shape(cls: type, name: str, version: int) -> _Shape:
-    aggregate = issubclass(cls, Aggregate)
-    if _is_pydantic(cls):
-        return _Shape(cls, name, version, "pydantic", aggregate)
-    if dataclasses.is_dataclass(cls):
-        every = dataclasses.fields(cls)
-        # An aggregate's root is never stored: repositories keep its id apart.
-        stored = [f for f in every if not (aggregate and f.name == "root")]
-        return _Shape(
-            cls,
-            name,
-            version,
-            "dataclass",
-            aggregate,
-            fields=tuple(f.name for f in stored if f.init),
-            late=tuple(f.name for f in stored if not f.init),
-            required=frozenset(
-                f.name
-                for f in stored
-                if f.init
-                and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING
-            ),
-            root_init=aggregate and any(f.name == "root" and f.init for f in every),
-        )
-    try:
-        parameters = list(inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):  # a signature Python cannot read: let the call decide
-        return _Shape(cls, name, version, "plain", aggregate, open=True)
-    if aggregate:
-        parameters = parameters[1:]  # the id, passed positionally
-    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return _Shape(
-        cls,
-        name,
-        version,
-        "plain",
-        aggregate,
-        fields=tuple(p.name for p in named),
-        required=frozenset(p.name for p in named if p.default is p.empty),
-        open=any(p.kind is p.VAR_KEYWORD for p in parameters),
-    )
-
-
-def _text(parse: Callable[[str], Any]) -> Convert:
-    def convert(value: Any) -> Any:
-        if not isinstance(value, str):
-            raise TypeError(f"expected text, got {type(value).__name__}")
-        return parse(value)
-
-    return convert
-
-
-def _decimal(value: Any) -> Decimal:
-    # Stored as text; a JSON number is accepted too, through str() so that 0.1 stays 0.1.
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise TypeError(f"expected text or a number, got {type(value).__name__}")
-    return Decimal(str(value))
-
-
-def _native(kind: type) -> Convert:
-    # JSON gives these types exactly, so one type() test is the fast path.
-    article = "an" if kind is int else "a"
-
-    def convert(value: Any) -> Any:
-        if type(value) is kind:
-            return value
-        # bool is an int to Python, but true is no number, so it is refused for int and float.
-        if isinstance(value, kind) and type(value) is not bool:
-            return value  # a subclass, such as a str Enum member in a payload given to decode()
-        if kind is float and type(value) is int:
-            return float(value)  # JSON has one number type: other writers store 2.0 as 2
-        raise TypeError(f"expected {article} {kind.__name__}, got {type(value).__name__}")
-
-    return convert
-
-
-_PARSERS: dict[type, Convert] = {native: _native(native) for native in (str, int, float, bool)}
-_PARSERS |= {
-    datetime: _text(datetime.fromisoformat),
-    date: _text(date.fromisoformat),
-    time: _text(time.fromisoformat),
-    UUID: _text(UUID),
-    Decimal: _decimal,
-}
-
-
-def _expect(value: Any, kind: type, what: str) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"expected a JSON {what}, got {short_repr(value, 60)}")
-
-
-def _collection(kind: type, inner: Convert | None) -> Convert | None:
-    if kind is list and inner is None:
-        return None  # JSON already gives a list
-
-    def convert(value: Any) -> Any:
-        _expect(value, list, "list")
-        return kind(value if inner is None else map(inner, value))
-
-    return convert
-
-
-def _fixed_tuple(inner: list[Convert | None]) -> Convert:
-    def convert(value: Any) -> Any:
-        _expect(value, list, "list")
-        if len(value) != len(inner):
-            raise ValueError(f"expected {len(inner)} items, got {len(value)}")
-        return tuple(v if c is None else c(v) for c, v in zip(inner, value, strict=True))
-
-    return convert
-
-
-def _mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
-    if keys is None and values is None:
-        return None
-
-    def convert(value: Any) -> Any:
-        _expect(value, dict, "object")
-        return {
-            k if keys is None else keys(k): v if values is None else values(v)
-            for k, v in value.items()
-        }
-
-    return convert
-
-
-def _type_name(hint: Any) -> str:
-    # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
-    return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
-
-
 class Registry:
     """Classes under stable names and versions, to store their instances as JSON.
 
@@ -271,9 +115,9 @@ class Registry:
     """
 
     def __init__(self) -> None:
-        self._by_name: dict[str, _Shape] = {}
-        self._by_class: dict[type, _Shape] = {}
-        self._nested: dict[type, _Shape] = {}  # unregistered dataclasses and models
+        self._by_name: dict[str, Shape] = {}
+        self._by_class: dict[type, Shape] = {}
+        self._nested: dict[type, Shape] = {}  # unregistered dataclasses and models
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
 
     @overload
@@ -366,7 +210,7 @@ class Registry:
         except RecursionError as exc:
             raise _too_deep(shape, version, payload, exc) from None
 
-    def _decode(self, shape: _Shape, version: int, payload: Any, id: Any, owned: bool) -> Any:
+    def _decode(self, shape: Shape, version: int, payload: Any, id: Any, owned: bool) -> Any:
         """Upcast and build; `owned` says the payload is ours (fresh from json.loads)."""
         name = shape.name
         if not isinstance(payload, dict):
@@ -420,12 +264,12 @@ class Registry:
                 f"cannot also register {callable_name(cls)} under it. Give one of them "
                 f"another name: registry.register({cls.__name__}, name=...)."
             )
-        shape = _make_shape(cls, name, version)
+        shape = make_shape(cls, name, version)
         if late := sorted(step for n, step in self._upcasters if n == name and step >= version):
             raise _late_upcaster(name, late, shape, self._upcasters[name, late[0]])
         self._by_name[name] = self._by_class[cls] = shape
 
-    def _registered(self, cls: type) -> _Shape:
+    def _registered(self, cls: type) -> Shape:
         shape = self._by_class.get(cls)
         if shape is None:
             raise UnknownMessageType(
@@ -434,7 +278,7 @@ class Registry:
             )
         return shape
 
-    def _named(self, name: str) -> _Shape:
+    def _named(self, name: str) -> Shape:
         shape = self._by_name.get(name) if isinstance(name, str) else None
         if shape is None:
             names = sorted(self._by_name)
@@ -447,21 +291,21 @@ class Registry:
             )
         return shape
 
-    def _shape_of(self, cls: type) -> _Shape | None:
+    def _shape_of(self, cls: type) -> Shape | None:
         """The shape of a registered class, or of a dataclass or model nested in one."""
         shape = self._by_class.get(cls) or self._nested.get(cls)
-        if shape is None and (dataclasses.is_dataclass(cls) or _is_pydantic(cls)):
-            shape = self._nested[cls] = _make_shape(cls, cls.__qualname__, 1)
+        if shape is None and (dataclasses.is_dataclass(cls) or is_pydantic(cls)):
+            shape = self._nested[cls] = make_shape(cls, cls.__qualname__, 1)
         return shape
 
-    def _encode(self, shape: _Shape, obj: object) -> dict[str, Any]:
+    def _encode(self, shape: Shape, obj: object) -> dict[str, Any]:
         try:
             return self._fields_of(shape, obj)
         except _Unsupported as exc:
             where = f"field {'.'.join(reversed(exc.path))!r} of " if exc.path else ""
             raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
 
-    def _fields_of(self, shape: _Shape, obj: Any) -> dict[str, Any]:
+    def _fields_of(self, shape: Shape, obj: Any) -> dict[str, Any]:
         if shape.kind == "pydantic":
             try:
                 dumped: dict[str, Any] = obj.model_dump(
@@ -523,7 +367,7 @@ class Registry:
         return encoded
 
     def _upcast(
-        self, shape: _Shape, version: int, payload: dict[str, Any], owned: bool
+        self, shape: Shape, version: int, payload: dict[str, Any], owned: bool
     ) -> dict[str, Any]:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise SerializationError(
@@ -550,7 +394,7 @@ class Registry:
             payload = _run_upcaster(upcaster, shape.name, step, payload)
         return payload
 
-    def _build(self, shape: _Shape, payload: Any, id: Any) -> Any:
+    def _build(self, shape: Shape, payload: Any, id: Any) -> Any:
         if not isinstance(payload, dict):
             raise SerializationError(
                 f"Cannot build {shape.label}: its data must be a JSON object, got "
@@ -575,7 +419,7 @@ class Registry:
             problem = f"{shape.cls.__name__}() raised {type(exc).__name__}: {exc}"
             raise _unfit(shape, payload, problem) from exc
 
-    def _check_fields(self, shape: _Shape, payload: dict[str, Any]) -> None:
+    def _check_fields(self, shape: Shape, payload: dict[str, Any]) -> None:
         problems = []
         if missing := sorted(shape.required.difference(payload)):
             problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
@@ -589,22 +433,22 @@ class Registry:
             )
             raise _unfit(shape, payload, " and ".join(problems), advice)
 
-    def _convert(self, shape: _Shape, payload: dict[str, Any]) -> dict[str, Any]:
+    def _convert(self, shape: Shape, payload: dict[str, Any]) -> dict[str, Any]:
         values = dict(payload)
-        for field, (type_name, convert) in self._converters(shape).items():
+        for field, (expected, convert) in self._converters(shape).items():
             if field in values:
                 try:
                     values[field] = convert(values[field])
                 except (TypeError, ValueError, ArithmeticError) as exc:
                     problem = (
                         f"field {field!r} holds {short_repr(values[field], 60)}, which is not "
-                        f"a valid {type_name} ({exc})"
+                        f"a valid {expected} ({exc})"
                     )
                     advice = "Fix the data, or convert it in an upcaster."
                     raise _unfit(shape, payload, problem, advice) from exc
         return values
 
-    def _converters(self, shape: _Shape) -> dict[str, tuple[str, Convert]]:
+    def _converters(self, shape: Shape) -> dict[str, tuple[str, Convert]]:
         # Built on first decode, not at registration, so that hints may name classes
         # defined after the decorated one.
         if shape.converters is None:
@@ -616,7 +460,7 @@ class Registry:
                 # annotations) leave every value as JSON gives it.
                 hints = {}
             shape.converters = {
-                field: (_type_name(hints[field]), convert)
+                field: (type_name(hints[field]), convert)
                 for field in shape.stored
                 if field in hints and (convert := self._converter(hints[field])) is not None
             }
@@ -632,31 +476,31 @@ class Registry:
             inner = self._converter(rest[0]) if len(rest) == 1 else None
             return None if inner is None else lambda value: None if value is None else inner(value)
         if origin in (list, set, frozenset) or (origin is tuple and args[1:] == (...,)):
-            return _collection(origin, self._converter(args[0]) if args else None)
+            return collection(origin, self._converter(args[0]) if args else None)
         if origin is tuple:
-            return _fixed_tuple([self._converter(arg) for arg in args])
+            return fixed_tuple([self._converter(arg) for arg in args])
         if origin is dict and len(args) == 2:
             # JSON object keys are always text: str keys need no check, and dict[str, Any]
             # then needs no copy.
             keys = None if args[0] is str else self._converter(args[0])
-            return _mapping(keys, self._converter(args[1]))
+            return mapping(keys, self._converter(args[1]))
         return None  # Any, Literal, unions of several types...: the JSON value as is
 
     def _class_converter(self, cls: type) -> Convert | None:
-        if cls in _PARSERS:
-            return _PARSERS[cls]
+        if cls in PARSERS:
+            return PARSERS[cls]
         if issubclass(cls, Enum):
             return cls
         if cls in (tuple, set, frozenset):
-            return _collection(cls, None)
+            return collection(cls, None)
         # Classes named by the code's own hints, never by the data, so this builds only
         # what the registered class declares.
-        if cls in self._by_class or dataclasses.is_dataclass(cls) or _is_pydantic(cls):
-            return lambda value: self._build(typing.cast(_Shape, self._shape_of(cls)), value, None)
+        if cls in self._by_class or dataclasses.is_dataclass(cls) or is_pydantic(cls):
+            return lambda value: self._build(typing.cast(Shape, self._shape_of(cls)), value, None)
         return None
 
     @staticmethod
-    def _construct(shape: _Shape, values: dict[str, Any], id: Any) -> Any:
+    def _construct(shape: Shape, values: dict[str, Any], id: Any) -> Any:
         if shape.kind == "plain":
             return shape.cls(id, **values) if shape.aggregate else shape.cls(**values)
         init = {name: values[name] for name in shape.fields if name in values}
@@ -681,13 +525,13 @@ def _check_version(version: object, what: str) -> None:
         raise error(f"{what} must be an int >= 1, got {short_repr(version)}.")
 
 
-def _unfit(shape: _Shape, payload: Any, problem: str, advice: str = "") -> SerializationError:
+def _unfit(shape: Shape, payload: Any, problem: str, advice: str = "") -> SerializationError:
     return SerializationError(
         f"Cannot build {shape.label}: {problem}; payload {short_repr(payload)}. {advice}".rstrip()
     )
 
 
-def _late_upcaster(name: str, steps: list[int], shape: _Shape, fn: object) -> ValueError:
+def _late_upcaster(name: str, steps: list[int], shape: Shape, fn: object) -> ValueError:
     return ValueError(
         f"Upcaster {callable_name(fn)} upgrades {name!r} from version {steps[0]}, but "
         f"{shape.cls.__name__} is registered at version {shape.version}: an upcaster "
@@ -723,7 +567,7 @@ def _sorted(items: list[Any]) -> list[Any]:
         return items
 
 
-def _not_loadable(shape: _Shape, attributes: dict[str, Any]) -> _Unsupported:
+def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
     extra = sorted(attributes.keys() - shape.loadable)
     cls = shape.cls.__name__
     return _Unsupported(
@@ -746,7 +590,7 @@ def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...]
     return next((where for where in found if where is not None), None)
 
 
-def _not_json(shape: _Shape, payload: dict[str, Any], exc: ValueError) -> SerializationError:
+def _not_json(shape: Shape, payload: dict[str, Any], exc: ValueError) -> SerializationError:
     found = _non_finite(payload)
     if found is None:
         return SerializationError(f"Cannot encode {shape.label}: {exc}.")
@@ -758,7 +602,7 @@ def _not_json(shape: _Shape, payload: dict[str, Any], exc: ValueError) -> Serial
     )
 
 
-def _too_deep(shape: _Shape, version: int, data: Any, exc: RecursionError) -> SerializationError:
+def _too_deep(shape: Shape, version: int, data: Any, exc: RecursionError) -> SerializationError:
     # reprlib stops at a few levels, where repr() itself would recurse too deeply.
     shown = short_repr(data) if isinstance(data, str | bytes) else reprlib.repr(data)
     return SerializationError(
