@@ -1,4 +1,4 @@
-"""Repositories on a store: state-stored and event-sourced, sync and async.
+"""Repositories on a store: state-stored, in your own table, or event-sourced; sync and async.
 
     registry = Registry()
     registry.register(Account, name="accounts.Account")
@@ -11,10 +11,11 @@
         session.execute(Deposit(account.id, 10))      # committed as one transaction
 
 `StateRepository` keeps each aggregate's state as a JSON document beside its version,
-and its events in the log. `EventSourcedRepository` keeps only events, rebuilds each
-aggregate from its stream (from a snapshot, if it has one), and calls its `apply(event)`.
+and its events in the log. `TableRepository` keeps it as a row of a SQL table of yours.
+`EventSourcedRepository` keeps only events, rebuilds each aggregate from its stream (from
+a snapshot, if it has one), and calls its `apply(event)`.
 
-Both open one store transaction per unit of work: `commit()` writes every changed
+All three open one store transaction per unit of work: `commit()` writes every changed
 aggregate, with its version checked, and every event its aggregates published, then
 commits; a stale version raises `ConcurrencyError` and nothing is written. Each step is
 a sync function of the transaction's records, which async stores run without blocking:
@@ -54,7 +55,7 @@ T = TypeVar("T")
 
 
 class StoreRepository(Repository[A]):
-    """What both kinds share: a transaction per unit of work, versions, recorded events.
+    """What every store repository shares: a transaction per unit of work, versions, events.
 
     Subclasses say how to load an aggregate from the records (`_load`) and what to write
     for a changed one (`_save_aggregate`); both are sync and run inside the transaction.
