@@ -6,7 +6,8 @@
 
 URLs without a driver get pybondi's: psycopg for PostgreSQL, PyMySQL (sync) or aiomysql
 (async) for MariaDB and MySQL, aiosqlite for async SQLite. An `Engine` or `AsyncEngine`
-you built yourself works too.
+you built yourself works too, with transactions (not AUTOCOMMIT) and without a
+`schema_translate_map`; for SQLite, whose transactions the store manages, pass the URL.
 
 Four tables, named with `prefix` (and in `schema`, if given): `aggregates` (one row per
 aggregate: its version, and its state if it is state-stored), `events`, `log` (one row:
@@ -27,11 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from pybondi.exceptions import MissingDependency, SessionError
-from pybondi.stores.base import (
-    Records,
-    Store,
-    Transaction,
-)
+from pybondi.stores.base import Records, Store, Transaction
 
 try:
     import sqlalchemy as sa
