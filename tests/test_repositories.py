@@ -523,3 +523,16 @@ def test_a_snapshot_that_does_not_load_is_skipped_for_the_events(
     in_transaction(driver, store, corrupt)
     rebuilt = read(driver, ledgers(store, snapshot_every=2), "l-1")
     assert (rebuilt.balance, rebuilt.applied) == (3, 2)
+
+
+def test_a_state_that_cannot_be_snapshot_skips_the_snapshot_not_the_commit(
+    driver: Driver, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    with driver.session(session(ledgers(store, snapshot_every=1))) as unit:
+        ledger = Ledger("l-1")
+        unit.add(ledger)
+        ledger.deposit(5)
+        ledger.note = "not an __init__ parameter"  # type: ignore[attr-defined]
+    assert "Skipping the snapshot of bank.Ledger-l-1 at version 1" in caplog.text
+    rebuilt = read(driver, ledgers(store, snapshot_every=1), "l-1")
+    assert (rebuilt.balance, rebuilt.applied) == (5, 1)  # from its event

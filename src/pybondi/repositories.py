@@ -293,8 +293,9 @@ class EventSourcedRepository(StoreRepository[A]):
     from the aggregate's methods as they apply it, and the session records it.
 
     With `snapshot_every=N`, a snapshot of the state (the aggregate type must then be
-    registered) is kept every N events, and loading starts from it. A snapshot written
-    under another registered version of the aggregate type is ignored, not trusted.
+    registered, not only named) is kept every N events, and loading starts from it. A
+    snapshot written under another registered version of the aggregate type is ignored,
+    not trusted; one that does not load, or cannot be made, is skipped with a warning.
     """
 
     def __init__(
@@ -375,9 +376,20 @@ class EventSourcedRepository(StoreRepository[A]):
         records.write(Record(stream, version, 1, None), expected)
         every = self.snapshot_every
         if every is not None and version // every > expected // every:
-            state = self.registry.dumps(aggregate)
-            records.write_snapshot(Snapshot(stream, version, state.version, state.data))
+            self._snapshot(records, aggregate, stream, version)
         return version, None
+
+    def _snapshot(self, records: Records, aggregate: A, stream: str, version: int) -> None:
+        try:
+            state = self.registry.dumps(aggregate)
+        except SerializationError:
+            # The events are what is stored; a snapshot only saves time. One that cannot
+            # be made is skipped, loudly, rather than failing the commit.
+            logger.warning(
+                "Skipping the snapshot of %s at version %d", stream, version, exc_info=True
+            )
+            return
+        records.write_snapshot(Snapshot(stream, version, state.version, state.data))
 
 
 class TableRepository(StoreRepository[A]):
