@@ -76,6 +76,7 @@ class Session:
 
     __slots__ = (
         "_announced",
+        "_budget",
         "_draining",
         "_state",
         "_transaction",
@@ -103,6 +104,7 @@ class Session:
         self.queue: deque[Command | Event] = deque()
         self._announced = 0  # how many aggregates of the identity map got their `Added`
         self._draining = False
+        self._budget = max_messages  # what the drain under way may still dispatch
         self._transaction: object | None = None  # what publisher.begin() returned
         self._state = _NEW
 
@@ -146,6 +148,28 @@ class Session:
         self._announced = len(self.repository.aggregates)
         for aggregate in self.repository.aggregates.values():
             aggregate.root.events.clear()
+
+    def _next(self) -> Command | Event | None:
+        """The next message to dispatch, or None once there is none: both drains use it.
+
+        First the aggregates new to the identity map get their `Added`, and what each
+        aggregate published joins the queue (and its repository's record); then the run's
+        budget is checked.
+        """
+        aggregates, queue = self.repository.aggregates, self.queue
+        if len(aggregates) != self._announced:
+            self._welcome()
+        for aggregate in aggregates.values():
+            if events := aggregate.root.events:
+                queue.extend(events)
+                self.repository.record(aggregate, events)
+                events.clear()
+        if not queue:
+            return None
+        self._budget -= 1
+        if self._budget < 0:
+            raise MessageLimitExceeded(self.max_messages, queue[0])
+        return queue.popleft()
 
     def _claim(self) -> None:
         """Check that the session may begin, and take its repository."""
@@ -195,24 +219,11 @@ class Session:
         # reaches its message, and the budget covers the whole chain.
         if self._draining:
             return
-        handle, queue, aggregates = self.messagebus.handle, self.queue, self.repository.aggregates
-        record = self.repository.record
-        budget, self._draining = self.max_messages, True
+        handle = self.messagebus.handle
+        self._budget, self._draining = self.max_messages, True
         try:
-            while True:
-                if len(aggregates) != self._announced:
-                    self._welcome()
-                for aggregate in aggregates.values():
-                    if events := aggregate.root.events:
-                        queue.extend(events)
-                        record(aggregate, events)
-                        events.clear()
-                if not queue:
-                    return
-                budget -= 1
-                if budget < 0:
-                    raise MessageLimitExceeded(self.max_messages, queue[0])
-                handle(queue.popleft())
+            while (message := self._next()) is not None:
+                handle(message)
         finally:
             self._draining = False
 
@@ -333,24 +344,11 @@ class Session:
     async def _adrain(self) -> None:
         if self._draining:
             return
-        ahandle, queue, aggregates = self.messagebus.ahandle, self.queue, self.repository.aggregates
-        record = self.repository.record
-        budget, self._draining = self.max_messages, True
+        ahandle = self.messagebus.ahandle
+        self._budget, self._draining = self.max_messages, True
         try:
-            while True:
-                if len(aggregates) != self._announced:
-                    self._welcome()
-                for aggregate in aggregates.values():
-                    if events := aggregate.root.events:
-                        queue.extend(events)
-                        record(aggregate, events)
-                        events.clear()
-                if not queue:
-                    return
-                budget -= 1
-                if budget < 0:
-                    raise MessageLimitExceeded(self.max_messages, queue[0])
-                await ahandle(queue.popleft())
+            while (message := self._next()) is not None:
+                await ahandle(message)
         finally:
             self._draining = False
 
