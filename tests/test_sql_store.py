@@ -48,13 +48,17 @@ def statements(sql_store: Store) -> Iterator[list[str]]:
     sa.event.remove(sync_engine, "before_cursor_execute", note)
 
 
+def add_account(driver: Driver, store: Store, *ids: str) -> None:
+    """Store new accounts, in a session of their own."""
+    with driver.session(Session(Messagebus(), StateRepository(store, Account, registry()))) as unit:
+        for id in ids:
+            unit.add(Account(Root(id), "ada"))
+
+
 def test_statements_per_session_save(
     driver: Driver, sql_store: Store, sql_backend: Backend, statements: list[str]
 ) -> None:
-    with driver.session(
-        Session(Messagebus(), StateRepository(sql_store, Account, registry()))
-    ) as s:
-        s.add(Account(Root("a-1"), "ada"))
+    add_account(driver, sql_store, "a-1")
     statements.clear()
 
     repository = StateRepository(sql_store, Account, registry())
@@ -68,10 +72,7 @@ def test_statements_per_session_save(
 def test_a_session_that_changes_nothing_writes_nothing(
     driver: Driver, sql_store: Store, statements: list[str]
 ) -> None:
-    with driver.session(
-        Session(Messagebus(), StateRepository(sql_store, Account, registry()))
-    ) as s:
-        s.add(Account(Root("a-1"), "ada"))
+    add_account(driver, sql_store, "a-1")
     statements.clear()
     repository = StateRepository(sql_store, Account, registry())
     with driver.session(Session(Messagebus(), repository)):
@@ -177,11 +178,7 @@ def test_rows_are_written_in_one_order_whatever_the_loading_order(
     assert isinstance(sql_store, SQLStore)
     engine = sql_store.engine
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    with driver.session(
-        Session(Messagebus(), StateRepository(sql_store, Account, registry()))
-    ) as s:
-        s.add(Account(Root("x"), "ada"))
-        s.add(Account(Root("y"), "bob"))
+    add_account(driver, sql_store, "x", "y")
     written: list[str] = []
 
     def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -239,10 +236,7 @@ def test_cursor_listeners_get_sqlalchemy_s_execution_context(
     sa.event.listen(sync_engine, "before_cursor_execute", start)
     sa.event.listen(sync_engine, "after_cursor_execute", end)
     try:
-        with driver.session(
-            Session(Messagebus(), StateRepository(sql_store, Account, registry()))
-        ) as unit:
-            unit.add(Account(Root("a-1"), "ada"))
+        add_account(driver, sql_store, "a-1")
     finally:
         sa.event.remove(sync_engine, "before_cursor_execute", start)
         sa.event.remove(sync_engine, "after_cursor_execute", end)
