@@ -14,10 +14,12 @@ MODULES = [
     "pybondi.aggregate",
     "pybondi.callbacks",
     "pybondi.depends",
+    "pybondi.envelope",
     "pybondi.events",
     "pybondi.exceptions",
     "pybondi.messagebus",
     "pybondi.messages",
+    "pybondi.outbox",
     "pybondi.publisher",
     "pybondi.repositories",
     "pybondi.repository",
@@ -27,6 +29,10 @@ MODULES = [
     "pybondi.stores.base",
     "pybondi.stores.memory",
     "pybondi.stores.sql",
+    "pybondi.tracing",
+    "pybondi.brokers",
+    "pybondi.brokers.base",
+    "pybondi.brokers.redis",
 ]
 
 

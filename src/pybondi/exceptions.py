@@ -12,7 +12,8 @@
     ├── SerializationError (ValueError)     data that does not fit its registered type
     │   └── UnknownMessageType (LookupError) a type name or class nobody registered
     ├── MissingDependency (ImportError)     a backend whose optional extra is not installed
-    └── DeliveryError                       a subscriber failed while a publisher committed
+    ├── DeliveryError                       a subscriber failed while a publisher committed
+    └── PublishError (ConnectionError)      a broker did not confirm a message
 
 Builtins are kept as second bases so that `except TypeError` and friends keep working.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "MessageLimitExceeded",
     "MissingDependency",
     "NotFound",
+    "PublishError",
     "PybondiError",
     "SerializationError",
     "SessionError",
@@ -170,6 +172,27 @@ class DeliveryError(PybondiError):
         self.topic = topic
         self.message = message
         self.undelivered = undelivered
+
+
+class PublishError(PybondiError, ConnectionError):
+    """A broker did not confirm that it took a message: it may not have it.
+
+    `unconfirmed` holds the envelopes the broker may lack, the failed one first, in
+    the order they were sent. A broker publisher keeps them buffered (commit again to
+    resend, or roll back); the outbox's relay retries them. Resending may deliver a
+    message twice, never lose one: consumers recognise repeats by `message-id`.
+    """
+
+    def __init__(self, broker: str, topic: str, reason: str, unconfirmed: list[Any]) -> None:
+        super().__init__(
+            f"{broker} did not confirm message {unconfirmed[0].id if unconfirmed else '?'} "
+            f"on {topic!r}: {reason}. {len(unconfirmed)} message(s) may not have reached "
+            f"it; commit again to resend them, or roll back."
+        )
+        self.broker = broker
+        self.topic = topic
+        self.reason = reason
+        self.unconfirmed = unconfirmed
 
 
 def callable_name(call: object) -> str:

@@ -45,8 +45,9 @@ from pybondi.depends import (
     compile_sync,
 )
 from pybondi.exceptions import DeliveryError, InvalidHandler, SessionError, short_repr
+from pybondi.tracing import _handled, trace
 
-__all__ = ["BasePublisher", "Depends", "Message", "Publisher"]
+__all__ = ["BasePublisher", "BufferedPublisher", "Depends", "Message", "Publisher"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=AnyCallable)
@@ -101,6 +102,14 @@ class BasePublisher(ABC):
         """The handle of the transaction `publish` writes to now, if the publisher has one."""
         return None
 
+    def prepare(self) -> Awaitable[None] | None:
+        """Called by the session just before the repository commits; does nothing here.
+
+        A publisher that writes into the repository's transaction (the outbox) does it
+        now, so that its writes commit, or roll back, with the aggregates.
+        """
+        return None
+
     @abstractmethod
     def commit(self) -> Awaitable[None] | None:
         """Send every buffered message, in the order published."""
@@ -117,6 +126,10 @@ class BasePublisher(ABC):
         """`begin` for the async path."""
         return await maybe_await(self.begin())
 
+    async def aprepare(self) -> None:
+        """`prepare` for the async path."""
+        await maybe_await(self.prepare())
+
     async def acommit(self) -> None:
         """`commit` for the async path."""
         await maybe_await(self.commit())
@@ -130,8 +143,10 @@ class BasePublisher(ABC):
         await maybe_await(self.close())
 
 
-class _Transaction(deque[tuple[str, "Message[Any]"]]):
+class _Transaction(deque[tuple[str, Any]]):
     """The `(topic, message)` pairs one transaction published, oldest first.
+
+    Broker and outbox publishers buffer each message serialized, as an `Envelope`.
 
     `resume` is the index of the subscriber to call first for the oldest message, after a
     failed delivery; `token` restores the transaction `begin()` replaced.
@@ -139,20 +154,101 @@ class _Transaction(deque[tuple[str, "Message[Any]"]]):
 
     resume = 0
     token: Token[_Transaction | None] | None = None
+    joined: Any = None  # the store transaction an outbox writes in, if any
 
 
 _SYNC_INSTEAD = "`await publisher.acommit()` (or `async with Session(...)`)"
 
 
-class Publisher(BasePublisher, Overridable):
-    """The in-memory publisher: subscribers are functions in this process."""
+class BufferedPublisher(BasePublisher):
+    """A publisher that keeps one buffer of `(topic, message)` pairs per transaction.
+
+    The base of the in-memory publisher and of the broker and outbox publishers: it
+    gives them `begin`, `current`, `pending`, `rollback` and `close`; they write
+    `commit` (and `acommit`), which empties `self._buffer()` as messages leave.
+    """
 
     def __init__(self) -> None:
+        self._transaction: ContextVar[_Transaction | None] = ContextVar(
+            f"pybondi.{type(self).__name__}.{id(self):x}", default=None
+        )
+
+    def publish(self, topic: str, message: Message[Any]) -> None:
+        """Buffer a message for `topic`, to leave on `commit()`."""
+        if not isinstance(message, Message):
+            raise _not_a_message(message)
+        if not isinstance(topic, str):
+            raise _not_a_topic(topic)
+        trace(message)
+        self._buffer().append((topic, self._buffered(topic, message)))
+
+    def _buffered(self, topic: str, message: Message[Any]) -> Any:
+        """What to buffer for a message: the message itself, or its serialized form."""
+        return message
+
+    def _buffer(self) -> _Transaction:
+        """The current transaction's buffer, opened if there is none."""
+        transaction = self._transaction.get()
+        if transaction is None:
+            transaction = _Transaction()
+            self._transaction.set(transaction)
+        return transaction
+
+    def begin(self) -> object:
+        """Open a transaction for the current thread or task; `close()` ends it."""
+        transaction = _Transaction()
+        transaction.token = self._transaction.set(transaction)
+        return transaction
+
+    def current(self) -> object | None:
+        """The transaction `publish` writes to in this thread or task."""
+        return self._transaction.get()
+
+    def pending(self) -> list[tuple[str, Message[Any]]]:
+        """The `(topic, message)` pairs buffered and not yet delivered."""
+        transaction = self._transaction.get()
+        return [] if transaction is None else list(transaction)
+
+    def rollback(self) -> None:
+        """Drop every buffered message of the current transaction."""
+        transaction = self._transaction.get()
+        if transaction is not None:
+            transaction.clear()
+            transaction.resume = 0
+
+    def close(self) -> None:
+        """End the transaction `begin()` opened, returning to the one before it, if any.
+
+        Raises `SessionError` if messages are still buffered: commit or roll back first.
+        """
+        transaction = self._transaction.get()
+        if transaction is None:
+            return
+        if transaction:
+            raise SessionError(
+                f"The publisher still holds {len(transaction)} undelivered "
+                f"message(s); call commit() or rollback() before close()."
+            )
+        if transaction.token is not None:
+            try:
+                self._transaction.reset(transaction.token)
+            except ValueError:
+                # Opened in another context (a task started inside the transaction):
+                # that context's copy of the variable ends with it.
+                self._transaction.set(None)
+
+
+class Publisher(BufferedPublisher, Overridable):
+    """The in-memory publisher: subscribers are functions in this process.
+
+    While a subscriber runs, its message is the one being handled (`pybondi.tracing`):
+    what it publishes carries the message's correlation id, and its id as causation id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
         self.subscribers: dict[str, list[Handler]] = {}
         self._overrides = DependencyOverrides(self._forget_routes)
-        self._transaction: ContextVar[_Transaction | None] = ContextVar(
-            f"pybondi.Publisher.{id(self):x}", default=None
-        )
         self._routes: dict[str, tuple[tuple[Callable[[Any], Any], ...], tuple[str, ...]]] = {}
         self._aroutes: dict[
             str, tuple[tuple[tuple[Callable[[Any], Any], bool], ...], tuple[str, ...]]
@@ -218,32 +314,16 @@ class Publisher(BasePublisher, Overridable):
     def publish(self, topic: str, message: Message[Any]) -> None:
         """Buffer a message for `topic`; it is delivered on `commit()`."""
         if message.__class__ is not Message and not isinstance(message, Message):
-            raise TypeError(
-                f"publisher.publish() takes a Message, got {type(message).__name__}: "
-                f"{short_repr(message)}. Wrap the payload: publish(topic, Message(payload))."
-            )
+            raise _not_a_message(message)
         if topic.__class__ is not str:
-            raise TypeError(f"A topic is a str, got {type(topic).__name__}: {short_repr(topic)}.")
+            raise _not_a_topic(topic)
+        if _handled.get() is not None:
+            trace(message)
         transaction = self._transaction.get()
         if transaction is None:
             transaction = _Transaction()
             self._transaction.set(transaction)
         transaction.append((topic, message))
-
-    def begin(self) -> object:
-        """Open a transaction for the current thread or task; `close()` ends it."""
-        transaction = _Transaction()
-        transaction.token = self._transaction.set(transaction)
-        return transaction
-
-    def current(self) -> object | None:
-        """The transaction `publish` writes to in this thread or task."""
-        return self._transaction.get()
-
-    def pending(self) -> list[tuple[str, Message[Any]]]:
-        """The `(topic, message)` pairs buffered and not yet delivered."""
-        transaction = self._transaction.get()
-        return [] if transaction is None else list(transaction)
 
     def commit(self) -> None:
         """Deliver the buffered messages in order; see the module docstring on failures."""
@@ -252,6 +332,7 @@ class Publisher(BasePublisher, Overridable):
             topic, message = transaction[0]
             invokers, names = routes.get(topic) or self._route(topic)
             index = transaction.resume
+            handled = _handled.set(message)
             try:
                 for deliver in invokers[index:] if index else invokers:
                     deliver(message)
@@ -259,6 +340,8 @@ class Publisher(BasePublisher, Overridable):
             except Exception as error:
                 transaction.resume = index
                 raise DeliveryError(topic, message, names[index], list(transaction)) from error
+            finally:
+                _handled.reset(handled)
             transaction.resume = 0
             transaction.popleft()
 
@@ -269,6 +352,7 @@ class Publisher(BasePublisher, Overridable):
             topic, message = transaction[0]
             invokers, names = self._aroute(topic)
             index = transaction.resume
+            handled = _handled.set(message)
             try:
                 for deliver, awaited in invokers[index:] if index else invokers:
                     result = deliver(message)
@@ -278,33 +362,18 @@ class Publisher(BasePublisher, Overridable):
             except Exception as error:
                 transaction.resume = index
                 raise DeliveryError(topic, message, names[index], list(transaction)) from error
+            finally:
+                _handled.reset(handled)
             transaction.resume = 0
             transaction.popleft()
 
-    def rollback(self) -> None:
-        """Drop every buffered message of the current transaction."""
-        transaction = self._transaction.get()
-        if transaction is not None:
-            transaction.clear()
-            transaction.resume = 0
 
-    def close(self) -> None:
-        """End the transaction `begin()` opened, returning to the one before it, if any.
+def _not_a_message(message: object) -> TypeError:
+    return TypeError(
+        f"publisher.publish() takes a Message, got {type(message).__name__}: "
+        f"{short_repr(message)}. Wrap the payload: publish(topic, Message(payload))."
+    )
 
-        Raises `SessionError` if messages are still buffered: commit or roll back first.
-        """
-        transaction = self._transaction.get()
-        if transaction is None:
-            return
-        if transaction:
-            raise SessionError(
-                f"The publisher still holds {len(transaction)} undelivered "
-                f"message(s); call commit() or rollback() before close()."
-            )
-        if transaction.token is not None:
-            try:
-                self._transaction.reset(transaction.token)
-            except ValueError:
-                # Opened in another context (a task started inside the transaction):
-                # that context's copy of the variable ends with it.
-                self._transaction.set(None)
+
+def _not_a_topic(topic: object) -> TypeError:
+    return TypeError(f"A topic is a str, got {type(topic).__name__}: {short_repr(topic)}.")

@@ -10,7 +10,9 @@
 
 After each message, the events the session's aggregates published are queued and
 dispatched in order. A clean exit finishes the queue, dispatches `Committed` for each
-aggregate (and what its handlers cause), commits the repository, then the publisher.
+aggregate (and what its handlers cause), lets the publisher prepare (the outbox writes
+its rows into the repository's transaction), commits the repository, then the
+publisher.
 An exception in the block drops what is still queued, dispatches `RolledBack` for each
 aggregate, rolls back the repository and the publisher, closes, and propagates. So does
 a failure while committing, before the publisher's turn: no message leaves.
@@ -258,6 +260,8 @@ class Session:
             self._drain()
             if self._announce(Committed):
                 self._drain()
+            if (prepared := self.publisher.prepare()) is not None:
+                refuse_awaitable(prepared, self.publisher.prepare, _INSTEAD)
             self.repository.commit()
         except BaseException as error:
             self._rollback(error)
@@ -375,6 +379,7 @@ class Session:
             await self._adrain()
             if self._announce(Committed):
                 await self._adrain()
+            await self.publisher.aprepare()
             await self.repository.acommit()
         except BaseException as error:
             await self._arollback(error)

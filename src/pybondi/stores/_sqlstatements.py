@@ -62,7 +62,10 @@ class TableStatements:
 
 
 class Statements:
-    """The tables and every statement on them, built once for one dialect."""
+    """The tables and every statement on them, built once for one dialect.
+
+    The outbox's are in `outbox` (see `_sqloutbox`).
+    """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
         text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
@@ -179,6 +182,9 @@ class Statements:
             self.lock_head = compiled(sa.select(log.c.position).where(head).with_for_update())
             self.move_head = compiled(log.update().where(head).values(position=param("p")))
         self.tables: dict[tuple[sa.Table, str, str], TableStatements] = {}
+        from pybondi.stores._sqloutbox import OutboxStatements  # noqa: PLC0415 (it imports us)
+
+        self.outbox = OutboxStatements(self, metadata, prefix)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""
@@ -204,6 +210,8 @@ class Statements:
         """Create what is missing, and the log's one row, even with others doing the same."""
         for table in self.aggregates.metadata.sorted_tables:
             connection.execute(sa.schema.CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                connection.execute(sa.schema.CreateIndex(index, if_not_exists=True))
         if connection.execute(sa.select(self.log.c.id)).first() is None:
             try:
                 connection.execute(

@@ -1,0 +1,144 @@
+"""What a broker adapter is, and the publisher that sends through one.
+
+A `Broker` sends envelopes (`pybondi.envelope`) to a message broker and returns only
+once the broker confirmed every one of them; anything less raises `PublishError`. The
+outbox's relay sends through it, and so does `BrokerPublisher`, the publisher for
+sessions that send straight to the broker when they commit:
+
+    publisher = BrokerPublisher(connect("redis://localhost:6379"), registry)
+    with Session(messagebus, repository, publisher) as session:
+        ...                     # on commit: the repository first, then the broker
+
+Sending straight from a session leaves a gap: a crash after the repository committed
+and before the broker confirmed loses the messages. The outbox (`pybondi.outbox`) closes
+it. Brokers whose client is async-only (RabbitMQ, NATS) have async-only adapters: sync
+sessions reach them through the outbox.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from pybondi.envelope import Envelope
+from pybondi.exceptions import AsyncRequired, PublishError
+from pybondi.publisher import BufferedPublisher, Message
+from pybondi.serialization import Registry
+
+__all__ = ["Broker", "BrokerPublisher"]
+
+
+class Broker(ABC):
+    """A connection to a broker that sends envelopes and waits for its confirmation.
+
+    Adapters connect at the first send and reconnect after a failure, so a caller that
+    retries (such as the relay) needs nothing more. Envelopes of one topic reach the
+    broker in the order given.
+    """
+
+    url: str
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {_without_password(self.url)}>"
+
+    @abstractmethod
+    async def asend(self, envelopes: Sequence[Envelope]) -> None:
+        """Send the envelopes in order; return once the broker confirmed each one.
+
+        Raises `PublishError` whose `unconfirmed` holds the first envelope not confirmed
+        and every one after it.
+        """
+
+    def send(self, envelopes: Sequence[Envelope]) -> None:
+        """`asend` for sync code, where the client has a sync API."""
+        raise AsyncRequired(
+            f"{type(self).__name__}.send",
+            type(self).asend,
+            "`await broker.asend(...)`, or "
+            "for sync sessions the outbox (pybondi.outbox.Outbox) with its async relay",
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection; the next send opens a new one."""
+
+    def close(self) -> None:
+        """`aclose` for brokers with a sync client."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _unconfirmed(
+        self, envelopes: Sequence[Envelope], first: int, reason: str | BaseException
+    ) -> PublishError:
+        """The error for envelopes `first` onwards, which the broker did not confirm."""
+        if isinstance(reason, BaseException):
+            reason = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+        topic = envelopes[first].topic if envelopes else "?"
+        return PublishError(repr(self), topic, reason, list(envelopes[first:]))
+
+
+class BrokerPublisher(BufferedPublisher):
+    """A publisher that sends to a broker on commit, confirmed; see the module docstring.
+
+    Messages are serialized as they are published, so a payload that cannot leave the
+    process fails in the handler that published it. When the broker does not confirm
+    them all, `commit()` raises `PublishError`: the unconfirmed messages stay buffered,
+    to be sent again by another `commit()` or dropped by `rollback()`.
+    """
+
+    def __init__(self, broker: Broker, registry: Registry | None = None) -> None:
+        super().__init__()
+        self.broker = broker
+        self.registry = registry
+
+    def __repr__(self) -> str:
+        return f"<BrokerPublisher to {self.broker!r}>"
+
+    def _buffered(self, topic: str, message: Message[Any]) -> Envelope:
+        return Envelope.seal(topic, message, self.registry)
+
+    def commit(self) -> None:
+        """Send the buffered messages, confirmed, through the broker's sync client."""
+        buffer = self._buffer()
+        if buffer:
+            try:
+                self.broker.send([envelope for _, envelope in buffer])
+            except PublishError as error:
+                _keep(buffer, error)
+                raise
+            buffer.clear()
+
+    async def acommit(self) -> None:
+        """Send the buffered messages, confirmed."""
+        buffer = self._buffer()
+        if buffer:
+            try:
+                await self.broker.asend([envelope for _, envelope in buffer])
+            except PublishError as error:
+                _keep(buffer, error)
+                raise
+            buffer.clear()
+
+
+def _keep(buffer: Any, error: PublishError) -> None:
+    """Leave only the unconfirmed envelopes in the buffer."""
+    buffer.clear()
+    buffer.extend((envelope.topic, envelope) for envelope in error.unconfirmed)
+
+
+def _without_password(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{separator}{credentials.partition(':')[0]}:***@{host}"

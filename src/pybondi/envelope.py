@@ -1,0 +1,120 @@
+"""Messages as they travel between processes: a topic, string headers and a JSON body.
+
+    envelope = Envelope.seal("accounts", Message(Deposited("acc-1", 10)), registry)
+    envelope.headers["message-type"]        # 'bank.Deposited'
+    message = envelope.open(registry)       # Message(Deposited('acc-1', 10), ...)
+
+The body is the payload as JSON: a type registered in a `Registry` (stored under its
+registered name and version), or plain JSON (a dict, list, str, number, bool or None),
+typed `json`. Opening builds only registered types; nothing is ever unpickled or
+evaluated.
+
+Headers carry the envelope of the `Message`, under these names:
+
+- `message-id`, `message-type`, `message-version`, `timestamp` (ISO 8601, UTC);
+- `correlation-id` and `causation-id` (see `pybondi.tracing`);
+- `sender`, when the message has one;
+- the message's own `headers`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pybondi.exceptions import SerializationError, short_repr
+from pybondi.publisher import Message
+from pybondi.serialization import Registry
+
+__all__ = ["JSON_TYPE", "Envelope"]
+
+JSON_TYPE = "json"
+"""The type name of a payload that is plain JSON rather than a registered type."""
+
+_JSON_VALUES = (dict, list, str, int, float, bool, type(None))
+_RESERVED = ("message-id", "message-type", "message-version", "timestamp", "sender")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message ready for a broker: its topic, id, headers and JSON body."""
+
+    topic: str
+    id: str
+    headers: dict[str, str]
+    body: bytes
+
+    @classmethod
+    def seal(cls, topic: str, message: Message[Any], registry: Registry | None = None) -> Envelope:
+        """Serialize a message for `topic`; a payload of a registered type needs `registry`."""
+        payload = message.payload
+        if registry is not None and type(payload) in registry:
+            serialized = registry.dumps(payload)
+            name, version, body = serialized.name, serialized.version, serialized.data
+        elif isinstance(payload, _JSON_VALUES):
+            name, version, body = JSON_TYPE, 1, _plain_json(topic, payload)
+        else:
+            raise SerializationError(
+                f"Cannot send {type(payload).__name__} to {topic!r}: a message leaving the "
+                f"process carries a registered type or plain JSON, and "
+                f"{type(payload).__name__} is {'not registered' if registry else 'no JSON'}. "
+                f"Register it (registry.register({type(payload).__name__})) and give the "
+                f"publisher the registry."
+            )
+        message_id = str(message.id)
+        headers = dict(message.headers)
+        headers["message-id"] = message_id
+        headers["message-type"] = name
+        headers["message-version"] = str(version)
+        headers["timestamp"] = message.timestamp.isoformat()
+        if message.sender is not None:
+            headers["sender"] = message.sender
+        headers.setdefault("correlation-id", message_id)
+        return cls(topic, message_id, headers, body.encode())
+
+    def open(self, registry: Registry | None = None) -> Message[Any]:
+        """The message this envelope carries; only registered types are built.
+
+        Raises `SerializationError` (or `UnknownMessageType`) naming what is wrong.
+        """
+        headers = self.headers
+        name = headers.get("message-type", "")
+        try:
+            version = int(headers.get("message-version", "1"))
+            if name == JSON_TYPE:
+                payload = json.loads(self.body)
+            elif registry is None:
+                raise SerializationError(
+                    f"Message {self.id} on {self.topic!r} is a {name!r}: pass the registry "
+                    f"that registers it to open()."
+                )
+            else:
+                payload = registry.loads(name, version, self.body)
+            return Message(
+                payload,
+                sender=headers.get("sender"),
+                id=UUID(headers.get("message-id", self.id)),
+                headers={k: v for k, v in headers.items() if k not in _RESERVED},
+                timestamp=datetime.fromisoformat(headers["timestamp"]),
+            )
+        except SerializationError as error:
+            error.add_note(f"In message {self.id} on {self.topic!r}.")
+            raise
+        except (KeyError, ValueError, RecursionError) as error:
+            raise SerializationError(
+                f"Message {self.id} on {self.topic!r} is malformed ({type(error).__name__}: "
+                f"{error}); headers {short_repr(headers)}, body {short_repr(self.body)}."
+            ) from error
+
+
+def _plain_json(topic: str, payload: Any) -> str:
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise SerializationError(
+            f"Cannot send {short_repr(payload)} to {topic!r}: it is not plain JSON ({error}). "
+            f"Send JSON values, or a registered type with a registry."
+        ) from error

@@ -1,0 +1,227 @@
+"""The relay: sends the outbox's committed rows to a broker, and marks them sent.
+
+    relay = Relay(SQLStore("postgresql://localhost/bank", asynchronous=True),
+                  connect("amqp://guest:guest@localhost/"))
+    await relay.run()           # until relay.stop(), or SIGTERM under `pybondi relay`
+
+Each round, the relay lists the topics with unsent rows and, topic by topic, takes the
+topic's lease, reads the next rows in `seq` order, sends them as one batch, and once the
+broker confirmed every one, moves the topic's cursor past them. So messages reach the
+broker in commit order per topic, and a row is marked sent only after the broker took it.
+
+Several relays may run at once, on one machine or many: a topic's lease lets one of them
+send its rows at a time, so the normal case sends no row twice. A relay that stops
+without giving its leases back (killed, or cut off) holds them until they expire, after
+`lease` seconds; another relay then takes over from the last confirmed row. Anything
+sent but not yet confirmed when a relay dies is sent again: delivery is at least once.
+Leases compare the relays' clocks, which must agree to well within `lease` seconds.
+
+While the broker or the database is unreachable, the relay retries with exponential
+backoff and full jitter, up to `max_backoff` seconds apart, and catches up afterwards.
+Rows sent more than `retention` ago are deleted, by whichever relay gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from operator import methodcaller
+from typing import TypeVar
+
+from pybondi.brokers.base import Broker
+from pybondi.stores.base import Records, Store
+
+__all__ = ["Relay"]
+
+logger = logging.getLogger("pybondi.relay")
+
+T = TypeVar("T")
+
+
+class Relay:
+    """Sends an outbox's rows to a broker; see the module docstring.
+
+    Args:
+        store: the `SQLStore` the outbox writes to, sync or async.
+        broker: where to send (`pybondi.brokers.connect(url)`).
+        batch_size: how many rows of a topic go in one confirmed batch.
+        idle: seconds to wait before looking again when nothing was pending.
+        lease: seconds a relay keeps a topic after its last batch, before another relay
+            may take it over.
+        retention: how long sent rows are kept.
+        max_backoff: the longest wait between retries while something is unreachable.
+        name: this relay's name in the lease table (host, process and a random part).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        *,
+        batch_size: int = 100,
+        idle: float = 0.2,
+        lease: float = 30.0,
+        retention: timedelta = timedelta(days=1),
+        max_backoff: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if not hasattr(store, "statements") or not hasattr(store.statements, "outbox"):
+            raise TypeError(f"The relay reads an outbox in a SQL database; {store!r} is not one.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.store = store
+        self.broker = broker
+        self.batch_size = batch_size
+        self.idle = idle
+        self.lease = timedelta(seconds=lease)
+        self.retention = retention
+        self.max_backoff = max_backoff
+        self.name = name or f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"[-64:]
+        self.sent = 0  # messages this relay has had confirmed
+        self._stopping = asyncio.Event()
+        self._purged_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.name} from {self.store!r} to {self.broker!r}>"
+
+    def stop(self) -> None:
+        """Ask `run` to return once the batch under way is confirmed."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Relay until `stop()`; then give the leases back and close the broker."""
+        self._stopping.clear()
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    sent = await self.run_once()
+                    failures = 0
+                except Exception as error:
+                    failures += 1
+                    delay = self._backoff(failures)
+                    logger.warning(
+                        "Relay %s: %s: %s; retrying in %.2f s (attempt %d)",
+                        self.name, type(error).__name__, error, delay, failures,
+                    )  # fmt: skip
+                    await self._pause(delay)
+                    continue
+                if not sent:
+                    await self._pause(self.idle)
+        finally:
+            await self._shutdown()
+
+    async def run_once(self) -> int:
+        """Send what is pending now, topic by topic; return how many messages were sent."""
+        topics: list[str] = await self._transact(methodcaller("pending_topics"))
+        random.shuffle(topics)  # relays starting together try the topics in other orders
+        sent = 0
+        for topic in topics:
+            sent += await self._relay_topic(topic)
+            if self._stopping.is_set():
+                break
+        await self._purge()
+        return sent
+
+    async def _relay_topic(self, topic: str) -> int:
+        """Send the topic's rows, batch after batch, while this relay holds its lease."""
+        sent = 0
+        while not self._stopping.is_set():
+            now = _now()
+            claimed = await self._transact(
+                methodcaller(
+                    "claim",
+                    topic,
+                    self.name,
+                    now=now,
+                    until=now + self.lease,
+                    limit=self.batch_size,
+                )
+            )
+            if claimed is None:
+                return sent  # another relay has it
+            after, envelopes = claimed
+            if not envelopes:
+                return sent
+            await self.broker.asend(envelopes)
+            last, now = after + len(envelopes), _now()
+            confirmed = await self._transact(
+                methodcaller(
+                    "confirm",
+                    topic,
+                    self.name,
+                    after=after,
+                    last=last,
+                    now=now,
+                    until=now + self.lease,
+                )
+            )
+            if not confirmed:
+                logger.warning(
+                    "Relay %s lost the lease on %r while sending; another relay resends "
+                    "seq %d..%d", self.name, topic, after + 1, last,
+                )  # fmt: skip
+                return sent
+            sent += len(envelopes)
+            self.sent += len(envelopes)
+            if len(envelopes) < self.batch_size:
+                return sent
+        return sent
+
+    async def _purge(self) -> None:
+        """Delete rows sent longer ago than the retention, about once a minute."""
+        now = _now()
+        if self._purged_at is not None and now - self._purged_at < timedelta(minutes=1):
+            return
+        self._purged_at = now
+        cutoff = now - self.retention
+        purged = await self._transact(methodcaller("purge", cutoff))
+        if purged:
+            logger.info("Relay %s deleted %d sent row(s) past retention", self.name, purged)
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._transact(methodcaller("release", self.name))
+        except Exception as error:  # the leases expire on their own
+            logger.warning("Relay %s could not give its leases back: %s", self.name, error)
+        await self.broker.aclose()
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with full jitter: up to 0.1 s, 0.2 s, 0.4 s... max_backoff."""
+        return random.uniform(0, min(self.max_backoff, 0.1 * 2 ** min(failures - 1, 30)))
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _transact(self, work: Callable[[Records], T]) -> T:
+        """Run `work` (an `OutboxRecords` method call) in a transaction of its own; commit."""
+        if not self.store.is_async:
+            return await asyncio.to_thread(_transact_sync, self.store, work)
+        transaction = await self.store.abegin()
+        try:
+            result = await transaction.arun(work)
+            await transaction.acommit()
+            return result
+        finally:
+            await transaction.aclose()
+
+
+def _transact_sync(store: Store, work: Callable[[Records], T]) -> T:
+    transaction = store.begin()
+    try:
+        result = transaction.run(work)
+        transaction.commit()
+        return result
+    finally:
+        transaction.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,251 @@
+"""The outbox's tables and statements, and its reads and writes on a SQL transaction.
+
+Three tables, named with the store's prefix:
+
+- `outbox`: one row per message, numbered `seq` 1, 2, 3... within its topic;
+- `outbox_topics`: each topic's last `seq` handed out. A session that writes to a topic
+  moves it and holds the row's lock until COMMIT, so numbers are given in commit order
+  and a rolled-back session gives its numbers back: a committed topic has no gaps, and
+  every row up to its head is committed;
+- `outbox_relay`: per topic, the last `seq` the broker confirmed, and the relay that
+  holds the topic's lease. A relay sends a topic's rows only while it holds the lease,
+  so that several relays share the topics without sending a row twice or out of order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from pybondi.envelope import Envelope
+from pybondi.stores._sqlstatements import Query, insert_ignoring_duplicates
+
+if TYPE_CHECKING:
+    from pybondi.stores._sqlstatements import Statements
+
+__all__ = ["OutboxRecords", "OutboxStatements"]
+
+
+class OutboxStatements:
+    """The outbox's tables and statements for one dialect."""
+
+    def __init__(self, statements: Statements, metadata: sa.MetaData, prefix: str) -> None:
+        dialect = statements.dialect
+        text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+        timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+        name = sa.String(255).with_variant(
+            mysql.VARCHAR(255, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+        )
+        self.outbox = outbox = sa.Table(
+            f"{prefix}outbox",
+            metadata,
+            sa.Column("topic", name, primary_key=True),
+            sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("message_id", sa.String(64), nullable=False),
+            sa.Column("headers", text, nullable=False),
+            sa.Column("body", text, nullable=False),
+            sa.Column("created_at", timestamp, nullable=False),
+            sa.Column("sent_at", timestamp, index=True),
+        )
+        self.topics = topics = sa.Table(
+            f"{prefix}outbox_topics",
+            metadata,
+            sa.Column("topic", name, primary_key=True),
+            sa.Column("head", sa.BigInteger, nullable=False),
+        )
+        self.relay = relay = sa.Table(
+            f"{prefix}outbox_relay",
+            metadata,
+            sa.Column("topic", name, primary_key=True),
+            sa.Column("sent", sa.BigInteger, nullable=False),
+            sa.Column("owner", sa.String(64)),
+            sa.Column("lease_until", timestamp),
+        )
+
+        def compiled(statement: Any) -> Query:
+            return Query(statement, dialect)
+
+        param, topic_is = sa.bindparam, topics.c.topic == sa.bindparam("t")
+        self.advance: Query | None = None
+        if dialect.update_returning:
+            self.advance = compiled(
+                topics.update()
+                .where(topic_is)
+                .values(head=topics.c.head + param("n"))
+                .returning(topics.c.head)
+            )
+        self.lock_head = compiled(sa.select(topics.c.head).where(topic_is).with_for_update())
+        self.move_head = compiled(topics.update().where(topic_is).values(head=param("h")))
+        self.new_topic = compiled(
+            insert_ignoring_duplicates(dialect, topics).values(topic=param("t"), head=param("n"))
+        )
+        self.new_cursor = compiled(
+            insert_ignoring_duplicates(dialect, relay).values(topic=param("t"), sent=0)
+        )
+        self.insert = compiled(outbox.insert())
+        relay_is = relay.c.topic == param("t")
+        self.pending = compiled(
+            sa.select(topics.c.topic)
+            .join(relay, relay.c.topic == topics.c.topic)
+            .where(topics.c.head > relay.c.sent)
+        )
+        self.claim = compiled(
+            relay.update()
+            .where(
+                relay_is,
+                sa.or_(
+                    relay.c.owner.is_(None),
+                    relay.c.owner == param("o"),
+                    relay.c.lease_until < param("now"),
+                ),
+            )
+            .values(owner=param("o"), lease_until=param("u"))
+        )
+        self.cursor = compiled(sa.select(relay.c.sent).where(relay_is))
+        self.read = compiled(
+            sa.select(outbox.c.seq, outbox.c.message_id, outbox.c.headers, outbox.c.body)
+            .where(outbox.c.topic == param("t"), outbox.c.seq > param("a"))
+            .order_by(outbox.c.seq)
+            .limit(param("l"))
+        )
+        self.advance_cursor = compiled(
+            relay.update()
+            .where(relay_is, relay.c.owner == param("o"), relay.c.sent == param("a"))
+            .values(sent=param("s"), lease_until=param("u"))
+        )
+        self.mark_sent = compiled(
+            outbox.update()
+            .where(
+                outbox.c.topic == param("t"), outbox.c.seq > param("a"), outbox.c.seq <= param("s")
+            )
+            .values(sent_at=param("now"))
+        )
+        self.release = compiled(
+            relay.update().where(relay.c.owner == param("o")).values(owner=None, lease_until=None)
+        )
+        self.purge = compiled(outbox.delete().where(outbox.c.sent_at < param("before")))
+
+
+class OutboxRecords:
+    """The outbox's reads and writes; `SQLRecords` has them."""
+
+    statements: Statements
+
+    if TYPE_CHECKING:  # SQLRecords' own, which this class is mixed into
+
+        def _execute(self, query: Query, values: dict[str, Any]) -> Any: ...
+        def _execute_many(self, query: Query, rows: list[dict[str, Any]]) -> Any: ...
+        def _written(self, query: Query, values: dict[str, Any]) -> bool: ...
+        def _writing(self) -> None: ...
+
+    def enqueue(self, envelopes: Sequence[Envelope]) -> None:
+        """Write envelopes to the outbox, numbering each topic's rows in commit order."""
+        if not envelopes:
+            return
+        self._writing()
+        by_topic: dict[str, list[Envelope]] = {}
+        for envelope in envelopes:
+            by_topic.setdefault(envelope.topic, []).append(envelope)
+        outbox, now = self.statements.outbox, self._timestamp(datetime.now(UTC))
+        rows = []
+        # Topics in one order, whatever order they were published in: two sessions lock
+        # their heads in the same order, and cannot deadlock.
+        for topic in sorted(by_topic):
+            batch = by_topic[topic]
+            first = self._advance_topic(topic, len(batch)) - len(batch) + 1
+            rows += [
+                {
+                    "topic": topic,
+                    "seq": first + offset,
+                    "message_id": envelope.id,
+                    "headers": json.dumps(envelope.headers),
+                    "body": envelope.body.decode(),
+                    "created_at": now,
+                    "sent_at": None,
+                }
+                for offset, envelope in enumerate(batch)
+            ]
+        if len(rows) == 1:
+            self._execute(outbox.insert, rows[0])
+        else:
+            self._execute_many(outbox.insert, rows)
+
+    def _advance_topic(self, topic: str, count: int) -> int:
+        """Move the topic's head by `count`, locking it until COMMIT; return the new head."""
+        outbox = self.statements.outbox
+        while True:
+            if outbox.advance is not None:
+                row = self._execute(outbox.advance, {"t": topic, "n": count}).fetchone()
+                if row is not None:
+                    return int(row[0])
+            else:  # MariaDB: no UPDATE..RETURNING
+                row = self._execute(outbox.lock_head, {"t": topic}).fetchone()
+                if row is not None:
+                    head = int(row[0]) + count
+                    self._execute(outbox.move_head, {"t": topic, "h": head})
+                    return head
+            # A new topic. Another session may be adding it too: the loser goes round again.
+            if self._written(outbox.new_topic, {"t": topic, "n": count}):
+                self._written(outbox.new_cursor, {"t": topic})
+                return count
+
+    def _timestamp(self, moment: datetime) -> Any:
+        return self.statements.timestamp_in(moment.astimezone(UTC).replace(tzinfo=None))
+
+    # The relay's side -------------------------------------------------------------------
+
+    def pending_topics(self) -> list[str]:
+        """The topics with committed rows that the broker has not confirmed yet."""
+        return [row[0] for row in self._execute(self.statements.outbox.pending, {}).fetchall()]
+
+    def claim(
+        self, topic: str, owner: str, *, now: datetime, until: datetime, limit: int
+    ) -> tuple[int, list[Envelope]] | None:
+        """Take or renew the topic's lease; return the last sent seq and the next rows.
+
+        None when another relay holds a lease on the topic that has not expired.
+        """
+        self._writing()
+        outbox = self.statements.outbox
+        values = {"t": topic, "o": owner, "now": self._timestamp(now), "u": self._timestamp(until)}
+        if self._execute(outbox.claim, values).rowcount != 1:
+            return None
+        sent = int(self._execute(outbox.cursor, {"t": topic}).fetchone()[0])
+        rows = self._execute(outbox.read, {"t": topic, "a": sent, "l": limit}).fetchall()
+        envelopes = [
+            Envelope(topic, message_id, json.loads(headers), body.encode())
+            for _, message_id, headers, body in rows
+        ]
+        return sent, envelopes
+
+    def confirm(
+        self, topic: str, owner: str, *, after: int, last: int, now: datetime, until: datetime
+    ) -> bool:
+        """Record rows `after`+1..`last` as sent; False if this relay lost the lease."""
+        self._writing()
+        outbox = self.statements.outbox
+        moved = self._execute(
+            outbox.advance_cursor,
+            {"t": topic, "o": owner, "a": after, "s": last, "u": self._timestamp(until)},
+        ).rowcount
+        if moved != 1:
+            return False
+        values = {"t": topic, "a": after, "s": last, "now": self._timestamp(now)}
+        self._execute(outbox.mark_sent, values)
+        return True
+
+    def release(self, owner: str) -> None:
+        """Give up every lease `owner` holds."""
+        self._writing()
+        self._execute(self.statements.outbox.release, {"o": owner})
+
+    def purge(self, before: datetime) -> int:
+        """Delete the rows sent before `before`; return how many."""
+        self._writing()
+        purge = self.statements.outbox.purge
+        return int(self._execute(purge, {"before": self._timestamp(before)}).rowcount)

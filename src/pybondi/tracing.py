@@ -1,0 +1,57 @@
+"""Correlation and causation ids: which message led to which.
+
+A message published while another is being handled takes the other's correlation id
+and the other's id as its causation id. A message published outside any handling
+starts a new chain: its correlation id is its own id.
+
+    with handling(incoming):        # what a worker or a subscriber does around a handler
+        publisher.publish("mail", Message(...))   # correlation and causation filled in
+
+`publish` calls `trace(message)`, which fills in the two headers unless the message
+already carries them (set them yourself to join a chain started elsewhere, such as an
+HTTP request's id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the publisher calls trace(): importing it here would be circular
+    from pybondi.publisher import Message
+
+__all__ = ["CAUSATION_ID", "CORRELATION_ID", "current", "handling", "trace"]
+
+CORRELATION_ID = "correlation-id"
+CAUSATION_ID = "causation-id"
+
+_handled: ContextVar[Message[Any] | None] = ContextVar("pybondi.tracing.handled", default=None)
+
+
+def current() -> Message[Any] | None:
+    """The message being handled in this thread or task, if any."""
+    return _handled.get()
+
+
+@contextmanager
+def handling(message: Message[Any]) -> Iterator[Message[Any]]:
+    """Mark `message` as the one being handled for the duration of the block."""
+    token = _handled.set(message)
+    try:
+        yield message
+    finally:
+        _handled.reset(token)
+
+
+def trace(message: Message[Any]) -> None:
+    """Fill in the correlation and causation ids of a message about to be published."""
+    cause = _handled.get()
+    if cause is None or cause is message:
+        return
+    headers = message.headers
+    if CORRELATION_ID not in headers:
+        headers[CORRELATION_ID] = cause.headers.get(CORRELATION_ID) or str(cause.id)
+    if CAUSATION_ID not in headers:
+        headers[CAUSATION_ID] = str(cause.id)
