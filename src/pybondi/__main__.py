@@ -1,0 +1,7 @@
+"""`python -m pybondi`: the `pybondi` command."""
+
+import sys
+
+from pybondi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""The `pybondi` command.
+
+    pybondi relay --store postgresql://localhost/bank --broker amqp://guest:guest@localhost/
+
+`relay` sends the outbox's committed rows to the broker until SIGTERM or Ctrl-C, then
+finishes the batch under way, gives its leases back and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `pybondi` command line; return the exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(
+        level=arguments.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(asyncio.run(_relay(arguments)))
+    except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pybondi", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    relay = commands.add_parser(
+        "relay", help="send the outbox's committed messages to a broker, until SIGTERM"
+    )
+    relay.add_argument("--store", required=True, help="database URL of the outbox's SQLStore")
+    relay.add_argument("--broker", required=True, help="redis://, amqp:// or nats:// URL")
+    relay.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
+    relay.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
+    relay.add_argument("--batch-size", type=_positive, default=100, help="rows per batch")
+    relay.add_argument("--lease", type=float, default=30.0, help="seconds a topic's lease lasts")
+    relay.add_argument(
+        "--retention", type=float, default=24.0, help="hours to keep sent rows (default 24)"
+    )
+    relay.add_argument(
+        "--create-tables", action="store_true", help="create the store's tables if missing"
+    )
+    relay.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+async def _relay(arguments: argparse.Namespace) -> int:
+    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.relay import Relay  # noqa: PLC0415
+    from pybondi.stores.sql import SQLStore  # noqa: PLC0415
+
+    store = SQLStore(
+        arguments.store, asynchronous=True, schema=arguments.schema, prefix=arguments.prefix
+    )
+    try:
+        if arguments.create_tables:
+            await store.acreate_tables()
+        relay = Relay(
+            store,
+            connect(arguments.broker),
+            batch_size=arguments.batch_size,
+            lease=arguments.lease,
+            retention=timedelta(hours=arguments.retention),
+        )
+        loop = asyncio.get_running_loop()
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(stop, relay.stop)
+        logging.getLogger("pybondi.relay").info("Relay %s started: %r", relay.name, relay)
+        await relay.run()
+        logging.getLogger("pybondi.relay").info(
+            "Relay %s stopped after sending %d message(s)", relay.name, relay.sent
+        )
+        return 0
+    finally:
+        await store.adispose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
