@@ -45,7 +45,7 @@ from pybondi.depends import (
     compile_sync,
 )
 from pybondi.exceptions import DeliveryError, InvalidHandler, SessionError, short_repr
-from pybondi.tracing import _handled, trace
+from pybondi.tracing import Handling, _handled, trace
 
 __all__ = ["BasePublisher", "BufferedPublisher", "Depends", "Message", "Publisher"]
 
@@ -328,45 +328,59 @@ class Publisher(BufferedPublisher, Overridable):
     def commit(self) -> None:
         """Deliver the buffered messages in order; see the module docstring on failures."""
         transaction, routes = self._transaction.get(), self._routes
-        while transaction:
-            topic, message = transaction[0]
-            invokers, names = routes.get(topic) or self._route(topic)
-            index = transaction.resume
-            handled = _handled.set(message)
-            try:
-                for deliver in invokers[index:] if index else invokers:
-                    deliver(message)
-                    index += 1
-            except Exception as error:
-                transaction.resume = index
-                raise DeliveryError(topic, message, names[index], list(transaction)) from error
-            finally:
-                _handled.reset(handled)
-            transaction.resume = 0
-            transaction.popleft()
+        if not transaction:
+            return
+        # Each message is the one being handled while its subscribers run. Setting the
+        # context variable per message would cost more than the delivery itself: the
+        # variable holds a cursor, moved from message to message.
+        cursor = Handling()
+        before = _handled.set(cursor)
+        try:
+            while transaction:
+                topic, message = transaction[0]
+                invokers, names = routes.get(topic) or self._route(topic)
+                index = transaction.resume
+                cursor.message = message
+                try:
+                    for deliver in invokers[index:] if index else invokers:
+                        deliver(message)
+                        index += 1
+                except Exception as error:
+                    transaction.resume = index
+                    raise DeliveryError(topic, message, names[index], list(transaction)) from error
+                transaction.resume = 0
+                transaction.popleft()
+        finally:
+            cursor.message = None
+            _handled.reset(before)
 
     async def acommit(self) -> None:
         """`commit`, awaiting async subscribers."""
         transaction = self._transaction.get()
-        while transaction:
-            topic, message = transaction[0]
-            invokers, names = self._aroute(topic)
-            index = transaction.resume
-            handled = _handled.set(message)
-            try:
-                for deliver, awaited in invokers[index:] if index else invokers:
-                    result = deliver(message)
-                    if awaited:
-                        await result
-                    index += 1
-            except Exception as error:
-                transaction.resume = index
-                raise DeliveryError(topic, message, names[index], list(transaction)) from error
-            finally:
-                _handled.reset(handled)
-            transaction.resume = 0
-            transaction.popleft()
-
+        if not transaction:
+            return
+        cursor = Handling()
+        before = _handled.set(cursor)
+        try:
+            while transaction:
+                topic, message = transaction[0]
+                invokers, names = self._aroute(topic)
+                index = transaction.resume
+                cursor.message = message
+                try:
+                    for deliver, awaited in invokers[index:] if index else invokers:
+                        result = deliver(message)
+                        if awaited:
+                            await result
+                        index += 1
+                except Exception as error:
+                    transaction.resume = index
+                    raise DeliveryError(topic, message, names[index], list(transaction)) from error
+                transaction.resume = 0
+                transaction.popleft()
+        finally:
+            cursor.message = None
+            _handled.reset(before)
 
 def _not_a_message(message: object) -> TypeError:
     return TypeError(

@@ -10,6 +10,11 @@ starts a new chain: its correlation id is its own id.
 `publish` calls `trace(message)`, which fills in the two headers unless the message
 already carries them (set them yourself to join a chain started elsewhere, such as an
 HTTP request's id).
+
+The in-memory publisher marks each message as handled while its subscribers run. A
+task that a subscriber starts and leaves running sees the message being delivered when
+it publishes, or none once delivery is over: give such a task its message with
+`handling(message)` if what it publishes must name its cause.
 """
 
 from __future__ import annotations
@@ -22,23 +27,34 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the publisher calls trace(): importing it here would be circular
     from pybondi.publisher import Message
 
-__all__ = ["CAUSATION_ID", "CORRELATION_ID", "current", "handling", "trace"]
+__all__ = ["CAUSATION_ID", "CORRELATION_ID", "Handling", "current", "handling", "trace"]
 
 CORRELATION_ID = "correlation-id"
 CAUSATION_ID = "causation-id"
 
-_handled: ContextVar[Message[Any] | None] = ContextVar("pybondi.tracing.handled", default=None)
+
+class Handling:
+    """Which message is being handled; a publisher delivering many moves it along."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message[Any] | None = None) -> None:
+        self.message = message
+
+
+_handled: ContextVar[Handling | None] = ContextVar("pybondi.tracing.handled", default=None)
 
 
 def current() -> Message[Any] | None:
     """The message being handled in this thread or task, if any."""
-    return _handled.get()
+    handled = _handled.get()
+    return None if handled is None else handled.message
 
 
 @contextmanager
 def handling(message: Message[Any]) -> Iterator[Message[Any]]:
     """Mark `message` as the one being handled for the duration of the block."""
-    token = _handled.set(message)
+    token = _handled.set(Handling(message))
     try:
         yield message
     finally:
@@ -47,7 +63,7 @@ def handling(message: Message[Any]) -> Iterator[Message[Any]]:
 
 def trace(message: Message[Any]) -> None:
     """Fill in the correlation and causation ids of a message about to be published."""
-    cause = _handled.get()
+    cause = current()
     if cause is None or cause is message:
         return
     headers = message.headers

@@ -1,0 +1,121 @@
+"""Envelopes: how a message travels between processes, and how bad data is refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from uuid import UUID
+
+import pytest
+
+from pybondi import Event, Message
+from pybondi.envelope import JSON_TYPE, Envelope
+from pybondi.exceptions import SerializationError, UnknownMessageType
+from pybondi.serialization import Registry
+
+
+@dataclass(frozen=True)
+class Deposited(Event):
+    account: str
+    amount: int
+
+
+@pytest.fixture
+def registry() -> Registry:
+    registry = Registry()
+    registry.register(Deposited, name="bank.Deposited", version=2)
+    return registry
+
+
+def test_a_registered_payload_travels_under_its_name_and_version(registry: Registry) -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    message = Message(Deposited("acc-1", 10), sender="bank", headers={"tenant": "t1"}, timestamp=at)
+
+    envelope = Envelope.seal("accounts", message, registry)
+
+    assert envelope.topic == "accounts"
+    assert envelope.id == str(message.id)
+    assert json.loads(envelope.body) == {"account": "acc-1", "amount": 10}
+    assert envelope.headers == {
+        "tenant": "t1",
+        "message-id": str(message.id),
+        "message-type": "bank.Deposited",
+        "message-version": "2",
+        "timestamp": "2026-01-02T03:04:05.000006+00:00",
+        "sender": "bank",
+        "correlation-id": str(message.id),  # a chain of its own: no cause
+    }
+    opened = envelope.open(registry)
+    assert opened.payload == Deposited("acc-1", 10)
+    assert (opened.id, opened.sender, opened.timestamp) == (message.id, "bank", at)
+    assert opened.headers == {"tenant": "t1", "correlation-id": str(message.id)}
+
+
+def test_plain_json_needs_no_registry() -> None:
+    message = Message({"n": [1, 2.5, None, True, "é"]})
+    envelope = Envelope.seal("numbers", message)
+
+    assert envelope.headers["message-type"] == JSON_TYPE
+    assert envelope.open().payload == {"n": [1, 2.5, None, True, "é"]}
+    assert envelope.open().id == message.id
+
+
+def test_a_payload_that_cannot_leave_the_process_is_refused_at_once(registry: Registry) -> None:
+    class Unregistered:
+        pass
+
+    with pytest.raises(SerializationError, match=r"Unregistered.*not registered.*register"):
+        Envelope.seal("t", Message(Unregistered()), registry)
+    with pytest.raises(SerializationError, match=r"Deposited.*no JSON.*registry"):
+        Envelope.seal("t", Message(Deposited("a", 1)))  # registered, but no registry given
+    with pytest.raises(SerializationError, match="not plain JSON"):
+        Envelope.seal("t", Message({"x": float("nan")}))
+    with pytest.raises(SerializationError, match="not plain JSON"):
+        Envelope.seal("t", Message({"when": datetime.now(UTC)}))
+
+
+def test_correlation_and_causation_set_by_the_caller_are_kept() -> None:
+    message = Message({}, headers={"correlation-id": "request-42", "causation-id": "c"})
+    headers = Envelope.seal("t", message).headers
+    assert (headers["correlation-id"], headers["causation-id"]) == ("request-42", "c")
+
+
+def _sealed(registry: Registry) -> Envelope:
+    return Envelope.seal("accounts", Message(Deposited("acc-1", 10)), registry)
+
+
+def test_only_registered_types_are_built(registry: Registry) -> None:
+    envelope = _sealed(registry)
+    with pytest.raises(UnknownMessageType, match="bank.Deposited") as caught:
+        envelope.open(Registry())
+    assert f"In message {envelope.id} on 'accounts'." in caught.value.__notes__
+    with pytest.raises(SerializationError, match="pass the registry"):
+        envelope.open()
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"body": b"{not json"}, "not valid JSON"),
+        ({"body": b'{"account": "a"}'}, "amount"),
+        ({"headers": {"message-type": "bank.Deposited", "message-version": "x"}}, "malformed"),
+        ({"headers": {"message-type": JSON_TYPE, "message-id": "42"}}, "malformed"),
+        ({"headers": {"message-type": JSON_TYPE, "timestamp": "soon"}}, "malformed"),
+    ],
+)
+def test_bad_data_is_a_serialization_error_naming_the_message(
+    registry: Registry, change: dict[str, object], problem: str
+) -> None:
+    envelope = _sealed(registry)
+    headers = {**envelope.headers, **change.get("headers", {})}  # type: ignore[dict-item]
+    body = change.get("body", envelope.body)
+    assert isinstance(body, bytes)
+    broken = Envelope(envelope.topic, envelope.id, headers, body)
+    with pytest.raises(SerializationError, match=problem) as caught:
+        broken.open(registry)
+    assert envelope.id in str(caught.value) + " ".join(getattr(caught.value, "__notes__", []))
+
+
+def test_opened_ids_are_uuids(registry: Registry) -> None:
+    assert isinstance(_sealed(registry).open(registry).id, UUID)
