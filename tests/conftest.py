@@ -12,6 +12,7 @@ import pytest
 from pybondi import Command, Event, Messagebus, Publisher, Session
 from pybondi.stores import SQLStore, Store
 from tests.backends import BACKENDS, SQL_BACKENDS, Backend
+from tests.brokers import KITS, BrokerKit
 
 
 class SyncDriver:
@@ -165,3 +166,17 @@ def _store(backend: Backend, driver: Driver) -> Iterator[Store]:
     if isinstance(made, SQLStore):
         # An async engine's connections belong to the driver's loop: dispose of them there.
         driver.io(made, "dispose")
+
+
+# Brokers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=_backend_params(list(KITS)))
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerKit]:
+    """Each real broker (Redis, RabbitMQ, NATS), with names of this test's own, removed after."""
+    kit = KITS[request.param]()
+    try:
+        kit.start()
+        yield kit
+    finally:
+        kit.close()

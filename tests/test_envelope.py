@@ -76,7 +76,9 @@ def test_a_payload_that_cannot_leave_the_process_is_refused_at_once(registry: Re
 
 
 def test_correlation_and_causation_set_by_the_caller_are_kept() -> None:
-    message = Message({}, headers={"correlation-id": "request-42", "causation-id": "c"})
+    message: Message[dict[str, str]] = Message(
+        {}, headers={"correlation-id": "request-42", "causation-id": "c"}
+    )
     headers = Envelope.seal("t", message).headers
     assert (headers["correlation-id"], headers["causation-id"]) == ("request-42", "c")
 

@@ -163,7 +163,10 @@ class RabbitMQBroker(Broker):
             return f"RabbitMQ refused it, as a full reject-publish queue does ({reason})"
         if isinstance(reason, TimeoutError):
             return f"timed out: no connection or no ack within {self.timeout} s"
-        return reason or "unknown failure"
+        if reason is None or (type(reason) is Exception and not str(reason)):
+            # aiormq fails the publishes still waiting on a closed channel with a bare Exception.
+            return "the connection closed before RabbitMQ acked it"
+        return reason
 
     async def _open(self, envelopes: Sequence[Envelope]) -> aio_pika.abc.AbstractExchange:
         """The exchange on an open channel, with the queue of every topic declared."""
