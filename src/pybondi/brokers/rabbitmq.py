@@ -7,7 +7,8 @@ topic as the routing key, persistent, with `message_id` = the envelope's id, its
 as AMQP headers and content type `application/json`. The first time a connection sends
 to a topic it declares the durable queue `prefix + topic`, bound to the exchange with the
 topic as binding key, so messages are kept even before any consumer exists; pass
-`declare_queues=False` when your consumers or your operators declare the queues.
+`declare_queues=False` when your consumers or your operators declare the queues. A
+message returned because its queue was deleted makes the next send declare it again.
 
 Messages are published `mandatory`: one that no queue takes is returned by RabbitMQ and
 raises `PublishError`, never vanishes. The broker's ack (a publisher confirm) is its
@@ -114,7 +115,7 @@ class RabbitMQBroker(Broker):
                 publish_task.cancel()  # those still waiting, after a failure
         if failure is not None and publishes:
             await asyncio.wait(publishes)
-        first, reason = self._first_unconfirmed(publishes, failure, len(envelopes))
+        first, reason = self._first_unconfirmed(envelopes, publishes, failure)
         if first is None:
             return
         if not isinstance(reason, aio_pika.exceptions.DeliveryError):
@@ -133,13 +134,19 @@ class RabbitMQBroker(Broker):
         )
 
     def _first_unconfirmed(
-        self, publishes: list[asyncio.Task[Any]], failure: BaseException | None, count: int
+        self,
+        envelopes: Sequence[Envelope],
+        publishes: list[asyncio.Task[Any]],
+        failure: BaseException | None,
     ) -> tuple[int | None, BaseException | None]:
         """The index of the first envelope without an ack, and why; reads every result."""
         first: int | None = None
         reason: BaseException | None = None
         for index, publish in enumerate(publishes):
             error = None if publish.cancelled() else publish.exception()
+            if isinstance(error, aio_pika.exceptions.PublishError):
+                # Returned: its queue is gone (deleted, expired), so declare it again.
+                self._declared.discard(envelopes[index].topic)
             if first is not None:
                 continue  # read the rest only so asyncio logs no unretrieved exception
             if publish.cancelled():
@@ -148,7 +155,7 @@ class RabbitMQBroker(Broker):
                 first, reason = index, error
             elif not isinstance(publish.result(), aiormq.spec.Basic.Ack):
                 first, reason = index, RuntimeError(f"no ack but {publish.result()!r}")
-        if first is None and len(publishes) < count:
+        if first is None and len(publishes) < len(envelopes):
             first, reason = len(publishes), failure
         return first, reason
 
