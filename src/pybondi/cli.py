@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         "relay", help="send the outbox's committed messages to a broker, until SIGTERM"
     )
     relay.add_argument("--store", required=True, help="database URL of the outbox's SQLStore")
-    relay.add_argument("--broker", required=True, help="redis://, amqp:// or nats:// URL")
+    relay.add_argument(
+        "--broker", required=True, type=_broker_url, help="redis://, amqp:// or nats:// URL"
+    )
     relay.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
     relay.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
     relay.add_argument("--batch-size", type=_positive, default=100, help="rows per batch")
@@ -51,8 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--create-tables", action="store_true", help="create the store's tables if missing"
     )
-    relay.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    relay.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _broker_url(url: str) -> str:
+    from pybondi.brokers import check_url  # noqa: PLC0415 - only the relay needs it
+
+    try:
+        check_url(url)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return url
 
 
 def _positive(text: str) -> int:

@@ -16,9 +16,10 @@ Messages are serialized as they are published (a registered type, or plain JSON;
 `pybondi.envelope`), so a payload that cannot leave the process fails in the handler
 that published it, not later in the relay.
 
-Used with a repository on another store (the in-memory one, say), the outbox writes its
+Used with a repository that has no store (the in-memory one, say), the outbox writes its
 rows in a transaction of its own when the publisher commits, after the repository: a
-crash between the two loses the messages, as with any two separate stores.
+crash between the two loses the messages, as with any two separate stores. A repository
+on another SQL store is refused.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import TYPE_CHECKING, Any, cast
 from pybondi.envelope import Envelope
 from pybondi.exceptions import SessionError
 from pybondi.publisher import BufferedPublisher, Message
+from pybondi.repositories import StoreRepository
 from pybondi.serialization import Registry
-from pybondi.stores.base import Records, Store, Transaction, UnitOfWork
+from pybondi.stores.base import Records, Store, Transaction
 
 if TYPE_CHECKING:
     from pybondi.stores._sqloutbox import OutboxRecords
@@ -64,21 +66,22 @@ class Outbox(BufferedPublisher):
     def _buffered(self, topic: str, message: Message[Any]) -> Envelope:
         return Envelope.seal(topic, message, self.registry)
 
-    def begin(self) -> object:
-        """Open a transaction, joining the database transaction of the unit of work."""
-        buffer = super().begin()
-        unit = UnitOfWork.current()
-        if unit is not None:
-            store, transaction = unit
-            if store is not self.store:
-                super().close()
-                raise SessionError(
-                    f"The session's repository is on {store!r} and the outbox on "
-                    f"{self.store!r}: the messages would not commit with the aggregates. "
-                    f"Give both the same store."
-                )
-            buffer.joined = transaction  # type: ignore[attr-defined]
-        return buffer
+    def join(self, repository: object) -> None:
+        """Write in the database transaction of the session's repository, on this store.
+
+        A repository on another SQL store is an error: the messages would not commit
+        with the aggregates. A repository without a store (the in-memory one) leaves
+        the outbox to write in a transaction of its own, when it commits.
+        """
+        if not isinstance(repository, StoreRepository):
+            return
+        if repository.storage is not self.store:
+            raise SessionError(
+                f"The session's repository is on {repository.storage!r} and the outbox "
+                f"on {self.store!r}: the messages would not commit with the aggregates. "
+                f"Give both the same store object."
+            )
+        self._buffer().joined = repository.transaction
 
     def prepare(self) -> None:
         """Write the buffered messages in the unit of work's transaction, if it has one."""

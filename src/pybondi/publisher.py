@@ -102,6 +102,13 @@ class BasePublisher(ABC):
         """The handle of the transaction `publish` writes to now, if the publisher has one."""
         return None
 
+    def join(self, repository: object) -> None:
+        """Called by the session once both began, with its repository; does nothing here.
+
+        A publisher that writes into the repository's transaction (the outbox) takes
+        the transaction now.
+        """
+
     def prepare(self) -> Awaitable[None] | None:
         """Called by the session just before the repository commits; does nothing here.
 
@@ -381,6 +388,7 @@ class Publisher(BufferedPublisher, Overridable):
         finally:
             cursor.message = None
             _handled.reset(before)
+
 
 def _not_a_message(message: object) -> TypeError:
     return TypeError(

@@ -96,7 +96,6 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until `stop()`; then give the leases back and close the broker."""
-        self._stopping.clear()
         failures = 0
         try:
             while not self._stopping.is_set():
@@ -116,6 +115,7 @@ class Relay:
                     await self._pause(self.idle)
         finally:
             await self._shutdown()
+            self._stopping.clear()  # so that run() may be called again
 
     async def run_once(self) -> int:
         """Send what is pending now, topic by topic; return how many messages were sent."""

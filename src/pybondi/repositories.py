@@ -44,7 +44,6 @@ from pybondi.stores.base import (
     StoredEvent,
     TableRecords,
     Transaction,
-    UnitOfWork,
 )
 
 __all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository", "TableRepository"]
@@ -73,7 +72,6 @@ class StoreRepository(Repository[A]):
         # never its class name, so that renaming or moving the class loses nothing.
         self.name = name or registry.name_of(aggregate_type)
         self.transaction: Transaction | None = None
-        self._entered: Any = None  # the UnitOfWork token of the open transaction
         self.versions: dict[Any, int] = {}  # the stored version each aggregate was read at
         self.states: dict[Any, object] = {}  # its stored form, to tell if it changed
         self.recorded: list[tuple[Any, Event]] = []  # in the order the session took them
@@ -197,12 +195,10 @@ class StoreRepository(Repository[A]):
     def begin(self) -> None:
         """Open the unit of work's transaction."""
         self.transaction = self.storage.begin()
-        self._entered = UnitOfWork.enter(self.storage, self.transaction)
 
     async def abegin(self) -> None:
         """`begin` for async stores."""
         self.transaction = await self.storage.abegin()
-        self._entered = UnitOfWork.enter(self.storage, self.transaction)
 
     def commit(self) -> None:
         """Write every changed aggregate and every new event, then commit; or nothing."""
@@ -235,7 +231,6 @@ class StoreRepository(Repository[A]):
         self._forget()
         transaction, self.transaction = self.transaction, None
         if transaction is not None:
-            UnitOfWork.leave(self._entered)
             transaction.close()
 
     async def aclose(self) -> None:
@@ -243,7 +238,6 @@ class StoreRepository(Repository[A]):
         self._forget()
         transaction, self.transaction = self.transaction, None
         if transaction is not None:
-            UnitOfWork.leave(self._entered)
             await transaction.aclose()
 
     def _forget(self) -> None:

@@ -208,6 +208,7 @@ class Session:
             if (transaction := self.publisher.begin()) is not None:
                 refuse_awaitable(transaction, self.publisher.begin, _INSTEAD)
             self._transaction = transaction
+            self.publisher.join(self.repository)
         except BaseException as error:
             self._close(error)
             raise
@@ -338,6 +339,7 @@ class Session:
         try:
             await self.repository.abegin()
             self._transaction = await self.publisher.abegin()
+            self.publisher.join(self.repository)
         except BaseException as error:
             await self._aclose(error)
             raise

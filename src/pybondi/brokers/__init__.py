@@ -15,7 +15,7 @@ from typing import Any
 
 from pybondi.brokers.base import Broker, BrokerPublisher
 
-__all__ = ["Broker", "BrokerPublisher", "connect"]
+__all__ = ["Broker", "BrokerPublisher", "check_url", "connect"]
 
 # URL scheme -> (module, class)
 _ADAPTERS = {
@@ -33,15 +33,20 @@ def connect(url: str, **options: Any) -> Broker:
 
     `options` go to the adapter's constructor. The connection opens at the first send.
     """
-    scheme = url.partition("://")[0].lower()
-    if scheme not in _ADAPTERS:
-        raise ValueError(
-            f"No broker adapter for {url.partition('://')[0]!r} URLs; pybondi knows "
-            f"{', '.join(sorted(_ADAPTERS))}, as in redis://localhost:6379, "
-            f"amqp://guest:guest@localhost:5672/ or nats://localhost:4222."
-        )
-    module, name = _ADAPTERS[scheme]
+    module, name = _ADAPTERS[check_url(url)]
     # The adapter raises MissingDependency, naming the extra, when its client is missing.
     adapter = importlib.import_module(f"pybondi.brokers.{module}")
     broker: Broker = getattr(adapter, name)(url, **options)
     return broker
+
+
+def check_url(url: str) -> str:
+    """The URL's scheme, if pybondi has an adapter for it; else a ValueError saying which."""
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() not in _ADAPTERS:
+        raise ValueError(
+            f"No broker adapter for {url!r}: pybondi knows {', '.join(sorted(_ADAPTERS))} "
+            f"URLs, as in redis://localhost:6379, amqp://guest:guest@localhost:5672/ or "
+            f"nats://localhost:4222."
+        )
+    return scheme.lower()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -30,7 +29,6 @@ __all__ = [
     "StoredEvent",
     "TableRecords",
     "Transaction",
-    "UnitOfWork",
 ]
 
 T = TypeVar("T")
@@ -204,34 +202,3 @@ class Store(ABC):
             return await transaction.arun(lambda records: records.read_log(after, limit))
         finally:
             await transaction.aclose()
-
-
-_Unit = tuple[Store, Transaction]
-
-
-class UnitOfWork:
-    """Which store transaction the current thread or task's unit of work runs in.
-
-    A store repository enters its transaction here when it begins, so that others taking
-    part in the same unit of work (the outbox) write in that transaction too.
-    """
-
-    _current: ContextVar[_Unit | None] = ContextVar("pybondi.unit_of_work", default=None)
-
-    @classmethod
-    def enter(cls, store: Store, transaction: Transaction) -> Token[_Unit | None]:
-        """Make `transaction` the current unit of work's, until `leave`."""
-        return cls._current.set((store, transaction))
-
-    @classmethod
-    def leave(cls, token: Token[_Unit | None]) -> None:
-        """End what `enter` began."""
-        try:
-            cls._current.reset(token)
-        except ValueError:  # entered in another context, which ends with it
-            cls._current.set(None)
-
-    @classmethod
-    def current(cls) -> _Unit | None:
-        """The store and transaction of the unit of work under way, if any."""
-        return cls._current.get()

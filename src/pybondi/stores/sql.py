@@ -109,11 +109,15 @@ class SQLStore(Store):
         if not made:
             _check_engine(sync_engine)
         self.metadata = sa.MetaData(schema=schema)
+        self.prefix = prefix
         self.statements = Statements(self.metadata, prefix, sync_engine.dialect)
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"<SQLStore {url}{' async' if self.is_async else ''}>"
+        where = f" schema={self.metadata.schema}" if self.metadata.schema else ""
+        if self.prefix != "pybondi_":
+            where += f" prefix={self.prefix}"
+        return f"<SQLStore {url}{where}{' async' if self.is_async else ''}>"
 
     # Transactions -----------------------------------------------------------------------
 

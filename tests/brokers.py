@@ -1,0 +1,477 @@
+"""The brokers the contract suite runs on: real Redis, RabbitMQ and NATS JetStream.
+
+A kit makes broker adapters with names of the test's own (a stream prefix, an
+exchange), hands out unique topics, reads back what reached the broker through the
+broker's own client (never through the adapter under test), and deletes every stream,
+queue and exchange the test made, pass or fail. A server that cannot be reached skips
+its tests with the reason, except under CI=true, where it fails them.
+
+Each kit runs its async work on an `asyncio.Runner` of its own, so the raw client, the
+adapters and the test share one event loop; `@on_broker` runs an `async def` test on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, TypeVar, cast
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import nats
+import nats.aio.client
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+import redis
+import redis.asyncio
+
+from pybondi.brokers import Broker, connect
+from pybondi.envelope import Envelope
+from tests.backends import unavailable
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 3.0
+
+
+class BrokerKit(ABC):
+    """One test's view of one broker: adapters, topics, raw reads and cleanup.
+
+    `read(topic, count)` returns the messages of `topic` not read before, waiting up to
+    `timeout` seconds until there are at least `count`. Since an adapter returns only
+    once the broker confirmed, what it sent is readable at once: `timeout=0` checks that,
+    and `read(topic, 0)` says instantly that nothing (more) is there.
+    """
+
+    name: ClassVar[str]
+    env: ClassVar[str]
+    default_url: ClassVar[str]
+    dead_url: ClassVar[str]  # nothing listens there: connecting is refused at once
+    impatient: ClassVar[dict[str, Any]] = {"timeout": 1.0}  # options to give up in a second
+    sync: ClassVar[bool] = False  # the adapter has a sync client (`send`, `commit()`)
+
+    def __init__(self) -> None:
+        self.url = os.environ.get(self.env, self.default_url)
+        self.id = uuid.uuid4().hex[:12]
+        self.prefix = f"pybondi_{self.id}_"
+        self.runner = asyncio.Runner()
+        self.brokers: list[Broker] = []
+        self.topics: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.prefix}>"
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the kit's event loop."""
+        return self.runner.run(work)
+
+    def make(self, url: str | None = None, **options: Any) -> Broker:
+        """A new adapter through `connect()`, with this test's names; closed at cleanup."""
+        broker = connect(url or self.url, **{**self.options(), **options})
+        self.brokers.append(broker)
+        return broker
+
+    def options(self) -> dict[str, Any]:
+        """The adapter options that give it this test's own names."""
+        return {"prefix": self.prefix}
+
+    def topic(self, name: str = "orders") -> str:
+        """A topic no other test uses (with a dot, as topics often have)."""
+        topic = f"{name}.{self.id}-{len(self.topics)}"
+        self.topics.append(topic)
+        return topic
+
+    async def read(self, topic: str, count: int, timeout: float = 10.0) -> list[Envelope]:
+        """The unread messages of `topic`, once there are `count` or `timeout` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        got: list[Envelope] = []
+        while True:
+            got += await self.take(topic)
+            if len(got) >= count or loop.time() >= deadline:
+                return got
+            await asyncio.sleep(0.02)
+
+    def start(self) -> None:
+        """Open the raw client; skip (or fail under CI=true) if the server is unreachable."""
+        if self.name in _UNREACHABLE:
+            unavailable(self.name, _UNREACHABLE[self.name])
+        try:
+            self.run(asyncio.wait_for(self.open(), CONNECT_TIMEOUT + 1))
+        except Exception as error:
+            if not self.unreachable(error):
+                raise
+            _UNREACHABLE[self.name] = error
+            unavailable(self.name, error)
+
+    def close(self) -> None:
+        """Close the adapters, delete what the test made, close the raw client and loop."""
+        try:
+            self.run(self._close())
+        finally:
+            self.runner.close()
+
+    async def _close(self) -> None:
+        failures: list[Exception] = []
+        for broker in self.brokers:
+            try:
+                await broker.aclose()
+            except Exception as error:  # close the others and clean up all the same
+                failures.append(error)
+        if self.connected():
+            try:
+                await self.cleanup()
+            finally:
+                await self.disconnect()
+        if failures:
+            raise failures[0]
+
+    # What each broker writes -----------------------------------------------------------
+
+    @abstractmethod
+    def unreachable(self, error: Exception) -> bool:
+        """Whether `error`, raised by `open()`, means the server is not there."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect the raw client."""
+
+    @abstractmethod
+    def connected(self) -> bool:
+        """Whether `open()` succeeded (so there is something to clean up with)."""
+
+    @abstractmethod
+    async def take(self, topic: str) -> list[Envelope]:
+        """Every message of `topic` available now and not taken before, in order."""
+
+    @abstractmethod
+    async def undeliverable(self) -> tuple[Broker, str, str]:
+        """An adapter with a `good` topic it can send to and a `bad` one it cannot."""
+
+    @abstractmethod
+    async def repair(self, topic: str) -> None:
+        """Make a topic `undeliverable()` returned as bad deliverable."""
+
+    @abstractmethod
+    async def destroy(self, topic: str) -> None:
+        """Delete a topic's stream or queue behind the adapter's back, as an operator may."""
+
+    @abstractmethod
+    async def cleanup(self) -> None:
+        """Delete every stream, queue and exchange this test made."""
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Close the raw client."""
+
+
+_UNREACHABLE: dict[str, BaseException] = {}  # one failed connection per broker per run
+
+
+class RedisKit(BrokerKit):
+    """Redis Streams: each topic a stream `prefix + topic`, read with XRANGE."""
+
+    name = "redis"
+    env = "PYBONDI_REDIS_URL"
+    default_url = "redis://127.0.0.1:6379"
+    dead_url = "redis://127.0.0.1:1"
+    impatient: ClassVar[dict[str, Any]] = {"socket_connect_timeout": 1.0}
+    sync = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client: redis.asyncio.Redis | None = None
+        self.last: dict[str, str] = {}  # the last entry id read, per topic
+
+    def unreachable(self, error: Exception) -> bool:
+        return isinstance(error, OSError | redis.ConnectionError | TimeoutError)
+
+    async def open(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=CONNECT_TIMEOUT)
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        self.client = client
+
+    def connected(self) -> bool:
+        return self.client is not None
+
+    def _client(self) -> redis.asyncio.Redis:
+        assert self.client is not None, "the kit is not started"
+        return self.client
+
+    async def take(self, topic: str) -> list[Envelope]:
+        client, key, after = self._client(), self.prefix + topic, self.last.get(topic)
+        if await client.type(key) != b"stream":  # none yet, or the string undeliverable() set
+            return []
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await client.xrange(key, min="-" if after is None else f"({after}"),
+        )
+        if entries:
+            self.last[topic] = entries[-1][0].decode()
+        envelopes = []
+        for _, fields in entries:
+            assert set(fields) == {b"headers", b"body"}, fields
+            headers = json.loads(fields[b"headers"])
+            message_id = headers.get("message-id", "")
+            envelopes.append(Envelope(topic, message_id, headers, fields[b"body"]))
+        return envelopes
+
+    async def undeliverable(self) -> tuple[Broker, str, str]:
+        good, bad = self.topic("good"), self.topic("bad")
+        # XADD to a key holding a plain string fails with WRONGTYPE.
+        await self._client().set(self.prefix + bad, "not a stream")
+        return self.make(), good, bad
+
+    async def repair(self, topic: str) -> None:
+        await self._client().delete(self.prefix + topic)
+
+    async def destroy(self, topic: str) -> None:
+        await self._client().delete(self.prefix + topic)
+
+    async def cleanup(self) -> None:
+        client = self._client()
+        keys = [key async for key in client.scan_iter(match=f"{self.prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+
+    async def disconnect(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+
+class RabbitMQKit(BrokerKit):
+    """RabbitMQ: a topic exchange of the test's own, a queue `prefix + topic` per topic.
+
+    Reads with basic_get, so a message read is gone from its queue.
+    """
+
+    name = "rabbitmq"
+    env = "PYBONDI_RABBITMQ_URL"
+    default_url = "amqp://guest:guest@127.0.0.1:5672/"
+    dead_url = "amqp://guest:guest@127.0.0.1:1/"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchange = f"pybondi_{self.id}"
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "exchange": self.exchange}
+
+    def unreachable(self, error: Exception) -> bool:
+        return isinstance(error, OSError | aio_pika.exceptions.AMQPConnectionError | TimeoutError)
+
+    async def open(self) -> None:
+        self.connection = await aio_pika.connect(self.url, timeout=CONNECT_TIMEOUT)
+        self.channel = await self.connection.channel()
+
+    def connected(self) -> bool:
+        return self.connection is not None
+
+    def _connection(self) -> aio_pika.abc.AbstractConnection:
+        assert self.connection is not None, "the kit is not started"
+        return self.connection
+
+    async def _queue(self, topic: str) -> aio_pika.abc.AbstractQueue | None:
+        """The topic's queue, if the adapter (or the kit) declared it."""
+        if topic not in self.queues:
+            # A passive declare of a missing queue closes its channel: use a spare one.
+            async with await self._connection().channel() as probe:
+                try:
+                    await probe.declare_queue(self.prefix + topic, passive=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    return None
+            assert self.channel is not None
+            self.queues[topic] = await self.channel.get_queue(self.prefix + topic, ensure=False)
+        return self.queues[topic]
+
+    async def take(self, topic: str) -> list[Envelope]:
+        queue = await self._queue(topic)
+        envelopes: list[Envelope] = []
+        while queue is not None and (message := await queue.get(no_ack=True, fail=False)):
+            assert message.routing_key == topic, (message.routing_key, topic)
+            headers = _strings(message.headers)
+            envelopes.append(Envelope(topic, message.message_id or "", headers, message.body))
+        return envelopes
+
+    async def declare(self, topic: str) -> None:
+        """Declare and bind a topic's queue the way the adapter does, with the raw client."""
+        assert self.channel is not None
+        exchange = await self.channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await self.channel.declare_queue(self.prefix + topic, durable=True)
+        await queue.bind(exchange, routing_key=topic)
+
+    async def undeliverable(self) -> tuple[Broker, str, str]:
+        good, bad = self.topic("good"), self.topic("bad")
+        await self.declare(good)
+        # Without a queue bound to `bad`, a mandatory publish comes back unroutable.
+        return self.make(declare_queues=False), good, bad
+
+    async def repair(self, topic: str) -> None:
+        await self.declare(topic)
+
+    async def destroy(self, topic: str) -> None:
+        self.queues.pop(topic, None)
+        async with await self._connection().channel() as channel:
+            await channel.queue_delete(self.prefix + topic)
+
+    async def cleanup(self) -> None:
+        connection = self._connection()
+        for topic in self.topics:
+            async with await connection.channel() as channel:
+                await channel.queue_delete(self.prefix + topic)
+        async with await connection.channel() as channel:
+            await channel.exchange_delete(self.exchange)
+
+    async def disconnect(self) -> None:
+        connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None:
+            await connection.close()
+
+
+def _strings(headers: Mapping[str, object]) -> dict[str, str]:
+    """Headers as envelopes have them: each value a str, as the adapter must send them."""
+    assert all(isinstance(value, str) for value in headers.values()), headers
+    return {key: str(value) for key, value in headers.items()}
+
+
+class NATSKit(BrokerKit):
+    """NATS JetStream: a stream per topic, read with a pull consumer."""
+
+    name = "nats"
+    env = "PYBONDI_NATS_URL"
+    default_url = "nats://127.0.0.1:4222"
+    dead_url = "nats://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client: nats.aio.client.Client | None = None
+        self.subscriptions: dict[str, nats.js.JetStreamContext.PullSubscription] = {}
+        self.taken: dict[str, int] = {}
+        self.namer: Broker | None = None  # an adapter, to name streams as it does
+
+    def unreachable(self, error: Exception) -> bool:
+        return isinstance(error, OSError | nats.errors.NoServersError | TimeoutError)
+
+    async def open(self) -> None:
+        errors: list[Exception] = []
+
+        async def note(error: Exception) -> None:
+            errors.append(error)
+
+        try:
+            # nats-py retries a refused first connection whatever the options say.
+            self.client = await asyncio.wait_for(
+                nats.connect(self.url, connect_timeout=CONNECT_TIMEOUT, error_cb=note),
+                CONNECT_TIMEOUT,
+            )
+        except TimeoutError as timeout:
+            raise (errors[-1] if errors else timeout) from None
+        await self._js().account_info()  # JetStream is enabled
+
+    def connected(self) -> bool:
+        return self.client is not None
+
+    def _js(self) -> nats.js.JetStreamContext:
+        assert self.client is not None, "the kit is not started"
+        js: nats.js.JetStreamContext = self.client.jetstream()
+        return js
+
+    def stream(self, topic: str) -> str:
+        """The stream name the adapter uses for a topic."""
+        from pybondi.brokers.nats import NATSBroker
+
+        if self.namer is None:
+            self.namer = self.make()
+        assert isinstance(self.namer, NATSBroker)
+        return self.namer.stream_name(topic)
+
+    async def take(self, topic: str) -> list[Envelope]:
+        js, stream = self._js(), self.stream(topic)
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        assert info.config.subjects == [topic], info.config
+        available = (info.state.last_seq or 0) - self.taken.get(topic, 0)
+        if available <= 0:
+            return []
+        if topic not in self.subscriptions:
+            self.subscriptions[topic] = await js.pull_subscribe(topic, stream=stream)
+        envelopes: list[Envelope] = []
+        while len(envelopes) < available:
+            for message in await self.subscriptions[topic].fetch(available - len(envelopes), 5):
+                await message.ack()
+                headers = _strings(message.headers or {})
+                message_id = headers.pop("Nats-Msg-Id", "")
+                assert message.subject == topic, (message.subject, topic)
+                envelopes.append(Envelope(topic, message_id, headers, message.data))
+        self.taken[topic] = self.taken.get(topic, 0) + len(envelopes)
+        return envelopes
+
+    async def add_stream(self, topic: str) -> None:
+        """Create a topic's stream the way the adapter does, with the raw client."""
+        await self._js().add_stream(name=self.stream(topic), subjects=[topic])
+
+    async def undeliverable(self) -> tuple[Broker, str, str]:
+        good, bad = self.topic("good"), self.topic("bad")
+        await self.add_stream(good)
+        # With no stream capturing `bad`, JetStream has nobody to acknowledge it.
+        return self.make(declare_streams=False), good, bad
+
+    async def repair(self, topic: str) -> None:
+        await self.add_stream(topic)
+
+    async def destroy(self, topic: str) -> None:
+        subscription = self.subscriptions.pop(topic, None)
+        if subscription is not None:
+            await subscription.unsubscribe()
+        self.taken.pop(topic, None)
+        await self._js().delete_stream(self.stream(topic))
+
+    async def cleanup(self) -> None:
+        js = self._js()
+        for subscription in self.subscriptions.values():
+            await subscription.unsubscribe()
+        names: list[str] = []
+        while page := await js.streams_info(offset=len(names)):  # the server pages the list
+            names += [info.config.name or "" for info in page]
+        for name in names:
+            if name.startswith(self.prefix):
+                await js.delete_stream(name)
+
+    async def disconnect(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+
+
+KITS: dict[str, type[BrokerKit]] = {"redis": RedisKit, "rabbitmq": RabbitMQKit, "nats": NATSKit}
+
+
+def on_broker(
+    test: Callable[[BrokerKit], Coroutine[Any, Any, None]],
+) -> Callable[[BrokerKit], None]:
+    """Run an `async def test(broker)` on the kit's event loop (pytest runs only sync tests)."""
+
+    def run(broker: BrokerKit) -> None:
+        broker.run(test(broker))
+
+    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
+    return run
