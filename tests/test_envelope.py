@@ -121,3 +121,24 @@ def test_bad_data_is_a_serialization_error_naming_the_message(
 
 def test_opened_ids_are_uuids(registry: Registry) -> None:
     assert isinstance(_sealed(registry).open(registry).id, UUID)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"a key": "v"},
+        {"a:b": "v"},
+        {"città": "v"},
+        {"": "v"},
+        {"note": "  padded  "},
+        {"note": "two\nlines"},
+        {"note": "tab\there"},
+        {"note": 42},
+    ],
+)
+def test_headers_some_broker_would_change_are_refused(headers: dict[str, str]) -> None:
+    # NATS headers are HTTP-style: it strips, folds or rejects anything else.
+    with pytest.raises(SerializationError, match="header"):
+        Envelope.seal("t", Message(1, headers=headers))
+    with pytest.raises(SerializationError, match="header"):
+        Envelope.seal("t", Message(1, sender=" me"))

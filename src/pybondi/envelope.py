@@ -15,11 +15,16 @@ Headers carry the envelope of the `Message`, under these names:
 - `correlation-id` and `causation-id` (see `pybondi.tracing`);
 - `sender`, when the message has one;
 - the message's own `headers`.
+
+Header names are HTTP-style tokens (ASCII letters, digits and a few signs) and values are
+text without line breaks, tabs or surrounding spaces: NATS would change or refuse
+anything else, so every envelope is held to that, whatever the broker.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,6 +40,7 @@ JSON_TYPE = "json"
 """The type name of a payload that is plain JSON rather than a registered type."""
 
 _JSON_VALUES = (dict, list, str, int, float, bool, type(None))
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _RESERVED = ("message-id", "message-type", "message-version", "timestamp", "sender")
 
 
@@ -65,12 +71,15 @@ class Envelope:
                 f"publisher the registry."
             )
         message_id = str(message.id)
+        if message.headers:
+            _check_headers(topic, message.headers)
         headers = dict(message.headers)
         headers["message-id"] = message_id
         headers["message-type"] = name
         headers["message-version"] = str(version)
         headers["timestamp"] = message.timestamp.isoformat()
         if message.sender is not None:
+            _check_headers(topic, {"sender": message.sender})
             headers["sender"] = message.sender
         headers.setdefault("correlation-id", message_id)
         return cls(topic, message_id, headers, body.encode())
@@ -108,6 +117,22 @@ class Envelope:
                 f"Message {self.id} on {self.topic!r} is malformed ({type(error).__name__}: "
                 f"{error}); headers {short_repr(headers)}, body {short_repr(self.body)}."
             ) from error
+
+
+def _check_headers(topic: str, headers: dict[str, str]) -> None:
+    """Refuse headers that some broker would change or reject (NATS's are HTTP-style)."""
+    for name, value in headers.items():
+        if not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+            raise SerializationError(
+                f"Cannot send header {name!r} to {topic!r}: header names are ASCII letters, "
+                f"digits and !#$%&'*+-.^_`|~ (no spaces, colons or accents), as in HTTP."
+            )
+        if not isinstance(value, str) or not value.isprintable() or value != value.strip():
+            raise SerializationError(
+                f"Cannot send header {name}={short_repr(value)} to {topic!r}: header values "
+                f"are text without line breaks, tabs, or spaces at either end, which some "
+                f"brokers would change in transit. Put such data in the payload."
+            )
 
 
 def _plain_json(topic: str, payload: Any) -> str:
