@@ -33,6 +33,10 @@ MODULES = [
     "pybondi.brokers",
     "pybondi.brokers.base",
     "pybondi.brokers.redis",
+    "pybondi.brokers.rabbitmq",
+    "pybondi.brokers.nats",
+    "pybondi.relay",
+    "pybondi.cli",
 ]
 
 
