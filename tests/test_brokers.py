@@ -7,6 +7,8 @@ confirmed only if the message is then there to read, headers and body intact, in
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -378,3 +380,30 @@ def test_an_unknown_scheme_names_the_known_ones() -> None:
         connect("foo://somewhere")
     for scheme in ("redis", "rediss", "amqp", "amqps", "nats", "tls"):
         assert scheme in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("client", "url", "extra"),
+    [
+        ("redis", "redis://127.0.0.1:6379", "redis"),
+        ("aio_pika", "amqp://guest:guest@127.0.0.1:5672/", "rabbitmq"),
+        ("nats", "nats://127.0.0.1:4222", "nats"),
+    ],
+)
+def test_a_missing_client_names_the_extra_to_install(client: str, url: str, extra: str) -> None:
+    # A fresh interpreter without the client, as without pybondi[<extra>]: the core, the
+    # envelope and the broker package import; connecting names the extra.
+    script = f"""
+import sys
+sys.modules[{client!r}] = None
+import pybondi, pybondi.envelope, pybondi.tracing, pybondi.brokers
+try:
+    pybondi.brokers.connect({url!r})
+except ImportError as error:
+    print(type(error).__name__, error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("MissingDependency"), result.stdout + result.stderr
+    assert f"pip install 'pybondi[{extra}]'" in result.stdout
