@@ -47,6 +47,7 @@ pytest-extra:
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
 	$(VENV)/bin/python benchmarks/bench_persistence.py
+	$(VENV)/bin/python benchmarks/bench_brokers.py
 
 $(STAMP): pyproject.toml
 	@echo "== Installing pybondi and its dev tools into $(VENV) ($(PYTHON))"
