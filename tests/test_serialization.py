@@ -228,7 +228,7 @@ def test_dumps_gives_compact_json_with_the_name_and_version(registry: Registry) 
     stored = registry.dumps(Opened("Zoë", limit=5))
 
     assert stored == Serialized("Opened", 1, '{"owner":"Zoë","limit":5}')
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # immutable
         stored.name = "other"  # type: ignore[misc]
 
 

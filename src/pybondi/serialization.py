@@ -43,7 +43,7 @@ from collections.abc import Callable
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
-from typing import Any, TypeVar, overload
+from typing import Any, NamedTuple, TypeVar, overload
 from uuid import UUID
 
 from pybondi._shapes import (
@@ -88,9 +88,9 @@ _SUPPORTED = (
 )
 
 
-# Not frozen: a frozen dataclass costs twice as much to build, once per message stored or sent.
-@dataclasses.dataclass(slots=True)
-class Serialized:
+# A named tuple, not a frozen dataclass: as immutable, and built in half the time, once per
+# message stored or sent.
+class Serialized(NamedTuple):
     """A stored message or aggregate state: its registered name, version and JSON text."""
 
     name: str
