@@ -447,18 +447,18 @@ def cli(*arguments: str) -> list[str]:
 
 def test_the_cli_relays_until_sigterm_then_exits_0(rig: RelayRig) -> None:
     kit, backend = rig.kit, rig.backend
-    # The command's broker has no stream prefix: the kit's prefix goes in the topic, so
-    # that the kit deletes the stream after the test.
-    topic = f"{kit.prefix}cli"
+    # The kit's prefix reaches the adapter as a broker option: the stream is the kit's
+    # own, which it deletes after the test.
+    topic, stream_key = "cli", f"{kit.prefix}cli"
     schema = ["--schema", backend.namespace] if backend.namespace else []
     command = cli(
         *("--store", backend.url, "--broker", kit.url, "--prefix", rig.prefix, *schema),
-        *("--batch-size", "7", "--lease", "5"),
+        *("--batch-size", "7", "--lease", "5", "--broker-option", f"prefix={kit.prefix}"),
     )
 
     async def stream() -> list[int]:
         assert isinstance(kit, RedisKit) and kit.client is not None
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await kit.client.xrange(topic))
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await kit.client.xrange(stream_key))
         return [json.loads(fields[b"body"])["n"] for _, fields in entries]
 
     async def scenario() -> None:
@@ -520,3 +520,39 @@ def test_the_cli_refuses_a_broker_url_it_has_no_adapter_for(tmp_path: Path) -> N
     # A mistake in the command line is told as one, before anything is touched.
     assert "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "outbox.db").exists()
+
+
+def test_the_cli_refuses_a_store_without_the_outbox_tables(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    done = subprocess.run(
+        cli("--store", store, "--broker", "redis://127.0.0.1:1"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "lacks the tables" in done.stderr and "pybondi_outbox" in done.stderr
+    assert "--create-tables" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+class Broken(Counting):
+    """A broker whose adapter has a bug: it fails the same way every time."""
+
+    async def asend(self, envelopes: Sequence[Envelope]) -> None:
+        raise TypeError("unexpected keyword argument 'nope'")
+
+
+def test_an_error_that_would_fail_every_time_ends_run_instead_of_retrying(
+    rig: RelayRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        await rig.numbers("t", 3)
+        relay = Relay(rig.store, Broken(rig.kit.make()), max_backoff=0.01)
+        with pytest.raises(TypeError, match="nope"):
+            await asyncio.wait_for(relay.run(), 10)
+        assert "retrying" not in caplog.text
+        assert all(cursor.owner is None for cursor in (await rig.cursors()).values())
+
+    rig.run(scenario())

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 __all__ = ["main"]
 
@@ -43,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--broker", required=True, type=_broker_url, help="redis://, amqp:// or nats:// URL"
     )
+    relay.add_argument(
+        "--broker-option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="NAME=VALUE",
+        help="an option of the broker adapter, such as prefix=app_ or exchange=app "
+        "(RabbitMQ); VALUE is read as JSON if it is JSON, else as text; repeatable",
+    )
     relay.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
     relay.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
     relay.add_argument("--batch-size", type=_positive, default=100, help="rows per batch")
@@ -67,6 +78,16 @@ def _broker_url(url: str) -> str:
     return url
 
 
+def _option(text: str) -> tuple[str, Any]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, as in prefix=app_, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -85,9 +106,16 @@ async def _relay(arguments: argparse.Namespace) -> int:
     try:
         if arguments.create_tables:
             await store.acreate_tables()
+        elif missing := await store.amissing_tables():
+            print(
+                f"pybondi relay: {store!r} lacks the tables {', '.join(missing)}: create them "
+                f"with --create-tables here, or store.create_tables() in your application.",
+                file=sys.stderr,
+            )
+            return 2
         relay = Relay(
             store,
-            connect(arguments.broker),
+            connect(arguments.broker, **dict(arguments.broker_option)),
             batch_size=arguments.batch_size,
             lease=arguments.lease,
             retention=timedelta(hours=arguments.retention),

@@ -18,6 +18,7 @@ Leases compare the relays' clocks, which must agree to well within `lease` secon
 
 While the broker or the database is unreachable, the relay retries with exponential
 backoff and full jitter, up to `max_backoff` seconds apart, and catches up afterwards.
+Any other error (a bug, a wrong option) would fail every time: it ends `run`.
 Rows sent more than `retention` ago are deleted, by whichever relay gets there first.
 """
 
@@ -35,6 +36,7 @@ from operator import methodcaller
 from typing import TypeVar
 
 from pybondi.brokers.base import Broker
+from pybondi.exceptions import PublishError
 from pybondi.stores.base import Records, Store
 
 __all__ = ["Relay"]
@@ -86,6 +88,14 @@ class Relay:
         self.sent = 0  # messages this relay has had confirmed
         self._stopping = asyncio.Event()
         self._purged_at: datetime | None = None
+        # What may pass: the broker or the database out of reach, or busy. Anything else
+        # (a bug, a wrong option) would fail every time: it ends `run` instead.
+        self._transient: tuple[type[BaseException], ...] = (
+            PublishError,
+            OSError,
+            TimeoutError,
+            _database_error(),
+        )
 
     def __repr__(self) -> str:
         return f"<Relay {self.name} from {self.store!r} to {self.broker!r}>"
@@ -102,7 +112,7 @@ class Relay:
                 try:
                     sent = await self.run_once()
                     failures = 0
-                except Exception as error:
+                except self._transient as error:
                     failures += 1
                     delay = self._backoff(failures)
                     logger.warning(
@@ -221,6 +231,12 @@ def _transact_sync(store: Store, work: Callable[[Records], T]) -> T:
         return result
     finally:
         transaction.close()
+
+
+def _database_error() -> type[BaseException]:
+    from sqlalchemy.exc import DBAPIError  # noqa: PLC0415 - the store brought SQLAlchemy in
+
+    return DBAPIError
 
 
 def _now() -> datetime:

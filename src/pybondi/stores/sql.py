@@ -171,6 +171,28 @@ class SQLStore(Store):
                 if attempt == _CREATE_ATTEMPTS - 1:
                     raise
 
+    def missing_tables(self) -> list[str]:
+        """The names of the store's tables that do not exist (yet)."""
+        if isinstance(self.engine, AsyncEngine):
+            raise SessionError(f"{self!r} is async: use `await store.amissing_tables()`.")
+        with self.engine.connect() as connection:
+            return self._missing(connection)
+
+    async def amissing_tables(self) -> list[str]:
+        """`missing_tables` for async stores."""
+        if not isinstance(self.engine, AsyncEngine):
+            return self.missing_tables()
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(self._missing)
+
+    def _missing(self, connection: Connection) -> list[str]:
+        inspector = sa.inspect(connection)
+        return [
+            table.name
+            for table in self.metadata.sorted_tables
+            if not inspector.has_table(table.name, schema=table.schema)
+        ]
+
     def drop_tables(self) -> None:
         """Drop the tables, and everything in them."""
         if isinstance(self.engine, AsyncEngine):
