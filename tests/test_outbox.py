@@ -185,7 +185,12 @@ def test_outbox_rows_commit_in_the_transaction_of_the_aggregates(
         account.deposit(10)
         account.deposit(5)
 
-    assert at_commit == [(2, 0, [])]  # one commit, of both the aggregate and the messages
+    # One commit, of both the aggregate and the messages. (On MariaDB, a new topic's head
+    # and cursor rows are added first, at 0, in a transaction of their own.)
+    if tables.store.engine.dialect.name == "mariadb":
+        assert at_commit[0] == (0, 0, [])
+        at_commit.pop(0)
+    assert at_commit == [(2, 0, [])]
     rows = tables.rows()
     assert tables.aggregates() == ["bank.Account-a-1"]
     assert [(r.topic, r.seq, r.message_id, r.sent_at) for r in rows] == [
@@ -377,6 +382,8 @@ def test_with_the_in_memory_repository_the_outbox_commits_on_its_own(
         unit.add(Account(Root("a-1"), "ada"))
         driver.execute(unit, Send("news", Message({"n": 1})))
         driver.execute(unit, Send("news", Message({"n": 2})))
+    if tables.store.engine.dialect.name == "mariadb":
+        commits.pop()  # the new topic's rows, added first in a transaction of their own
     assert (seen, len(commits)) == ([0], 1)  # one transaction, the outbox's own
     assert [(r.topic, r.seq, json_body(r)) for r in tables.rows()] == [
         ("news", 1, {"n": 1}),

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from pybondi.envelope import Envelope
 from pybondi.stores._sqlstatements import Query, insert_ignoring_duplicates
@@ -71,18 +72,23 @@ class OutboxStatements:
             return Query(statement, dialect)
 
         param, topic_is = sa.bindparam, topics.c.topic == sa.bindparam("t")
-        self.advance: Query | None = None
-        if dialect.update_returning:
+        # PostgreSQL and SQLite move the head, or start a new topic, in one upsert, which
+        # locks the row until COMMIT. On MariaDB, sessions that insert the same new row
+        # deadlock when the one that inserted it first rolls back (each waiter holds a
+        # shared lock and wants an exclusive one, with an upsert as with INSERT IGNORE):
+        # there, new topics are added in a short transaction of their own, and sessions
+        # only ever update an existing row.
+        self.creates_topics_apart = dialect.name in ("mysql", "mariadb")
+        self.known_topics: set[str] = set()  # topics known to have their rows
+        if self.creates_topics_apart:
             self.advance = compiled(
-                topics.update()
-                .where(topic_is)
-                .values(head=topics.c.head + param("n"))
-                .returning(topics.c.head)
+                topics.update().where(topic_is).values(head=topics.c.head + param("n"))
             )
-        self.lock_head = compiled(sa.select(topics.c.head).where(topic_is).with_for_update())
-        self.move_head = compiled(topics.update().where(topic_is).values(head=param("h")))
+            self.read_head: Query | None = compiled(sa.select(topics.c.head).where(topic_is))
+        else:
+            self.advance, self.read_head = compiled(_advance_head(dialect, topics)), None
         self.new_topic = compiled(
-            insert_ignoring_duplicates(dialect, topics).values(topic=param("t"), head=param("n"))
+            insert_ignoring_duplicates(dialect, topics).values(topic=param("t"), head=0)
         )
         self.new_cursor = compiled(
             insert_ignoring_duplicates(dialect, relay).values(topic=param("t"), sent=0)
@@ -143,6 +149,8 @@ class OutboxRecords:
         def _written(self, query: Query, values: dict[str, Any]) -> bool: ...
         def _writing(self) -> None: ...
 
+        connection: Connection
+
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
         """Write envelopes to the outbox, numbering each topic's rows in commit order."""
         if not envelopes:
@@ -178,21 +186,28 @@ class OutboxRecords:
     def _advance_topic(self, topic: str, count: int) -> int:
         """Move the topic's head by `count`, locking it until COMMIT; return the new head."""
         outbox = self.statements.outbox
-        while True:
-            if outbox.advance is not None:
-                row = self._execute(outbox.advance, {"t": topic, "n": count}).fetchone()
-                if row is not None:
-                    return int(row[0])
-            else:  # MariaDB: no UPDATE..RETURNING
-                row = self._execute(outbox.lock_head, {"t": topic}).fetchone()
-                if row is not None:
-                    head = int(row[0]) + count
-                    self._execute(outbox.move_head, {"t": topic, "h": head})
-                    return head
-            # A new topic. Another session may be adding it too: the loser goes round again.
-            if self._written(outbox.new_topic, {"t": topic, "n": count}):
+        if outbox.read_head is None:  # PostgreSQL, SQLite: one upsert
+            head = int(self._execute(outbox.advance, {"t": topic, "n": count}).fetchone()[0])
+            if head == count and topic not in outbox.known_topics:  # a new topic
                 self._written(outbox.new_cursor, {"t": topic})
-                return count
+        else:  # MariaDB: the topic's rows exist before the session locks its head
+            if topic not in outbox.known_topics:
+                self._add_topic_apart(topic)
+            self._execute(outbox.advance, {"t": topic, "n": count})
+            head = int(self._execute(outbox.read_head, {"t": topic}).fetchone()[0])
+        outbox.known_topics.add(topic)
+        return head
+
+    def _add_topic_apart(self, topic: str) -> None:
+        """Add a topic's head and cursor rows, at 0, in a transaction of their own."""
+        statements = self.statements
+        with self.connection.engine.begin() as connection:
+            for query in (statements.outbox.new_topic, statements.outbox.new_cursor):
+                try:
+                    connection.exec_driver_sql(query.sql, query.parameters({"t": topic}))
+                except sa.exc.IntegrityError as error:
+                    if not statements.is_duplicate(error):  # added by another session
+                        raise
 
     def _timestamp(self, moment: datetime) -> Any:
         return self.statements.timestamp_in(moment.astimezone(UTC).replace(tzinfo=None))
@@ -249,3 +264,13 @@ class OutboxRecords:
         self._writing()
         purge = self.statements.outbox.purge
         return int(self._execute(purge, {"before": self._timestamp(before)}).rowcount)
+
+
+def _advance_head(dialect: sa.Dialect, topics: sa.Table) -> Any:
+    """INSERT the topic at `n`, or add `n` to its head; RETURNING the head."""
+    values: dict[str, Any] = {"topic": sa.bindparam("t"), "head": sa.bindparam("n")}
+    module: Any = postgresql if dialect.name == "postgresql" else sqlite
+    statement = module.insert(topics).values(values)
+    return statement.on_conflict_do_update(
+        index_elements=["topic"], set_={"head": topics.c.head + statement.excluded.head}
+    ).returning(topics.c.head)
