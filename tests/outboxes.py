@@ -245,6 +245,17 @@ class RelayRig:
         finally:
             await transaction.aclose()
 
+    async def steal(self, topic: str, owner: str, seconds: float = 60) -> None:
+        """Give a topic's lease to `owner` whoever holds it (a relay whose clock is ahead)."""
+        relay = self.store.statements.outbox.relay
+        until = (datetime.now(UTC) + timedelta(seconds=seconds)).replace(tzinfo=None)
+        engine = self.store.engine
+        assert isinstance(engine, AsyncEngine)
+        async with engine.begin() as connection:
+            await connection.execute(
+                relay.update().where(relay.c.topic == topic).values(owner=owner, lease_until=until)
+            )
+
     def close(self) -> None:
         async def close() -> None:
             for store in self.stores:

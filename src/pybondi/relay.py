@@ -36,6 +36,7 @@ from operator import methodcaller
 from typing import TypeVar
 
 from pybondi.brokers.base import Broker
+from pybondi.envelope import Envelope
 from pybondi.exceptions import PublishError
 from pybondi.stores.base import Records, Store
 
@@ -71,12 +72,18 @@ class Relay:
         lease: float = 30.0,
         retention: timedelta = timedelta(days=1),
         max_backoff: float = 30.0,
+        grace: float = 10.0,
         name: str | None = None,
     ) -> None:
         if not hasattr(store, "statements") or not hasattr(store.statements, "outbox"):
             raise TypeError(f"The relay reads an outbox in a SQL database; {store!r} is not one.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if lease <= 0 or retention < timedelta(0):
+            raise ValueError(
+                f"lease must be above 0 seconds and retention at least 0; got lease={lease}, "
+                f"retention={retention}."
+            )
         self.store = store
         self.broker = broker
         self.batch_size = batch_size
@@ -84,10 +91,12 @@ class Relay:
         self.lease = timedelta(seconds=lease)
         self.retention = retention
         self.max_backoff = max_backoff
+        self.grace = grace
         self.name = name or f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"[-64:]
         self.sent = 0  # messages this relay has had confirmed
         self._stopping = asyncio.Event()
         self._purged_at: datetime | None = None
+        self._held: dict[str, tuple[int, float]] = {}  # topic -> (failures, retry at)
         # What may pass: the broker or the database out of reach, or busy. Anything else
         # (a bug, a wrong option) would fail every time: it ends `run` instead.
         self._transient: tuple[type[BaseException], ...] = (
@@ -101,7 +110,7 @@ class Relay:
         return f"<Relay {self.name} from {self.store!r} to {self.broker!r}>"
 
     def stop(self) -> None:
-        """Ask `run` to return once the batch under way is confirmed."""
+        """Ask `run` to return once the batch under way is confirmed (or `grace` passed)."""
         self._stopping.set()
 
     async def run(self) -> None:
@@ -110,7 +119,7 @@ class Relay:
         try:
             while not self._stopping.is_set():
                 try:
-                    sent = await self.run_once()
+                    sent = await self._round()
                     failures = 0
                 except self._transient as error:
                     failures += 1
@@ -127,13 +136,48 @@ class Relay:
             await self._shutdown()
             self._stopping.clear()  # so that run() may be called again
 
+    async def _round(self) -> int:
+        """`run_once`, given `grace` seconds to finish once `stop()` is called."""
+        work = asyncio.ensure_future(self.run_once())
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                await asyncio.wait((work,), timeout=self.grace)
+            if not work.done():
+                logger.warning(
+                    "Relay %s stops without waiting longer for the batch under way (grace "
+                    "%.1f s): the broker may have some of it, and it will be sent again",
+                    self.name, self.grace,
+                )  # fmt: skip
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return 0
+            return work.result()
+        finally:
+            stopped.cancel()
+            work.cancel()
+
     async def run_once(self) -> int:
-        """Send what is pending now, topic by topic; return how many messages were sent."""
+        """Send what is pending now, topic by topic; return how many messages were sent.
+
+        A topic whose batch the broker did not confirm waits, with backoff, while the
+        other topics go on: a message the broker refuses holds back only its own topic.
+        """
         topics: list[str] = await self._transact(methodcaller("pending_topics"))
+        clock = asyncio.get_running_loop().time()
+        topics = [topic for topic in topics if self._held.get(topic, (0, 0.0))[1] <= clock]
         random.shuffle(topics)  # relays starting together try the topics in other orders
         sent = 0
         for topic in topics:
-            sent += await self._relay_topic(topic)
+            try:
+                sent += await self._relay_topic(topic)
+            except _Held as held:
+                sent += held.sent
+                self._hold(held)
+            else:
+                self._held.pop(topic, None)
             if self._stopping.is_set():
                 break
         await self._purge()
@@ -159,30 +203,76 @@ class Relay:
             after, envelopes = claimed
             if not envelopes:
                 return sent
-            await self.broker.asend(envelopes)
-            last, now = after + len(envelopes), _now()
-            confirmed = await self._transact(
-                methodcaller(
-                    "confirm",
-                    topic,
-                    self.name,
-                    after=after,
-                    last=last,
-                    now=now,
-                    until=now + self.lease,
-                )
-            )
-            if not confirmed:
-                logger.warning(
-                    "Relay %s lost the lease on %r while sending; another relay resends "
-                    "seq %d..%d", self.name, topic, after + 1, last,
-                )  # fmt: skip
+            try:
+                await self._send(topic, envelopes)
+            except PublishError as error:
+                # What the broker confirmed before the failure is not sent again.
+                done = len(envelopes) - len(error.unconfirmed)
+                if done > 0 and await self._confirm(topic, after, after + done):
+                    sent += done
+                raise _Held(topic, after + max(done, 0) + 1, error, sent) from error
+            if not await self._confirm(topic, after, after + len(envelopes)):
                 return sent
             sent += len(envelopes)
-            self.sent += len(envelopes)
             if len(envelopes) < self.batch_size:
                 return sent
         return sent
+
+    async def _send(self, topic: str, envelopes: list[Envelope]) -> None:
+        """Send a batch, renewing the topic's lease for as long as the broker takes."""
+        renewing = asyncio.ensure_future(self._keep_lease(topic))
+        try:
+            await self.broker.asend(envelopes)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+
+    async def _keep_lease(self, topic: str) -> None:
+        period = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            until = _now() + self.lease
+            try:
+                kept = await self._transact(methodcaller("renew", topic, self.name, until=until))
+            except self._transient as error:
+                logger.warning(
+                    "Relay %s could not renew its lease on %r: %s", self.name, topic, error
+                )
+                continue
+            if not kept:
+                return  # lost: _confirm finds out and says so
+
+    async def _confirm(self, topic: str, after: int, last: int) -> bool:
+        """Mark rows `after`+1..`last` sent; False (and a warning) if the lease was lost."""
+        now = _now()
+        confirmed: bool = await self._transact(
+            methodcaller(
+                "confirm", topic, self.name, after=after, last=last, now=now, until=now + self.lease
+            )
+        )
+        if confirmed:
+            self.sent += last - after
+        else:
+            logger.warning(
+                "Relay %s lost the lease on %r while sending; another relay resends seq %d..%d",
+                self.name, topic, after + 1, last,
+            )  # fmt: skip
+        return confirmed
+
+    def _hold(self, held: _Held) -> None:
+        """Make a topic wait before its next try, and say why."""
+        failures = self._held.get(held.topic, (0, 0.0))[0] + 1
+        delay = self._backoff(failures)
+        self._held[held.topic] = (failures, asyncio.get_running_loop().time() + delay)
+        error = held.error
+        logger.warning(
+            "Relay %s: topic %r waits at seq %d: %s did not confirm message %s: %s; "
+            "retrying in %.2f s (attempt %d)%s",
+            self.name, held.topic, held.seq, error.broker,
+            error.unconfirmed[0].id if error.unconfirmed else "?", error.reason, delay,
+            failures, _STUCK if failures == _STUCK_AFTER else "",
+        )  # fmt: skip
 
     async def _purge(self) -> None:
         """Delete rows sent longer ago than the retention, about once a minute."""
@@ -221,6 +311,21 @@ class Relay:
             return result
         finally:
             await transaction.aclose()
+
+
+_STUCK_AFTER = 5
+_STUCK = (
+    ". The topic's later messages wait behind it, to keep their order: if the broker "
+    "refuses it for good, fix what it says (a missing stream or queue, a size limit)"
+)
+
+
+class _Held(Exception):
+    """A topic's batch the broker did not confirm from `seq` on, after `sent` messages."""
+
+    def __init__(self, topic: str, seq: int, error: PublishError, sent: int) -> None:
+        super().__init__(topic, seq)
+        self.topic, self.seq, self.error, self.sent = topic, seq, error, sent
 
 
 def _transact_sync(store: Store, work: Callable[[Records], T]) -> T:

@@ -20,6 +20,7 @@ outbox. Topics are used verbatim as binding keys, so keep `*` and `#` out of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -205,7 +206,9 @@ class RabbitMQBroker(Broker):
         # next send after any failure, as the Broker contract asks. A robust connection
         # would add a second reconnection, in the background, that does not replay the
         # failed publishes anyway, and makes publishes wait for it during an outage.
-        connection = await aio_pika.connect(self.url, **self.connection_options)
+        connection = await aio_pika.connect(
+            self.url, connection_class=_Connection, **self.connection_options
+        )
         try:
             # on_return_raises: without it a returned mandatory message *succeeds*,
             # aio-pika handing back the returned message in place of the ack.
@@ -231,3 +234,19 @@ class RabbitMQBroker(Broker):
             except aio_pika.exceptions.CONNECTION_EXCEPTIONS as error:
                 # Closing a connection that already failed: nothing is left to release.
                 logger.debug("Closing %r failed: %r", self, error)
+
+
+class _Connection(aio_pika.Connection):
+    """A connection that closes itself when connecting fails.
+
+    aio-pika leaves a connection that failed to connect open; when it is garbage
+    collected, its `__del__` starts a close() that no event loop may be there to run.
+    """
+
+    async def connect(self, timeout: aio_pika.abc.TimeoutType = None) -> None:
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise

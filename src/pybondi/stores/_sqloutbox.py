@@ -131,6 +131,11 @@ class OutboxStatements:
             )
             .values(sent_at=param("now"))
         )
+        self.renew = compiled(
+            relay.update()
+            .where(relay_is, relay.c.owner == param("o"))
+            .values(lease_until=param("u"))
+        )
         self.release = compiled(
             relay.update().where(relay.c.owner == param("o")).values(owner=None, lease_until=None)
         )
@@ -237,6 +242,12 @@ class OutboxRecords:
             for _, message_id, headers, body in rows
         ]
         return sent, envelopes
+
+    def renew(self, topic: str, owner: str, *, until: datetime) -> bool:
+        """Extend the lease `owner` holds on the topic; False if it holds none."""
+        self._writing()
+        values = {"t": topic, "o": owner, "u": self._timestamp(until)}
+        return bool(self._execute(self.statements.outbox.renew, values).rowcount == 1)
 
     def confirm(
         self, topic: str, owner: str, *, after: int, last: int, now: datetime, until: datetime
