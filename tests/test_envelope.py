@@ -142,3 +142,17 @@ def test_headers_some_broker_would_change_are_refused(headers: dict[str, str]) -
         Envelope.seal("t", Message(1, headers=headers))
     with pytest.raises(SerializationError, match="header"):
         Envelope.seal("t", Message(1, sender=" me"))
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["", "a..b", ".a", "a.", "orders.*", "orders.>", "a#b", "zürich", "a b", "a\nb", "x" * 201],
+)
+def test_topics_some_broker_would_refuse_or_read_as_patterns_are_refused(topic: str) -> None:
+    with pytest.raises(ValueError, match="Cannot send to topic"):
+        Envelope.seal(topic, Message(1))
+
+
+@pytest.mark.parametrize("topic", ["a", "bank.deposits", "v1:orders/eu-west_2@x+y,z", "x" * 200])
+def test_topics_every_broker_takes_are_accepted(topic: str) -> None:
+    assert Envelope.seal(topic, Message(1)).topic == topic

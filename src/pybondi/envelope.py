@@ -16,7 +16,9 @@ Headers carry the envelope of the `Message`, under these names:
 - `sender`, when the message has one;
 - the message's own `headers`.
 
-Header names are HTTP-style tokens (ASCII letters, digits and a few signs) and values are
+Topics are words of ASCII letters, digits and `_-:/@+,` joined by single dots, up to
+`TOPIC_LENGTH` characters: what every broker takes as a name and none reads as a
+pattern. Header names are HTTP-style tokens (ASCII letters, digits and a few signs) and values are
 text without line breaks, tabs or surrounding spaces: NATS would change or refuse
 anything else, so every envelope is held to that, whatever the broker.
 """
@@ -34,12 +36,17 @@ from pybondi.exceptions import SerializationError, short_repr
 from pybondi.publisher import Message
 from pybondi.serialization import Registry
 
-__all__ = ["JSON_TYPE", "Envelope"]
+__all__ = ["JSON_TYPE", "TOPIC_LENGTH", "Envelope"]
 
 JSON_TYPE = "json"
 """The type name of a payload that is plain JSON rather than a registered type."""
 
 _JSON_VALUES = (dict, list, str, int, float, bool, type(None))
+TOPIC_LENGTH = 200
+"""The longest topic name: RabbitMQ and NATS name queues and streams after topics."""
+
+_TOPIC = re.compile(r"[A-Za-z0-9_\-:/@+,]+(?:\.[A-Za-z0-9_\-:/@+,]+)*")
+_checked_topics: set[str] = set()
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _RESERVED = ("message-id", "message-type", "message-version", "timestamp", "sender")
 
@@ -57,6 +64,8 @@ class Envelope:
     @classmethod
     def seal(cls, topic: str, message: Message[Any], registry: Registry | None = None) -> Envelope:
         """Serialize a message for `topic`; a payload of a registered type needs `registry`."""
+        if topic not in _checked_topics:
+            _check_topic(topic)
         payload = message.payload
         if registry is not None and type(payload) in registry:
             serialized = registry.dumps(payload)
@@ -118,6 +127,20 @@ class Envelope:
                 f"Message {self.id} on {self.topic!r} is malformed ({type(error).__name__}: "
                 f"{error}); headers {short_repr(headers)}, body {short_repr(self.body)}."
             ) from error
+
+
+def _check_topic(topic: object) -> None:
+    """Refuse a topic name that some broker would refuse, or read as a pattern."""
+    if not isinstance(topic, str) or not _TOPIC.fullmatch(topic) or len(topic) > TOPIC_LENGTH:
+        raise ValueError(
+            f"Cannot send to topic {short_repr(topic)}: a topic is 1 to {TOPIC_LENGTH} "
+            f"ASCII letters, digits and _-:/@+, in words joined by single dots (as in "
+            f"'bank.deposits'): brokers refuse other names, or read '*', '>' and '#' "
+            f"as patterns."
+        )
+    if len(_checked_topics) > 10_000:  # topics made up at run time: do not grow forever
+        _checked_topics.clear()
+    _checked_topics.add(topic)
 
 
 def _check_headers(topic: str, headers: dict[str, str]) -> None:
