@@ -559,3 +559,64 @@ def test_an_error_that_would_fail_every_time_ends_run_instead_of_retrying(
         assert all(cursor.owner is None for cursor in (await rig.cursors()).values())
 
     rig.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("mysql+pymysql://root@127.0.0.1/test", "requires an async driver"),
+        ("nosuch://host/db", "Can't load plugin"),
+        ("not a url", "Could not parse"),
+    ],
+)
+def test_the_cli_refuses_a_store_url_it_cannot_use_in_one_line(url: str, problem: str) -> None:
+    done = subprocess.run(
+        cli("--store", url, "--broker", "redis://127.0.0.1:1"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"pybondi relay: cannot use --store {url}: ")
+    assert problem in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that takes connections and never answers: a broker that hangs."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+def test_the_cli_stops_within_its_grace_even_while_the_broker_hangs(
+    rig: RelayRig, silent_port: int
+) -> None:
+    backend = rig.backend
+    schema = ["--schema", backend.namespace] if backend.namespace else []
+    rig.run(rig.numbers("hanging", 3))
+    command = cli(
+        *("--store", backend.url, "--prefix", rig.prefix, *schema),
+        *("--broker", f"redis://127.0.0.1:{silent_port}", "--grace", "0.5"),
+    )
+    for signals, status in (((signal.SIGTERM,), 0), ((signal.SIGINT, signal.SIGINT), 130)):
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        try:
+            assert process.stderr is not None
+            while "started" not in process.stderr.readline():
+                assert process.poll() is None, process.communicate()
+            time.sleep(0.5)  # the relay is waiting on the broker
+            began = time.monotonic()
+            for each in signals:
+                process.send_signal(each)
+                time.sleep(0.1)
+            _, errors = process.communicate(timeout=10)
+            # SIGTERM: the grace, then the leases given back; a second Ctrl-C: at once.
+            assert process.returncode == status, errors
+            assert time.monotonic() - began < 5
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()

@@ -16,9 +16,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pybondi.relay import Relay
+    from pybondi.stores.sql import SQLStore
 
 __all__ = ["main"]
+
+logger = logging.getLogger("pybondi.relay")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,9 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
     relay.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
     relay.add_argument("--batch-size", type=_positive, default=100, help="rows per batch")
-    relay.add_argument("--lease", type=float, default=30.0, help="seconds a topic's lease lasts")
     relay.add_argument(
-        "--retention", type=float, default=24.0, help="hours to keep sent rows (default 24)"
+        "--lease", type=_above_0, default=30.0, help="seconds a topic's lease lasts (default 30)"
+    )
+    relay.add_argument(
+        "--retention", type=_at_least_0, default=24.0, help="hours to keep sent rows (default 24)"
+    )
+    relay.add_argument(
+        "--grace",
+        type=_at_least_0,
+        default=10.0,
+        help="seconds a stop waits for the batch under way (default 10)",
     )
     relay.add_argument(
         "--create-tables", action="store_true", help="create the store's tables if missing"
@@ -88,6 +102,20 @@ def _option(text: str) -> tuple[str, Any]:
         return name, value
 
 
+def _above_0(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _at_least_0(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -96,22 +124,24 @@ def _positive(text: str) -> int:
 
 
 async def _relay(arguments: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - the store brings it
+
     from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
     from pybondi.relay import Relay  # noqa: PLC0415
     from pybondi.stores.sql import SQLStore  # noqa: PLC0415
 
-    store = SQLStore(
-        arguments.store, asynchronous=True, schema=arguments.schema, prefix=arguments.prefix
-    )
     try:
-        if arguments.create_tables:
-            await store.acreate_tables()
-        elif missing := await store.amissing_tables():
-            print(
-                f"pybondi relay: {store!r} lacks the tables {', '.join(missing)}: create them "
-                f"with --create-tables here, or store.create_tables() in your application.",
-                file=sys.stderr,
-            )
+        store = SQLStore(
+            arguments.store, asynchronous=True, schema=arguments.schema, prefix=arguments.prefix
+        )
+    except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
+        return _refuse(
+            f"cannot use --store {arguments.store}: {str(error).rstrip('.')}. The relay needs "
+            f"an async driver: give the URL without one (postgresql://, mariadb://, "
+            f"sqlite:///file.db) and pybondi picks it."
+        )
+    try:
+        if not await _tables_ready(store, arguments.create_tables):
             return 2
         relay = Relay(
             store,
@@ -119,18 +149,53 @@ async def _relay(arguments: argparse.Namespace) -> int:
             batch_size=arguments.batch_size,
             lease=arguments.lease,
             retention=timedelta(hours=arguments.retention),
+            grace=arguments.grace,
         )
-        loop = asyncio.get_running_loop()
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(stop, relay.stop)
-        logging.getLogger("pybondi.relay").info("Relay %s started: %r", relay.name, relay)
+        _stop_on_signals(relay)
+        logger.info("Relay %s started: %r", relay.name, relay)
         await relay.run()
-        logging.getLogger("pybondi.relay").info(
-            "Relay %s stopped after sending %d message(s)", relay.name, relay.sent
-        )
+        logger.info("Relay %s stopped after sending %d message(s)", relay.name, relay.sent)
         return 0
     finally:
         await store.adispose()
+
+
+async def _tables_ready(store: SQLStore, create: bool) -> bool:
+    """Create the tables, or check that they exist; False (with a message) if missing."""
+    from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
+
+    try:
+        if create:
+            await store.acreate_tables()
+            return True
+        missing = await store.amissing_tables()
+    except DBAPIError as error:  # the relay retries until the database answers
+        first_line = str(error.orig or error).splitlines()[0]
+        logger.warning("Cannot check the store's tables yet (%s); retrying", first_line)
+        return True
+    if missing:
+        _refuse(
+            f"{store!r} lacks the tables {', '.join(missing)}: create them with "
+            f"--create-tables here, or store.create_tables() in your application."
+        )
+    return not missing
+
+
+def _stop_on_signals(relay: Relay) -> None:
+    """SIGTERM and Ctrl-C stop the relay gracefully; a second Ctrl-C interrupts it."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, relay.stop)
+
+    def interrupted() -> None:
+        relay.stop()
+        loop.remove_signal_handler(signal.SIGINT)  # the next one raises KeyboardInterrupt
+
+    loop.add_signal_handler(signal.SIGINT, interrupted)
+
+
+def _refuse(problem: str) -> int:
+    print(f"pybondi relay: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
