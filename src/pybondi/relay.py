@@ -6,20 +6,29 @@
 
 Each round, the relay lists the topics with unsent rows and, topic by topic, takes the
 topic's lease, reads the next rows in `seq` order, sends them as one batch, and once the
-broker confirmed every one, moves the topic's cursor past them. So messages reach the
-broker in commit order per topic, and a row is marked sent only after the broker took it.
+broker confirmed them, moves the topic's cursor past them. So messages reach the broker
+in commit order per topic, and a row is marked sent only after the broker took it; when
+the broker confirms only the first part of a batch, that part is marked sent.
 
 Several relays may run at once, on one machine or many: a topic's lease lets one of them
-send its rows at a time, so the normal case sends no row twice. A relay that stops
-without giving its leases back (killed, or cut off) holds them until they expire, after
-`lease` seconds; another relay then takes over from the last confirmed row. Anything
-sent but not yet confirmed when a relay dies is sent again: delivery is at least once.
-Leases compare the relays' clocks, which must agree to well within `lease` seconds.
+send its rows at a time, so the normal case sends no row twice. The lease is renewed
+while a batch is sending, however long the broker takes. A relay that stops without
+giving its leases back (killed, or cut off) holds them until they expire, after `lease`
+seconds; another relay then takes over from the last confirmed row. Anything sent but
+not yet confirmed when a relay dies is sent again: delivery is at least once. Leases
+compare the relays' clocks, which must agree to well within `lease` seconds.
 
-While the broker or the database is unreachable, the relay retries with exponential
-backoff and full jitter, up to `max_backoff` seconds apart, and catches up afterwards.
-Any other error (a bug, a wrong option) would fail every time: it ends `run`.
-Rows sent more than `retention` ago are deleted, by whichever relay gets there first.
+A topic whose batch the broker does not confirm waits, with exponential backoff and full
+jitter (up to `max_backoff` seconds), while the other topics go on: a message the broker
+refuses for good holds back its own topic only, and the log names it. While the database
+is unreachable, the whole relay backs off the same way, and catches up afterwards. Any
+other error (a bug, a wrong option) would fail every time: it ends `run`.
+
+`stop()` lets the round under way finish, for up to `grace` seconds; then the relay
+gives its leases back and closes the broker. Rows sent more than `retention` ago are
+deleted, by whichever relay gets there first. Batches hold up to `batch_size` rows,
+whatever their size: keep messages small (a reference to a large document, not the
+document), as every broker limits them anyway.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ class Relay:
             may take it over.
         retention: how long sent rows are kept.
         max_backoff: the longest wait between retries while something is unreachable.
+        grace: how long `stop()` waits for the round under way before abandoning it
+            (what it was sending is sent again later).
         name: this relay's name in the lease table (host, process and a random part).
     """
 
