@@ -28,6 +28,7 @@ import pytest
 from pybondi import Message, Session
 from pybondi.brokers.redis import RedisBroker
 from pybondi.envelope import Envelope
+from pybondi.exceptions import PublishError
 from pybondi.outbox import Outbox
 from pybondi.relay import Relay
 from pybondi.stores import MemoryStore, SQLStore
@@ -229,7 +230,8 @@ def test_a_dead_relay_s_topics_wait_for_its_lease_then_go_on_from_its_last_batch
         # The first relay sends one batch of four, then dies without giving its lease back.
         dead = rig.relay(Dying(kit.make(), alive=1), batch_size=4, lease=0.5, name="dead")
         assert await dead.run_once() == 4  # the second batch failed: the topic waits
-        assert await dead.run_once() == 0  # still waiting, with backoff
+        # ...and it dies holding the topic's lease: a killed relay does not give it back.
+        await rig.hold(topic, "dead", 0.5)
         loop = asyncio.get_running_loop()
         died = loop.time()
         assert numbers(await kit.read(topic, 4, 0)) == [0, 1, 2, 3]
@@ -298,7 +300,7 @@ def test_while_the_broker_is_down_the_relay_backs_off_then_catches_up(
 ) -> None:
     kit = rig.kit
     topic = kit.topic()
-    caplog.set_level(logging.WARNING, LOGGER)
+    caplog.set_level(logging.DEBUG, LOGGER)  # every attempt (warnings: 1st, 5th, 10th...)
     retry = re.compile(r"retrying in ([\d.]+) s \(attempt (\d+)\)")
 
     async def scenario() -> None:
@@ -620,3 +622,41 @@ def test_the_cli_stops_within_its_grace_even_while_the_broker_hangs(
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def test_a_relay_that_cannot_reach_the_broker_leaves_its_topics_to_one_that_can(
+    rig: RelayRig,
+) -> None:
+    kit = rig.kit
+    topics = [kit.topic() for _ in range(2)]
+
+    async def scenario() -> None:
+        for topic in topics:
+            await rig.numbers(topic, 5)
+        cut_off = rig.relay(RedisBroker(f"redis://127.0.0.1:{closed_port()}"), name="cut-off")
+        healthy = rig.relay(name="healthy")
+        assert await cut_off.run_once() == 0  # fails both topics, and gives their leases back
+        assert all(cursor.owner is None for cursor in (await rig.cursors()).values())
+        assert await healthy.run_once() == 10  # at once: no lease to wait for
+        for topic in topics:
+            assert numbers(await kit.read(topic, 5, 0)) == [0, 1, 2, 3, 4]
+        await cut_off.broker.aclose()
+
+    rig.run(scenario())
+
+
+def test_topics_failing_one_after_another_mean_the_broker_is_down(rig: RelayRig) -> None:
+    kit = rig.kit
+
+    async def scenario() -> None:
+        for _ in range(6):
+            await rig.numbers(kit.topic(), 2)
+        relay = rig.relay(RedisBroker(f"redis://127.0.0.1:{closed_port()}"))
+        # Three topics in a row: the round ends, and `run` backs off as a whole, rather
+        # than trying every topic against a broker that is not there.
+        with pytest.raises(PublishError, match="Connect call failed"):
+            await relay.run_once()
+        assert len(relay._held) == 3
+        await relay.broker.aclose()
+
+    rig.run(scenario())

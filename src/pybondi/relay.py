@@ -162,8 +162,7 @@ class Relay:
                     self.name, self.grace,
                 )  # fmt: skip
                 work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+                await asyncio.wait((work,))  # unlike `await work`, keeps our own cancellation
                 return 0
             return work.result()
         finally:
@@ -180,15 +179,21 @@ class Relay:
         clock = asyncio.get_running_loop().time()
         topics = [topic for topic in topics if self._held.get(topic, (0, 0.0))[1] <= clock]
         random.shuffle(topics)  # relays starting together try the topics in other orders
-        sent = 0
+        sent = failed_in_a_row = 0
         for topic in topics:
             try:
                 sent += await self._relay_topic(topic)
             except _Held as held:
                 sent += held.sent
                 self._hold(held)
-            else:
-                self._held.pop(topic, None)
+                # Another relay, maybe with a broker it can reach, may take the topic now.
+                await self._transact(methodcaller("release", self.name, topic))
+                failed_in_a_row += 1
+                if failed_in_a_row == _BROKER_DOWN_AFTER:
+                    raise held.error from None  # the broker, not a message: `run` backs off
+                continue
+            failed_in_a_row = 0
+            self._held.pop(topic, None)
             if self._stopping.is_set():
                 break
         await self._purge()
@@ -235,9 +240,8 @@ class Relay:
         try:
             await self.broker.asend(envelopes)
         finally:
+            # Not awaited: awaiting it here would swallow a cancellation of this task.
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
 
     async def _keep_lease(self, topic: str) -> None:
         period = self.lease.total_seconds() / 3
@@ -277,7 +281,10 @@ class Relay:
         delay = self._backoff(failures)
         self._held[held.topic] = (failures, asyncio.get_running_loop().time() + delay)
         error = held.error
-        logger.warning(
+        log = (
+            logger.warning if failures in (1, _STUCK_AFTER) or failures % 10 == 0 else logger.debug
+        )
+        log(
             "Relay %s: topic %r waits at seq %d: %s did not confirm message %s: %s; "
             "retrying in %.2f s (attempt %d)%s",
             self.name, held.topic, held.seq, error.broker,
@@ -297,11 +304,17 @@ class Relay:
             logger.info("Relay %s deleted %d sent row(s) past retention", self.name, purged)
 
     async def _shutdown(self) -> None:
+        """Give the leases back and close the broker, each within `grace` seconds."""
         try:
-            await self._transact(methodcaller("release", self.name))
+            async with asyncio.timeout(self.grace):
+                await self._transact(methodcaller("release", self.name))
         except Exception as error:  # the leases expire on their own
-            logger.warning("Relay %s could not give its leases back: %s", self.name, error)
-        await self.broker.aclose()
+            logger.warning("Relay %s could not give its leases back: %r", self.name, error)
+        try:
+            async with asyncio.timeout(self.grace):
+                await self.broker.aclose()
+        except TimeoutError:
+            logger.warning("Relay %s could not close %r within its grace", self.name, self.broker)
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with full jitter: up to 0.1 s, 0.2 s, 0.4 s... max_backoff."""
@@ -325,6 +338,8 @@ class Relay:
 
 
 _STUCK_AFTER = 5
+# Topics failing one after the other in a round: the broker is likely down, not a message.
+_BROKER_DOWN_AFTER = 3
 _STUCK = (
     ". The topic's later messages wait behind it, to keep their order: if the broker "
     "refuses it for good, fix what it says (a missing stream or queue, a size limit)"

@@ -139,6 +139,11 @@ class OutboxStatements:
         self.release = compiled(
             relay.update().where(relay.c.owner == param("o")).values(owner=None, lease_until=None)
         )
+        self.release_topic = compiled(
+            relay.update()
+            .where(relay_is, relay.c.owner == param("o"))
+            .values(owner=None, lease_until=None)
+        )
         self.purge = compiled(outbox.delete().where(outbox.c.sent_at < param("before")))
 
 
@@ -265,10 +270,14 @@ class OutboxRecords:
         self._execute(outbox.mark_sent, values)
         return True
 
-    def release(self, owner: str) -> None:
-        """Give up every lease `owner` holds."""
+    def release(self, owner: str, topic: str | None = None) -> None:
+        """Give up the lease `owner` holds on `topic`, or on every topic."""
         self._writing()
-        self._execute(self.statements.outbox.release, {"o": owner})
+        outbox = self.statements.outbox
+        if topic is None:
+            self._execute(outbox.release, {"o": owner})
+        else:
+            self._execute(outbox.release_topic, {"o": owner, "t": topic})
 
     def purge(self, before: datetime) -> int:
         """Delete the rows sent before `before`; return how many."""
