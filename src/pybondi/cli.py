@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import signal
@@ -164,15 +165,18 @@ async def _tables_ready(store: SQLStore, create: bool) -> bool:
     """Create the tables, or check that they exist; False (with a message) if missing."""
     from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
 
-    try:
-        if create:
-            await store.acreate_tables()
-            return True
-        missing = await store.amissing_tables()
-    except DBAPIError as error:  # the relay retries until the database answers
-        first_line = str(error.orig or error).splitlines()[0]
-        logger.warning("Cannot check the store's tables yet (%s); retrying", first_line)
-        return True
+    for attempt in itertools.count():
+        try:
+            if create:
+                await store.acreate_tables()
+                return True
+            missing = await store.amissing_tables()
+            break
+        except DBAPIError as error:  # unreachable, most likely: wait until it answers
+            delay = min(30.0, 0.5 * 2**attempt)
+            first_line = str(error.orig or error).splitlines()[0]
+            logger.warning("Cannot reach the store (%s); retrying in %.1f s", first_line, delay)
+            await asyncio.sleep(delay)
     if missing:
         _refuse(
             f"{store!r} lacks the tables {', '.join(missing)}: create them with "

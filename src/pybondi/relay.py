@@ -162,7 +162,8 @@ class Relay:
                     self.name, self.grace,
                 )  # fmt: skip
                 work.cancel()
-                await asyncio.wait((work,))  # unlike `await work`, keeps our own cancellation
+                # Unlike `await work`, asyncio.wait keeps a cancellation of our own.
+                await asyncio.wait((work,), timeout=max(self.grace, _AT_LEAST))
                 return 0
             return work.result()
         finally:
@@ -251,6 +252,9 @@ class Relay:
             try:
                 kept = await self._transact(methodcaller("renew", topic, self.name, until=until))
             except self._transient as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # cancelled mid-query, which some drivers report as an error
                 logger.warning(
                     "Relay %s could not renew its lease on %r: %s", self.name, topic, error
                 )
@@ -277,7 +281,8 @@ class Relay:
 
     def _hold(self, held: _Held) -> None:
         """Make a topic wait before its next try, and say why."""
-        failures = self._held.get(held.topic, (0, 0.0))[0] + 1
+        # A batch partly confirmed is progress (a broker pushing back): start over.
+        failures = 1 if held.sent else self._held.get(held.topic, (0, 0.0))[0] + 1
         delay = self._backoff(failures)
         self._held[held.topic] = (failures, asyncio.get_running_loop().time() + delay)
         error = held.error
@@ -306,12 +311,12 @@ class Relay:
     async def _shutdown(self) -> None:
         """Give the leases back and close the broker, each within `grace` seconds."""
         try:
-            async with asyncio.timeout(self.grace):
+            async with asyncio.timeout(max(self.grace, _AT_LEAST)):
                 await self._transact(methodcaller("release", self.name))
         except Exception as error:  # the leases expire on their own
             logger.warning("Relay %s could not give its leases back: %r", self.name, error)
         try:
-            async with asyncio.timeout(self.grace):
+            async with asyncio.timeout(max(self.grace, _AT_LEAST)):
                 await self.broker.aclose()
         except TimeoutError:
             logger.warning("Relay %s could not close %r within its grace", self.name, self.broker)
@@ -337,6 +342,7 @@ class Relay:
             await transaction.aclose()
 
 
+_AT_LEAST = 2.0  # seconds the shutdown gives each step, whatever the grace
 _STUCK_AFTER = 5
 # Topics failing one after the other in a round: the broker is likely down, not a message.
 _BROKER_DOWN_AFTER = 3

@@ -78,9 +78,8 @@ class OutboxStatements:
         # shared lock and wants an exclusive one, with an upsert as with INSERT IGNORE):
         # there, new topics are added in a short transaction of their own, and sessions
         # only ever update an existing row.
-        self.creates_topics_apart = dialect.name in ("mysql", "mariadb")
-        self.known_topics: set[str] = set()  # topics known to have their rows
-        if self.creates_topics_apart:
+        self.side_pool: sa.pool.Pool | None = None  # MariaDB's, for new topics
+        if dialect.name in ("mysql", "mariadb"):
             self.advance = compiled(
                 topics.update().where(topic_is).values(head=topics.c.head + param("n"))
             )
@@ -196,28 +195,44 @@ class OutboxRecords:
     def _advance_topic(self, topic: str, count: int) -> int:
         """Move the topic's head by `count`, locking it until COMMIT; return the new head."""
         outbox = self.statements.outbox
+        values = {"t": topic, "n": count}
         if outbox.read_head is None:  # PostgreSQL, SQLite: one upsert
-            head = int(self._execute(outbox.advance, {"t": topic, "n": count}).fetchone()[0])
-            if head == count and topic not in outbox.known_topics:  # a new topic
+            head = int(self._execute(outbox.advance, values).fetchone()[0])
+            if head == count:  # this transaction added the topic: its cursor too
                 self._written(outbox.new_cursor, {"t": topic})
-        else:  # MariaDB: the topic's rows exist before the session locks its head
-            if topic not in outbox.known_topics:
-                self._add_topic_apart(topic)
-            self._execute(outbox.advance, {"t": topic, "n": count})
-            head = int(self._execute(outbox.read_head, {"t": topic}).fetchone()[0])
-        outbox.known_topics.add(topic)
-        return head
+            return head
+        # MariaDB: the session only updates a head that exists; a topic seen for the
+        # first time gets its rows apart first.
+        if self._execute(outbox.advance, values).rowcount != 1:
+            self._add_topic_apart(topic)
+            self._execute(outbox.advance, values)
+        return int(self._execute(outbox.read_head, {"t": topic}).fetchone()[0])
 
     def _add_topic_apart(self, topic: str) -> None:
-        """Add a topic's head and cursor rows, at 0, in a transaction of their own."""
-        statements = self.statements
-        with self.connection.engine.begin() as connection:
-            for query in (statements.outbox.new_topic, statements.outbox.new_cursor):
+        """Add a topic's head and cursor rows, at 0, in a transaction of their own.
+
+        The connection is made like the engine's, outside its pool: sessions that start
+        new topics at once, each holding a connection of the engine's pool, would
+        otherwise wait for one another's second connection.
+        """
+        outbox = self.statements.outbox
+        if outbox.side_pool is None:
+            outbox.side_pool = self.connection.engine.pool.recreate()
+        connection = outbox.side_pool.connect()
+        try:
+            cursor = connection.cursor()
+            for query in (outbox.new_topic, outbox.new_cursor):
                 try:
-                    connection.exec_driver_sql(query.sql, query.parameters({"t": topic}))
-                except sa.exc.IntegrityError as error:
-                    if not statements.is_duplicate(error):  # added by another session
+                    cursor.execute(query.sql, query.parameters({"t": topic}))
+                except self.statements.driver_error as error:
+                    if getattr(error, "args", ())[:1] != (1062,):  # not a duplicate
                         raise
+            connection.commit()
+        finally:
+            # Closed for real, not kept: a pool of async connections must be emptied
+            # on its event loop, and nothing here would do it.
+            connection.detach()
+            connection.close()
 
     def _timestamp(self, moment: datetime) -> Any:
         return self.statements.timestamp_in(moment.astimezone(UTC).replace(tzinfo=None))
