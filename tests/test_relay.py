@@ -660,3 +660,22 @@ def test_topics_failing_one_after_another_mean_the_broker_is_down(rig: RelayRig)
         await relay.broker.aclose()
 
     rig.run(scenario())
+
+
+def test_a_topic_with_a_backlog_gives_way_to_the_others(rig: RelayRig) -> None:
+    kit = rig.kit
+    busy, quiet = kit.topic("busy"), kit.topic("quiet")
+
+    async def scenario() -> None:
+        await rig.numbers(busy, 150)
+        await rig.numbers(quiet, 1)
+        relay = rig.relay(batch_size=10)
+        # Ten batches of the busy topic at most, whichever comes first: the quiet
+        # topic's message does not wait for the whole backlog.
+        assert await relay.run_once() == 101
+        assert numbers(await kit.read(quiet, 1, 0)) == [0]
+        while await relay.run_once():
+            pass
+        assert numbers(await kit.read(busy, 150, 0)) == list(range(150))
+
+    rig.run(scenario())

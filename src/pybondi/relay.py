@@ -6,7 +6,8 @@
 
 Each round, the relay lists the topics with unsent rows and, topic by topic, takes the
 topic's lease, reads the next rows in `seq` order, sends them as one batch, and once the
-broker confirmed them, moves the topic's cursor past them. So messages reach the broker
+broker confirmed them, moves the topic's cursor past them; up to ten batches per topic,
+so that a backlog on one topic does not keep the others waiting. So messages reach the broker
 in commit order per topic, and a row is marked sent only after the broker took it; when
 the broker confirms only the first part of a batch, that part is marked sent.
 
@@ -201,9 +202,15 @@ class Relay:
         return sent
 
     async def _relay_topic(self, topic: str) -> int:
-        """Send the topic's rows, batch after batch, while this relay holds its lease."""
+        """Send a few batches of the topic's rows, while this relay holds its lease.
+
+        A few, not all: a topic with a backlog gives way to the others, and the next
+        round goes on with it.
+        """
         sent = 0
-        while not self._stopping.is_set():
+        for _ in range(_BATCHES_PER_VISIT):
+            if self._stopping.is_set():
+                break
             now = _now()
             claimed = await self._transact(
                 methodcaller(
@@ -342,6 +349,7 @@ class Relay:
             await transaction.aclose()
 
 
+_BATCHES_PER_VISIT = 10
 _AT_LEAST = 2.0  # seconds the shutdown gives each step, whatever the grace
 _STUCK_AFTER = 5
 # Topics failing one after the other in a round: the broker is likely down, not a message.
