@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from pybondi.envelope import Envelope
-from pybondi.stores._sqlstatements import Query, insert_ignoring_duplicates
+from pybondi.stores._sqlstatements import NAME, TEXT, TIMESTAMP, Query, insert_ignoring_duplicates
 
 if TYPE_CHECKING:
     from pybondi.stores._sqlstatements import Statements
@@ -37,11 +37,7 @@ class OutboxStatements:
 
     def __init__(self, statements: Statements, metadata: sa.MetaData, prefix: str) -> None:
         dialect = statements.dialect
-        text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-        timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-        name = sa.String(255).with_variant(
-            mysql.VARCHAR(255, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
-        )
+        text, timestamp, name = TEXT, TIMESTAMP, NAME
         self.outbox = outbox = sa.Table(
             f"{prefix}outbox",
             metadata,

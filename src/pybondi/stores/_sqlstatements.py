@@ -14,6 +14,15 @@ __all__ = ["STREAM_LENGTH", "Query", "Statements", "TableStatements"]
 
 STREAM_LENGTH = 255
 
+# The column types of pybondi's tables, the outbox's included.
+TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA' and
+# 'ada ' one aggregate (or one topic).
+NAME = sa.String(STREAM_LENGTH).with_variant(
+    mysql.VARCHAR(STREAM_LENGTH, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+)
+
 
 class Query:
     """A statement compiled once for a dialect: its SQL, and how to pass its parameters."""
@@ -68,13 +77,7 @@ class Statements:
     """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
-        text = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-        timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-        # Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA'
-        # and 'ada ' one aggregate.
-        stream = sa.String(STREAM_LENGTH).with_variant(
-            mysql.VARCHAR(STREAM_LENGTH, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
-        )
+        text, timestamp, stream = TEXT, TIMESTAMP, NAME
         self.aggregates = aggregates = sa.Table(
             f"{prefix}aggregates",
             metadata,
