@@ -13,6 +13,10 @@ Sending straight from a session leaves a gap: a crash after the repository commi
 and before the broker confirmed loses the messages. The outbox (`pybondi.outbox`) closes
 it. Brokers whose client is async-only (RabbitMQ, NATS) have async-only adapters: sync
 sessions reach them through the outbox.
+
+The other way round, `Broker.subscribe` gives a `Subscription`: a consumer group's share
+of some topics' messages, each received as a `Delivery` that the worker (`pybondi.worker`)
+acknowledges once the message's session committed, or hands back to be retried later.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pybondi.exceptions import AsyncRequired, PublishError
 from pybondi.publisher import BufferedPublisher, Message
 from pybondi.serialization import Registry
 
-__all__ = ["Broker", "BrokerPublisher"]
+__all__ = ["Broker", "BrokerPublisher", "Delivery", "Subscription"]
 
 
 class Broker(ABC):
@@ -59,6 +63,30 @@ class Broker(ABC):
             "`await broker.asend(...)`, or "
             "for sync sessions the outbox (pybondi.outbox.Outbox) with its async relay",
         )
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        consumer: str,
+        in_flight: int = 16,
+        redeliver_after: float = 60.0,
+    ) -> Subscription:
+        """The share of `group` in the messages of `topics`; see `Subscription`.
+
+        Args:
+            topics: the topics to consume, as published (the adapter's `prefix` and
+                naming rules apply as they do to sends).
+            group: the consumer group: every group gets each message, and within a group
+                each message goes to one consumer at a time. A new group starts from
+                the oldest message the broker still keeps.
+            consumer: this consumer's name within the group, unique per process.
+            in_flight: how many deliveries this consumer holds at most, unacknowledged.
+            redeliver_after: seconds after which a message held by a consumer that went
+                silent (crashed, hung, disconnected) goes to another consumer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot consume messages yet.")
 
     async def aclose(self) -> None:
         """Close the connection; the next send opens a new one."""
@@ -142,3 +170,72 @@ def _without_password(url: str) -> str:
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{separator}{credentials.partition(':')[0]}:***@{host}"
+
+
+class Delivery(ABC):
+    """One message as a subscription received it, until it is acknowledged or retried.
+
+    Attributes:
+        envelope: the message: its topic (as published, without the adapter's prefix),
+            id, headers and body. Headers the transport adds for itself (`Nats-Msg-Id`,
+            `x-death`, the attempt count) are not in it. The id is the `message-id`
+            header, or the broker's own id of the message when it has none.
+        attempt: 1 the first time the message is delivered to this group, then one more
+            after each `retry()` (and, where the broker counts them, after each
+            redelivery of a message whose consumer went silent).
+        problem: why the message could not be read from the broker's format (fields
+            missing, headers that are not a JSON object of strings), or None. Such a
+            delivery still has an envelope, with what could be read, for the dead
+            letter.
+    """
+
+    __slots__ = ("attempt", "envelope", "problem")
+
+    def __init__(self, envelope: Envelope, attempt: int = 1, problem: str | None = None) -> None:
+        self.envelope = envelope
+        self.attempt = attempt
+        self.problem = problem
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.envelope.id} on {self.envelope.topic!r}, "
+            f"attempt {self.attempt}>"
+        )
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Acknowledge the message: the group will not get it again."""
+
+    @abstractmethod
+    async def retry(self, delay: float) -> None:
+        """Have the group get the message again in `delay` seconds, at attempt + 1.
+
+        Once this returns, the broker keeps the retry durably and this delivery is
+        acknowledged. A crash in between may leave both: the message then comes twice,
+        which the worker's inbox absorbs.
+        """
+
+
+class Subscription(ABC):
+    """A consumer group's share of some topics' messages; see `Broker.subscribe`.
+
+    Messages of a consumer that went silent come back to the group's other consumers
+    after `redeliver_after`; retried messages come back when their delay is over.
+    """
+
+    @abstractmethod
+    async def receive(self, limit: int, wait: float) -> list[Delivery]:
+        """Up to `limit` deliveries, waiting at most `wait` seconds for the first one.
+
+        Returns an empty list when nothing came in time. Raises `ConnectionError` (or
+        the client's own error) when the broker cannot be reached; the next call
+        connects again.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop consuming and close the connection.
+
+        Unacknowledged deliveries come back to the group: at once, or after
+        `redeliver_after`, depending on the broker.
+        """
