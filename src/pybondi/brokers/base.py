@@ -31,7 +31,11 @@ from pybondi.exceptions import AsyncRequired, PublishError
 from pybondi.publisher import BufferedPublisher, Message
 from pybondi.serialization import Registry
 
-__all__ = ["Broker", "BrokerPublisher", "Delivery", "Subscription"]
+__all__ = ["DEFAULT_GROUP", "Broker", "BrokerPublisher", "Delivery", "Subscription"]
+
+DEFAULT_GROUP = "pybondi"
+"""The consumer group of workers that name none. On RabbitMQ it consumes the topic's own
+queue, the one the publisher declares so that nothing is lost before a consumer exists."""
 
 
 class Broker(ABC):
