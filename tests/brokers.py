@@ -268,6 +268,7 @@ class RabbitMQKit(BrokerKit):
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self.channel: aio_pika.abc.AbstractChannel | None = None
         self.queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+        self.other_queues: list[str] = []  # a group's queues, delay queues: deleted at cleanup
 
     def options(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "exchange": self.exchange}
@@ -333,9 +334,9 @@ class RabbitMQKit(BrokerKit):
 
     async def cleanup(self) -> None:
         connection = self._connection()
-        for topic in self.topics:
+        for name in [*(self.prefix + topic for topic in self.topics), *self.other_queues]:
             async with await connection.channel() as channel:
-                await channel.queue_delete(self.prefix + topic)
+                await channel.queue_delete(name)
         async with await connection.channel() as channel:
             await channel.exchange_delete(self.exchange)
 

@@ -36,6 +36,7 @@ MODULES = [
     "pybondi.brokers.rabbitmq",
     "pybondi.brokers.nats",
     "pybondi.relay",
+    "pybondi.deadletters",
     "pybondi.cli",
 ]
 

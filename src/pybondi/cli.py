@@ -1,43 +1,68 @@
 """The `pybondi` command.
 
     pybondi relay --store postgresql://localhost/bank --broker amqp://guest:guest@localhost/
+    pybondi worker myapp.consumers:consumer --store postgresql://localhost/bank \
+        --broker amqp://guest:guest@localhost/ --workers 4
+    pybondi dead-letters list --store postgresql://localhost/bank
 
 `relay` sends the outbox's committed rows to the broker until SIGTERM or Ctrl-C, then
 finishes the batch under way, gives its leases back and exits 0.
+
+`worker` handles the messages of a `pybondi.consumer.Consumer` (see `pybondi.worker`)
+until SIGTERM or Ctrl-C, then finishes the messages under way and exits 0. With
+`--workers N` it starts N worker processes, restarts one that dies, and passes them
+SIGTERM.
+
+`dead-letters` lists, shows, replays (through the outbox: run a relay) or discards the
+messages workers gave up on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import itertools
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from pybondi.tracing import TracingFilter
+
 if TYPE_CHECKING:
-    from pybondi.relay import Relay
+    from pybondi.consumer import Consumer
     from pybondi.stores.sql import SQLStore
 
 __all__ = ["main"]
 
-logger = logging.getLogger("pybondi.relay")
+logger = logging.getLogger("pybondi.cli")
+
+
+_running = ["pybondi"]  # the command under way, for error messages
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(message_id)s %(correlation_id)s]: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `pybondi` command line; return the exit status."""
-    parser = _parser()
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(
-        level=arguments.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    arguments = _parser().parse_args(argv)
+    _running.append(arguments.command)
+    logging.basicConfig(level=arguments.log_level.upper(), format=_LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TracingFilter())  # the ids of the message being handled
     try:
-        return int(asyncio.run(_relay(arguments)))
+        if arguments.command == "relay":
+            return int(asyncio.run(_relay(arguments)))
+        if arguments.command == "worker":
+            return _workers(arguments, argv)
+        return int(asyncio.run(_dead_letters(arguments)))
     except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
         return 130
 
@@ -48,21 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     relay = commands.add_parser(
         "relay", help="send the outbox's committed messages to a broker, until SIGTERM"
     )
-    relay.add_argument("--store", required=True, help="database URL of the outbox's SQLStore")
-    relay.add_argument(
-        "--broker", required=True, type=_broker_url, help="redis://, amqp:// or nats:// URL"
-    )
-    relay.add_argument(
-        "--broker-option",
-        action="append",
-        default=[],
-        type=_option,
-        metavar="NAME=VALUE",
-        help="an option of the broker adapter, such as prefix=app_ or exchange=app "
-        "(RabbitMQ); VALUE is read as JSON if it is JSON, else as text; repeatable",
-    )
-    relay.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
-    relay.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
+    _store_arguments(relay)
+    _broker_arguments(relay)
     relay.add_argument("--batch-size", type=_positive, default=100, help="rows per batch")
     relay.add_argument(
         "--lease", type=_above_0, default=30.0, help="seconds a topic's lease lasts (default 30)"
@@ -79,8 +91,123 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--create-tables", action="store_true", help="create the store's tables if missing"
     )
-    relay.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _log_level(relay)
+    _worker_parser(commands)
+    _dead_letters_parser(commands)
     return parser
+
+
+def _worker_parser(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker", help="handle a consumer's messages from a broker, until SIGTERM"
+    )
+    worker.add_argument(
+        "consumer", type=_target, help="the Consumer to run, as module:name (myapp.consumers:app)"
+    )
+    _store_arguments(worker)
+    _broker_arguments(worker)
+    worker.add_argument(
+        "--workers", type=_positive, default=1, help="worker processes to run (default 1)"
+    )
+    worker.add_argument(
+        "--sync",
+        action="store_true",
+        help="sync sessions, each in a thread (for sync handlers that use repository.get)",
+    )
+    worker.add_argument(
+        "--grace",
+        type=_at_least_0,
+        default=30.0,
+        help="seconds a stop waits for the messages under way (default 30)",
+    )
+    worker.add_argument(
+        "--redeliver-after",
+        type=_above_0,
+        default=60.0,
+        help="seconds after which the messages of a silent worker go to another (default 60)",
+    )
+    worker.add_argument(
+        "--create-tables", action="store_true", help="create the store's tables if missing"
+    )
+    _log_level(worker)
+
+
+def _dead_letters_parser(commands: Any) -> None:
+    letters = commands.add_parser(
+        "dead-letters", help="list, show, replay or discard the messages workers gave up on"
+    )
+    actions = letters.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="one line per dead letter, oldest first")
+    show = actions.add_parser("show", help="a dead letter in full: headers, body, error")
+    show.add_argument("ids", type=_positive, nargs="+", metavar="ID")
+    replay = actions.add_parser(
+        "replay", help="send dead letters to their topic again, through the outbox"
+    )
+    discard = actions.add_parser("discard", help="delete dead letters for good")
+    for action in (replay, discard):
+        action.add_argument("ids", type=_positive, nargs="*", metavar="ID")
+        action.add_argument(
+            "--all", action="store_true", help="every dead letter (of --group/--topic)"
+        )
+    for action in (listing, replay, discard):
+        action.add_argument("--group", help="only those of this consumer group")
+        action.add_argument("--topic", help="only those of this topic")
+    listing.add_argument("--limit", type=_positive, default=100, help="at most (default 100)")
+    listing.add_argument("--after", type=int, default=0, help="ids above this one")
+    for action in (listing, show, replay, discard):
+        _store_arguments(action)
+        _log_level(action)
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="database URL of the SQLStore")
+    parser.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
+    parser.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
+
+
+def _broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker", required=True, type=_broker_url, help="redis://, amqp:// or nats:// URL"
+    )
+    parser.add_argument(
+        "--broker-option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="NAME=VALUE",
+        help="an option of the broker adapter, such as prefix=app_ or exchange=app "
+        "(RabbitMQ); VALUE is read as JSON if it is JSON, else as text; repeatable",
+    )
+
+
+def _log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def _target(text: str) -> Consumer:
+    """The Consumer named `module:attribute`, imported from the current directory too."""
+    from pybondi.consumer import Consumer  # noqa: PLC0415
+
+    module_name, colon, attribute = text.partition(":")
+    if not colon or not module_name or not attribute:
+        raise argparse.ArgumentTypeError(
+            f"expected module:name, as in myapp.consumers:app, got {text!r}"
+        )
+    if os.getcwd() not in sys.path:  # as `python -m` would: the application is here
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot load {text}: {error}") from None
+    if not isinstance(found, Consumer):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a {type(found).__name__}, not a pybondi.consumer.Consumer"
+        )
+    return found
 
 
 def _broker_url(url: str) -> str:
@@ -124,23 +251,36 @@ def _positive(text: str) -> int:
     return value
 
 
-async def _relay(arguments: argparse.Namespace) -> int:
+def _open_store(arguments: argparse.Namespace, asynchronous: bool = True) -> SQLStore | None:
+    """The store of `--store`, or None after saying why it cannot be used."""
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - the store brings it
 
-    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
-    from pybondi.relay import Relay  # noqa: PLC0415
     from pybondi.stores.sql import SQLStore  # noqa: PLC0415
 
     try:
-        store = SQLStore(
-            arguments.store, asynchronous=True, schema=arguments.schema, prefix=arguments.prefix
+        return SQLStore(
+            arguments.store,
+            asynchronous=asynchronous,
+            schema=arguments.schema,
+            prefix=arguments.prefix,
         )
     except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
-        return _refuse(
-            f"cannot use --store {arguments.store}: {str(error).rstrip('.')}. The relay needs "
-            f"an async driver: give the URL without one (postgresql://, mariadb://, "
+        driver = "an async driver" if asynchronous else "a driver"
+        _refuse(
+            f"cannot use --store {arguments.store}: {str(error).rstrip('.')}. This needs "
+            f"{driver}: give the URL without one (postgresql://, mariadb://, "
             f"sqlite:///file.db) and pybondi picks it."
         )
+        return None
+
+
+async def _relay(arguments: argparse.Namespace) -> int:
+    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.relay import Relay  # noqa: PLC0415
+
+    store = _open_store(arguments)
+    if store is None:
+        return 2
     try:
         if not await _tables_ready(store, arguments.create_tables):
             return 2
@@ -152,7 +292,7 @@ async def _relay(arguments: argparse.Namespace) -> int:
             retention=timedelta(hours=arguments.retention),
             grace=arguments.grace,
         )
-        _stop_on_signals(relay)
+        _stop_on_signals(relay.stop)
         logger.info("Relay %s started: %r", relay.name, relay)
         await relay.run()
         logger.info("Relay %s stopped after sending %d message(s)", relay.name, relay.sent)
@@ -185,21 +325,218 @@ async def _tables_ready(store: SQLStore, create: bool) -> bool:
     return not missing
 
 
-def _stop_on_signals(relay: Relay) -> None:
-    """SIGTERM and Ctrl-C stop the relay gracefully; a second Ctrl-C interrupts it."""
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM and Ctrl-C stop gracefully; a second Ctrl-C interrupts."""
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, relay.stop)
+    loop.add_signal_handler(signal.SIGTERM, stop)
 
     def interrupted() -> None:
-        relay.stop()
+        stop()
         loop.remove_signal_handler(signal.SIGINT)  # the next one raises KeyboardInterrupt
 
     loop.add_signal_handler(signal.SIGINT, interrupted)
 
 
 def _refuse(problem: str) -> int:
-    print(f"pybondi relay: {problem}", file=sys.stderr)
+    print(f"pybondi {_running[-1]}: {problem}", file=sys.stderr)
     return 2
+
+
+# The worker -----------------------------------------------------------------------------
+
+
+def _workers(arguments: argparse.Namespace, argv: list[str]) -> int:
+    """Run one worker here, or supervise `--workers` worker processes."""
+    if arguments.workers == 1:
+        return int(asyncio.run(_worker(arguments)))
+    return _Supervisor([sys.executable, "-m", "pybondi", *argv, "--workers", "1"]).run(
+        arguments.workers
+    )
+
+
+async def _worker(arguments: argparse.Namespace) -> int:
+    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.worker import Worker  # noqa: PLC0415
+
+    store = _open_store(arguments, asynchronous=not arguments.sync)
+    if store is None:
+        return 2
+    try:
+        if not await _tables_ready(store, arguments.create_tables):
+            return 2
+        try:
+            worker = Worker(
+                arguments.consumer,
+                connect(arguments.broker, **dict(arguments.broker_option)),
+                store,
+                redeliver_after=arguments.redeliver_after,
+                grace=arguments.grace,
+            )
+        except (TypeError, ValueError) as error:
+            return _refuse(str(error))
+        _stop_on_signals(worker.stop)
+        logger.info("Worker started: %r", worker)
+        await worker.run()
+        logger.info(
+            "Worker %s stopped: %d handled, %d duplicate(s) skipped, %d retried, "
+            "%d dead-lettered",
+            worker.name, worker.handled, worker.duplicates, worker.retried, worker.dead_lettered,
+        )  # fmt: skip
+        return 0
+    finally:
+        await store.adispose()
+
+
+class _Supervisor:
+    """Runs N worker processes: restarts one that dies, passes SIGTERM and Ctrl-C on."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.stopping = False
+
+    def run(self, count: int) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        children = {index: self._spawn(index) for index in range(count)}
+        restarts = dict.fromkeys(children, 0)
+        status = 0
+        while children:
+            time.sleep(0.2)
+            for index, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                del children[index]
+                if self.stopping:
+                    status = max(status, code)
+                elif code == 2:  # a wrong argument or store: every restart would fail
+                    status = 2
+                    self._stop()
+                else:
+                    restarts[index] += 1
+                    delay = min(30.0, 0.5 * 2 ** min(restarts[index], 10))
+                    logger.warning(
+                        "Worker process %d exited with %d; restarting it in %.1f s",
+                        child.pid, code, delay,
+                    )  # fmt: skip
+                    time.sleep(delay)
+                    if not self.stopping:
+                        children[index] = self._spawn(index)
+            if self.stopping:
+                for child in children.values():
+                    if child.poll() is None:
+                        child.send_signal(signal.SIGTERM)
+        return status
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(self.command, env={**os.environ, "PYBONDI_WORKER": str(index)})
+        logger.info("Worker process %d started (%d)", child.pid, index)
+        return child
+
+    def _stop(self, *_: object) -> None:
+        if self.stopping:  # a second Ctrl-C
+            raise KeyboardInterrupt
+        self.stopping = True
+
+
+# Dead letters ---------------------------------------------------------------------------
+
+
+async def _dead_letters(arguments: argparse.Namespace) -> int:
+    from pybondi.deadletters import DeadLetters  # noqa: PLC0415
+
+    store = _open_store(arguments)
+    if store is None:
+        return 2
+    try:
+        if not await _tables_ready(store, create=False):
+            return 2
+        letters = DeadLetters(store)
+        action: Callable[[DeadLetters, argparse.Namespace], Any] = _ACTIONS[arguments.action]
+        return int(await action(letters, arguments))
+    finally:
+        await store.adispose()
+
+
+async def _list(letters: Any, arguments: argparse.Namespace) -> int:
+    found = await letters.list(
+        group=arguments.group, topic=arguments.topic, after=arguments.after, limit=arguments.limit
+    )
+    for letter in found:
+        reason = letter.error.splitlines()[0] if letter.error else ""
+        print(
+            f"{letter.id}\t{letter.failed_at:%Y-%m-%d %H:%M:%S}\t{letter.group}\t{letter.topic}"
+            f"\t{letter.message_id}\t{letter.attempts}\t{reason}"
+        )
+    return 0
+
+
+async def _show(letters: Any, arguments: argparse.Namespace) -> int:
+    status = 0
+    for id in arguments.ids:
+        letter = await letters.get(id)
+        if letter is None:
+            print(f"pybondi dead-letters: no dead letter {id}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"Dead letter {letter.id}, failed at {letter.failed_at.isoformat()}")
+        print(f"  group: {letter.group}\n  topic: {letter.topic}\n  id: {letter.message_id}")
+        print(f"  attempts: {letter.attempts}\n  headers:")
+        for name, value in letter.headers.items():
+            print(f"    {name}: {value}")
+        print(f"  body: {letter.body}\n  error:")
+        print("    " + letter.error.replace("\n", "\n    "))
+    return status
+
+
+async def _selected(letters: Any, arguments: argparse.Namespace) -> list[int] | None:
+    """The ids given, or every id of --group/--topic with --all; None if neither."""
+    if arguments.ids and arguments.all:
+        _refuse("give ids or --all, not both")
+        return None
+    if arguments.ids:
+        return list(arguments.ids)
+    if not arguments.all:
+        _refuse("give the ids of the dead letters, or --all (with --group, --topic)")
+        return None
+    ids: list[int] = []
+    while batch := await letters.list(
+        group=arguments.group, topic=arguments.topic, after=ids[-1] if ids else 0, limit=1000
+    ):
+        ids += [letter.id for letter in batch]
+    return ids
+
+
+async def _replay(letters: Any, arguments: argparse.Namespace) -> int:
+    ids = await _selected(letters, arguments)
+    if ids is None:
+        return 2
+    replayed = await letters.replay(ids)
+    for letter in replayed:
+        print(f"replayed {letter.id}: {letter.message_id} to {letter.topic}")
+    missing = sorted(set(ids) - {letter.id for letter in replayed})
+    if missing:
+        print(
+            f"pybondi dead-letters: no dead letter {', '.join(map(str, missing))}", file=sys.stderr
+        )
+    return 1 if missing else 0
+
+
+async def _discard(letters: Any, arguments: argparse.Namespace) -> int:
+    ids = await _selected(letters, arguments)
+    if ids is None:
+        return 2
+    discarded = await letters.discard(ids)
+    print(f"discarded {discarded} dead letter(s)")
+    return 0 if discarded == len(ids) else 1
+
+
+_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], Any]] = {
+    "list": _list,
+    "show": _show,
+    "replay": _replay,
+    "discard": _discard,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,10 +15,17 @@ The in-memory publisher marks each message as handled while its subscribers run.
 task that a subscriber starts and leaves running sees the message being delivered when
 it publishes, or none once delivery is over: give such a task its message with
 `handling(message)` if what it publishes must name its cause.
+
+`TracingFilter` gives log records the ids of the message being handled, so that every
+line a handler (or pybondi) logs can say which message, and which chain, it belongs to:
+
+    handler.addFilter(TracingFilter())
+    handler.setFormatter(logging.Formatter("%(message_id)s %(correlation_id)s %(message)s"))
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the publisher calls trace(): importing it here would be circular
     from pybondi.publisher import Message
 
-__all__ = ["CAUSATION_ID", "CORRELATION_ID", "Handling", "current", "handling", "trace"]
+__all__ = [
+    "CAUSATION_ID",
+    "CORRELATION_ID",
+    "Handling",
+    "TracingFilter",
+    "current",
+    "handling",
+    "trace",
+]
 
 CORRELATION_ID = "correlation-id"
 CAUSATION_ID = "causation-id"
@@ -71,3 +86,23 @@ def trace(message: Message[Any]) -> None:
         headers[CORRELATION_ID] = cause.headers.get(CORRELATION_ID) or str(cause.id)
     if CAUSATION_ID not in headers:
         headers[CAUSATION_ID] = str(cause.id)
+
+
+class TracingFilter(logging.Filter):
+    """Adds `message_id`, `correlation_id` and `causation_id` to every log record.
+
+    They are the ids of the message being handled, or `-` when there is none.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Set the record's ids; never drops a record."""
+        message = current()
+        ids = record.__dict__
+        if message is None:
+            ids["message_id"] = ids["correlation_id"] = ids["causation_id"] = "-"
+        else:
+            headers = message.headers
+            ids["message_id"] = str(message.id)
+            ids["correlation_id"] = headers.get(CORRELATION_ID) or ids["message_id"]
+            ids["causation_id"] = headers.get(CAUSATION_ID, "-")
+        return True

@@ -15,19 +15,32 @@ raises `PublishError`, never vanishes. The broker's ack (a publisher confirm) is
 confirmation; a batch is published without waiting between messages, then every ack
 awaited. aio-pika is async-only, so is this adapter: sync sessions reach it through the
 outbox. Topics are used verbatim as binding keys, so keep `*` and `#` out of them.
+
+Consuming (`subscribe`): the workers of a group share one durable queue per topic, as
+competing consumers: the topic's own queue for `DEFAULT_GROUP`, `queue#group` for any
+other group (see `RabbitMQBroker.group_queue`). Each subscription has a connection of its
+own, with a prefetch of `in_flight` per queue; unacked messages go back to the queue when
+that connection closes or dies (heartbeats of `redeliver_after` seconds notice a silent
+one). `retry(delay)` puts a copy in a delay queue, `queue#retry#<ms>`, whose TTL dead-
+letters it back to the group's queue once the delay is over, then acks the original.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
+import uuid
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from pybondi.brokers.base import Broker
+from pybondi.brokers.base import DEFAULT_GROUP, Broker, Delivery, Subscription
 from pybondi.envelope import Envelope
-from pybondi.exceptions import MissingDependency
+from pybondi.exceptions import MissingDependency, short_repr
 
 try:
     import aio_pika
@@ -37,7 +50,7 @@ try:
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependency("aio-pika", "rabbitmq", "An amqp:// broker") from missing
 
-__all__ = ["RabbitMQBroker"]
+__all__ = ["ATTEMPT_HEADER", "RabbitMQBroker", "RabbitMQDelivery", "RabbitMQSubscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +62,9 @@ class RabbitMQBroker(Broker):
         url: `amqp://user:password@host:port/vhost` (or `amqps://` for TLS).
         exchange: the name of the durable topic exchange to publish to.
         prefix: put before each topic to name its queue.
-        declare_queues: declare and bind each topic's queue at its first send; when
-            false, a topic with no bound queue makes `asend` raise `PublishError`.
+        declare_queues: declare and bind each topic's queue at its first send, and a
+            group's queues when it subscribes; when false, a topic with no bound queue
+            makes `asend` raise `PublishError`, and a subscription's queues must exist.
         timeout: seconds one `asend` may take, connecting and every ack included.
         connection_options: passed to `aio_pika.connect`.
     """
@@ -80,6 +94,37 @@ class RabbitMQBroker(Broker):
     def queue(self, topic: str) -> str:
         """The name of a topic's queue."""
         return self.prefix + topic
+
+    def group_queue(self, topic: str, group: str) -> str:
+        """The queue a consumer group takes a topic's messages from.
+
+        `DEFAULT_GROUP` consumes the topic's own queue, the one sends declare, so it gets
+        every message sent since that queue exists. Any other group has a queue of its
+        own, `queue(topic) + "#" + group` (no topic has a `#`, so no name is taken
+        twice), declared when a subscription of the group first connects: messages sent
+        before that are not in it.
+        """
+        queue = self.queue(topic)
+        return queue if group == DEFAULT_GROUP else f"{queue}#{group}"
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        consumer: str,
+        in_flight: int = 16,
+        redeliver_after: float = 60.0,
+    ) -> RabbitMQSubscription:
+        """The share of `group` in the messages of `topics`; see `RabbitMQSubscription`."""
+        return RabbitMQSubscription(
+            self,
+            topics,
+            group,
+            consumer=consumer,
+            in_flight=in_flight,
+            redeliver_after=redeliver_after,
+        )
 
     async def asend(self, envelopes: Sequence[Envelope]) -> None:
         """Publish every envelope, then wait for all the acks; see the module docstring.
@@ -250,3 +295,374 @@ class _Connection(aio_pika.Connection):
             with contextlib.suppress(Exception):
                 await self.close()
             raise
+
+
+ATTEMPT_HEADER = "x-pybondi-attempt"
+"""The AMQP header that counts a retried message's attempts; absent on the first."""
+
+_DEATH_HEADERS = ("x-first-death-", "x-last-death-")
+_RETRY_QUEUE_EXPIRES = 60_000  # ms an unused delay queue outlives its TTL, then goes
+
+
+def _transport_header(name: str) -> bool:
+    """Whether RabbitMQ (dead-lettering) or this adapter set the header, not the sender."""
+    return name in ("x-death", ATTEMPT_HEADER) or name.startswith(_DEATH_HEADERS)
+
+
+class RabbitMQSubscription(Subscription):
+    """A consumer group's share of some topics' messages, on RabbitMQ.
+
+    Every consumer of the group consumes the same durable queue per topic
+    (`RabbitMQBroker.group_queue`), which RabbitMQ shares out between them. The first
+    `receive` connects (a connection of the subscription's own), declares and binds those
+    queues (unless the broker has `declare_queues=False`) and starts consuming; after
+    the connection is lost, `receive` raises `ConnectionError` once and the next call
+    connects again.
+
+    `in_flight` is RabbitMQ's prefetch (`basic.qos`), which counts per consumer: one per
+    topic, so a subscription to n topics holds up to n * `in_flight` messages. (A
+    per-channel prefetch would bound the sum, but RabbitMQ deprecates it.)
+
+    Unacknowledged messages go back to the queue when the connection closes: at once if
+    the process ends, after about `redeliver_after` seconds if it went silent, since that
+    is the heartbeat timeout the connection asks for (unless the URL or the connection
+    options name one). A consumer whose event loop runs but never acks (a handler stuck
+    on an await) keeps its messages until RabbitMQ's `consumer_timeout` (30 minutes by
+    default; a server setting) closes its channel. Redeliveries are not counted as
+    attempts: classic queues do not count them.
+    """
+
+    def __init__(
+        self,
+        broker: RabbitMQBroker,
+        topics: Sequence[str],
+        group: str,
+        *,
+        consumer: str,
+        in_flight: int = 16,
+        redeliver_after: float = 60.0,
+    ) -> None:
+        if not topics:
+            raise ValueError("Subscribe to at least one topic.")
+        if any("*" in topic or "#" in topic for topic in topics):
+            # As binding keys they would be patterns, whose messages have other topics.
+            raise ValueError(f"Subscribe to topics, not patterns: {list(topics)!r}.")
+        if not group or "#" in group:
+            # A `#` could make a group's queue the name of another group's delay queue.
+            raise ValueError(f"Invalid consumer group {group!r}: name it without '#'.")
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, not {in_flight!r}.")
+        self.broker = broker
+        self.group = group
+        self.consumer = consumer
+        self.in_flight = in_flight
+        self.redeliver_after = redeliver_after
+        self.queues = {broker.group_queue(topic, group): topic for topic in topics}
+        """The queue consumed for each topic: {queue name: topic}."""
+        self._link: _Link | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.group}/{self.consumer} on {self.broker!r}>"
+
+    async def receive(self, limit: int, wait: float) -> list[Delivery]:
+        """Up to `limit` deliveries, waiting at most `wait` seconds for the first one.
+
+        Raises `ConnectionError` (or aio-pika's error) when RabbitMQ cannot be reached or
+        the connection was lost; deliveries received before can then no longer be acked,
+        and their messages come back. The next call connects again. After `close()`,
+        raises `RuntimeError`.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed.")
+        link = self._link or await self._connect()
+        items: list[tuple[str, aio_pika.abc.AbstractIncomingMessage] | None] = []
+        if limit > 0 and link.incoming.empty() and link.lost is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    items.append(await link.incoming.get())
+        while len(items) < limit and not link.incoming.empty():
+            items.append(link.incoming.get_nowait())
+        if link.lost is not None:
+            await self._disconnect()
+            raise ConnectionError(
+                f"{self!r} lost its connection to RabbitMQ ({link.lost}); the next receive "
+                f"connects again, and the messages not acked come back."
+            ) from link.lost
+        return [self._delivery(link, *item) for item in items if item is not None]
+
+    async def close(self) -> None:
+        """Cancel the consumers and close the connection; unacked messages go back at once."""
+        self._closed = True
+        link = self._link
+        if link is not None and link.lost is None:
+            # Cancelled first, so that no new message arrives while the channel closes.
+            with contextlib.suppress(TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS):
+                async with asyncio.timeout(self.broker.timeout):
+                    for queue, tag in link.consumers:
+                        await queue.cancel(tag)
+        await self._disconnect()
+
+    def _delivery(
+        self, link: _Link, queue: str, message: aio_pika.abc.AbstractIncomingMessage
+    ) -> RabbitMQDelivery:
+        """The delivery of a message consumed from `queue`, read as an envelope."""
+        topic = self.queues[queue]  # not the routing key: a retried message has the queue's
+        headers: dict[str, str] = {}
+        problems: list[str] = []
+        attempt = 1
+        for name, value in (message.headers or {}).items():
+            if name == ATTEMPT_HEADER:
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    attempt = value
+                else:
+                    problems.append(f"header {name} is {short_repr(value)}, not an attempt")
+            elif not _transport_header(name):
+                text = _text(value)
+                if text is None:
+                    problems.append(f"header {name} is {short_repr(value)}, not text")
+                else:
+                    headers[name] = text
+        # A message with no id of its sender's gets one of its own, kept by its retries
+        # (as their message_id), but not by redeliveries: RabbitMQ has no message ids.
+        message_id = headers.get("message-id") or message.message_id or f"amqp-{uuid.uuid4()}"
+        problem = None
+        if problems:
+            problem = (
+                f"Message {message_id} from RabbitMQ queue {queue!r} cannot be read: "
+                f"{'; '.join(problems)}."
+            )
+        envelope = Envelope(topic, message_id, headers, message.body)
+        return RabbitMQDelivery(
+            self, link, queue, message, envelope, attempt=attempt, problem=problem
+        )
+
+    async def _connect(self) -> _Link:
+        broker = self.broker
+        options = dict(broker.connection_options)
+        url_options = parse_qs(urlsplit(broker.url).query)
+        if "heartbeat" not in options and "heartbeat" not in url_options:
+            # RabbitMQ closes a connection that missed its heartbeats for this long, which
+            # sends the unacked messages of a silent consumer back to the queue.
+            options["heartbeat"] = max(1, math.ceil(self.redeliver_after))
+        if "name" not in options and "name" not in url_options:
+            options["name"] = f"pybondi {self.group}/{self.consumer}"  # shown by RabbitMQ
+        try:
+            async with asyncio.timeout(broker.timeout):
+                connection = await aio_pika.connect(
+                    broker.url, connection_class=_Connection, **options
+                )
+                link = _Link(connection)
+                try:
+                    await link.consume(self)
+                except BaseException:
+                    await connection.close()
+                    raise
+        except TimeoutError as error:
+            raise ConnectionError(
+                f"{self!r} could not connect and consume within {broker.timeout} s."
+            ) from error
+        self._link = link
+        return link
+
+    async def _disconnect(self) -> None:
+        link, self._link = self._link, None
+        if link is None:
+            return
+        link.lose(ConnectionError("the subscription disconnected"))
+        if not link.connection.is_closed:
+            try:
+                await link.connection.close()
+            except aio_pika.exceptions.CONNECTION_EXCEPTIONS as error:
+                logger.debug("Closing %r failed: %r", self, error)
+
+
+class RabbitMQDelivery(Delivery):
+    """A message consumed from a group's queue; see `Delivery` and the module docstring.
+
+    `ack()` and `retry()` raise `ConnectionError` once the subscription lost (or closed)
+    the connection it came on: RabbitMQ puts the message back in the queue then, to be
+    received again. An ack is not confirmed by RabbitMQ: one lost with the connection
+    also brings the message back, which the worker's inbox absorbs.
+    """
+
+    __slots__ = ("_link", "_message", "_queue", "_subscription")
+
+    def __init__(
+        self,
+        subscription: RabbitMQSubscription,
+        link: _Link,
+        queue: str,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        envelope: Envelope,
+        *,
+        attempt: int = 1,
+        problem: str | None = None,
+    ) -> None:
+        super().__init__(envelope, attempt, problem)
+        self._subscription = subscription
+        self._link = link
+        self._queue = queue
+        self._message = message
+
+    async def ack(self) -> None:
+        """Acknowledge the message: its queue drops it."""
+        self._check_link()
+        try:
+            await self._message.ack()
+        except aiormq.exceptions.ChannelInvalidStateError as error:
+            raise self._lost() from error
+
+    async def retry(self, delay: float) -> None:
+        """Publish a copy to the delay queue of `delay` (confirmed), then ack this one.
+
+        The delay queue, `<queue>#retry#<milliseconds>`, holds the copy for `delay` (its
+        message TTL), then dead-letters it to the default exchange with the group's queue
+        as routing key: back to this group only, with attempt + 1. It is declared at each
+        retry, which keeps it for a minute more than the delay; unused, it goes.
+        """
+        self._check_link()
+        ms = max(0, round(delay * 1000))
+        delay_queue = f"{self._queue}#retry#{ms}"
+        arguments: dict[str, Any] = {
+            "x-message-ttl": ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self._queue,
+            "x-expires": ms + _RETRY_QUEUE_EXPIRES,
+        }
+        async with asyncio.timeout(self._subscription.broker.timeout):
+            channel = await self._link.publisher()
+            await channel.declare_queue(delay_queue, durable=True, arguments=arguments)
+            # mandatory: should the delay queue vanish in between, the publish raises.
+            await channel.default_exchange.publish(
+                self._copy(), routing_key=delay_queue, mandatory=True
+            )
+        await self.ack()
+
+    def _copy(self) -> aio_pika.Message:
+        """The message as sent, headers untouched but for the next attempt's count."""
+        message = self._message
+        headers = {
+            name: _encodable(value)
+            for name, value in (message.headers or {}).items()
+            if not _transport_header(name)
+        }
+        headers[ATTEMPT_HEADER] = self.attempt + 1
+        return aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id or self.envelope.id,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+
+    def _check_link(self) -> None:
+        if self._link.lost is not None:
+            raise self._lost()
+
+    def _lost(self) -> ConnectionError:
+        return ConnectionError(
+            f"Cannot settle {self!r}: {self._subscription!r} lost the connection it came "
+            f"on, so RabbitMQ delivers the message again."
+        )
+
+
+class _Link:
+    """One connection of a subscription: its consumers, and what they received."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self.connection = connection
+        # (queue, message) as consumed; None wakes a waiting receive when the link is lost.
+        self.incoming: asyncio.Queue[tuple[str, aio_pika.abc.AbstractIncomingMessage] | None]
+        self.incoming = asyncio.Queue()
+        self.consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self.lost: BaseException | None = None
+        self._publisher: aio_pika.abc.AbstractChannel | None = None
+        self._opening = asyncio.Lock()
+
+    async def consume(self, subscription: RabbitMQSubscription) -> None:
+        """Declare and bind the subscription's queues, and consume them."""
+        broker = subscription.broker
+        channel = await self.connection.channel(publisher_confirms=False)
+        channel.close_callbacks.add(self._closed)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._cancelled)
+        await channel.set_qos(prefetch_count=subscription.in_flight)
+        exchange = None
+        if broker.declare_queues:
+            exchange = await channel.declare_exchange(
+                broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        for name, topic in subscription.queues.items():
+            if exchange is not None:
+                # As sends declare it (durable, no arguments), or the declarations clash.
+                queue = await channel.declare_queue(name, durable=True)
+                await queue.bind(exchange, routing_key=topic)
+            else:
+                queue = await channel.get_queue(name)  # passive: it must exist
+            tag = await queue.consume(functools.partial(self._put, name))
+            self.consumers.append((queue, tag))
+
+    async def publisher(self) -> aio_pika.abc.AbstractChannel:
+        """A channel with publisher confirms, for retries.
+
+        A channel of its own: an error there (such as a clashing declaration) closes it,
+        not the channel whose deliveries are waiting for their acks.
+        """
+        async with self._opening:
+            if self._publisher is None or self._publisher.is_closed:
+                self._publisher = await self.connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+            return self._publisher
+
+    def lose(self, reason: BaseException) -> None:
+        """Mark the link lost, once, and wake a receive waiting on it."""
+        if self.lost is None:
+            self.lost = reason
+            self.incoming.put_nowait(None)
+
+    async def _put(self, queue: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.incoming.put_nowait((queue, message))
+
+    def _closed(
+        self, channel: aio_pika.abc.AbstractChannel | None, reason: BaseException | None
+    ) -> None:
+        self.lose(reason or ConnectionError("the channel closed"))
+
+    def _cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        # RabbitMQ cancels a consumer whose queue was deleted: connect and declare again.
+        self.lose(ConnectionError(f"RabbitMQ cancelled consumer {frame.consumer_tag}"))
+
+
+def _text(value: object) -> str | None:
+    """A header value as text: UTF-8 bytes decoded, numbers written out; else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _encodable(value: Any) -> Any:
+    """A header value as pamqp can write it, for a retried copy.
+
+    pamqp reads a string that is not UTF-8 as `bytes`, but writes only `bytearray`.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pybondi.exceptions import ConcurrencyError
+from pybondi.stores._sqlinbox import InboxRecords
 from pybondi.stores._sqloutbox import OutboxRecords
 from pybondi.stores._sqlstatements import STREAM_LENGTH, Query, Statements
 from pybondi.stores.base import Record, Snapshot, StoredEvent, TableRecords
@@ -23,7 +24,7 @@ __all__ = ["SQLRecords"]
 _KEEP_ROWCOUNT = {"preserve_rowcount": True}
 
 
-class SQLRecords(TableRecords, OutboxRecords):
+class SQLRecords(TableRecords, OutboxRecords, InboxRecords):
     """Reads and writes in one transaction, with statements compiled once per store.
 
     When nothing listens to the engine, they go straight to the DBAPI cursor of the

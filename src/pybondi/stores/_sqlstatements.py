@@ -73,7 +73,8 @@ class TableStatements:
 class Statements:
     """The tables and every statement on them, built once for one dialect.
 
-    The outbox's are in `outbox` (see `_sqloutbox`).
+    The outbox's are in `outbox` (see `_sqloutbox`), the inbox's and dead letters' in
+    `inbox` (see `_sqlinbox`).
     """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
@@ -188,6 +189,9 @@ class Statements:
         from pybondi.stores._sqloutbox import OutboxStatements  # noqa: PLC0415 (it imports us)
 
         self.outbox = OutboxStatements(self, metadata, prefix)
+        from pybondi.stores._sqlinbox import InboxStatements  # noqa: PLC0415 (it imports us)
+
+        self.inbox = InboxStatements(self, metadata, prefix)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""

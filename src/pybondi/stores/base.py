@@ -15,6 +15,7 @@ run it on their connection without blocking the event loop.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,5 +201,31 @@ class Store(ABC):
         transaction = await self.abegin()
         try:
             return await transaction.arun(lambda records: records.read_log(after, limit))
+        finally:
+            await transaction.aclose()
+
+    def transact(self, work: Callable[[Records], T]) -> T:
+        """Run `work` in a transaction of its own, commit, and return what it returned."""
+        transaction = self.begin()
+        try:
+            result = transaction.run(work)
+            transaction.commit()
+            return result
+        finally:
+            transaction.close()
+
+    async def atransact(self, work: Callable[[Records], T]) -> T:
+        """`transact` from async code.
+
+        An async store runs on the event loop; a sync one in a thread, so that it does not
+        block the loop either.
+        """
+        if not self.is_async:
+            return await asyncio.to_thread(self.transact, work)
+        transaction = await self.abegin()
+        try:
+            result = await transaction.arun(work)
+            await transaction.acommit()
+            return result
         finally:
             await transaction.aclose()

@@ -1,0 +1,111 @@
+"""Dead letters: the messages a worker gave up on, to list, replay or discard.
+
+    dead = DeadLetters(SQLStore("postgresql://localhost/bank", asynchronous=True))
+    for letter in await dead.list(group="billing", topic="bank.deposits"):
+        print(letter.id, letter.message_id, letter.attempts, letter.error)
+    await dead.replay([12, 13])     # sent again through the outbox, handled again
+    await dead.discard([14])        # gone; a redelivery of it is still skipped
+
+A worker dead-letters a message that failed too often, or that it could not read: the
+message, the error and the number of attempts are kept in the store's `dead_letters`
+table, and the message is recorded in the group's inbox, so that the broker delivering
+it again changes nothing. Replaying writes the message to the outbox again (same topic,
+id and headers, plus `replayed-at`), removes it from the group's inbox so that the
+worker handles it again, and deletes the dead letter, in one transaction: the relay then
+sends it. Every method runs in a transaction of its own, on a sync store (in a thread)
+or an async one.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar, cast
+
+if TYPE_CHECKING:
+    from pybondi.stores._sqlinbox import InboxRecords
+    from pybondi.stores.base import Records, Store
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message a consumer group gave up on.
+
+    Attributes:
+        id: the dead letter's number, growing as letters are added.
+        group: the consumer group that gave up.
+        topic, message_id, headers: the message's, as delivered.
+        body: the message's body as text; bytes that were not UTF-8 became U+FFFD.
+        error: why it failed (the last error), or why it could not be read.
+        attempts: how many times the group tried to handle it.
+        failed_at: when it was dead-lettered, in UTC.
+    """
+
+    id: int
+    group: str
+    topic: str
+    message_id: str
+    headers: dict[str, str]
+    body: str
+    error: str
+    attempts: int
+    failed_at: datetime
+
+
+class DeadLetters:
+    """The dead letters of a SQL store, sync or async; see the module docstring."""
+
+    def __init__(self, store: Store) -> None:
+        if getattr(getattr(store, "statements", None), "inbox", None) is None:
+            raise TypeError(
+                f"Dead letters are kept in a SQL database, with the inbox; {store!r} is not "
+                f"a SQLStore."
+            )
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"<DeadLetters of {self.store!r}>"
+
+    async def list(
+        self,
+        group: str | None = None,
+        topic: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> builtins.list[DeadLetter]:
+        """Up to `limit` dead letters with ids above `after`, in id order.
+
+        Only the group's and the topic's, when given. For the next page, pass the last
+        id as `after`.
+        """
+        return await self._transact(
+            lambda records: records.dead_letters(group=group, topic=topic, after=after, limit=limit)
+        )
+
+    async def get(self, id: int) -> DeadLetter | None:
+        """The dead letter with this id, or None."""
+        return await self._transact(lambda records: records.dead_letter_by_id(id))
+
+    async def replay(self, ids: Sequence[int]) -> builtins.list[DeadLetter]:
+        """Send these dead letters' messages again; return those that were replayed.
+
+        Ids with no dead letter are left out of the result.
+        """
+        chosen = builtins.list(ids)
+        return await self._transact(lambda records: records.replay(chosen))
+
+    async def discard(self, ids: Sequence[int]) -> int:
+        """Delete these dead letters; return how many there were."""
+        chosen = builtins.list(ids)
+        return await self._transact(lambda records: records.discard(chosen))
+
+    async def _transact(self, work: Callable[[InboxRecords], T]) -> T:
+        """Run `work` in a transaction of its own and commit (a sync store in a thread)."""
+        # A SQLStore's records are InboxRecords (checked in __init__).
+        return await self.store.atransact(cast("Callable[[Records], T]", work))

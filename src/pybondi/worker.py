@@ -1,0 +1,501 @@
+"""The worker: handles a broker's messages in sessions, exactly once in effect.
+
+    worker = Worker(consumer, connect("amqp://guest:guest@localhost/"),
+                    SQLStore("postgresql://localhost/bank", asynchronous=True))
+    await worker.run()          # until worker.stop(), or SIGTERM under `pybondi worker`
+
+The worker takes the messages of the consumer's topics (`pybondi.consumer`) from the
+broker, as one consumer of the consumer's group, up to `consumer.in_flight` at a time.
+Each message gets a `Session` of its own. In its database transaction, the message's id
+goes into the store's inbox table, next to what the handlers changed and the messages
+they published through the session's outbox. The message is acknowledged only after
+that transaction committed.
+
+**The guarantee.** Brokers deliver at least once: a message comes again when its worker
+dies before acknowledging it, or when the acknowledgement is lost. A message whose id
+the inbox already holds for the group is acknowledged and skipped, without running its
+handlers. So what the handlers do *in the session's transaction* (aggregates, events,
+outbox messages) happens exactly once. What they do *outside it* (an e-mail, an HTTP
+call) happens at least once: after a crash between the side effect and the commit, the
+message is handled again. Make such calls idempotent, or publish a message and do them
+in a subscriber of their own. The inbox keeps ids for `inbox_retention` (seven days):
+a duplicate arriving later than that is handled again.
+
+**Failures.** A handler that raises rolls its session back; the message comes back
+after a delay (`consumer.retry`: exponential backoff, through the broker, so nothing
+waits in memory), up to `consumer.retry.attempts` attempts; then it goes to the dead
+letters, a table of the store, with the error, the attempt count and the original
+headers and body (`pybondi dead-letters list|show|replay|discard`). A message that
+cannot be read (not JSON, an unregistered type, a payload that fails validation, a
+command for a `dispatch`ed topic that is not one) is dead-lettered at once: retrying
+would not help. Either way the worker goes on with the next message.
+
+**Stopping.** `stop()` (SIGTERM under the CLI) stops taking messages, lets those under
+way finish and acknowledges them, for up to `grace` seconds; a message still under way
+after that is rolled back and comes back to another worker.
+
+A `ConcurrencyError` (another session changed the same aggregate meanwhile) is not a
+failure of the message: it is handled again at once, in a new session, up to ten times.
+
+**Order.** Messages are handled concurrently. With `consumer.key`, messages with one key
+are handled one after the other, in the order this worker received them. Across
+workers, and for a retried message, order is not kept: a retry comes after messages
+received in the meantime.
+
+Stores: with an async store, sessions run on the event loop (`async with Session`) and
+handlers may be sync or async; with a sync store, each session runs in a thread of its
+own (`with Session`), for sync handlers that use the sync API (`repository.get`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import logging
+import random
+import socket
+import traceback
+import uuid
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from pybondi.brokers.base import Broker, Delivery
+from pybondi.consumer import Consumer, _session
+from pybondi.exceptions import ConcurrencyError, PybondiError, SerializationError, short_repr
+from pybondi.messages import Command, Event
+from pybondi.outbox import Outbox, _enqueue
+from pybondi.publisher import Message
+from pybondi.repositories import StoreRepository
+from pybondi.session import Session
+from pybondi.stores.base import Records, Store, StoredEvent
+from pybondi.tracing import handling
+
+if TYPE_CHECKING:
+    from pybondi.envelope import Envelope
+    from pybondi.stores._sqlrecords import SQLRecords
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("pybondi.worker")
+
+T = TypeVar("T")
+
+_PURGE_EVERY = timedelta(minutes=10)
+_CONFLICTS = 10  # version conflicts a message may meet before they count as a failure
+_RECEIVE_WAIT = 1.0  # seconds a receive waits for messages: how soon a stop is noticed
+
+
+class Worker:
+    """Handles the consumer's messages from a broker until `stop()`; see the module doc.
+
+    Args:
+        consumer: the topics, group, handlers, repository and retry policy.
+        broker: the broker adapter (`pybondi.brokers.connect(url)`).
+        store: the `SQLStore` of the sessions, the inbox, the outbox and the dead
+            letters (its tables: `store.create_tables()`).
+        name: this worker's name among the group's consumers; unique per process.
+        redeliver_after: seconds after which a message held by a worker that went silent
+            goes to another worker (Redis, NATS; RabbitMQ notices a closed connection).
+            Handling one message must take less.
+        grace: seconds `stop()` waits for the messages under way.
+        inbox_retention: how long the inbox remembers a message id.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        broker: Broker,
+        store: Store,
+        *,
+        name: str | None = None,
+        redeliver_after: float = 60.0,
+        grace: float = 30.0,
+        inbox_retention: timedelta = timedelta(days=7),
+    ) -> None:
+        if not hasattr(store, "statements") or not hasattr(store.statements, "inbox"):
+            raise TypeError(
+                f"A worker keeps its inbox and dead letters in a SQL database; {store!r} is "
+                f"not one. Pass a SQLStore (SQLite, PostgreSQL or MariaDB)."
+            )
+        if not consumer.topics:
+            raise ValueError(
+                f"{consumer!r} has no topic: give it subscribers (consumer.subscribe) or "
+                f"topics to dispatch (consumer.dispatch) before starting a worker."
+            )
+        self.consumer = consumer
+        self.broker = broker
+        self.store = store
+        self.name = name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.redeliver_after = redeliver_after
+        self.grace = grace
+        self.inbox_retention = inbox_retention
+        self.handled = self.duplicates = self.retried = self.dead_lettered = 0
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
+        self._threads: ThreadPoolExecutor | None = None
+        self._purged_at: datetime | None = None
+        self._check_repository()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Worker {self.name} of {self.consumer.group!r} on "
+            f"{', '.join(self.consumer.topics)}: {self.broker!r} -> {self.store!r}>"
+        )
+
+    def stop(self) -> None:
+        """Stop taking messages; `run` returns once those under way are done."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Take and handle messages until `stop()`."""
+        consumer = self.consumer
+        if not self.store.is_async:
+            self._threads = ThreadPoolExecutor(consumer.in_flight, f"pybondi-{self.name}")
+        subscription = self.broker.subscribe(
+            consumer.topics,
+            consumer.group,
+            consumer=self.name,
+            in_flight=consumer.in_flight,
+            redeliver_after=self.redeliver_after,
+        )
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                free = consumer.in_flight - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    deliveries = await subscription.receive(free, _RECEIVE_WAIT)
+                except Exception as error:  # the broker, unreachable: the adapter reconnects
+                    failures += 1
+                    delay = random.uniform(0, min(30.0, 0.2 * 2 ** min(failures, 20)))
+                    logger.warning(
+                        "Worker %s cannot receive from %r (%s); retrying in %.1f s",
+                        self.name, self.broker, _describe(error), delay,
+                    )  # fmt: skip
+                    await self._pause(delay)
+                    continue
+                failures = 0
+                for delivery in deliveries:
+                    self._start(delivery)
+                await self._purge_inbox()
+        finally:
+            await self._finish()
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            with contextlib.suppress(Exception):
+                await self.broker.aclose()
+            if self._threads is not None:
+                self._threads.shutdown(wait=False)
+
+    # Taking a message -----------------------------------------------------------------
+
+    def _start(self, delivery: Delivery) -> None:
+        """Open the message and start handling it, after the last one of its key."""
+        opened = self._open(delivery)
+        key = None
+        if isinstance(opened, Message) and self.consumer.key is not None:
+            try:
+                key = self.consumer.key(opened)
+                hash(key)
+            except Exception as error:
+                opened = f"the consumer's key function failed on it: {_describe(error)}"
+        before = self._last_of_key.get(key) if key is not None else None
+        task = asyncio.create_task(self._take(delivery, opened, before))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if key is not None:
+            self._last_of_key[key] = task
+            task.add_done_callback(lambda done: self._forget_key(key, done))
+
+    def _forget_key(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        if self._last_of_key.get(key) is task:
+            del self._last_of_key[key]
+
+    def _open(self, delivery: Delivery) -> Message[Any] | str:
+        """The delivery's message, or why it cannot be handled."""
+        if delivery.problem is not None:
+            return delivery.problem
+        envelope = delivery.envelope
+        try:
+            message = envelope.open(self.consumer.registry)
+        except SerializationError as error:
+            return _describe(error)
+        if envelope.topic in self.consumer.dispatched and not isinstance(
+            message.payload, Command | Event
+        ):
+            return (
+                f"{envelope.topic!r} is dispatched to the messagebus, which takes commands "
+                f"and events, but this message carries {short_repr(message.payload)}"
+            )
+        return message
+
+    async def _take(
+        self, delivery: Delivery, opened: Message[Any] | str, before: asyncio.Task[None] | None
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        if isinstance(opened, str):
+            await self._dead_letter(delivery, f"Unreadable message: {opened}")
+            return
+        with handling(opened):
+            try:
+                handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
+            except Exception as error:
+                await self._failed(delivery, error)
+                return
+            try:
+                await delivery.ack()
+            except Exception as error:  # it comes again, and the inbox skips it
+                logger.warning("Worker %s could not acknowledge %r: %r", self.name, delivery, error)
+            if handled:
+                self.handled += 1
+                logger.debug("Handled %r", delivery)
+            else:
+                self.duplicates += 1
+                logger.info("Skipped %r: the group handled it already", delivery)
+
+    async def _handle_retrying_conflicts(self, envelope: Envelope, message: Message[Any]) -> bool:
+        """`_handle`, again in a new session when another one changed the same aggregate.
+
+        Two messages about one aggregate, handled at once, conflict: one commits, the
+        other gets a `ConcurrencyError`. That is no fault of the message, so it does not
+        count as an attempt; it is handled again at once, after a short random pause.
+        """
+        for conflicts in itertools.count():
+            try:
+                return await self._handle(envelope, message)
+            except ConcurrencyError:
+                if conflicts >= _CONFLICTS:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**conflicts))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _failed(self, delivery: Delivery, error: Exception) -> None:
+        """Retry the message later, or dead-letter it after its last attempt."""
+        retry = self.consumer.retry
+        if delivery.attempt >= retry.attempts:
+            await self._dead_letter(delivery, _report(error))
+            return
+        delay = retry.backoff(delivery.attempt)
+        logger.warning(
+            "Attempt %d of %d failed for %r: %s; retrying in %.1f s",
+            delivery.attempt, retry.attempts, delivery, _describe(error), delay,
+            exc_info=not isinstance(error, PybondiError),
+        )  # fmt: skip
+        try:
+            await delivery.retry(delay)
+            self.retried += 1
+        except Exception as failure:  # unacknowledged, it comes back anyway
+            logger.error("Worker %s could not retry %r later: %r", self.name, delivery, failure)
+
+    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        """Keep the message in the dead letters with why, then acknowledge it."""
+        group, envelope, attempts = self.consumer.group, delivery.envelope, delivery.attempt
+        try:
+            letter = await self._transact(
+                lambda records: records.dead_letter(group, envelope, error, attempts)
+            )
+        except Exception as failure:  # unacknowledged, it comes back: nothing is lost
+            logger.error("Worker %s could not dead-letter %r: %r", self.name, delivery, failure)
+            return
+        self.dead_lettered += 1
+        logger.error(
+            "Dead letter %d: %r after %d attempt(s): %s",
+            letter, delivery, attempts, error.splitlines()[0],
+        )  # fmt: skip
+        with contextlib.suppress(Exception):
+            await delivery.ack()
+
+    # The session ------------------------------------------------------------------------
+
+    async def _handle(self, envelope: Envelope, message: Message[Any]) -> bool:
+        """Handle the message in a session; False if the inbox had it already."""
+        if self._threads is not None:
+            context = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._threads, context.run, self._handle_sync, envelope, message
+            )
+        session = self._session(envelope)
+        token = _session.set(session)
+        try:
+            async with session:
+                transaction = cast(StoreRepository[Any], session.repository).transaction
+                assert transaction is not None
+                if await transaction.arun(self._is_handled(envelope)):
+                    raise _Duplicate
+                await self._adeliver(envelope.topic, message, session)
+        except _Duplicate:
+            return False
+        finally:
+            _session.reset(token)
+        return True
+
+    def _handle_sync(self, envelope: Envelope, message: Message[Any]) -> bool:
+        """`_handle` for a sync store, in a thread of the worker's pool."""
+        session = self._session(envelope)
+        token = _session.set(session)
+        try:
+            with session:
+                transaction = cast(StoreRepository[Any], session.repository).transaction
+                assert transaction is not None
+                if transaction.run(self._is_handled(envelope)):
+                    raise _Duplicate
+                self._deliver(envelope.topic, message, session)
+        except _Duplicate:
+            return False
+        finally:
+            _session.reset(token)
+        return True
+
+    def _is_handled(self, envelope: Envelope) -> Callable[[Records], bool]:
+        group, message_id = self.consumer.group, envelope.id
+        return lambda records: cast("SQLRecords", records).is_handled(group, message_id)
+
+    async def _adeliver(self, topic: str, message: Message[Any], session: Session) -> None:
+        if topic in self.consumer.dispatched:
+            await session.adispatch(message.payload)
+            return
+        invokers, _ = self.consumer.aroutes(topic)
+        for invoke, awaited in invokers:
+            result = invoke(message)
+            if awaited:
+                await result
+
+    def _deliver(self, topic: str, message: Message[Any], session: Session) -> None:
+        if topic in self.consumer.dispatched:
+            session.dispatch(message.payload)
+            return
+        invokers, _ = self.consumer.routes(topic)
+        for invoke in invokers:
+            invoke(message)
+
+    def _session(self, envelope: Envelope) -> Session:
+        consumer = self.consumer
+        repository = consumer.repository(self.store) if consumer.repository else None
+        repository = repository or _NoAggregates(self.store)
+        publisher = _Inbound(self.store, consumer.registry, consumer.group, envelope)
+        return Session(consumer.messagebus, repository, publisher)
+
+    def _check_repository(self) -> None:
+        """Refuse, before any message, a repository whose transaction is not the store's."""
+        if self.consumer.repository is None:
+            return
+        repository = self.consumer.repository(self.store)
+        if not isinstance(repository, StoreRepository) or repository.storage is not self.store:
+            raise TypeError(
+                f"The consumer's repository(store) gave {repository!r}: the inbox must commit "
+                f"in the repository's transaction, so it must be a store repository on the "
+                f"store it is given, as in `repository=lambda store: StateRepository(store, "
+                f"Account, registry)`."
+            )
+
+    # Bookkeeping ------------------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        """Let the messages under way finish, for up to `grace` seconds; cancel the rest."""
+        if not self._tasks:
+            return
+        logger.info("Worker %s: %d message(s) under way", self.name, len(self._tasks))
+        _, late = await asyncio.wait(set(self._tasks), timeout=self.grace)
+        for task in late:
+            task.cancel()
+        if late:
+            logger.warning(
+                "Worker %s: %d message(s) still under way after %.1f s were rolled back; "
+                "they come back to the group",
+                self.name, len(late), self.grace,
+            )  # fmt: skip
+            await asyncio.wait(late)
+
+    async def _purge_inbox(self) -> None:
+        """Forget inbox ids older than the retention, every ten minutes."""
+        now = datetime.now(UTC)
+        if self._purged_at is not None and now - self._purged_at < _PURGE_EVERY:
+            return
+        self._purged_at = now
+        cutoff = now - self.inbox_retention
+        try:
+            purged = await self._transact(lambda records: records.purge_inbox(cutoff))
+        except Exception as error:
+            logger.warning("Worker %s could not purge the inbox: %r", self.name, error)
+            return
+        if purged:
+            logger.info("Worker %s forgot %d inbox id(s) past retention", self.name, purged)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _transact(self, work: Callable[[SQLRecords], T]) -> T:
+        """Run `work` in a transaction of its own on the store, and commit."""
+        return await self.store.atransact(cast(Callable[[Records], T], work))
+
+
+class _Duplicate(Exception):
+    """The inbox has the message already: roll back, acknowledge, skip."""
+
+
+class _NoAggregates(StoreRepository[Any]):
+    """The session's transaction on the store, for consumers without a repository."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store, object, cast(Any, None), name="-")
+
+    def _load(self, records: Records, id: Any) -> None:
+        return None
+
+    def _save_aggregate(
+        self, records: Records, aggregate: Any, events: list[StoredEvent], expected: int
+    ) -> None:
+        return None
+
+
+class _Inbound(Outbox):
+    """The session's outbox, which also records the message in the inbox at commit."""
+
+    def __init__(self, store: Store, registry: Any, group: str, envelope: Envelope) -> None:
+        super().__init__(store, registry)
+        self.group, self.envelope = group, envelope
+
+    def prepare(self) -> None:
+        """Record the message in the inbox, and write the outbox rows, in the transaction."""
+        buffer = self._buffer()
+        buffer.joined.run(self._record(list(buffer)))
+        buffer.clear()
+
+    async def aprepare(self) -> None:
+        """`prepare` for the async path."""
+        buffer = self._buffer()
+        await buffer.joined.arun(self._record(list(buffer)))
+        buffer.clear()
+
+    def _record(self, buffer: list[tuple[str, Envelope]]) -> Callable[[Records], None]:
+        group, envelope, enqueue = self.group, self.envelope, _enqueue(buffer)
+
+        def record(records: Records) -> None:
+            # Another worker may hold the same message (redelivered while this one was
+            # slow): the insert waits for its transaction, and finds the id if it commits.
+            if not cast("SQLRecords", records).record_handled(group, envelope):
+                raise _Duplicate
+            enqueue(records)
+
+        return record
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _report(error: BaseException) -> str:
+    """The error for a dead letter: what it says, then where it was raised."""
+    trace = "".join(traceback.format_exception(error, limit=-8))
+    return f"{_describe(error)}\n\n{trace}"

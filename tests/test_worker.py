@@ -1,0 +1,462 @@
+"""The worker contract, on real Redis, RabbitMQ and NATS JetStream, with PostgreSQL.
+
+Each test sends messages with a broker adapter, runs workers on the same broker, and
+reads back with plain SQL what the workers committed: the tallies, the inbox, the dead
+letters and the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pybondi import Depends, Message, Messagebus, Root, Session
+from pybondi.consumer import Consumer, Retry, current_session
+from pybondi.deadletters import DeadLetters
+from pybondi.envelope import Envelope
+from pybondi.exceptions import NotFound
+from pybondi.relay import Relay
+from pybondi.tracing import TracingFilter
+from tests.backends import Backend
+from tests.brokers import BrokerKit
+from tests.outboxes import aoutbox_rows
+from tests.workers import Counted, Tally, WorkerRig, eventually, registry
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def rig(backends: dict[str, Backend], broker: BrokerKit) -> Iterator[WorkerRig]:
+    rig = WorkerRig(backends["postgres"], broker)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+async def count(session: Session, message: Message[Counted]) -> None:
+    """The effect of a message: its number joins its key's tally."""
+    repository = session.repository
+    try:
+        tally = await repository.aget(message.payload.key)
+    except NotFound:
+        tally = Tally(Root(message.payload.key))
+        repository.add(tally)
+    tally.numbers.append(message.payload.n)
+
+
+def counting(rig: WorkerRig, topic: str, **options: object) -> Consumer:
+    consumer = rig.consumer(**options)
+
+    @consumer.subscribe(topic)
+    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+        await count(session, message)
+
+    return consumer
+
+
+def total(numbers: dict[str, list[int]]) -> int:
+    return sum(len(values) for values in numbers.values())
+
+
+def test_each_message_is_handled_once_and_acknowledged_after_its_commit(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        sent = await rig.send(topic, *(Counted(f"k{n % 3}", n) for n in range(20)))
+        consumer = counting(rig, topic)
+        first = rig.worker(consumer)
+        task = rig.start(first)
+
+        async def all_counted() -> bool:
+            return total(await rig.numbers()) == 20
+
+        await eventually(all_counted, what="20 messages handled")
+        await rig.stop(first, task)
+        # Acknowledged: a worker that comes after, and waits past redeliver_after, gets none.
+        second = rig.worker(consumer)
+        task = rig.start(second)
+        await asyncio.sleep(3)
+        await rig.stop(second, task)
+        numbers = await rig.numbers()
+        assert sorted(n for values in numbers.values() for n in values) == list(range(20))
+        assert first.handled == 20 and second.handled == second.duplicates == 0
+        group = consumer.group
+        assert sorted(await rig.inbox()) == sorted((group, e.id) for e in sent)
+
+    rig.run(test())
+
+
+def test_a_message_delivered_twice_is_handled_once(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        once = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+        # A resend, as a relay's after a crash; marked so that JetStream, which drops
+        # a message id it saw within two minutes, lets it through to the worker.
+        again = Envelope(topic, once.id, {**once.headers, "replayed-at": "now"}, once.body)
+        await rig.send_envelopes([once])
+        await rig.send_envelopes([again])
+        await rig.send(topic, Counted("k", 2))
+        worker = rig.worker(counting(rig, topic, in_flight=1))
+        task = rig.start(worker)
+
+        async def done() -> bool:
+            return worker.handled + worker.duplicates == 3
+
+        await eventually(done, what="three deliveries taken")
+        await rig.stop(worker, task)
+        assert await rig.numbers() == {"k": [1, 2]}
+        assert (worker.handled, worker.duplicates) == (2, 1)
+
+    rig.run(test())
+
+
+def test_a_message_whose_worker_stops_before_committing_comes_back(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        stuck = asyncio.Event()
+        consumer = rig.consumer()
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            if message.payload.n == 1 and not stuck.is_set():
+                stuck.set()
+                await asyncio.sleep(3600)  # never commits: cancelled at the stop
+            await count(session, message)
+
+        await rig.send(topic, Counted("k", 1))
+        first = rig.worker(consumer, grace=0.1)
+        task = rig.start(first)
+        await asyncio.wait_for(stuck.wait(), 15)
+        await rig.stop(first, task)
+        assert await rig.numbers() == {}  # rolled back, not acknowledged
+        second = rig.worker(consumer)
+        task = rig.start(second)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the message handled by the second worker")
+        await rig.stop(second, task)
+        assert second.handled == 1
+
+    rig.run(test())
+
+
+def test_a_failing_message_is_retried_after_growing_delays(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        attempts: list[float] = []
+        consumer = rig.consumer(retry=Retry(attempts=4, delay=0.4, factor=2))
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            attempts.append(time.monotonic())
+            await count(session, message)  # rolled back with the session when it raises
+            if len(attempts) < 3:
+                raise RuntimeError(f"attempt {len(attempts)} fails")
+
+        await rig.send(topic, Counted("k", 7))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [7]}
+
+        await eventually(counted, what="the third attempt committed")
+        await rig.stop(worker, task)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+        assert len(attempts) == 3
+        assert gaps[0] >= 0.4 - 0.05 and gaps[1] >= 0.8 - 0.05, gaps
+        assert (worker.retried, worker.handled, worker.dead_lettered) == (2, 1, 0)
+
+    rig.run(test())
+
+
+def test_a_message_that_fails_every_attempt_is_dead_lettered(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        consumer = rig.consumer(retry=Retry(attempts=2, delay=0.1))
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            if message.payload.n == 0:
+                raise ValueError("zero is not a number we count")
+            await count(session, message)
+
+        poison, *_ = await rig.send(topic, *(Counted("k", n) for n in range(4)), tenant="acme")
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            return len(await rig.dead_letters()) == 1 and total(await rig.numbers()) == 3
+
+        await eventually(settled, what="one dead letter and three handled")
+        await rig.stop(worker, task)
+        [letter] = await rig.dead_letters()
+        assert (letter.message_id, letter.topic, letter.group) == (poison.id, topic, "pybondi")
+        assert letter.attempts == 2
+        assert letter.error.startswith("ValueError: zero is not a number we count")
+        assert "handle" in letter.error  # the traceback says where
+        assert letter.headers == poison.headers and letter.headers["tenant"] == "acme"
+        assert letter.body == poison.body.decode()
+        assert sorted((await rig.numbers())["k"]) == [1, 2, 3]
+
+    rig.run(test())
+
+
+def test_poison_messages_go_straight_to_the_dead_letters(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        good = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+
+        def bad(body: bytes, kind: str = "tests.Counted") -> Envelope:
+            envelope = Envelope.seal(topic, Message(Counted("k", 0)), registry)
+            envelope.headers["message-type"] = kind
+            envelope.body = body
+            return envelope
+
+        not_json = bad(b"{not json")
+        unknown = bad(b"{}", kind="tests.Nobody")
+        invalid = bad(b'{"key": "k"}')  # n is missing
+        await rig.send_envelopes([not_json, good, unknown, invalid])
+        worker = rig.worker(counting(rig, topic))
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            return len(await rig.dead_letters()) == 3 and total(await rig.numbers()) == 1
+
+        await eventually(settled, what="three dead letters and one handled")
+        await rig.stop(worker, task)
+        letters = {letter.message_id: letter for letter in await rig.dead_letters()}
+        assert set(letters) == {not_json.id, unknown.id, invalid.id}
+        assert all(letter.attempts == 1 for letter in letters.values())
+        assert all(letter.error.startswith("Unreadable message") for letter in letters.values())
+        assert "JSON" in letters[not_json.id].error
+        assert "tests.Nobody" in letters[unknown.id].error
+        assert "'n'" in letters[invalid.id].error or " n" in letters[invalid.id].error
+        assert letters[not_json.id].body == "{not json"
+        assert worker.retried == 0
+
+    rig.run(test())
+
+
+def test_a_replayed_dead_letter_is_handled_again(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        broken = True
+        consumer = rig.consumer(retry=Retry(attempts=1))
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            if broken:
+                raise RuntimeError("the handler has a bug")
+            await count(session, message)
+
+        [sent] = await rig.send(topic, Counted("k", 5))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def dead() -> bool:
+            return len(await rig.dead_letters()) == 1
+
+        await eventually(dead, what="the message dead-lettered")
+        broken = False  # the bug is fixed
+        [letter] = await rig.dead_letters()
+        [replayed] = await DeadLetters(rig.store).replay([letter.id])
+        assert replayed.message_id == sent.id
+        assert await rig.dead_letters() == []
+        relay = Relay(rig.store, rig.kit.make())
+        assert await relay.run_once() == 1
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [5]}
+
+        await eventually(counted, what="the replayed message handled")
+        await rig.stop(worker, task)
+        [row] = [row for row in await aoutbox_rows(rig.store) if row.topic == topic]
+        assert row.message_id == sent.id and "replayed-at" in row.headers
+
+    rig.run(test())
+
+
+def test_what_a_handler_publishes_carries_the_message_ids_and_so_do_its_logs(
+    rig: WorkerRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(TracingFilter())
+    caplog.set_level(logging.INFO, "tests.handler")
+
+    async def test() -> None:
+        topic, out = rig.kit.topic(), rig.kit.topic("out")
+        consumer = rig.consumer()
+
+        @consumer.subscribe(topic)
+        def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            logging.getLogger("tests.handler").info("handling %s", message.payload.n)
+            session.publisher.publish(out, Message({"seen": message.payload.n}))
+
+        [sent] = await rig.send(topic, Counted("k", 3), **{"correlation-id": "chain-9"})
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def published() -> bool:
+            return any(row.topic == out for row in await aoutbox_rows(rig.store))
+
+        await eventually(published, what="the handler's message in the outbox")
+        await rig.stop(worker, task)
+        [row] = [row for row in await aoutbox_rows(rig.store) if row.topic == out]
+        assert row.headers["correlation-id"] == "chain-9"
+        assert row.headers["causation-id"] == sent.id
+        [record] = [r for r in caplog.records if r.name == "tests.handler"]
+        assert (record.__dict__["message_id"], record.__dict__["correlation_id"]) == (
+            sent.id,
+            "chain-9",
+        )
+
+    rig.run(test())
+
+
+def test_messages_of_one_key_are_handled_in_order(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        consumer = rig.consumer(in_flight=8, key=lambda message: message.payload.key)
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            await asyncio.sleep(random.uniform(0, 0.03))
+            await count(session, message)
+
+        await rig.send(topic, *(Counted(f"k{n % 3}", n) for n in range(30)))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def all_counted() -> bool:
+            return total(await rig.numbers()) == 30
+
+        await eventually(all_counted, what="30 messages handled")
+        await rig.stop(worker, task)
+        numbers = await rig.numbers()
+        assert numbers == {f"k{k}": list(range(k, 30, 3)) for k in range(3)}
+
+    rig.run(test())
+
+
+def test_a_worker_handles_at_most_in_flight_messages_at_once(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        consumer = rig.consumer(in_flight=3)
+        running, most = 0, 0
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+            await count(session, message)
+
+        await rig.send(topic, *(Counted(f"k{n}", n) for n in range(15)))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def all_counted() -> bool:
+            return total(await rig.numbers()) == 15
+
+        await eventually(all_counted, what="15 messages handled")
+        await rig.stop(worker, task)
+        assert most == 3
+
+    rig.run(test())
+
+
+def test_a_stop_finishes_the_messages_under_way_and_acknowledges_them(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        started = asyncio.Event()
+        consumer = rig.consumer(in_flight=4)
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            started.set()
+            await asyncio.sleep(0.5)
+            await count(session, message)
+
+        await rig.send(topic, *(Counted(f"k{n}", n) for n in range(4)))
+        first = rig.worker(consumer)
+        task = rig.start(first)
+        await asyncio.wait_for(started.wait(), 15)
+        await asyncio.sleep(0.1)  # the others arrive too
+        await rig.stop(first, task)
+        handled = first.handled
+        assert handled >= 1 and total(await rig.numbers()) == handled
+        second = rig.worker(consumer)
+        task = rig.start(second)
+        await asyncio.sleep(3)  # past redeliver_after: anything unacknowledged is back
+        await rig.stop(second, task)
+        assert second.duplicates == 0  # nothing committed came back
+        assert total(await rig.numbers()) == 4
+
+    rig.run(test())
+
+
+def test_dispatched_topics_reach_the_messagebus_handlers(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        bus = Messagebus()
+        consumer = Consumer(bus, registry, repository=rig.consumer().repository)
+        consumer.dispatch(topic)
+
+        @bus.on
+        async def counted(event: Counted, session: Session = Depends(current_session)) -> None:
+            await count(session, Message(event))
+
+        await rig.send(topic, Counted("k", 1), Counted("k", 2), {"plain": "json"})
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            return total(await rig.numbers()) == 2 and len(await rig.dead_letters()) == 1
+
+        await eventually(settled, what="two handled, the plain JSON dead-lettered")
+        await rig.stop(worker, task)
+        [letter] = await rig.dead_letters()
+        assert "commands and events" in letter.error
+
+    rig.run(test())
+
+
+def test_a_sync_store_runs_sync_sessions_in_threads(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        store = rig.new_store(asynchronous=False, prefix=rig.store.prefix)  # same tables
+        consumer = Consumer(None, registry, repository=rig.consumer().repository)
+
+        @consumer.subscribe(topic)
+        def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            repository = session.repository
+            try:
+                tally = repository.get(message.payload.key)
+            except NotFound:
+                tally = Tally(Root(message.payload.key))
+                repository.add(tally)
+            tally.numbers.append(message.payload.n)
+
+        await rig.send(topic, *(Counted("k", n) for n in range(5)))
+        worker = rig.worker(consumer, store=store)
+        task = rig.start(worker)
+
+        async def all_counted() -> bool:
+            return total(await rig.numbers()) == 5
+
+        await eventually(all_counted, what="5 messages handled")
+        await rig.stop(worker, task)
+        store.dispose()
+        assert sorted((await rig.numbers())["k"]) == list(range(5))
+
+    rig.run(test())
