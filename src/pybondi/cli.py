@@ -201,8 +201,10 @@ def _target(text: str) -> Consumer:
         found: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             found = getattr(found, part)
-    except (ImportError, AttributeError) as error:
-        raise argparse.ArgumentTypeError(f"cannot load {text}: {error}") from None
+    except Exception as error:  # whatever importing the application raises, say it in a line
+        raise argparse.ArgumentTypeError(
+            f"cannot load {text}: {type(error).__name__}: {error}"
+        ) from None
     if not isinstance(found, Consumer):
         raise argparse.ArgumentTypeError(
             f"{text} is a {type(found).__name__}, not a pybondi.consumer.Consumer"

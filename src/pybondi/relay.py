@@ -338,15 +338,7 @@ class Relay:
 
     async def _transact(self, work: Callable[[Records], T]) -> T:
         """Run `work` (an `OutboxRecords` method call) in a transaction of its own; commit."""
-        if not self.store.is_async:
-            return await asyncio.to_thread(_transact_sync, self.store, work)
-        transaction = await self.store.abegin()
-        try:
-            result = await transaction.arun(work)
-            await transaction.acommit()
-            return result
-        finally:
-            await transaction.aclose()
+        return await self.store.atransact(work)
 
 
 _BATCHES_PER_VISIT = 10
@@ -366,16 +358,6 @@ class _Held(Exception):
     def __init__(self, topic: str, seq: int, error: PublishError, sent: int) -> None:
         super().__init__(topic, seq)
         self.topic, self.seq, self.error, self.sent = topic, seq, error, sent
-
-
-def _transact_sync(store: Store, work: Callable[[Records], T]) -> T:
-    transaction = store.begin()
-    try:
-        result = transaction.run(work)
-        transaction.commit()
-        return result
-    finally:
-        transaction.close()
 
 
 def _database_error() -> type[BaseException]:

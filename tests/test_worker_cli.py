@@ -1,0 +1,169 @@
+"""`pybondi worker` and `pybondi dead-letters`, as processes, on Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pybondi.envelope import Envelope
+from pybondi.publisher import Message
+from tests.backends import Backend
+from tests.brokers import RedisKit
+from tests.workers import Counted, WorkerRig, registry
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def rig(backends: dict[str, Backend]) -> Iterator[WorkerRig]:
+    kit = RedisKit()
+    kit.start()
+    rig = WorkerRig(backends["postgres"], kit)
+    try:
+        yield rig
+    finally:
+        try:
+            rig.close()
+        finally:
+            kit.close()
+
+
+def pybondi(rig: WorkerRig, *arguments: str, topic: str = "") -> subprocess.Popen[str]:
+    """`python -m pybondi ...` on the rig's store, from the repository's root."""
+    store = rig.store
+    command = [sys.executable, "-m", "pybondi", *arguments]
+    command += ["--store", rig.backend.url, "--schema", str(rig.backend.namespace)]
+    command += ["--prefix", store.prefix]
+    environment = {**os.environ, "PYBONDI_TEST_TOPIC": topic or "tests.counted"}
+    return subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def worker(rig: WorkerRig, topic: str, *options: str) -> subprocess.Popen[str]:
+    broker = ["--broker", rig.kit.url, "--broker-option", f"prefix={rig.kit.prefix}"]
+    return pybondi(rig, "worker", "tests.worker_app:consumer", *broker, *options, topic=topic)
+
+
+def wait_for(rig: WorkerRig, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(len(n) for n in rig.run(rig.numbers()).values()) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{count} messages not handled within {timeout} s")
+
+
+def test_the_worker_handles_messages_until_sigterm_then_exits_0(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    sent = rig.run(rig.send(topic, *(Counted("k", n) for n in range(10))))
+    process = worker(rig, topic)
+    try:
+        wait_for(rig, 10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
+    assert sorted(rig.run(rig.numbers())["k"]) == list(range(10))
+    # Each line a handler logs names the message it handles, and its chain (a message
+    # may be counted more than once: sessions on one tally conflict, and run again).
+    lines = [line for line in errors.splitlines() if "tests.worker_app" in line]
+    assert {line.split("[")[1].split()[0] for line in lines} == {e.id for e in sent}
+    assert "10 handled" in errors
+
+
+def test_workers_share_the_messages_and_a_killed_one_is_restarted(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    rig.run(rig.send(topic, *(Counted(f"k{n % 5}", n) for n in range(50))))
+    supervisor = worker(rig, topic, "--workers", "2", "--redeliver-after", "2")
+    try:
+        wait_for(rig, 50)
+        children = _children(supervisor.pid)
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while set(_children(supervisor.pid)) & {children[0]} or len(_children(supervisor.pid)) < 2:
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            time.sleep(0.1)
+        rig.run(rig.send(topic, *(Counted("k0", n) for n in range(50, 60))))
+        wait_for(rig, 60)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        _, errors = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, errors
+    numbers = rig.run(rig.numbers())
+    assert sorted(n for values in numbers.values() for n in values) == list(range(60))
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started and that are still there (Linux's /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in children.split()]
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("tests.worker_app:not_a_consumer", "is a object, not a pybondi.consumer.Consumer"),
+        ("tests.worker_app:nothing", "AttributeError"),
+        ("tests.no_such_module:consumer", "cannot load tests.no_such_module:consumer"),
+        ("tests.worker_app", "expected module:name"),
+    ],
+)
+def test_the_worker_refuses_what_is_not_a_consumer(
+    rig: WorkerRig, target: str, problem: str
+) -> None:
+    broker = ["--broker", rig.kit.url]
+    process = pybondi(rig, "worker", target, *broker)
+    _, errors = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert problem in errors
+
+
+def test_the_dead_letters_command_lists_shows_replays_and_discards(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    envelopes = [
+        Envelope.seal(topic, Message(Counted("k", n), headers={"tenant": "acme"}), registry)
+        for n in range(3)
+    ]
+    for n, envelope in enumerate(envelopes):
+        rig.run(
+            rig.store.atransact(
+                lambda records, e=envelope, n=n: records.dead_letter(  # type: ignore[attr-defined]
+                    "billing", e, f"RuntimeError: failure {n}\n\ntraceback", n + 1
+                )
+            )
+        )
+    ids = [letter.id for letter in rig.run(rig.dead_letters())]
+
+    def run(*arguments: str) -> tuple[int, str, str]:
+        process = pybondi(rig, "dead-letters", *arguments)
+        out, errors = process.communicate(timeout=30)
+        return process.returncode, out, errors
+
+    code, out, _ = run("list", "--group", "billing")
+    assert code == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(id) for id in ids]
+    assert out.splitlines()[1].endswith("RuntimeError: failure 1")
+    code, out, _ = run("show", str(ids[0]))
+    assert code == 0
+    assert envelopes[0].id in out and "tenant: acme" in out and "traceback" in out
+    code, out, _ = run("replay", str(ids[0]))
+    assert code == 0 and f"replayed {ids[0]}" in out
+    code, out, _ = run("discard", "--all", "--group", "billing")
+    assert code == 0 and "discarded 2" in out
+    assert rig.run(rig.dead_letters()) == []
+    code, _, errors = run("show", str(ids[0]))
+    assert code == 1 and f"no dead letter {ids[0]}" in errors
+    code, _, errors = run("replay")
+    assert code == 2 and "give the ids" in errors
