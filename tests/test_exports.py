@@ -36,6 +36,8 @@ MODULES = [
     "pybondi.brokers.rabbitmq",
     "pybondi.brokers.nats",
     "pybondi.relay",
+    "pybondi.consumer",
+    "pybondi.worker",
     "pybondi.deadletters",
     "pybondi.cli",
 ]

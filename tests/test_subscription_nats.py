@@ -1,0 +1,393 @@
+"""The consumer side of the NATS JetStream adapter, on the real server.
+
+Messages are sent with the adapter (or, when they must lack pybondi's headers, with the
+kit's raw client) and received through `NATSBroker.subscribe`; the consumers the
+subscriptions made are checked with the raw client. The kit deletes every stream of the
+test's prefix afterwards, and the consumers go with them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+import pybondi.brokers.nats
+from pybondi import Message
+from pybondi.brokers.base import DEFAULT_GROUP, Delivery
+from pybondi.brokers.nats import NATSBroker, NATSSubscription
+from pybondi.envelope import Envelope
+from tests.brokers import NATSKit
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.nats
+
+
+@pytest.fixture
+def kit() -> Iterator[NATSKit]:
+    kit = NATSKit()
+    kit.start()
+    yield kit
+    kit.close()
+
+
+SUBSCRIPTIONS: dict[NATSKit, list[NATSSubscription]] = {}
+
+
+def on_kit(
+    test: Callable[[NATSKit], Coroutine[Any, Any, None]],
+) -> Callable[[NATSKit], None]:
+    """Run an `async def test(kit)` on the kit's event loop; close its subscriptions after."""
+
+    def run(kit: NATSKit) -> None:
+        async def body() -> None:
+            try:
+                await test(kit)
+            finally:
+                for subscription in SUBSCRIPTIONS.pop(kit, []):
+                    await subscription.close()
+
+        kit.run(body())
+
+    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
+    return run
+
+
+def adapter(kit: NATSKit, url: str | None = None, **options: Any) -> NATSBroker:
+    made = kit.make(url, **options)
+    assert isinstance(made, NATSBroker)
+    return made
+
+
+def subscribe(
+    kit: NATSKit,
+    broker: NATSBroker,
+    topics: list[str],
+    group: str = DEFAULT_GROUP,
+    consumer: str = "c1",
+    **options: Any,
+) -> NATSSubscription:
+    """A subscription closed after the test."""
+    subscription = broker.subscribe(topics, group, consumer=consumer, **options)
+    SUBSCRIPTIONS.setdefault(kit, []).append(subscription)
+    return subscription
+
+
+def envelopes(topic: str, count: int) -> list[Envelope]:
+    return [Envelope.seal(topic, Message({"n": n})) for n in range(count)]
+
+
+async def take(
+    subscription: NATSSubscription, count: int, limit: int = 100, timeout: float = 5.0
+) -> list[Delivery]:
+    """Receive until `count` deliveries came (or `timeout` passed); none acknowledged."""
+    deadline = time.monotonic() + timeout
+    got: list[Delivery] = []
+    while len(got) < count and time.monotonic() < deadline:
+        got += await subscription.receive(limit, wait=0.2)
+    return got
+
+
+async def ack(deliveries: list[Delivery]) -> None:
+    for delivery in deliveries:
+        await delivery.ack()
+
+
+@on_kit
+async def test_sent_messages_are_received_as_sent(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    registered = Envelope.seal(
+        topic, Message({"n": 1}, sender="billing", headers={"tenant": "acme", "city": "Zürich"})
+    )
+    sent = [registered, *envelopes(topic, 2)]
+    await broker.asend(sent)
+    # Messages from elsewhere: without any header, and with only JetStream's id.
+    js = kit._js()
+    bare = await js.publish(topic, b"bare")
+    await js.publish(topic, b"raw", headers={"Nats-Msg-Id": "raw-1", "custom": "yes"})
+
+    subscription = subscribe(kit, broker, [topic])
+    got = await take(subscription, 5)
+
+    assert [delivery.envelope for delivery in got[:3]] == sent  # no Nats-Msg-Id header
+    assert [(delivery.attempt, delivery.problem) for delivery in got] == [(1, None)] * 5
+    assert got[3].envelope == Envelope(topic, f"{bare.stream}/{bare.seq}", {}, b"bare")
+    assert got[4].envelope == Envelope(topic, "raw-1", {"custom": "yes"}, b"raw")
+    await ack(got)
+    assert await subscription.receive(10, wait=0.2) == []
+
+
+@on_kit
+async def test_a_subscription_made_before_any_message_declares_what_it_needs(
+    kit: NATSKit,
+) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    subscription = subscribe(kit, broker, [topic], "billing.v2", redeliver_after=5.0)
+
+    started = time.monotonic()
+    assert await subscription.receive(10, wait=0.3) == []
+    assert 0.25 <= time.monotonic() - started < 1.0  # waited, but not much longer
+
+    # The stream is the one a send would declare, and the consumer is named after the group.
+    stream = kit.stream(topic)
+    assert subscription.consumers == {topic: (stream, "billing_v2")}
+    info = await kit._js().consumer_info(stream, "billing_v2")
+    config = info.config
+    assert (config.filter_subject, config.ack_policy, config.deliver_policy) == (
+        topic,
+        "explicit",
+        "all",
+    )
+    assert (config.ack_wait, config.max_deliver, config.max_ack_pending) == (5.0, -1, 10_000)
+
+    [sent] = envelopes(topic, 1)
+    started = time.monotonic()
+    await broker.asend([sent])
+    [delivery] = await subscription.receive(10, wait=2.0)
+    assert time.monotonic() - started < 0.5  # the waiting fetch got it at once
+    assert delivery.envelope == sent
+    await delivery.ack()
+
+
+@on_kit
+async def test_the_consumers_of_a_group_share_the_messages(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    sent = envelopes(topic, 20)
+    await broker.asend(sent)
+    first = subscribe(kit, broker, [topic], "billing", "c1")
+    second = subscribe(kit, adapter(kit), [topic], "billing", "c2")
+
+    handled: dict[NATSSubscription, list[str]] = {first: [], second: []}
+    deadline = time.monotonic() + 5
+    while sum(map(len, handled.values())) < len(sent) and time.monotonic() < deadline:
+        for subscription, ids in handled.items():
+            for delivery in await subscription.receive(5, wait=0.1):
+                ids.append(delivery.envelope.id)
+                await delivery.ack()
+
+    assert handled[first] and handled[second]  # both had a share
+    everything = handled[first] + handled[second]
+    assert sorted(everything) == sorted(envelope.id for envelope in sent)  # each once
+    assert await first.receive(10, wait=0.2) == []
+    assert await second.receive(10, wait=0.2) == []
+
+    # Another group gets every message, from the oldest, its consumer of its own.
+    other = subscribe(kit, broker, [topic], "audit")
+    got = await take(other, len(sent))
+    assert [delivery.envelope for delivery in got] == sent
+    assert [delivery.attempt for delivery in got] == [1] * len(sent)
+    await ack(got)
+    assert other.consumers[topic][1] == "audit"
+
+
+@on_kit
+async def test_what_a_closed_subscription_held_comes_back_after_redeliver_after(
+    kit: NATSKit,
+) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    sent = envelopes(topic, 3)
+    await broker.asend(sent)
+    gone = subscribe(kit, broker, [topic], "billing", "c1", redeliver_after=1.0)
+    held = await gone.receive(3, wait=2.0)
+    delivered = time.monotonic()
+    assert [delivery.envelope for delivery in held] == sent
+    await gone.close()  # crashed, as far as the group knows: nothing acknowledged
+
+    other = subscribe(kit, broker, [topic], "billing", "c2", redeliver_after=1.0)
+    assert await other.receive(10, wait=0.5) == []  # not yet
+    back = await take(other, 3)
+    assert time.monotonic() - delivered >= 0.9
+    assert [delivery.envelope for delivery in back] == sent
+    assert [delivery.attempt for delivery in back] == [2, 2, 2]
+    await ack(back)
+    assert await other.receive(10, wait=1.5) == []  # acknowledged for good
+
+
+@on_kit
+async def test_a_retry_comes_back_after_its_delay(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    [sent] = envelopes(topic, 1)
+    await broker.asend([sent])
+    # The delay outlasts redeliver_after: JetStream waits for the delay all the same.
+    subscription = subscribe(kit, broker, [topic], redeliver_after=0.5)
+    [first] = await subscription.receive(10, wait=2.0)
+    assert first.attempt == 1
+
+    retried = time.monotonic()
+    await first.retry(1.2)
+    assert await subscription.receive(10, wait=0.9) == []
+    [again] = await take(subscription, 1)
+    assert time.monotonic() - retried >= 1.2
+    assert (again.envelope, again.attempt) == (sent, 2)
+
+    await again.retry(0)  # no delay: at once
+    [third] = await subscription.receive(10, wait=1.0)
+    assert (third.envelope, third.attempt) == (sent, 3)
+    await third.ack()
+    assert await subscription.receive(10, wait=0.7) == []
+
+
+@on_kit
+async def test_a_replayed_message_is_not_dropped_as_a_duplicate(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    [sent] = envelopes(topic, 1)
+    replayed = Envelope(
+        topic, sent.id, {**sent.headers, "replayed-at": "2030-01-01T00:00:00+00:00"}, sent.body
+    )
+    await broker.asend([sent])
+    await broker.asend([sent])  # a relay sending again: dropped
+    await broker.asend([replayed])  # same message id, replayed: kept
+    await broker.asend([replayed])  # that replay sent again: dropped
+
+    subscription = subscribe(kit, broker, [topic])
+    got = await take(subscription, 3, timeout=1.0)
+    assert [delivery.envelope for delivery in got] == [sent, replayed]
+    await ack(got)
+
+
+@on_kit
+async def test_receive_keeps_to_its_limit_across_topics(kit: NATSKit) -> None:
+    broker, one, two = adapter(kit), kit.topic("one"), kit.topic("two")
+    sent = envelopes(one, 6) + envelopes(two, 6)
+    await broker.asend(sent)
+    subscription = subscribe(kit, broker, [one, two])
+
+    # The limit is dealt out: two each. A receive returns once a fetch brought something,
+    # and what the other one brings comes with the next (the worker's free slots).
+    first = await subscription.receive(4, wait=2.0)
+    assert len(first) in (2, 4)
+    first += await subscription.receive(4 - len(first), wait=2.0)
+    assert sorted(delivery.envelope.topic for delivery in first) == [one, one, two, two]
+    got = list(first)
+    deadline = time.monotonic() + 5
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        batch = await subscription.receive(1, wait=0.5)
+        assert len(batch) <= 1
+        got += batch
+    assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
+    for topic in (one, two):  # in order within a topic
+        mine = [delivery.envelope for delivery in got if delivery.envelope.topic == topic]
+        assert mine == [envelope for envelope in sent if envelope.topic == topic]
+    await ack(got)
+    assert await subscription.receive(0, wait=0.1) == []
+
+
+@on_kit
+async def test_a_quiet_topic_does_not_hold_up_a_busy_one(kit: NATSKit) -> None:
+    broker, busy, quiet = adapter(kit), kit.topic("busy"), kit.topic("quiet")
+    sent = envelopes(busy, 30)
+    await broker.asend(sent)
+    subscription = subscribe(kit, broker, [busy, quiet])
+
+    got: list[Delivery] = []
+    started = time.monotonic()
+    while len(got) < len(sent):
+        batch = await subscription.receive(4, wait=5.0)  # the quiet topic's fetch waits 5 s
+        assert batch and len(batch) <= 4
+        await ack(batch)  # handled: the next limit is 4 again
+        got += batch
+    assert time.monotonic() - started < 2.0
+    assert [delivery.envelope for delivery in got] == sent
+
+    [late] = envelopes(quiet, 1)
+    await broker.asend([late])
+    [delivery] = await subscription.receive(4, wait=2.0)
+    assert delivery.envelope == late
+    await delivery.ack()
+
+
+@on_kit
+async def test_topics_of_a_stream_of_their_own_get_a_consumer_each(kit: NATSKit) -> None:
+    # A stream someone else made, keeping several topics: the adapter sends to it.
+    one, two = f"shared.{kit.id}.one", f"shared.{kit.id}.two"
+    kit.topics += [one, two]
+    await kit._js().add_stream(name=f"{kit.prefix}shared", subjects=[f"shared.{kit.id}.>"])
+    broker = adapter(kit)
+    sent = envelopes(one, 2) + envelopes(two, 2)
+    await broker.asend(sent)
+
+    subscription = subscribe(kit, broker, [one, two], "billing")
+    got = await take(subscription, 4)
+    assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
+    assert subscription.consumers == {
+        one: (f"{kit.prefix}shared", f"billing_shared_{kit.id}_one"),
+        two: (f"{kit.prefix}shared", f"billing_shared_{kit.id}_two"),
+    }
+    await ack(got)
+    assert await subscription.receive(10, wait=0.2) == []
+
+
+@on_kit
+async def test_a_lost_connection_raises_then_reconnects(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    first, second = envelopes(topic, 2)
+    await broker.asend([first])
+    with Proxy("127.0.0.1", 4222) as proxy:
+        url = kit.url.replace(":4222", f":{proxy.port}")
+        assert url != kit.url
+        behind = adapter(kit, url, timeout=1.0)
+        subscription = subscribe(kit, behind, [topic], redeliver_after=0.5)
+        [held] = await subscription.receive(10, wait=1.0)
+        assert held.envelope == first
+
+        proxy.cut()
+        with pytest.raises(ConnectionError):
+            await subscription.receive(10, wait=5.0)  # the fetch fails with the connection
+        with pytest.raises(ConnectionError):
+            await subscription.receive(10, wait=5.0)  # connecting again fails
+        with pytest.raises(ConnectionError):
+            await held.ack()
+
+        proxy.restore()
+        await broker.asend([second])
+        got = await take(subscription, 2)  # connected again
+        got.sort(key=lambda delivery: delivery.attempt, reverse=True)  # in either order
+        assert [(d.envelope, d.attempt) for d in got] == [(first, 2), (second, 1)]
+        await ack(got)
+        assert await subscription.receive(10, wait=0.7) == []
+
+
+@on_kit
+async def test_a_deleted_stream_is_declared_again(kit: NATSKit) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    first, second = envelopes(topic, 2)
+    await broker.asend([first])
+    subscription = subscribe(kit, broker, [topic])
+    [delivery] = await subscription.receive(10, wait=1.0)
+    await delivery.ack()
+
+    await kit.destroy(topic)  # as an operator may: the consumer goes with it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pybondi.brokers.nats, "_CHECK_AFTER", 0.0)  # not 10 s: at once
+        with pytest.raises(ConnectionError, match="is gone.*declares it again"):
+            for _ in range(5):  # a fetch that brought nothing makes the check
+                assert await subscription.receive(10, wait=0.2) == []
+    assert await subscription.receive(10, wait=0.2) == []  # declared again
+    await broker.asend([second])
+    [delivery] = await subscription.receive(10, wait=1.0)
+    assert (delivery.envelope, delivery.attempt) == (second, 1)
+    await delivery.ack()
+
+
+@on_kit
+async def test_what_cannot_be_consumed_says_why(kit: NATSKit) -> None:
+    topic = kit.topic()
+    undeclared = subscribe(kit, adapter(kit, declare_streams=False), [topic])
+    with pytest.raises(ConnectionError, match="no JetStream stream keeps the subject"):
+        await undeclared.receive(10, wait=0.1)
+
+    dead = subscribe(kit, adapter(kit, kit.dead_url, timeout=0.5), [topic])
+    with pytest.raises(ConnectionError):
+        await dead.receive(10, wait=0.1)
+
+    broker = adapter(kit)
+    with pytest.raises(ValueError, match="list of topics"):
+        broker.subscribe(topic, "billing", consumer="c1")
+    with pytest.raises(ValueError, match="list of topics"):
+        broker.subscribe([], "billing", consumer="c1")
+    with pytest.raises(ValueError, match="needs a name"):
+        broker.subscribe([topic], "..", consumer="c1")
+    with pytest.raises(ValueError, match="in_flight"):
+        broker.subscribe([topic], "billing", consumer="c1", in_flight=0)
