@@ -302,8 +302,14 @@ class Worker:
             letter = await self._transact(
                 lambda records: records.dead_letter(group, envelope, error, attempts)
             )
-        except Exception as failure:  # unacknowledged, it comes back: nothing is lost
-            logger.error("Worker %s could not dead-letter %r: %r", self.name, delivery, failure)
+        except Exception as failure:  # the database is down, most likely: try again later
+            delay = self.consumer.retry.max_delay
+            logger.error(
+                "Worker %s could not dead-letter %r (%r); it comes back in %.1f s",
+                self.name, delivery, failure, delay,
+            )  # fmt: skip
+            with contextlib.suppress(Exception):  # if not, unacknowledged, it comes back
+                await delivery.retry(delay)
             return
         self.dead_lettered += 1
         logger.error(
