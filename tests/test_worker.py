@@ -460,3 +460,35 @@ def test_a_sync_store_runs_sync_sessions_in_threads(rig: WorkerRig) -> None:
         assert sorted((await rig.numbers())["k"]) == list(range(5))
 
     rig.run(test())
+
+
+def test_a_slow_message_stays_with_its_worker_past_redeliver_after(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        consumer = rig.consumer()
+        started = asyncio.Event()
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            started.set()
+            await asyncio.sleep(3)  # three times redeliver_after
+            await count(session, message)
+
+        await rig.send(topic, Counted("k", 1))
+        slow = rig.worker(consumer, redeliver_after=1.0)
+        slow_task = rig.start(slow)
+        await asyncio.wait_for(started.wait(), 15)
+        other = rig.worker(consumer, redeliver_after=1.0)
+        other_task = rig.start(other)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the slow message committed")
+        await asyncio.sleep(1.5)  # were it taken over, the other worker would be at it
+        await rig.stop(slow, slow_task)
+        await rig.stop(other, other_task)
+        handled = (slow.handled, slow.duplicates, other.handled, other.duplicates)
+        assert handled == (1, 0, 0, 0)  # handled once, and taken nowhere else
+
+    rig.run(test())

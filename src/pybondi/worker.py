@@ -58,7 +58,7 @@ import random
 import socket
 import traceback
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -100,7 +100,8 @@ class Worker:
         name: this worker's name among the group's consumers; unique per process.
         redeliver_after: seconds after which a message held by a worker that went silent
             goes to another worker (Redis, NATS; RabbitMQ notices a closed connection).
-            Handling one message must take less.
+            While a message is being handled, the worker tells the broker so every
+            third of it.
         grace: seconds `stop()` waits for the messages under way.
         inbox_retention: how long the inbox remembers a message id.
     """
@@ -245,11 +246,14 @@ class Worker:
             await self._dead_letter(delivery, f"Unreadable message: {opened}")
             return
         with handling(opened):
+            heartbeat = self._keep(delivery)
             try:
                 handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
             except Exception as error:
                 await self._failed(delivery, error)
                 return
+            finally:
+                heartbeat.cancel()
             try:
                 await delivery.ack()
             except Exception as error:  # it comes again, and the inbox skips it
@@ -260,6 +264,16 @@ class Worker:
             else:
                 self.duplicates += 1
                 logger.info("Skipped %r: the group handled it already", delivery)
+
+    def _keep(self, delivery: Delivery) -> _Heartbeat:
+        """Extend the delivery every third of `redeliver_after`, until cancelled."""
+        return _Heartbeat(self._extend, delivery, self.redeliver_after / 3)
+
+    async def _extend(self, delivery: Delivery) -> None:
+        try:
+            await delivery.extend()
+        except Exception as error:  # at worst, another worker gets it: the inbox copes
+            logger.warning("Worker %s could not extend %r: %r", self.name, delivery, error)
 
     async def _handle_retrying_conflicts(self, envelope: Envelope, message: Message[Any]) -> bool:
         """`_handle`, again in a new session when another one changed the same aggregate.
@@ -443,6 +457,35 @@ class Worker:
     async def _transact(self, work: Callable[[SQLRecords], T]) -> T:
         """Run `work` in a transaction of its own on the store, and commit."""
         return await self.store.atransact(cast(Callable[[Records], T], work))
+
+
+class _Heartbeat:
+    """Calls `extend(delivery)` every `interval` seconds until cancelled.
+
+    A timer rather than a task: most messages are done long before the first beat.
+    """
+
+    __slots__ = ("_beats", "_delivery", "_extend", "_interval", "_timer")
+
+    def __init__(
+        self,
+        extend: Callable[[Delivery], Awaitable[None]],
+        delivery: Delivery,
+        interval: float,
+    ) -> None:
+        self._extend, self._delivery, self._interval = extend, delivery, interval
+        self._beats: set[asyncio.Task[None]] = set()  # referenced until done
+        self._timer = asyncio.get_running_loop().call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        beat = asyncio.ensure_future(self._extend(self._delivery))
+        self._beats.add(beat)
+        beat.add_done_callback(self._beats.discard)
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._beat)
+
+    def cancel(self) -> None:
+        """Stop beating."""
+        self._timer.cancel()
 
 
 class _Duplicate(Exception):

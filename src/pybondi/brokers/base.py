@@ -210,6 +210,14 @@ class Delivery(ABC):
     async def ack(self) -> None:
         """Acknowledge the message: the group will not get it again."""
 
+    async def extend(self) -> None:
+        """Tell the broker the message is still being handled.
+
+        The worker calls it while a handler runs longer than a third of
+        `redeliver_after`, so that the message does not go to another consumer. Brokers
+        that notice a dead consumer by its connection need nothing (RabbitMQ).
+        """
+
     @abstractmethod
     async def retry(self, delay: float) -> None:
         """Have the group get the message again in `delay` seconds, at attempt + 1.

@@ -634,6 +634,13 @@ class NATSDelivery(Delivery):
         except (nats.errors.Error, OSError) as error:
             raise ConnectionError(f"Cannot acknowledge {self!r}: {_reason(error)}") from error
 
+    async def extend(self) -> None:
+        """Tell JetStream the message is in progress, which restarts its `ack_wait`."""
+        try:
+            await self._message.in_progress()
+        except (nats.errors.Error, OSError) as error:
+            raise ConnectionError(f"Cannot extend {self!r}: {_reason(error)}") from error
+
     async def retry(self, delay: float) -> None:
         """NAK the message with a delay: JetStream delivers it again once that is over.
 

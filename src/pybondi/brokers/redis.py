@@ -483,6 +483,19 @@ class RedisDelivery(Delivery):
             pipeline.xdel(source.key, self._entry)
             await pipeline.execute()
 
+    async def extend(self) -> None:
+        """Claim the entry again for this consumer, which resets its idle time."""
+        subscription = self._subscription
+        async with subscription._connected() as client:
+            await client.xclaim(
+                self._source.key,
+                subscription.group,
+                subscription.consumer,
+                0,
+                [self._entry],
+                justid=True,
+            )
+
     async def retry(self, delay: float) -> None:
         """Add the message to the group's delayed retries and XACK it, in one transaction."""
         subscription, source, envelope = self._subscription, self._source, self.envelope
