@@ -116,7 +116,8 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize(
     ("target", "problem"),
     [
-        ("tests.worker_app:not_a_consumer", "is a object, not a pybondi.consumer.Consumer"),
+        ("tests.worker_app:not_a_consumer", "object is neither a pybondi.consumer.Consumer"),
+        ("tests.worker_app:bus", "a Messagebus needs the topics"),
         ("tests.worker_app:nothing", "AttributeError"),
         ("tests.no_such_module:consumer", "cannot load tests.no_such_module:consumer"),
         ("tests.worker_app", "expected module:name"),
@@ -130,6 +131,31 @@ def test_the_worker_refuses_what_is_not_a_consumer(
     _, errors = process.communicate(timeout=30)
     assert process.returncode == 2
     assert problem in errors
+
+
+def test_the_worker_dispatches_topics_to_a_messagebus(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    rig.run(rig.send(topic, *(Counted("k", n) for n in range(3))))
+    broker = ["--broker", rig.kit.url, "--broker-option", f"prefix={rig.kit.prefix}"]
+    bus = ["tests.worker_app:bus", "--topic", topic, "--registry", "tests.workers:registry"]
+    process = pybondi(rig, "worker", *bus, *broker, "--group", "audit")
+    try:
+        deadline = time.monotonic() + 30
+        while len(rig.run(rig.inbox())) < 3:
+            assert time.monotonic() < deadline, "3 messages not handled within 30 s"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
+    assert {group for group, _ in rig.run(rig.inbox())} == {"audit"}
+    assert sorted(
+        line.split("dispatched ")[1] for line in errors.splitlines() if "dispatched" in line
+    ) == [
+        "0 for k",
+        "1 for k",
+        "2 for k",
+    ]
 
 
 def test_the_dead_letters_command_lists_shows_replays_and_discards(rig: WorkerRig) -> None:

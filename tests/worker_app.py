@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pybondi import Depends, Message, Root, Session
+from pybondi import Depends, Message, Messagebus, Root, Session
 from pybondi.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
 from tests.workers import Counted, Tally, registry, tallies
@@ -18,6 +18,12 @@ logger = logging.getLogger("tests.worker_app")
 
 consumer = Consumer(None, registry, repository=tallies, retry=Retry(attempts=2, delay=0.1))
 not_a_consumer = object()
+bus = Messagebus()  # for `pybondi worker tests.worker_app:bus --topic ...`
+
+
+@bus.on
+def counted(event: Counted) -> None:
+    logger.info("dispatched %d for %s", event.n, event.key)
 
 
 @consumer.subscribe(os.environ.get("PYBONDI_TEST_TOPIC", "tests.counted"))

@@ -8,10 +8,10 @@
 `relay` sends the outbox's committed rows to the broker until SIGTERM or Ctrl-C, then
 finishes the batch under way, gives its leases back and exits 0.
 
-`worker` handles the messages of a `pybondi.consumer.Consumer` (see `pybondi.worker`)
-until SIGTERM or Ctrl-C, then finishes the messages under way and exits 0. With
-`--workers N` it starts N worker processes, restarts one that dies, and passes them
-SIGTERM.
+`worker` handles the messages of a `pybondi.consumer.Consumer` (see `pybondi.worker`),
+or those of `--topic`s dispatched to a `Messagebus`, until SIGTERM or Ctrl-C, then
+finishes the messages under way and exits 0. With `--workers N` it starts N worker
+processes, restarts one that dies, and passes them SIGTERM.
 
 `dead-letters` lists, shows, replays (through the outbox: run a relay) or discards the
 messages workers gave up on.
@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.tracing import TracingFilter
 
 if TYPE_CHECKING:
@@ -102,8 +103,18 @@ def _worker_parser(commands: Any) -> None:
         "worker", help="handle a consumer's messages from a broker, until SIGTERM"
     )
     worker.add_argument(
-        "consumer", type=_target, help="the Consumer to run, as module:name (myapp.consumers:app)"
+        "consumer",
+        type=_target,
+        help="the Consumer to run (or a Messagebus, with --topic), as module:name",
     )
+    worker.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        help="a topic whose commands and events go to the messagebus; repeatable",
+    )
+    worker.add_argument("--registry", type=_target, help="the Registry of their types")
+    worker.add_argument("--group", help="the consumer group (default: the consumer's)")
     _store_arguments(worker)
     _broker_arguments(worker)
     worker.add_argument(
@@ -186,10 +197,8 @@ def _log_level(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _target(text: str) -> Consumer:
-    """The Consumer named `module:attribute`, imported from the current directory too."""
-    from pybondi.consumer import Consumer  # noqa: PLC0415
-
+def _target(text: str) -> Any:
+    """The object named `module:attribute`, imported from the current directory too."""
     module_name, colon, attribute = text.partition(":")
     if not colon or not module_name or not attribute:
         raise argparse.ArgumentTypeError(
@@ -205,11 +214,35 @@ def _target(text: str) -> Consumer:
         raise argparse.ArgumentTypeError(
             f"cannot load {text}: {type(error).__name__}: {error}"
         ) from None
-    if not isinstance(found, Consumer):
-        raise argparse.ArgumentTypeError(
-            f"{text} is a {type(found).__name__}, not a pybondi.consumer.Consumer"
-        )
     return found
+
+
+def _consumer(arguments: argparse.Namespace) -> Consumer:
+    """The consumer to run: the target, or one that dispatches `--topic`s to a bus."""
+    from pybondi.consumer import Consumer  # noqa: PLC0415
+    from pybondi.messagebus import Messagebus  # noqa: PLC0415
+    from pybondi.serialization import Registry  # noqa: PLC0415
+
+    target, registry = arguments.consumer, arguments.registry
+    if registry is not None and not isinstance(registry, Registry):
+        raise ValueError(f"--registry is a {type(registry).__name__}, not a Registry")
+    if isinstance(target, Messagebus):
+        if not arguments.topic:
+            raise ValueError(
+                "a Messagebus needs the topics whose commands and events it handles: "
+                "--topic NAME (repeatable), and --registry module:name for their types"
+            )
+        target = Consumer(target, registry, group=arguments.group or DEFAULT_GROUP)
+    elif isinstance(target, Consumer):
+        target.group = arguments.group or target.group
+        target.registry = registry or target.registry
+    else:
+        raise ValueError(
+            f"{type(target).__name__} is neither a pybondi.consumer.Consumer nor a Messagebus"
+        )
+    if arguments.topic:
+        target.dispatch(*arguments.topic)
+    return target
 
 
 def _broker_url(url: str) -> str:
@@ -349,14 +382,18 @@ def _refuse(problem: str) -> int:
 
 def _workers(arguments: argparse.Namespace, argv: list[str]) -> int:
     """Run one worker here, or supervise `--workers` worker processes."""
+    try:
+        consumer = _consumer(arguments)  # refused here once, not in every process
+    except (TypeError, ValueError) as error:
+        return _refuse(str(error))
     if arguments.workers == 1:
-        return int(asyncio.run(_worker(arguments)))
+        return int(asyncio.run(_worker(arguments, consumer)))
     return _Supervisor([sys.executable, "-m", "pybondi", *argv, "--workers", "1"]).run(
         arguments.workers
     )
 
 
-async def _worker(arguments: argparse.Namespace) -> int:
+async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
     from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
     from pybondi.worker import Worker  # noqa: PLC0415
 
@@ -368,7 +405,7 @@ async def _worker(arguments: argparse.Namespace) -> int:
             return 2
         try:
             worker = Worker(
-                arguments.consumer,
+                consumer,
                 connect(arguments.broker, **dict(arguments.broker_option)),
                 store,
                 redeliver_after=arguments.redeliver_after,
