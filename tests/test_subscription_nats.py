@@ -130,10 +130,11 @@ async def test_a_subscription_made_before_any_message_declares_what_it_needs(
     assert await subscription.receive(10, wait=0.3) == []
     assert 0.25 <= time.monotonic() - started < 1.0  # waited, but not much longer
 
-    # The stream is the one a send would declare, and the consumer is named after the group.
-    stream = kit.stream(topic)
-    assert subscription.consumers == {topic: (stream, "billing_v2")}
-    info = await kit._js().consumer_info(stream, "billing_v2")
+    # The stream is the one a send would declare, and the consumer is named after the group
+    # (with a hash of the name, as the dot had to go: group billing_v2 is another one).
+    stream, durable = kit.stream(topic), "billing_v2_08175fd3"
+    assert subscription.consumers == {topic: (stream, durable)}
+    info = await kit._js().consumer_info(stream, durable)
     config = info.config
     assert (config.filter_subject, config.ack_policy, config.deliver_policy) == (
         topic,
@@ -311,12 +312,26 @@ async def test_topics_of_a_stream_of_their_own_get_a_consumer_each(kit: NATSKit)
     subscription = subscribe(kit, broker, [one, two], "billing")
     got = await take(subscription, 4)
     assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
-    assert subscription.consumers == {
-        one: (f"{kit.prefix}shared", f"billing_shared_{kit.id}_one"),
-        two: (f"{kit.prefix}shared", f"billing_shared_{kit.id}_two"),
-    }
+    stream = f"{kit.prefix}shared"
+    names = {topic: subscription.consumers[topic][1] for topic in (one, two)}
+    assert subscription.consumers == {one: (stream, names[one]), two: (stream, names[two])}
+    assert names[one].startswith(f"billing_shared_{kit.id}_one_")
+    assert names[two].startswith(f"billing_shared_{kit.id}_two_")
     await ack(got)
     assert await subscription.receive(10, wait=0.2) == []
+
+
+@on_kit
+async def test_groups_whose_names_differ_only_where_nats_refuses_them_stay_apart(
+    kit: NATSKit,
+) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    sent = envelopes(topic, 3)
+    await broker.asend(sent)
+    for group in ("billing.eu", "billing_eu"):  # each group gets every message
+        got = await take(subscribe(kit, broker, [topic], group), 3)
+        assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
+        await ack(got)
 
 
 @on_kit

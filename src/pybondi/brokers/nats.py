@@ -20,8 +20,9 @@ batch at once, and the next send connects again.
 
 `subscribe(topics, group, ...)` consumes through durable pull consumers: one per topic
 and group, on the topic's stream (declared as a send would), named after the group
-(`.`, `*`, `>`, `/`, `\` and whitespace replaced by `_`; plus `_` and the topic when
-the stream is not the topic's own, since one stream may keep several topics). Every
+(plus `_` and the topic when the stream is not the topic's own, since one stream may
+keep several topics; where `.`, `*`, `>`, `/`, `\` or whitespace had to become `_`, a
+short hash of the name follows, so that two groups never share a consumer). Every
 worker of the group pulls from it: that is how they share the messages. A new consumer
 starts from the oldest message kept, acks explicitly, redelivers what is not acked within
 `redeliver_after` and never gives up (the worker counts attempts, from JetStream's
@@ -35,6 +36,7 @@ nats-py is async-only, so this adapter is too: sync sessions reach it through th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -490,11 +492,12 @@ class NATSSubscription(Subscription):
                     f"no JetStream stream keeps the subject {topic!r}; create one, or let "
                     f"the broker create it (declare_streams=True)"
                 ) from error
-        durable = _NOT_IN_STREAM_NAMES.sub("_", self.group)
+        name = self.group
         if stream != broker.stream_name(topic):
             # Someone else's stream may keep several topics that the group consumes:
             # each needs a consumer of its own there, with its own filter.
-            durable += "_" + _NOT_IN_STREAM_NAMES.sub("_", topic)
+            name += "_" + topic
+        durable = _durable_name(name)
         config = ConsumerConfig(
             durable_name=durable,
             filter_subject=topic,
@@ -675,6 +678,18 @@ def _delivery(link: _Link, message: Msg) -> NATSDelivery:
     kept = {name: value for name, value in headers.items() if not name.startswith("Nats-")}
     envelope = Envelope(message.subject, message_id, kept, message.data)
     return NATSDelivery(envelope, attempt, problem, link, message)
+
+
+def _durable_name(name: str) -> str:
+    """A consumer name JetStream takes, and a different one for each `name`.
+
+    Characters it refuses become `_`; then, so that groups `billing.eu` and
+    `billing_eu` do not end up sharing one consumer, a short hash of the name follows.
+    """
+    durable = _NOT_IN_STREAM_NAMES.sub("_", name)
+    if durable != name:
+        durable += "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return durable
 
 
 def _reason(error: str | BaseException) -> str:

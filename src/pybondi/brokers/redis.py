@@ -150,6 +150,7 @@ _DELAYED = "{stream}#delayed#{group}"  # sorted set: the group's retries, scored
 _RETRIES = "{stream}#retry#{group}"  # stream: the group's retries that are due
 _MOVE_EVERY = 0.25  # seconds between looks for due retries (other consumers add some too)
 _MOVE_BATCH = 100  # due retries moved per stream and look; more are moved on the next one
+_LONGEST_BLOCK = 2.0  # seconds: well under redis-py's default socket timeout (5 s)
 
 # Moves the due retries of one delayed set to its retry stream, atomically, and returns
 # the due time of the next one (or nil). `body` went into the JSON as latin-1 text, which
@@ -233,6 +234,8 @@ class RedisSubscription(Subscription):
         self._name = f"{group}/{consumer} on {broker!r}"
         # The parsing below expects RESP2's bytes, in redis-py's classic shapes.
         options = {**broker.client_options, "decode_responses": False, "protocol": 2}
+        # Every delivery in flight may ack, retry or extend at once, next to a receive.
+        options.setdefault("max_connections", 2 * in_flight + 8)
         options.pop("legacy_responses", None)
         self._options = options
         self._streams = [broker.stream(topic) for topic in self.topics]
@@ -268,7 +271,7 @@ class RedisSubscription(Subscription):
             try:
                 await self._fetch(client, limit, wait)
             except redis.ResponseError as error:
-                if not str(error).startswith("NOGROUP"):
+                if not str(error).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
                 # A stream or group was deleted under us: make it again, from the start.
                 await self._create_groups(client)
@@ -283,8 +286,31 @@ class RedisSubscription(Subscription):
         """
         self._buffer.clear()
         client, self._client = self._client, None
-        if client is not None:
+        if client is None:
+            return
+        try:
+            await self._leave(client)
+        except (redis.RedisError, OSError):
+            pass  # an idle consumer left in the group holds nothing
+        finally:
             await client.aclose()
+
+    async def _leave(self, client: redis.asyncio.Redis) -> None:
+        """Remove this consumer from the group on each stream where it holds nothing.
+
+        Otherwise each worker ever started would stay listed in the group, forever.
+        Where it still holds entries, it stays, so that they can be taken over.
+        """
+        keys = list(self._sources)
+        pipeline = client.pipeline(transaction=False)
+        for key in keys:
+            pipeline.xpending_range(key, self.group, "-", "+", 1, consumername=self.consumer)
+        holding = await pipeline.execute(raise_on_error=False)
+        pipeline = client.pipeline(transaction=False)
+        for key, held in zip(keys, holding, strict=True):
+            if held == []:
+                pipeline.xgroup_delconsumer(key, self.group, self.consumer)
+        await pipeline.execute(raise_on_error=False)
 
     @asynccontextmanager
     async def _connected(self) -> AsyncIterator[redis.asyncio.Redis]:
@@ -331,13 +357,14 @@ class RedisSubscription(Subscription):
             milliseconds = wait * 1000
             if self._next_due is not None:  # wake up for the next retry of ours
                 milliseconds = min(milliseconds, self._next_due - time.time() * 1000)
-            block = max(1, int(milliseconds))  # BLOCK 0 would wait forever
+            # BLOCK 0 would wait forever; a block longer than the client's socket timeout
+            # (5 s by default) would fail as a timeout, so a longer wait ends early.
+            block = max(1, int(min(milliseconds, _LONGEST_BLOCK * 1000)))
+        # COUNT holds per stream: share the room among them, so that this consumer takes
+        # hardly more than it can hold (what it takes waits here, out of others' reach).
+        count = -(-(limit - len(self._buffer)) // len(self._sources))
         response = await client.xreadgroup(
-            self.group,
-            self.consumer,
-            {key: ">" for key in self._sources},
-            count=limit - len(self._buffer),
-            block=block,
+            self.group, self.consumer, dict.fromkeys(self._sources, ">"), count=count, block=block
         )
         read_at = time.monotonic()
         for key, entries in cast(list[tuple[bytes, list[tuple[bytes, _Fields]]]], response):
