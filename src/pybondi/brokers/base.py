@@ -249,5 +249,6 @@ class Subscription(ABC):
         """Stop consuming and close the connection.
 
         Unacknowledged deliveries come back to the group: at once, or after
-        `redeliver_after`, depending on the broker.
+        `redeliver_after`, depending on the broker. A closed subscription is not used
+        again (RabbitMQ's raises; Redis's and NATS's would connect anew).
         """
