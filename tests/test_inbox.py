@@ -56,6 +56,15 @@ def handled(store: SQLStore, message_id: str, group: str = GROUP) -> bool:
 
 
 def dead_letter(store: SQLStore, message: Envelope, group: str = GROUP, error: str = "no") -> int:
+    id = give_up(store, message, group, error)
+    assert id is not None, "not dead-lettered"
+    return id
+
+
+def give_up(
+    store: SQLStore, message: Envelope, group: str = GROUP, error: str = "no"
+) -> int | None:
+    """The dead letter's id, or None if the group's inbox had the message already."""
     return transact(store, lambda records: records.dead_letter(group, message, error, 5))
 
 
@@ -255,20 +264,20 @@ def test_dead_letters_written_through_sqlalchemys_execution(store: SQLStore) -> 
     assert isinstance(store.engine, sa.Engine)
     statements: list[str] = []
     sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
-    message = envelope()
-    ids = [dead_letter(store, message), dead_letter(store, message)]
+    messages = [envelope(), envelope()]
+    ids = [dead_letter(store, message) for message in messages]
     assert ids[1] > ids[0] and [row["id"] for row in stored_dead_letters(store)] == ids
-    assert transact(store, lambda records: records.record_handled(GROUP, message)) is False
+    assert transact(store, lambda records: records.record_handled(GROUP, messages[0])) is False
     assert any("dead_letters" in statement for statement in statements)
 
 
-def test_dead_lettering_a_message_already_in_the_inbox(store: SQLStore) -> None:
-    message = envelope()
-    transact(store, lambda records: records.record_handled(GROUP, message))
-    first = dead_letter(store, message)
-    second = dead_letter(store, message)  # the same message, given up on again
-    assert second > first
-    assert [row["message_id"] for row in stored_dead_letters(store)] == [message.id] * 2
+def test_a_message_already_in_the_inbox_is_not_dead_lettered(store: SQLStore) -> None:
+    handled_elsewhere, given_up_on = envelope(), envelope()
+    transact(store, lambda records: records.record_handled(GROUP, handled_elsewhere))
+    assert give_up(store, handled_elsewhere) is None  # another worker committed it
+    first = dead_letter(store, given_up_on)
+    assert give_up(store, given_up_on) is None  # delivered twice, dead-lettered once
+    assert [row["id"] for row in stored_dead_letters(store)] == [first]
 
 
 def test_a_rolled_back_dead_letter_is_gone(store: SQLStore) -> None:
@@ -316,6 +325,7 @@ def test_replay_moves_dead_letters_to_the_outbox(store: SQLStore) -> None:
         '{"é":1}',
     )
     replayed_at = datetime.fromisoformat(row.headers.pop("replayed-at"))
+    assert row.headers.pop("replayed-for") == GROUP  # the topic's other groups skip it
     assert row.headers == replayed.headers
     assert replayed_at.tzinfo is not None and replayed_at >= before
     assert not handled(store, replayed.id)  # the worker handles it again
@@ -377,11 +387,12 @@ def test_dead_letters_api(driver: Driver, tables: Tables) -> None:
     dead = DeadLetters(tables.store)
     messages = [envelope(topic="t1"), envelope(topic="t2"), envelope(topic="t1")]
 
-    def dead_letter_of(message: Envelope) -> Callable[[SQLRecords], int]:
+    def dead_letter_of(message: Envelope) -> Callable[[SQLRecords], int | None]:
         return lambda records: records.dead_letter(GROUP, message, "e", 2)
 
-    ids = [run_on(driver, tables.store, dead_letter_of(message)) for message in messages]
-    assert ids == sorted(ids) and len(set(ids)) == 3
+    made = [run_on(driver, tables.store, dead_letter_of(message)) for message in messages]
+    ids = [id for id in made if id is not None]
+    assert ids == made and ids == sorted(ids) and len(set(ids)) == 3
     assert [row["id"] for row in stored_dead_letters(tables.reader)] == ids
 
     assert [letter.id for letter in wait(driver, dead.list())] == ids

@@ -85,7 +85,7 @@ def test_each_message_is_handled_once_and_acknowledged_after_its_commit(rig: Wor
         await rig.stop(second, task)
         numbers = await rig.numbers()
         assert sorted(n for values in numbers.values() for n in values) == list(range(20))
-        assert first.handled == 20 and second.handled == second.duplicates == 0
+        assert first.handled == 20 and second.handled == second.skipped == 0
         group = consumer.group
         assert sorted(await rig.inbox()) == sorted((group, e.id) for e in sent)
 
@@ -106,12 +106,12 @@ def test_a_message_delivered_twice_is_handled_once(rig: WorkerRig) -> None:
         task = rig.start(worker)
 
         async def done() -> bool:
-            return worker.handled + worker.duplicates == 3
+            return worker.handled + worker.skipped == 3
 
         await eventually(done, what="three deliveries taken")
         await rig.stop(worker, task)
         assert await rig.numbers() == {"k": [1, 2]}
-        assert (worker.handled, worker.duplicates) == (2, 1)
+        assert (worker.handled, worker.skipped) == (2, 1)
 
     rig.run(test())
 
@@ -399,7 +399,7 @@ def test_a_stop_finishes_the_messages_under_way_and_acknowledges_them(rig: Worke
         task = rig.start(second)
         await asyncio.sleep(3)  # past redeliver_after: anything unacknowledged is back
         await rig.stop(second, task)
-        assert second.duplicates == 0  # nothing committed came back
+        assert second.skipped == 0  # nothing committed came back
         assert total(await rig.numbers()) == 4
 
     rig.run(test())
@@ -488,7 +488,131 @@ def test_a_slow_message_stays_with_its_worker_past_redeliver_after(rig: WorkerRi
         await asyncio.sleep(1.5)  # were it taken over, the other worker would be at it
         await rig.stop(slow, slow_task)
         await rig.stop(other, other_task)
-        handled = (slow.handled, slow.duplicates, other.handled, other.duplicates)
+        handled = (slow.handled, slow.skipped, other.handled, other.skipped)
         assert handled == (1, 0, 0, 0)  # handled once, and taken nowhere else
+
+    rig.run(test())
+
+
+def test_a_replayed_dead_letter_is_left_to_its_own_group(
+    rig: WorkerRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "pybondi.worker")
+
+    async def test() -> None:
+        topic = rig.kit.topic()
+        audit = counting(rig, topic, group="audit")
+        worker = rig.worker(audit)
+        task = rig.start(worker)
+        await asyncio.sleep(1)  # subscribed: on RabbitMQ, the group's own queue exists
+        [sent] = await rig.send(topic, Counted("k", 1))
+
+        async def handled() -> bool:
+            return worker.handled == 1
+
+        await eventually(handled, what="the audit group handled the message")
+        # The billing group gave up on the same message, and its dead letter is replayed.
+        letter = await rig.store.atransact(
+            lambda records: records.dead_letter("billing", sent, "RuntimeError: bug", 5)  # type: ignore[attr-defined]
+        )
+        await DeadLetters(rig.store).replay([letter])
+        await Relay(rig.store, rig.kit.make()).run_once()
+
+        async def skipped() -> bool:
+            return worker.skipped == 1
+
+        await eventually(skipped, what="the audit group skipping billing's replay")
+        await rig.stop(worker, task)
+        assert worker.handled == 1 and await rig.numbers() == {"k": [1]}
+        assert "a dead letter of another group" in caplog.text
+
+    rig.run(test())
+
+
+def test_a_handler_past_the_timeout_is_cancelled_and_retried(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        calls = 0
+        consumer = rig.consumer(timeout=0.3)
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            nonlocal calls
+            calls += 1
+            await count(session, message)
+            if calls == 1:
+                await asyncio.sleep(3600)  # hangs: cancelled at the timeout, rolled back
+
+        await rig.send(topic, Counted("k", 1))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the second attempt committed")
+        await rig.stop(worker, task)
+        assert (calls, worker.retried, worker.handled) == (2, 1, 1)
+
+    rig.run(test())
+
+
+def test_a_sync_store_refuses_async_handlers_before_any_message(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    store = rig.new_store(asynchronous=False, prefix=rig.store.prefix)
+    consumer = rig.consumer()
+
+    @consumer.subscribe(topic)
+    async def handle(message: Message[Counted]) -> None: ...
+
+    try:
+        with pytest.raises(ValueError, match="give the worker an async store"):
+            rig.worker(consumer, store=store)
+        bus = Messagebus()
+        dispatching = Consumer(bus, registry)
+        dispatching.dispatch(topic)
+
+        @bus.on
+        async def counted(event: Counted) -> None: ...
+
+        with pytest.raises(ValueError, match=r"async handlers \(.*counted\)"):
+            rig.worker(dispatching, store=store)
+    finally:
+        store.dispose()
+
+
+def test_a_message_whose_workers_keep_dying_is_dead_lettered_unhandled(rig: WorkerRig) -> None:
+    if rig.kit.name == "rabbitmq":
+        pytest.skip("RabbitMQ's classic queues do not count redeliveries (see pybondi.worker)")
+
+    async def test() -> None:
+        topic = rig.kit.topic()
+        started = asyncio.Event()
+        consumer = rig.consumer(retry=Retry(attempts=2))
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted]) -> None:
+            started.set()
+            await asyncio.sleep(3600)  # as good as dead: cancelled at each stop
+
+        await rig.send(topic, Counted("k", 1))
+        for _ in range(2):  # attempts 1 and 2 start, and never end
+            started.clear()
+            worker = rig.worker(consumer, grace=0.1, redeliver_after=1.0)
+            task = rig.start(worker)
+            await asyncio.wait_for(started.wait(), 15)
+            await rig.stop(worker, task)
+        started.clear()
+        last = rig.worker(consumer, redeliver_after=1.0)
+        task = rig.start(last)
+
+        async def dead() -> bool:
+            return len(await rig.dead_letters()) == 1
+
+        await eventually(dead, what="the message dead-lettered")
+        await rig.stop(last, task)
+        [letter] = await rig.dead_letters()
+        assert letter.attempts == 3 and "Gave up after 2 deliveries" in letter.error
+        assert not started.is_set()  # the third delivery ran no handler
 
     rig.run(test())

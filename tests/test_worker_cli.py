@@ -23,6 +23,7 @@ from tests.workers import Counted, WorkerRig, registry
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 ROOT = Path(__file__).parent.parent
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 
 
 @pytest.fixture
@@ -190,8 +191,28 @@ def test_the_dead_letters_command_lists_shows_replays_and_discards(rig: WorkerRi
     assert code == 1 and f"no dead letter {ids[0]}" in errors
     code, _, errors = run("replay")
     assert code == 2 and "give the ids" in errors
+    code, _, errors = run("replay", str(ids[1]), "--group", "billing")
+    assert code == 2 and "not both" in errors
 
 
 def dead_letter(envelope: Envelope, error: str, attempts: int, records: Any) -> int:
     """What a worker writes when it gives up on a message of the group `billing`."""
     return int(records.dead_letter("billing", envelope, error, attempts))
+
+
+def test_the_dead_letters_command_refuses_a_store_it_cannot_reach_at_once() -> None:
+    started = time.monotonic()
+    found = subprocess.run(
+        [sys.executable, "-m", "pybondi", "dead-letters", "list", "--store", UNREACHABLE],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 2 and "cannot reach" in found.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_workers_that_cannot_start_stop_the_supervisor_with_2(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    supervisor = worker(rig, topic, "--workers", "2", "--broker-option", "no_such_option=1")
+    _, errors = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 2, errors
+    assert "no_such_option" in errors

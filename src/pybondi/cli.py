@@ -150,13 +150,13 @@ def _dead_letters_parser(commands: Any) -> None:
     actions = letters.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="one line per dead letter, oldest first")
     show = actions.add_parser("show", help="a dead letter in full: headers, body, error")
-    show.add_argument("ids", type=_positive, nargs="+", metavar="ID")
+    show.add_argument("ids", type=_id, nargs="+", metavar="ID")
     replay = actions.add_parser(
         "replay", help="send dead letters to their topic again, through the outbox"
     )
     discard = actions.add_parser("discard", help="delete dead letters for good")
     for action in (replay, discard):
-        action.add_argument("ids", type=_positive, nargs="*", metavar="ID")
+        action.add_argument("ids", type=_id, nargs="*", metavar="ID")
         action.add_argument(
             "--all", action="store_true", help="every dead letter (of --group/--topic)"
         )
@@ -279,6 +279,13 @@ def _at_least_0(text: str) -> float:
     return value
 
 
+def _id(text: str) -> int:
+    value = _positive(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"no dead letter has an id that large: {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -336,8 +343,12 @@ async def _relay(arguments: argparse.Namespace) -> int:
         await store.adispose()
 
 
-async def _tables_ready(store: SQLStore, create: bool) -> bool:
-    """Create the tables, or check that they exist; False (with a message) if missing."""
+async def _tables_ready(store: SQLStore, create: bool, wait: bool = True) -> bool:
+    """Create the tables, or check that they exist; False (with a message) if missing.
+
+    A store that cannot be reached is waited for (a service starting with its database),
+    unless not `wait` (a command run once): then it is refused.
+    """
     from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
 
     for attempt in itertools.count():
@@ -348,6 +359,9 @@ async def _tables_ready(store: SQLStore, create: bool) -> bool:
             missing = await store.amissing_tables()
             break
         except DBAPIError as error:  # unreachable, most likely: wait until it answers
+            if not wait:
+                _refuse(f"cannot reach {store!r}: {str(error.orig or error).splitlines()[0]}")
+                return False
             delay = min(30.0, 0.5 * 2**attempt)
             first_line = str(error.orig or error).splitlines()[0]
             logger.warning("Cannot reach the store (%s); retrying in %.1f s", first_line, delay)
@@ -415,11 +429,14 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
             return _refuse(str(error))
         _stop_on_signals(worker.stop)
         logger.info("Worker started: %r", worker)
-        await worker.run()
+        try:
+            await worker.run()
+        except (TypeError, ValueError) as error:  # a wrong option, group or topic name
+            return _refuse(f"{type(error).__name__}: {error}")
         logger.info(
-            "Worker %s stopped: %d handled, %d duplicate(s) skipped, %d retried, "
+            "Worker %s stopped: %d handled, %d skipped (handled already), %d retried, "
             "%d dead-lettered",
-            worker.name, worker.handled, worker.duplicates, worker.retried, worker.dead_lettered,
+            worker.name, worker.handled, worker.skipped, worker.retried, worker.dead_lettered,
         )  # fmt: skip
         return 0
     finally:
@@ -427,55 +444,69 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
 
 
 class _Supervisor:
-    """Runs N worker processes: restarts one that dies, passes SIGTERM and Ctrl-C on."""
+    """Runs N worker processes: restarts one that dies, passes SIGTERM and Ctrl-C on.
+
+    A worker that exits 2 (a wrong argument) stops them all: every restart would fail.
+    A second SIGTERM or Ctrl-C kills the workers at once; their messages come back to
+    the group.
+    """
 
     def __init__(self, command: list[str]) -> None:
         self.command = command
-        self.stopping = False
+        self.signals = 0  # SIGTERM and SIGINT received
 
     def run(self, count: int) -> int:
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
-        children = {index: self._spawn(index) for index in range(count)}
-        restarts = dict.fromkeys(children, 0)
-        status = 0
-        while children:
-            time.sleep(0.2)
-            for index, child in list(children.items()):
+        signal.signal(signal.SIGTERM, self._signalled)
+        signal.signal(signal.SIGINT, self._signalled)
+        children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}  # and when started
+        due = dict.fromkeys(range(count), 0.0)  # when to start each missing worker
+        failures = dict.fromkeys(range(count), 0)  # deaths in a row, each soon after start
+        status, passed_on = 0, 0
+        while children or (due and not self.signals):
+            if self.signals > passed_on:
+                passed_on = self.signals
+                due.clear()
+                for child, _ in children.values():
+                    child.send_signal(signal.SIGTERM if passed_on == 1 else signal.SIGKILL)
+            now = time.monotonic()
+            for index, at in list(due.items()):
+                if at <= now:
+                    del due[index]
+                    children[index] = (self._spawn(index), now)
+            time.sleep(0.1)
+            for index, (child, started) in list(children.items()):
                 code = child.poll()
                 if code is None:
                     continue
                 del children[index]
-                if self.stopping:
-                    status = max(status, code)
-                elif code == 2:  # a wrong argument or store: every restart would fail
-                    status = 2
-                    self._stop()
+                if self.signals:
+                    # A worker still starting dies of the SIGTERM passed on: no failure.
+                    stopped = code == -signal.SIGTERM and passed_on
+                    status = max(status, 0 if stopped else code if code >= 0 else 128 - code)
+                elif code == 2:
+                    status, self.signals = 2, 1  # the others stop too
                 else:
-                    restarts[index] += 1
-                    delay = min(30.0, 0.5 * 2 ** min(restarts[index], 10))
+                    lived = time.monotonic() - started
+                    failures[index] = 0 if lived > _STABLE else failures[index] + 1
+                    delay = min(30.0, 0.5 * 2 ** min(failures[index], 10))
+                    delay = delay if failures[index] else 0.0
                     logger.warning(
                         "Worker process %d exited with %d; restarting it in %.1f s",
                         child.pid, code, delay,
                     )  # fmt: skip
-                    time.sleep(delay)
-                    if not self.stopping:
-                        children[index] = self._spawn(index)
-            if self.stopping:
-                for child in children.values():
-                    if child.poll() is None:
-                        child.send_signal(signal.SIGTERM)
-        return status
+                    due[index] = time.monotonic() + delay
+        return 130 if passed_on > 1 else status
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(self.command, env={**os.environ, "PYBONDI_WORKER": str(index)})
         logger.info("Worker process %d started (%d)", child.pid, index)
         return child
 
-    def _stop(self, *_: object) -> None:
-        if self.stopping:  # a second Ctrl-C
-            raise KeyboardInterrupt
-        self.stopping = True
+    def _signalled(self, *_: object) -> None:
+        self.signals += 1
+
+
+_STABLE = 60.0  # seconds a worker process must live for its restart to be immediate
 
 
 # Dead letters ---------------------------------------------------------------------------
@@ -488,7 +519,7 @@ async def _dead_letters(arguments: argparse.Namespace) -> int:
     if store is None:
         return 2
     try:
-        if not await _tables_ready(store, create=False):
+        if not await _tables_ready(store, create=False, wait=False):
             return 2
         letters = DeadLetters(store)
         action: Callable[[DeadLetters, argparse.Namespace], Any] = _ACTIONS[arguments.action]
@@ -530,11 +561,11 @@ async def _show(letters: Any, arguments: argparse.Namespace) -> int:
 
 async def _selected(letters: Any, arguments: argparse.Namespace) -> list[int] | None:
     """The ids given, or every id of --group/--topic with --all; None if neither."""
-    if arguments.ids and arguments.all:
-        _refuse("give ids or --all, not both")
+    if arguments.ids and (arguments.all or arguments.group or arguments.topic):
+        _refuse("give ids, or --all (with --group, --topic): not both")
         return None
     if arguments.ids:
-        return list(arguments.ids)
+        return sorted(set(arguments.ids))
     if not arguments.all:
         _refuse("give the ids of the dead letters, or --all (with --group, --topic)")
         return None

@@ -100,7 +100,11 @@ class Consumer:
         retry: how often a failing message is tried, and the delays in between.
         in_flight: how many messages a worker handles at once.
         key: orders messages: those with the same key (an aggregate id, say) are handled
-            one after the other, in the order received, within a worker.
+            one after the other, in the order received, within a worker (a key of None
+            orders nothing).
+        timeout: seconds one handling of a message may take, on an async store; past
+            that its session is cancelled and rolled back, and the attempt failed.
+            Sync handlers (a sync store) cannot be interrupted, and have none.
     """
 
     def __init__(
@@ -113,9 +117,12 @@ class Consumer:
         retry: Retry | None = None,
         in_flight: int = 16,
         key: Callable[[Message[Any]], Hashable] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}.")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be above 0 (or None), got {timeout}.")
         if not group or not isinstance(group, str):
             raise ValueError(f"group must be a non-empty str, got {short_repr(group)}.")
         self.messagebus = messagebus if messagebus is not None else Messagebus()
@@ -125,6 +132,7 @@ class Consumer:
         self.retry = retry or Retry()
         self.in_flight = in_flight
         self.key = key
+        self.timeout = timeout
         self.dispatched: set[str] = set()
         # The subscribers are those of an in-memory publisher: same signature, same
         # dependency plans, same overrides.

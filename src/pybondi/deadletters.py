@@ -10,10 +10,11 @@ A worker dead-letters a message that failed too often, or that it could not read
 message, the error and the number of attempts are kept in the store's `dead_letters`
 table, and the message is recorded in the group's inbox, so that the broker delivering
 it again changes nothing. Replaying writes the message to the outbox again (same topic,
-id and headers, plus `replayed-at`), removes it from the group's inbox so that the
-worker handles it again, and deletes the dead letter, in one transaction: the relay then
-sends it. Every method runs in a transaction of its own, on a sync store (in a thread)
-or an async one.
+id and headers, plus `replayed-at` and `replayed-for`, the group), removes it from the
+group's inbox so that the worker handles it again, and deletes the dead letter, in one
+transaction: the relay then sends it, and the workers of the topic's other groups
+acknowledge it without handling it. Every method runs in a transaction of its own, on a
+sync store (in a thread) or an async one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
     from pybondi.stores._sqlinbox import InboxRecords
     from pybondi.stores.base import Records, Store
 
-__all__ = ["DeadLetter", "DeadLetters"]
+__all__ = ["REPLAYED_FOR", "DeadLetter", "DeadLetters"]
+
+REPLAYED_FOR = "replayed-for"
+"""The header naming the only group that handles a replayed message."""
 
 T = TypeVar("T")
 

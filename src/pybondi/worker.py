@@ -65,7 +65,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pybondi.brokers.base import Broker, Delivery
 from pybondi.consumer import Consumer, _session
-from pybondi.exceptions import ConcurrencyError, PybondiError, SerializationError, short_repr
+from pybondi.deadletters import REPLAYED_FOR
+from pybondi.exceptions import (
+    AsyncRequired,
+    ConcurrencyError,
+    PybondiError,
+    SerializationError,
+    short_repr,
+)
 from pybondi.messages import Command, Event
 from pybondi.outbox import Outbox, _enqueue
 from pybondi.publisher import Message
@@ -85,6 +92,15 @@ logger = logging.getLogger("pybondi.worker")
 T = TypeVar("T")
 
 _PURGE_EVERY = timedelta(minutes=10)
+_GAVE_UP = (
+    "Gave up after {} deliveries that ended neither in a commit nor in an error: the "
+    "worker handling it stopped or died each time (a crash, a kill, an exhausted memory)"
+)
+_MISTAKES = (TypeError, ValueError, AttributeError, NotImplementedError)
+_ASYNC_STORE = (
+    "give the worker an async store (SQLStore(url, asynchronous=True); pybondi worker "
+    "without --sync), on which handlers may be sync or async."
+)
 _CONFLICTS = 10  # version conflicts a message may meet before they count as a failure
 _RECEIVE_WAIT = 1.0  # seconds a receive waits for messages: how soon a stop is noticed
 
@@ -134,13 +150,15 @@ class Worker:
         self.redeliver_after = redeliver_after
         self.grace = grace
         self.inbox_retention = inbox_retention
-        self.handled = self.duplicates = self.retried = self.dead_lettered = 0
+        self.handled = self.skipped = self.retried = self.dead_lettered = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
         self._threads: ThreadPoolExecutor | None = None
         self._purged_at: datetime | None = None
         self._check_repository()
+        if not store.is_async:
+            self._check_sync_handlers()
 
     def __repr__(self) -> str:
         return (
@@ -173,6 +191,8 @@ class Worker:
                     continue
                 try:
                     deliveries = await subscription.receive(free, _RECEIVE_WAIT)
+                except _MISTAKES:
+                    raise  # a wrong option or name: it would fail every time
                 except Exception as error:  # the broker, unreachable: the adapter reconnects
                     failures += 1
                     delay = random.uniform(0, min(30.0, 0.2 * 2 ** min(failures, 20)))
@@ -240,30 +260,50 @@ class Worker:
     async def _take(
         self, delivery: Delivery, opened: Message[Any] | str, before: asyncio.Task[None] | None
     ) -> None:
-        if before is not None:
-            await asyncio.wait([before])
+        heartbeat = self._keep(delivery)  # while it waits for its key's turn too
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._settle(delivery, opened)
+        finally:
+            heartbeat.cancel()
+
+    async def _settle(self, delivery: Delivery, opened: Message[Any] | str) -> None:
+        """Handle the message and acknowledge it, or retry or dead-letter it."""
+        group, attempts = self.consumer.group, self.consumer.retry.attempts
+        if delivery.envelope.headers.get(REPLAYED_FOR, group) != group:
+            await self._skip(delivery, "it is a dead letter of another group, replayed")
+            return
         if isinstance(opened, str):
             await self._dead_letter(delivery, f"Unreadable message: {opened}")
             return
+        if delivery.attempt > attempts:
+            # Delivered again and again, never failing: the worker handling it dies.
+            await self._dead_letter(delivery, _GAVE_UP.format(delivery.attempt - 1))
+            return
         with handling(opened):
-            heartbeat = self._keep(delivery)
             try:
                 handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
             except Exception as error:
                 await self._failed(delivery, error)
                 return
-            finally:
-                heartbeat.cancel()
-            try:
-                await delivery.ack()
-            except Exception as error:  # it comes again, and the inbox skips it
-                logger.warning("Worker %s could not acknowledge %r: %r", self.name, delivery, error)
-            if handled:
-                self.handled += 1
-                logger.debug("Handled %r", delivery)
-            else:
-                self.duplicates += 1
-                logger.info("Skipped %r: the group handled it already", delivery)
+            if not handled:
+                await self._skip(delivery, "the group handled it already")
+                return
+            await self._ack(delivery)
+            self.handled += 1
+            logger.debug("Handled %r", delivery)
+
+    async def _skip(self, delivery: Delivery, reason: str) -> None:
+        self.skipped += 1
+        logger.info("Skipped %r: %s", delivery, reason)
+        await self._ack(delivery)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            await delivery.ack()
+        except Exception as error:  # it comes again, and the inbox skips it
+            logger.warning("Worker %s could not acknowledge %r: %r", self.name, delivery, error)
 
     def _keep(self, delivery: Delivery) -> _Heartbeat:
         """Extend the delivery every third of `redeliver_after`, until cancelled."""
@@ -325,13 +365,15 @@ class Worker:
             with contextlib.suppress(Exception):  # if not, unacknowledged, it comes back
                 await delivery.retry(delay)
             return
+        if letter is None:  # another worker handled (or dead-lettered) it meanwhile
+            await self._skip(delivery, "the group handled it already")
+            return
         self.dead_lettered += 1
         logger.error(
             "Dead letter %d: %r after %d attempt(s): %s",
             letter, delivery, attempts, error.splitlines()[0],
         )  # fmt: skip
-        with contextlib.suppress(Exception):
-            await delivery.ack()
+        await self._ack(delivery)
 
     # The session ------------------------------------------------------------------------
 
@@ -345,8 +387,9 @@ class Worker:
             )
         session = self._session(envelope)
         token = _session.set(session)
+        timeout = self.consumer.timeout
         try:
-            async with session:
+            async with asyncio.timeout(timeout), session:
                 transaction = cast(StoreRepository[Any], session.repository).transaction
                 assert transaction is not None
                 if await transaction.arun(self._is_handled(envelope)):
@@ -354,6 +397,13 @@ class Worker:
                 await self._adeliver(envelope.topic, message, session)
         except _Duplicate:
             return False
+        except TimeoutError as error:
+            if timeout is None or str(error):
+                raise
+            raise TimeoutError(
+                f"Handling took more than the consumer's timeout, {timeout:g} s: the session "
+                f"was cancelled and rolled back."
+            ) from None
         finally:
             _session.reset(token)
         return True
@@ -417,6 +467,24 @@ class Worker:
                 f"Account, registry)`."
             )
 
+    def _check_sync_handlers(self) -> None:
+        """Refuse, before any message, async handlers for sessions run in threads."""
+        consumer, bus = self.consumer, self.consumer.messagebus
+        try:
+            for topic in consumer.topics:
+                if topic not in consumer.dispatched:
+                    consumer.routes(topic)  # compiles them sync, or raises AsyncRequired
+        except AsyncRequired as error:
+            raise ValueError(f"{error} A sync store runs sync sessions: {_ASYNC_STORE}") from None
+        handlers = [*bus.command_handlers.values()]
+        handlers += [entry.handler for entries in bus.event_handlers.values() for entry in entries]
+        awaited = [handler.name for handler in handlers if handler.callee.kind.is_async]
+        if consumer.dispatched and awaited:
+            raise ValueError(
+                f"The messagebus has async handlers ({', '.join(sorted(set(awaited)))}), and a "
+                f"sync store runs sync sessions: {_ASYNC_STORE}"
+            )
+
     # Bookkeeping ------------------------------------------------------------------------
 
     async def _finish(self) -> None:
@@ -425,6 +493,14 @@ class Worker:
             return
         logger.info("Worker %s: %d message(s) under way", self.name, len(self._tasks))
         _, late = await asyncio.wait(set(self._tasks), timeout=self.grace)
+        if late and self._threads is not None:
+            logger.warning(
+                "Worker %s: %d message(s) still under way after %.1f s; sync handlers "
+                "cannot be interrupted, so the worker waits for them",
+                self.name, len(late), self.grace,
+            )  # fmt: skip
+            await asyncio.wait(late)
+            return
         for task in late:
             task.cancel()
         if late:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from pybondi.deadletters import DeadLetter
+from pybondi.deadletters import REPLAYED_FOR, DeadLetter
 from pybondi.envelope import Envelope
 from pybondi.stores._sqlstatements import (
     NAME,
@@ -182,15 +182,19 @@ class InboxRecords:
 
     # Dead letters ------------------------------------------------------------------------
 
-    def dead_letter(self, group: str, envelope: Envelope, error: str, attempts: int) -> int:
+    def dead_letter(self, group: str, envelope: Envelope, error: str, attempts: int) -> int | None:
         """Keep a message the group gave up on, and add it to the inbox; return its id.
 
+        None, and nothing written, when the inbox has the message already: the group
+        handled it (another worker did, while this one failed), or dead-lettered it.
+        So the inbox row of a dead letter is its own, and replaying may remove it.
+
         The body is kept as text: bytes that are not UTF-8 (and NUL characters, which
-        PostgreSQL's text refuses) become U+FFFD. A message already in the inbox keeps
-        its row there.
+        PostgreSQL's text refuses) become U+FFFD.
         """
         _check_names(group, envelope)
-        self._writing()
+        if not self.record_handled(group, envelope):
+            return None
         inbox, now = self.statements.inbox, self._timestamp(datetime.now(UTC))
         cursor = self._execute(
             inbox.insert_dead,
@@ -205,10 +209,7 @@ class InboxRecords:
                 "at": now,
             },
         )
-        id = int(cursor.fetchone()[0] if inbox.returning else cursor.lastrowid)
-        values = {"g": group, "m": envelope.id, "t": envelope.topic, "at": now}
-        self._written(inbox.record, values)
-        return id
+        return int(cursor.fetchone()[0] if inbox.returning else cursor.lastrowid)
 
     def dead_letters(
         self,
@@ -236,9 +237,10 @@ class InboxRecords:
         """Send the dead letters' messages again; return those replayed, in id order.
 
         Each goes to the outbox (its topic, message id and headers, plus `replayed-at`,
-        the time now: NATS would drop a message id it saw lately as a duplicate), leaves
-        the group's inbox, so that the worker handles it again, and is no longer a dead
-        letter: all in this transaction. Ids with no dead letter (never, or not any more:
+        the time now, as NATS would drop a message id it saw lately as a duplicate, and
+        `replayed-for`, its group, as the topic's other groups must not handle it again),
+        leaves the group's inbox, so that the worker handles it again, and is no longer
+        a dead letter: all in this transaction. Ids with no dead letter (never, or not any more:
         replayed or discarded meanwhile) are left out.
         """
         self._writing()
@@ -260,7 +262,11 @@ class InboxRecords:
                     Envelope(
                         letter.topic,
                         letter.message_id,
-                        {**letter.headers, "replayed-at": replayed_at},
+                        {
+                            **letter.headers,
+                            "replayed-at": replayed_at,
+                            REPLAYED_FOR: letter.group,
+                        },
                         letter.body.encode(),
                     )
                     for letter in replayed
