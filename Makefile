@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
 	$(VENV)/bin/python benchmarks/bench_persistence.py
 	$(VENV)/bin/python benchmarks/bench_brokers.py
+	$(VENV)/bin/python benchmarks/bench_workers.py
 
 $(STAMP): pyproject.toml
 	@echo "== Installing pybondi and its dev tools into $(VENV) ($(PYTHON))"

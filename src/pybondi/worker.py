@@ -28,7 +28,14 @@ letters, a table of the store, with the error, the attempt count and the origina
 headers and body (`pybondi dead-letters list|show|replay|discard`). A message that
 cannot be read (not JSON, an unregistered type, a payload that fails validation, a
 command for a `dispatch`ed topic that is not one) is dead-lettered at once: retrying
-would not help. Either way the worker goes on with the next message.
+would not help. Either way the worker goes on with the next message. A handler that
+takes longer than `consumer.timeout` (async stores) is cancelled: a failed attempt. A
+message delivered more times than its attempts without ever failing (its worker died
+each time: a crash, an exhausted memory) is dead-lettered without running a handler;
+RabbitMQ's classic queues do not count redeliveries, so there it comes back until it
+stops killing its worker. A message the group's inbox already has is never
+dead-lettered, and a replayed dead letter (`replayed-for` its group) is left alone by
+the topic's other groups.
 
 **Stopping.** `stop()` (SIGTERM under the CLI) stops taking messages, lets those under
 way finish and acknowledges them, for up to `grace` seconds; a message still under way
@@ -44,7 +51,9 @@ received in the meantime.
 
 Stores: with an async store, sessions run on the event loop (`async with Session`) and
 handlers may be sync or async; with a sync store, each session runs in a thread of its
-own (`with Session`), for sync handlers that use the sync API (`repository.get`).
+own (`with Session`), for sync handlers that use the sync API (`repository.get`): async
+handlers are refused at start, and a stop waits for the threads, which cannot be
+interrupted, beyond the grace if need be.
 """
 
 from __future__ import annotations
