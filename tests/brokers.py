@@ -7,7 +7,11 @@ queue and exchange the test made, pass or fail. A server that cannot be reached 
 its tests with the reason, except under CI=true, where it fails them.
 
 Each kit runs its async work on an `asyncio.Runner` of its own, so the raw client, the
-adapters and the test share one event loop; `@on_broker` runs an `async def` test on it.
+adapters and the test share one event loop; `@on_broker` runs an `async def` test on it
+(`@on_kit` where the fixture is `kit`, one broker's own).
+
+The consumer side: `kit.subscribe()` hands out subscriptions, closed with the kit;
+`take()` receives until enough deliveries came, `envelopes()` makes messages to send.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ClassVar, TypeVar, cast
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import aio_pika
 import aio_pika.abc
@@ -32,13 +37,32 @@ import nats.js.errors
 import redis
 import redis.asyncio
 
+from pybondi import Message
 from pybondi.brokers import Broker, connect
+from pybondi.brokers.base import DEFAULT_GROUP, Delivery, Subscription
 from pybondi.envelope import Envelope
 from tests.backends import unavailable
 
 T = TypeVar("T")
+B = TypeVar("B", bound=Broker)
+S = TypeVar("S", bound=Subscription)
+S_co = TypeVar("S_co", bound=Subscription, covariant=True)
 
 CONNECT_TIMEOUT = 3.0
+
+
+class Subscribing(Protocol[S_co]):
+    """An adapter whose `subscribe` gives `S_co`s (`RedisBroker`: `RedisSubscription`s)."""
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        *,
+        consumer: str,
+        in_flight: int = ...,
+        redeliver_after: float = ...,
+    ) -> S_co: ...
 
 
 class BrokerKit(ABC):
@@ -63,6 +87,7 @@ class BrokerKit(ABC):
         self.prefix = f"pybondi_{self.id}_"
         self.runner = asyncio.Runner()
         self.brokers: list[Broker] = []
+        self.subscribed: list[Subscription] = []
         self.topics: list[str] = []
 
     def __repr__(self) -> str:
@@ -81,6 +106,19 @@ class BrokerKit(ABC):
     def options(self) -> dict[str, Any]:
         """The adapter options that give it this test's own names."""
         return {"prefix": self.prefix}
+
+    def subscribe(
+        self,
+        broker: Subscribing[S],
+        topics: list[str],
+        group: str = DEFAULT_GROUP,
+        consumer: str = "c1",
+        **options: Any,
+    ) -> S:
+        """`broker.subscribe(topics, group, consumer=consumer, **options)`, closed at cleanup."""
+        subscription = broker.subscribe(topics, group, consumer=consumer, **options)
+        self.subscribed.append(subscription)
+        return subscription
 
     def topic(self, name: str = "orders") -> str:
         """A topic no other test uses (with a dot, as topics often have)."""
@@ -112,7 +150,7 @@ class BrokerKit(ABC):
             unavailable(self.name, error)
 
     def close(self) -> None:
-        """Close the adapters, delete what the test made, close the raw client and loop."""
+        """Close the subscriptions and adapters, delete what the test made, close the rest."""
         try:
             self.run(self._close())
         finally:
@@ -120,9 +158,10 @@ class BrokerKit(ABC):
 
     async def _close(self) -> None:
         failures: list[Exception] = []
-        for broker in self.brokers:
+        closes = [each.close for each in self.subscribed] + [each.aclose for each in self.brokers]
+        for close in closes:  # the subscriptions first
             try:
-                await broker.aclose()
+                await close()
             except Exception as error:  # close the others and clean up all the same
                 failures.append(error)
         if self.connected():
@@ -333,8 +372,14 @@ class RabbitMQKit(BrokerKit):
             await channel.queue_delete(self.prefix + topic)
 
     async def cleanup(self) -> None:
+        from pybondi.brokers.rabbitmq import RabbitMQSubscription
+
         connection = self._connection()
-        for name in [*(self.prefix + topic for topic in self.topics), *self.other_queues]:
+        names = [*(self.prefix + topic for topic in self.topics), *self.other_queues]
+        for subscription in self.subscribed:  # a group's queues, besides the topics' own
+            assert isinstance(subscription, RabbitMQSubscription)
+            names += [name for name in subscription.queues if name not in names]
+        for name in names:
             async with await connection.channel() as channel:
                 await channel.queue_delete(name)
         async with await connection.channel() as channel:
@@ -465,6 +510,18 @@ class NATSKit(BrokerKit):
 
 KITS: dict[str, type[BrokerKit]] = {"redis": RedisKit, "rabbitmq": RabbitMQKit, "nats": NATSKit}
 
+K = TypeVar("K", bound=BrokerKit)
+
+
+def started(kind: type[K]) -> Iterator[K]:
+    """A fixture's body: a new kit of `kind`, started, closed after the test."""
+    kit = kind()
+    try:
+        kit.start()
+        yield kit
+    finally:
+        kit.close()
+
 
 def on_broker(
     test: Callable[[BrokerKit], Coroutine[Any, Any, None]],
@@ -474,5 +531,57 @@ def on_broker(
     def run(broker: BrokerKit) -> None:
         broker.run(test(broker))
 
+    return _named(run, test)
+
+
+def on_kit(test: Callable[[K], Coroutine[Any, Any, None]]) -> Callable[[K], None]:
+    """`on_broker` for the tests of one broker, whose fixture is `kit` (a `RedisKit`, say)."""
+
+    def run(kit: K) -> None:
+        kit.run(test(kit))
+
+    return _named(run, test)
+
+
+def _named(run: Callable[[K], None], test: Callable[..., Any]) -> Callable[[K], None]:
+    """`run`, named and documented as the test it runs (pytest reports it by that name)."""
     run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
     return run
+
+
+def adapter(kit: BrokerKit, url: str | None = None, *, kind: type[B], **options: Any) -> B:
+    """`kit.make(url, **options)`, checked to be a `kind` (a test file binds its own)."""
+    made = kit.make(url, **options)
+    assert isinstance(made, kind)
+    return made
+
+
+def envelopes(topic: str, count: int, **headers: str) -> list[Envelope]:
+    """`count` messages for `topic`, sealed: payloads {"n": 0}, {"n": 1}..., with `headers`."""
+    return [Envelope.seal(topic, Message({"n": n}, headers=headers)) for n in range(count)]
+
+
+async def take(
+    subscription: Subscription,
+    count: int,
+    timeout: float = 5.0,
+    *,
+    wait: float = 0.2,
+    limit: int | None = None,
+) -> list[Delivery]:
+    """Receive until `count` deliveries came (or `timeout` passed), acknowledging none.
+
+    Each `receive` waits up to `wait` seconds for `limit` deliveries: by default the ones
+    still missing, so that no more than `count` come.
+    """
+    deadline = time.monotonic() + timeout
+    got: list[Delivery] = []
+    while len(got) < count and time.monotonic() < deadline:
+        got += await subscription.receive(count - len(got) if limit is None else limit, wait=wait)
+    return got
+
+
+async def ack(deliveries: Iterable[Delivery]) -> None:
+    """Acknowledge each delivery, in order."""
+    for delivery in deliveries:
+        await delivery.ack()

@@ -9,17 +9,18 @@ test's prefix afterwards, and the consumers go with them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
 import pybondi.brokers.nats
 from pybondi import Message
-from pybondi.brokers.base import DEFAULT_GROUP, Delivery
+from pybondi.brokers.base import Delivery
 from pybondi.brokers.nats import NATSBroker, NATSSubscription
 from pybondi.envelope import Envelope
-from tests.brokers import NATSKit
+from tests import brokers
+from tests.brokers import NATSKit, ack, envelopes, on_kit, started
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.nats
@@ -27,72 +28,11 @@ pytestmark = pytest.mark.nats
 
 @pytest.fixture
 def kit() -> Iterator[NATSKit]:
-    kit = NATSKit()
-    kit.start()
-    yield kit
-    kit.close()
+    yield from started(NATSKit)
 
 
-SUBSCRIPTIONS: dict[NATSKit, list[NATSSubscription]] = {}
-
-
-def on_kit(
-    test: Callable[[NATSKit], Coroutine[Any, Any, None]],
-) -> Callable[[NATSKit], None]:
-    """Run an `async def test(kit)` on the kit's event loop; close its subscriptions after."""
-
-    def run(kit: NATSKit) -> None:
-        async def body() -> None:
-            try:
-                await test(kit)
-            finally:
-                for subscription in SUBSCRIPTIONS.pop(kit, []):
-                    await subscription.close()
-
-        kit.run(body())
-
-    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
-    return run
-
-
-def adapter(kit: NATSKit, url: str | None = None, **options: Any) -> NATSBroker:
-    made = kit.make(url, **options)
-    assert isinstance(made, NATSBroker)
-    return made
-
-
-def subscribe(
-    kit: NATSKit,
-    broker: NATSBroker,
-    topics: list[str],
-    group: str = DEFAULT_GROUP,
-    consumer: str = "c1",
-    **options: Any,
-) -> NATSSubscription:
-    """A subscription closed after the test."""
-    subscription = broker.subscribe(topics, group, consumer=consumer, **options)
-    SUBSCRIPTIONS.setdefault(kit, []).append(subscription)
-    return subscription
-
-
-def envelopes(topic: str, count: int) -> list[Envelope]:
-    return [Envelope.seal(topic, Message({"n": n})) for n in range(count)]
-
-
-async def take(
-    subscription: NATSSubscription, count: int, limit: int = 100, timeout: float = 5.0
-) -> list[Delivery]:
-    """Receive until `count` deliveries came (or `timeout` passed); none acknowledged."""
-    deadline = time.monotonic() + timeout
-    got: list[Delivery] = []
-    while len(got) < count and time.monotonic() < deadline:
-        got += await subscription.receive(limit, wait=0.2)
-    return got
-
-
-async def ack(deliveries: list[Delivery]) -> None:
-    for delivery in deliveries:
-        await delivery.ack()
+adapter = partial(brokers.adapter, kind=NATSBroker)
+take = partial(brokers.take, limit=100)
 
 
 @on_kit
@@ -108,7 +48,7 @@ async def test_sent_messages_are_received_as_sent(kit: NATSKit) -> None:
     bare = await js.publish(topic, b"bare")
     await js.publish(topic, b"raw", headers={"Nats-Msg-Id": "raw-1", "custom": "yes"})
 
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
     got = await take(subscription, 5)
 
     assert [delivery.envelope for delivery in got[:3]] == sent  # no Nats-Msg-Id header
@@ -124,7 +64,7 @@ async def test_a_subscription_made_before_any_message_declares_what_it_needs(
     kit: NATSKit,
 ) -> None:
     broker, topic = adapter(kit), kit.topic()
-    subscription = subscribe(kit, broker, [topic], "billing.v2", redeliver_after=5.0)
+    subscription = kit.subscribe(broker, [topic], "billing.v2", redeliver_after=5.0)
 
     started = time.monotonic()
     assert await subscription.receive(10, wait=0.3) == []
@@ -157,8 +97,8 @@ async def test_the_consumers_of_a_group_share_the_messages(kit: NATSKit) -> None
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 20)
     await broker.asend(sent)
-    first = subscribe(kit, broker, [topic], "billing", "c1")
-    second = subscribe(kit, adapter(kit), [topic], "billing", "c2")
+    first = kit.subscribe(broker, [topic], "billing", "c1")
+    second = kit.subscribe(adapter(kit), [topic], "billing", "c2")
 
     handled: dict[NATSSubscription, list[str]] = {first: [], second: []}
     deadline = time.monotonic() + 5
@@ -175,7 +115,7 @@ async def test_the_consumers_of_a_group_share_the_messages(kit: NATSKit) -> None
     assert await second.receive(10, wait=0.2) == []
 
     # Another group gets every message, from the oldest, its consumer of its own.
-    other = subscribe(kit, broker, [topic], "audit")
+    other = kit.subscribe(broker, [topic], "audit")
     got = await take(other, len(sent))
     assert [delivery.envelope for delivery in got] == sent
     assert [delivery.attempt for delivery in got] == [1] * len(sent)
@@ -190,13 +130,13 @@ async def test_what_a_closed_subscription_held_comes_back_after_redeliver_after(
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 3)
     await broker.asend(sent)
-    gone = subscribe(kit, broker, [topic], "billing", "c1", redeliver_after=1.0)
+    gone = kit.subscribe(broker, [topic], "billing", "c1", redeliver_after=1.0)
     held = await gone.receive(3, wait=2.0)
     delivered = time.monotonic()
     assert [delivery.envelope for delivery in held] == sent
     await gone.close()  # crashed, as far as the group knows: nothing acknowledged
 
-    other = subscribe(kit, broker, [topic], "billing", "c2", redeliver_after=1.0)
+    other = kit.subscribe(broker, [topic], "billing", "c2", redeliver_after=1.0)
     assert await other.receive(10, wait=0.5) == []  # not yet
     back = await take(other, 3)
     assert time.monotonic() - delivered >= 0.9
@@ -212,7 +152,7 @@ async def test_a_retry_comes_back_after_its_delay(kit: NATSKit) -> None:
     [sent] = envelopes(topic, 1)
     await broker.asend([sent])
     # The delay outlasts redeliver_after: JetStream waits for the delay all the same.
-    subscription = subscribe(kit, broker, [topic], redeliver_after=0.5)
+    subscription = kit.subscribe(broker, [topic], redeliver_after=0.5)
     [first] = await subscription.receive(10, wait=2.0)
     assert first.attempt == 1
 
@@ -242,7 +182,7 @@ async def test_a_replayed_message_is_not_dropped_as_a_duplicate(kit: NATSKit) ->
     await broker.asend([replayed])  # same message id, replayed: kept
     await broker.asend([replayed])  # that replay sent again: dropped
 
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
     got = await take(subscription, 3, timeout=1.0)
     assert [delivery.envelope for delivery in got] == [sent, replayed]
     await ack(got)
@@ -253,7 +193,7 @@ async def test_receive_keeps_to_its_limit_across_topics(kit: NATSKit) -> None:
     broker, one, two = adapter(kit), kit.topic("one"), kit.topic("two")
     sent = envelopes(one, 6) + envelopes(two, 6)
     await broker.asend(sent)
-    subscription = subscribe(kit, broker, [one, two])
+    subscription = kit.subscribe(broker, [one, two])
 
     # The limit is dealt out: two each. A receive returns once a fetch brought something,
     # and what the other one brings comes with the next (the worker's free slots).
@@ -280,7 +220,7 @@ async def test_a_quiet_topic_does_not_hold_up_a_busy_one(kit: NATSKit) -> None:
     broker, busy, quiet = adapter(kit), kit.topic("busy"), kit.topic("quiet")
     sent = envelopes(busy, 30)
     await broker.asend(sent)
-    subscription = subscribe(kit, broker, [busy, quiet])
+    subscription = kit.subscribe(broker, [busy, quiet])
 
     got: list[Delivery] = []
     started = time.monotonic()
@@ -309,7 +249,7 @@ async def test_topics_of_a_stream_of_their_own_get_a_consumer_each(kit: NATSKit)
     sent = envelopes(one, 2) + envelopes(two, 2)
     await broker.asend(sent)
 
-    subscription = subscribe(kit, broker, [one, two], "billing")
+    subscription = kit.subscribe(broker, [one, two], "billing")
     got = await take(subscription, 4)
     assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
     stream = f"{kit.prefix}shared"
@@ -329,7 +269,7 @@ async def test_groups_whose_names_differ_only_where_nats_refuses_them_stay_apart
     sent = envelopes(topic, 3)
     await broker.asend(sent)
     for group in ("billing.eu", "billing_eu"):  # each group gets every message
-        got = await take(subscribe(kit, broker, [topic], group), 3)
+        got = await take(kit.subscribe(broker, [topic], group), 3)
         assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
         await ack(got)
 
@@ -343,7 +283,7 @@ async def test_a_lost_connection_raises_then_reconnects(kit: NATSKit) -> None:
         url = kit.url.replace(":4222", f":{proxy.port}")
         assert url != kit.url
         behind = adapter(kit, url, timeout=1.0)
-        subscription = subscribe(kit, behind, [topic], redeliver_after=0.5)
+        subscription = kit.subscribe(behind, [topic], redeliver_after=0.5)
         [held] = await subscription.receive(10, wait=1.0)
         assert held.envelope == first
 
@@ -369,7 +309,7 @@ async def test_a_deleted_stream_is_declared_again(kit: NATSKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     first, second = envelopes(topic, 2)
     await broker.asend([first])
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
     [delivery] = await subscription.receive(10, wait=1.0)
     await delivery.ack()
 
@@ -389,11 +329,11 @@ async def test_a_deleted_stream_is_declared_again(kit: NATSKit) -> None:
 @on_kit
 async def test_what_cannot_be_consumed_says_why(kit: NATSKit) -> None:
     topic = kit.topic()
-    undeclared = subscribe(kit, adapter(kit, declare_streams=False), [topic])
+    undeclared = kit.subscribe(adapter(kit, declare_streams=False), [topic])
     with pytest.raises(ConnectionError, match="no JetStream stream keeps the subject"):
         await undeclared.receive(10, wait=0.1)
 
-    dead = subscribe(kit, adapter(kit, kit.dead_url, timeout=0.5), [topic])
+    dead = kit.subscribe(adapter(kit, kit.dead_url, timeout=0.5), [topic])
     with pytest.raises(ConnectionError):
         await dead.receive(10, wait=0.1)
 

@@ -8,8 +8,9 @@ kit's own client (tests/brokers.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -17,11 +18,11 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from pybondi import Message
-from pybondi.brokers.base import DEFAULT_GROUP, Delivery
+from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.brokers.rabbitmq import ATTEMPT_HEADER, RabbitMQBroker, RabbitMQSubscription
 from pybondi.envelope import Envelope
-from tests.brokers import RabbitMQKit
+from tests import brokers
+from tests.brokers import RabbitMQKit, on_kit, started, take
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.rabbitmq
@@ -31,71 +32,11 @@ LOST = (ConnectionError, aio_pika.exceptions.AMQPConnectionError)
 
 @pytest.fixture
 def kit() -> Iterator[RabbitMQKit]:
-    kit = RabbitMQKit()
-    kit.start()
-    yield kit
-    kit.close()
+    yield from started(RabbitMQKit)
 
 
-def on_kit(
-    test: Callable[[RabbitMQKit], Coroutine[Any, Any, None]],
-) -> Callable[[RabbitMQKit], None]:
-    """Run an `async def test(kit)` on the kit's event loop; close its subscriptions after."""
-
-    def run(kit: RabbitMQKit) -> None:
-        async def body() -> None:
-            try:
-                await test(kit)
-            finally:
-                for subscription in SUBSCRIPTIONS.pop(kit, []):
-                    await subscription.close()
-
-        kit.run(body())
-
-    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
-    return run
-
-
-SUBSCRIPTIONS: dict[RabbitMQKit, list[RabbitMQSubscription]] = {}
-
-
-def adapter(kit: RabbitMQKit, url: str | None = None) -> RabbitMQBroker:
-    made = kit.make(url)
-    assert isinstance(made, RabbitMQBroker)
-    return made
-
-
-def subscribe(
-    kit: RabbitMQKit,
-    broker: RabbitMQBroker,
-    topic: str,
-    group: str = DEFAULT_GROUP,
-    consumer: str = "c1",
-    **options: Any,
-) -> RabbitMQSubscription:
-    """A subscription closed after the test, whose queues the kit deletes."""
-    subscription = broker.subscribe([topic], group, consumer=consumer, **options)
-    SUBSCRIPTIONS.setdefault(kit, []).append(subscription)
-    if group != DEFAULT_GROUP:
-        kit.other_queues.append(broker.group_queue(topic, group))
-    return subscription
-
-
-def envelopes(topic: str, count: int) -> list[Envelope]:
-    return [
-        Envelope.seal(topic, Message({"n": n}, headers={"tenant": "acme"})) for n in range(count)
-    ]
-
-
-async def take(
-    subscription: RabbitMQSubscription, count: int, timeout: float = 5.0
-) -> list[Delivery]:
-    """Receive until `count` deliveries came (or `timeout` passed), acking none."""
-    deadline = time.monotonic() + timeout
-    got: list[Delivery] = []
-    while len(got) < count and time.monotonic() < deadline:
-        got += await subscription.receive(count - len(got), wait=0.2)
-    return got
+adapter = partial(brokers.adapter, kind=RabbitMQBroker)
+envelopes = partial(brokers.envelopes, tenant="acme")
 
 
 async def connected(*subscriptions: RabbitMQSubscription) -> None:
@@ -109,7 +50,7 @@ async def test_receives_what_was_sent(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 3)
     await broker.asend(sent)  # before any consumer: the topic's queue keeps them
-    subscription = subscribe(kit, broker, topic)
+    subscription = kit.subscribe(broker, [topic])
 
     first = await subscription.receive(limit=2, wait=2.0)
     assert 1 <= len(first) <= 2
@@ -127,8 +68,8 @@ async def test_receives_what_was_sent(kit: RabbitMQKit) -> None:
 @on_kit
 async def test_consumers_of_a_group_split_the_messages(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    one = subscribe(kit, broker, topic, consumer="c1", in_flight=4)
-    two = subscribe(kit, broker, topic, consumer="c2", in_flight=4)
+    one = kit.subscribe(broker, [topic], consumer="c1", in_flight=4)
+    two = kit.subscribe(broker, [topic], consumer="c2", in_flight=4)
     await connected(one, two)
     sent = envelopes(topic, 20)
     await broker.asend(sent)
@@ -149,8 +90,8 @@ async def test_consumers_of_a_group_split_the_messages(kit: RabbitMQKit) -> None
 @on_kit
 async def test_another_group_gets_its_own_copies(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    default = subscribe(kit, broker, topic)
-    audit = subscribe(kit, broker, topic, group="audit")
+    default = kit.subscribe(broker, [topic])
+    audit = kit.subscribe(broker, [topic], group="audit")
     assert broker.group_queue(topic, "audit") == f"{broker.queue(topic)}#audit"
     await connected(default, audit)  # the audit group's queue exists from here on
     sent = envelopes(topic, 3)
@@ -169,7 +110,7 @@ async def test_unacked_messages_of_a_closed_subscription_come_back(kit: RabbitMQ
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 2)
     await broker.asend(sent)
-    gone = subscribe(kit, broker, topic, consumer="gone")
+    gone = kit.subscribe(broker, [topic], consumer="gone")
     held = await take(gone, 2)
     assert [delivery.envelope.id for delivery in held] == [envelope.id for envelope in sent]
 
@@ -177,7 +118,7 @@ async def test_unacked_messages_of_a_closed_subscription_come_back(kit: RabbitMQ
     with pytest.raises(ConnectionError):
         await held[0].ack()  # its channel is closed: the message went back
 
-    heir = subscribe(kit, broker, topic, consumer="heir")
+    heir = kit.subscribe(broker, [topic], consumer="heir")
     back = await take(heir, 2)
     assert [delivery.envelope for delivery in back] == sent
     assert [delivery.attempt for delivery in back] == [1, 1]  # classic queues do not count
@@ -187,12 +128,12 @@ async def test_unacked_messages_of_a_closed_subscription_come_back(kit: RabbitMQ
 async def test_in_flight_bounds_what_a_consumer_holds(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     await broker.asend(envelopes(topic, 5))
-    small = subscribe(kit, broker, topic, consumer="small", in_flight=2)
+    small = kit.subscribe(broker, [topic], consumer="small", in_flight=2)
 
     held = await take(small, 2)
     assert len(held) == 2
     assert await small.receive(10, wait=0.3) == []  # 3 are waiting, but it holds 2 unacked
-    other = subscribe(kit, broker, topic, consumer="other")
+    other = kit.subscribe(broker, [topic], consumer="other")
     assert len(await take(other, 3)) == 3  # they went to nobody else
 
     await held[0].ack()
@@ -205,7 +146,7 @@ async def test_in_flight_bounds_what_a_consumer_holds(kit: RabbitMQKit) -> None:
 async def test_a_retry_comes_back_after_its_delay_to_its_group_only(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     groups = {DEFAULT_GROUP: 0.6, "audit": 0.3}  # each retries after its own delay
-    subscriptions = {group: subscribe(kit, broker, topic, group=group) for group in groups}
+    subscriptions = {group: kit.subscribe(broker, [topic], group=group) for group in groups}
     for group, delay in groups.items():
         kit.other_queues.append(f"{broker.group_queue(topic, group)}#retry#{round(delay * 1000)}")
     await connected(*subscriptions.values())
@@ -237,7 +178,7 @@ async def test_a_retry_comes_back_after_its_delay_to_its_group_only(kit: RabbitM
 @on_kit
 async def test_unreadable_messages_come_with_a_problem(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    subscription = subscribe(kit, broker, topic)
+    subscription = kit.subscribe(broker, [topic])
     await connected(subscription)  # declares and binds the topic's queue
     assert kit.channel is not None
     exchange = await kit.channel.get_exchange(kit.exchange)
@@ -288,7 +229,7 @@ async def test_a_lost_connection_raises_then_reconnects(kit: RabbitMQKit) -> Non
     with Proxy("127.0.0.1", 5672) as proxy:
         url = kit.url.replace(":5672", f":{proxy.port}")
         assert url != kit.url
-        subscription = subscribe(kit, adapter(kit, url), topic)
+        subscription = kit.subscribe(adapter(kit, url), [topic])
         [held] = await take(subscription, 1)
 
         proxy.cut()
@@ -312,7 +253,7 @@ async def test_a_lost_connection_raises_then_reconnects(kit: RabbitMQKit) -> Non
 @on_kit
 async def test_a_deleted_queue_is_declared_again(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    subscription = subscribe(kit, broker, topic)
+    subscription = kit.subscribe(broker, [topic])
     await connected(subscription)
 
     await kit.destroy(topic)  # RabbitMQ cancels the consumer

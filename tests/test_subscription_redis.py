@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import redis
 import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
-from pybondi import Message
-from pybondi.brokers.base import DEFAULT_GROUP, Delivery
-from pybondi.brokers.redis import RedisBroker, RedisSubscription
+from pybondi.brokers.base import DEFAULT_GROUP
+from pybondi.brokers.redis import RedisBroker
 from pybondi.envelope import Envelope
-from tests.brokers import RedisKit
+from tests import brokers
+from tests.brokers import RedisKit, envelopes, on_kit, started
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.redis
@@ -32,65 +32,11 @@ LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 @pytest.fixture
 def kit() -> Iterator[RedisKit]:
-    kit = RedisKit()
-    kit.start()
-    yield kit
-    kit.close()
+    yield from started(RedisKit)
 
 
-SUBSCRIPTIONS: dict[RedisKit, list[RedisSubscription]] = {}
-
-
-def on_kit(
-    test: Callable[[RedisKit], Coroutine[Any, Any, None]],
-) -> Callable[[RedisKit], None]:
-    """Run an `async def test(kit)` on the kit's event loop; close its subscriptions after."""
-
-    def run(kit: RedisKit) -> None:
-        async def body() -> None:
-            try:
-                await test(kit)
-            finally:
-                for subscription in SUBSCRIPTIONS.pop(kit, []):
-                    await subscription.close()
-
-        kit.run(body())
-
-    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
-    return run
-
-
-def adapter(kit: RedisKit, url: str | None = None, **options: Any) -> RedisBroker:
-    made = kit.make(url, **options)
-    assert isinstance(made, RedisBroker)
-    return made
-
-
-def subscribe(
-    kit: RedisKit,
-    broker: RedisBroker,
-    topics: list[str],
-    group: str = DEFAULT_GROUP,
-    consumer: str = "c1",
-    **options: Any,
-) -> RedisSubscription:
-    """A subscription closed after the test."""
-    subscription = broker.subscribe(topics, group, consumer=consumer, **options)
-    SUBSCRIPTIONS.setdefault(kit, []).append(subscription)
-    return subscription
-
-
-def envelopes(topic: str, count: int, **headers: str) -> list[Envelope]:
-    return [Envelope.seal(topic, Message({"n": n}, headers=headers)) for n in range(count)]
-
-
-async def take(subscription: RedisSubscription, count: int, timeout: float = 3.0) -> list[Delivery]:
-    """Receive until `count` deliveries came (or `timeout` passed)."""
-    deadline = time.monotonic() + timeout
-    got: list[Delivery] = []
-    while len(got) < count and time.monotonic() < deadline:
-        got += await subscription.receive(count - len(got), wait=0.1)
-    return got
+adapter = partial(brokers.adapter, kind=RedisBroker)
+take = partial(brokers.take, timeout=3.0, wait=0.1)
 
 
 def redis_str(value: bytes | str) -> str:
@@ -110,7 +56,7 @@ async def test_receives_what_was_sent(kit: RedisKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 3, tenant="acme", city="Zürich")
     await broker.asend(sent)  # before the group exists: a new group starts at the oldest
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
 
     got = await subscription.receive(10, wait=1.0)
 
@@ -131,7 +77,7 @@ async def test_receives_what_was_sent(kit: RedisKit) -> None:
     await delivery.ack()
 
     # Acknowledged: not even a consumer taking over the silent ones gets them again.
-    other = subscribe(kit, broker, [topic], consumer="c2", redeliver_after=0.1)
+    other = kit.subscribe(broker, [topic], consumer="c2", redeliver_after=0.1)
     await asyncio.sleep(0.2)
     assert await other.receive(10, wait=0.2) == []
     assert await subscription.receive(10, wait=0) == []
@@ -143,7 +89,7 @@ async def test_consumers_of_a_group_share_the_messages(kit: RedisKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 20)
     await broker.asend(sent)
-    consumers = {name: subscribe(kit, broker, [topic], consumer=name) for name in ("a", "b")}
+    consumers = {name: kit.subscribe(broker, [topic], consumer=name) for name in ("a", "b")}
     seen: dict[str, list[str]] = {"a": [], "b": []}
 
     deadline = time.monotonic() + 3
@@ -167,7 +113,7 @@ async def test_each_group_gets_every_message(kit: RedisKit) -> None:
     await broker.asend(sent)
 
     for group in ("billing", "shipping"):
-        subscription = subscribe(kit, broker, [topic], group)
+        subscription = kit.subscribe(broker, [topic], group)
         got = await take(subscription, 5)
         assert [delivery.envelope for delivery in got] == sent
         for delivery in got:
@@ -180,7 +126,7 @@ async def test_limit_and_in_flight_are_never_exceeded(kit: RedisKit) -> None:
     broker, first, second = adapter(kit), kit.topic(), kit.topic()
     sent = envelopes(first, 5) + envelopes(second, 5)
     await broker.asend(sent)
-    subscription = subscribe(kit, broker, [first, second])
+    subscription = kit.subscribe(broker, [first, second])
 
     # XREADGROUP's COUNT holds per stream: the adapter shares `limit` among the four
     # streams (two topics, two retry streams), and never hands out more than `limit`.
@@ -191,7 +137,7 @@ async def test_limit_and_in_flight_are_never_exceeded(kit: RedisKit) -> None:
     assert sorted(got, key=lambda item: item.id) == sorted(sent, key=lambda item: item.id)
     assert await subscription.receive(0, wait=1.0) == []
 
-    small = subscribe(kit, broker, [first], "small", in_flight=2)
+    small = kit.subscribe(broker, [first], "small", in_flight=2)
     held = [await small.receive(10, wait=1.0) for _ in range(4)]
     assert all(1 <= len(batch) <= 2 for batch in held)  # in_flight bounds the limit
 
@@ -201,7 +147,7 @@ async def test_a_delivery_kept_too_long_comes_back_through_takeover(kit: RedisKi
     broker, first, second = adapter(kit), kit.topic(), kit.topic()
     sent = envelopes(first, 1) + envelopes(second, 1)
     await broker.asend(sent)
-    subscription = subscribe(kit, broker, [first, second], redeliver_after=0.2)
+    subscription = kit.subscribe(broker, [first, second], redeliver_after=0.2)
 
     [now] = await subscription.receive(1, wait=1.0)  # reads both, keeps one for later
     await now.ack()
@@ -223,8 +169,8 @@ async def test_messages_of_a_silent_consumer_go_to_another(kit: RedisKit) -> Non
     broker, topic = adapter(kit), kit.topic()
     sent = envelopes(topic, 3)
     await broker.asend(sent)
-    first = subscribe(kit, broker, [topic], consumer="first", redeliver_after=0.3)
-    second = subscribe(kit, broker, [topic], consumer="second", redeliver_after=0.3)
+    first = kit.subscribe(broker, [topic], consumer="first", redeliver_after=0.3)
+    second = kit.subscribe(broker, [topic], consumer="second", redeliver_after=0.3)
 
     read_at = time.monotonic()
     held = await first.receive(10, wait=1.0)
@@ -250,8 +196,8 @@ async def test_a_retry_comes_back_after_its_delay_to_its_group_only(kit: RedisKi
     # Any bytes as the body, and twice the same message: both must come back.
     odd = Envelope(topic, "m-1", {"message-id": "m-1", "city": "Zürich"}, bytes(range(256)))
     await broker.asend([odd, odd])
-    mine = subscribe(kit, broker, [topic], "mine", consumer="a")
-    theirs = subscribe(kit, broker, [topic], "theirs", consumer="b")
+    mine = kit.subscribe(broker, [topic], "mine", consumer="a")
+    theirs = kit.subscribe(broker, [topic], "theirs", consumer="b")
     retries, delayed = (f"{kit.prefix}{topic}#{kind}#mine" for kind in ("retry", "delayed"))
 
     got = await mine.receive(10, wait=1.0)
@@ -262,7 +208,7 @@ async def test_a_retry_comes_back_after_its_delay_to_its_group_only(kit: RedisKi
     assert await raw(kit).zcard(delayed) == 2
     await mine.close()  # the retries are in Redis, not in the subscription
 
-    again = subscribe(kit, broker, [topic], "mine", consumer="c")
+    again = kit.subscribe(broker, [topic], "mine", consumer="c")
     assert await again.receive(10, wait=0.2) == []  # not before the delay
     back = await take(again, 2)
 
@@ -304,7 +250,7 @@ async def test_entries_that_are_not_messages_come_with_a_problem(kit: RedisKit) 
     ids = [redis_str(await client.xadd(stream, fields)) for fields in entries]
     [fine] = envelopes(topic, 1)
     await broker.asend([fine])
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
 
     got = await take(subscription, 6)
 
@@ -349,7 +295,7 @@ async def test_a_deleted_stream_or_group_is_made_again(kit: RedisKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     first, second = envelopes(topic, 2)
     await broker.asend([first])
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
     [delivery] = await subscription.receive(10, wait=1.0)
     await delivery.ack()
 
@@ -369,7 +315,7 @@ async def test_a_lost_connection_raises_then_reconnects(kit: RedisKit) -> None:
     with Proxy("127.0.0.1", 6379) as proxy:
         url = kit.url.replace(":6379", f":{proxy.port}")
         assert url != kit.url
-        subscription = subscribe(kit, adapter(kit, url), [topic], redeliver_after=0.3)
+        subscription = kit.subscribe(adapter(kit, url), [topic], redeliver_after=0.3)
         [held] = await subscription.receive(10, wait=1.0)
 
         proxy.cut()
@@ -386,7 +332,7 @@ async def test_a_lost_connection_raises_then_reconnects(kit: RedisKit) -> None:
 
     dead = adapter(kit, kit.dead_url, **kit.impatient)
     with pytest.raises(LOST):
-        await subscribe(kit, dead, [topic]).receive(10, wait=0.1)
+        await kit.subscribe(dead, [topic]).receive(10, wait=0.1)
 
 
 @on_kit
@@ -394,11 +340,11 @@ async def test_a_closing_consumer_leaves_the_group_unless_it_holds_entries(kit: 
     broker, topic = adapter(kit), kit.topic()
     stream = kit.prefix + topic
     await broker.asend(envelopes(topic, 2))
-    done = subscribe(kit, broker, [topic], consumer="done")
+    done = kit.subscribe(broker, [topic], consumer="done")
     [first] = await take(done, 1)
     await first.ack()
     await done.close()  # held nothing: gone from the group
-    holding = subscribe(kit, broker, [topic], consumer="holding")
+    holding = kit.subscribe(broker, [topic], consumer="holding")
     await take(holding, 1)
     await holding.close()  # still holds an entry: stays, so that it can be taken over
     consumers = await raw(kit).xinfo_consumers(stream, DEFAULT_GROUP)
@@ -408,7 +354,7 @@ async def test_a_closing_consumer_leaves_the_group_unless_it_holds_entries(kit: 
 @on_kit
 async def test_a_stream_deleted_during_a_blocked_receive_is_made_again(kit: RedisKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    subscription = subscribe(kit, broker, [topic])
+    subscription = kit.subscribe(broker, [topic])
     assert await subscription.receive(1, wait=0.1) == []  # the groups exist
     receiving = asyncio.ensure_future(subscription.receive(1, wait=1.5))
     await asyncio.sleep(0.3)

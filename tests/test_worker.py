@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from pybondi import Depends, Message, Messagebus, Root, Session
+from pybondi.brokers.rabbitmq import RabbitMQBroker
 from pybondi.consumer import Consumer, Retry, current_session
 from pybondi.deadletters import DeadLetters
 from pybondi.envelope import Envelope
@@ -24,7 +25,7 @@ from pybondi.exceptions import NotFound
 from pybondi.relay import Relay
 from pybondi.tracing import TracingFilter
 from tests.backends import Backend
-from tests.brokers import BrokerKit
+from tests.brokers import BrokerKit, RabbitMQKit
 from tests.outboxes import aoutbox_rows
 from tests.workers import Counted, Tally, WorkerRig, eventually, registry
 
@@ -501,6 +502,9 @@ def test_a_replayed_dead_letter_is_left_to_its_own_group(
 
     async def test() -> None:
         topic = rig.kit.topic()
+        kit, broker = rig.kit, rig.kit.make()
+        if isinstance(kit, RabbitMQKit) and isinstance(broker, RabbitMQBroker):
+            kit.other_queues.append(broker.group_queue(topic, "audit"))  # for the cleanup
         audit = counting(rig, topic, group="audit")
         worker = rig.worker(audit)
         task = rig.start(worker)
