@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         "--lease", type=_above_0, default=30.0, help="seconds a topic's lease lasts (default 30)"
     )
     relay.add_argument(
+        "--idle",
+        type=_above_0,
+        default=0.2,
+        help="seconds between looks at an outbox with nothing to send (default 0.2)",
+    )
+    relay.add_argument(
         "--retention", type=_at_least_0, default=24.0, help="hours to keep sent rows (default 24)"
     )
     relay.add_argument(
@@ -293,18 +299,27 @@ def _positive(text: str) -> int:
     return value
 
 
-def _open_store(arguments: argparse.Namespace, asynchronous: bool = True) -> SQLStore | None:
-    """The store of `--store`, or None after saying why it cannot be used."""
-    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - the store brings it
+def _open_store(
+    arguments: argparse.Namespace, asynchronous: bool = True, connections: int | None = None
+) -> SQLStore | None:
+    """The store of `--store`, or None after saying why it cannot be used.
+
+    `connections`: how many the store's pool keeps open (PostgreSQL, MariaDB), for a
+    worker's sessions at once: the default five would open and close the others.
+    """
+    import sqlalchemy as sa  # noqa: PLC0415 - the store brings it
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
     from pybondi.stores.sql import SQLStore  # noqa: PLC0415
 
     try:
+        pooled = connections and sa.make_url(arguments.store).get_backend_name() != "sqlite"
         return SQLStore(
             arguments.store,
             asynchronous=asynchronous,
             schema=arguments.schema,
             prefix=arguments.prefix,
+            **({"pool_size": connections} if pooled else {}),
         )
     except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
         driver = "an async driver" if asynchronous else "a driver"
@@ -330,6 +345,7 @@ async def _relay(arguments: argparse.Namespace) -> int:
             store,
             connect(arguments.broker, **dict(arguments.broker_option)),
             batch_size=arguments.batch_size,
+            idle=arguments.idle,
             lease=arguments.lease,
             retention=timedelta(hours=arguments.retention),
             grace=arguments.grace,
@@ -411,7 +427,9 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
     from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
     from pybondi.worker import Worker  # noqa: PLC0415
 
-    store = _open_store(arguments, asynchronous=not arguments.sync)
+    # A connection per message under way, one for the bookkeeping, one to spare.
+    connections = consumer.in_flight + 2
+    store = _open_store(arguments, asynchronous=not arguments.sync, connections=connections)
     if store is None:
         return 2
     try:

@@ -121,7 +121,10 @@ class Worker:
         consumer: the topics, group, handlers, repository and retry policy.
         broker: the broker adapter (`pybondi.brokers.connect(url)`).
         store: the `SQLStore` of the sessions, the inbox, the outbox and the dead
-            letters (its tables: `store.create_tables()`).
+            letters (its tables: `store.create_tables()`). Each message under way holds
+            one of its connections: give it a pool that large (`pool_size=` on
+            PostgreSQL and MariaDB; `pybondi worker` does), or the pool opens and closes
+            connections all the time, which costs a third of the throughput.
         name: this worker's name among the group's consumers; unique per process.
         redeliver_after: seconds after which a message held by a worker that went silent
             goes to another worker (Redis, NATS; RabbitMQ notices a closed connection).

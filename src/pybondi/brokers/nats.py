@@ -36,6 +36,7 @@ nats-py is async-only, so this adapter is too: sync sessions reach it through th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -353,6 +354,7 @@ reached, the consumer hands out only the retries until some are acknowledged.
 """
 
 _CHECK_AFTER = 10.0
+_MORE_WITHIN = 0.05  # seconds a fetch that has its first message waits for what is there
 """Seconds after which a consumer that brought nothing is checked to still exist."""
 
 
@@ -543,7 +545,7 @@ class NATSSubscription(Subscription):
         for pull, batch in batches.items():
             if batch:
                 pull.asked = batch
-                pull.fetching = asyncio.create_task(pull.subscription.fetch(batch, timeout))
+                pull.fetching = asyncio.create_task(_fetch(pull.subscription, batch, timeout))
 
     async def _collect(self) -> None:
         """Keep what the finished fetches brought; raise the first fetch's failure."""
@@ -678,6 +680,21 @@ def _delivery(link: _Link, message: Msg) -> NATSDelivery:
     kept = {name: value for name, value in headers.items() if not name.startswith("Nats-")}
     envelope = Envelope(message.subject, message_id, kept, message.data)
     return NATSDelivery(envelope, attempt, problem, link, message)
+
+
+async def _fetch(
+    subscription: JetStreamContext.PullSubscription, batch: int, timeout: float
+) -> list[Msg]:
+    """Up to `batch` messages, as soon as one came: nats-py's fetch would wait for them all.
+
+    Waiting to fill the batch held the first messages for up to `timeout` while the
+    stream was slow, when the worker could have handled them at once.
+    """
+    fetched = await subscription.fetch(1, timeout)
+    if batch > 1:
+        with contextlib.suppress(TimeoutError):  # nothing more there now
+            fetched += await subscription.fetch(batch - 1, _MORE_WITHIN)
+    return fetched
 
 
 def _durable_name(name: str) -> str:
