@@ -304,8 +304,9 @@ def _open_store(
 ) -> SQLStore | None:
     """The store of `--store`, or None after saying why it cannot be used.
 
-    `connections`: how many the store's pool keeps open (PostgreSQL, MariaDB), for a
-    worker's sessions at once: the default five would open and close the others.
+    `connections`: how many the store's pool keeps open (PostgreSQL, MariaDB), and no
+    more, for a worker's sessions at once: the default five would open and close the
+    others all the time.
     """
     import sqlalchemy as sa  # noqa: PLC0415 - the store brings it
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
@@ -319,7 +320,7 @@ def _open_store(
             asynchronous=asynchronous,
             schema=arguments.schema,
             prefix=arguments.prefix,
-            **({"pool_size": connections} if pooled else {}),
+            **({"pool_size": connections, "max_overflow": 0} if pooled else {}),
         )
     except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
         driver = "an async driver" if asynchronous else "a driver"
