@@ -198,8 +198,10 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 free = consumer.in_flight - len(self._tasks)
-                if free <= 0:
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                if free <= 0:  # full: wait for a slot, and look at stop() now and then
+                    await asyncio.wait(
+                        self._tasks, timeout=_RECEIVE_WAIT, return_when=asyncio.FIRST_COMPLETED
+                    )
                     continue
                 try:
                     deliveries = await subscription.receive(free, _RECEIVE_WAIT)
