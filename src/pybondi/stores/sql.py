@@ -12,11 +12,12 @@ you built yourself works too, with transactions (not AUTOCOMMIT) and without a
 Four tables, named with `prefix` (and in `schema`, if given): `aggregates` (one row per
 aggregate: its version, and its state if it is state-stored), `events`, `log` (one row:
 the last position handed out) and `snapshots`; and those of the messaging: the outbox's
-three (`pybondi.outbox`), the workers' `inbox` and `dead_letters` (`pybondi.worker`).
-A version check guards every write to an aggregate's row, so a stale write changes
-nothing. Appending events takes the log row's lock until commit: positions are handed out in commit order and a rolled-back
-transaction gives its positions back, so that committed events have no gaps and a reader
-that follows the log from a checkpoint misses none.
+three (`pybondi.outbox`), the workers' `inbox` and `dead_letters` (`pybondi.worker`). A
+version check guards every write to an aggregate's row, so a stale write changes
+nothing. Appending events takes the log row's lock until commit: positions are handed
+out in commit order and a rolled-back transaction gives its positions back, so that
+committed events have no gaps and a reader that follows the log from a checkpoint misses
+none.
 
 Every read and write is a sync function of a `Connection`; an async store runs it on its
 `AsyncConnection` with `run_sync` (SQLAlchemy's greenlet bridge), so the SQL is written once.
