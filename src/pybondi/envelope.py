@@ -7,7 +7,8 @@
 The body is the payload as JSON: a type registered in a `Registry` (stored under its
 registered name and version), or plain JSON (a dict, list, str, number, bool or None),
 typed `json`. Opening builds only registered types; nothing is ever unpickled or
-evaluated.
+evaluated. The opened message's id is the envelope's: a `UUID` when it is one (pybondi's
+own are), else the text as sent, since other producers send ids of their own.
 
 Headers carry the envelope of the `Message`, under these names:
 
@@ -115,7 +116,7 @@ class Envelope:
             return Message(
                 payload,
                 sender=headers.get("sender"),
-                id=UUID(headers.get("message-id", self.id)),
+                id=_message_id(self.id),
                 headers={k: v for k, v in headers.items() if k not in _RESERVED},
                 timestamp=datetime.fromisoformat(headers["timestamp"]),
             )
@@ -127,6 +128,20 @@ class Envelope:
                 f"Message {self.id} on {self.topic!r} is malformed ({type(error).__name__}: "
                 f"{error}); headers {short_repr(headers)}, body {short_repr(self.body)}."
             ) from error
+
+
+def _message_id(text: str) -> UUID | str:
+    """The id as a `UUID` when it is one written the canonical way, else the text itself.
+
+    Producers other than pybondi send ids of their own (a Redis entry id, any string);
+    a UUID written otherwise (braces, capitals) stays text, so that `str(message.id)`
+    is always the id as received, which the inbox and causation ids use.
+    """
+    try:
+        parsed = UUID(text)
+    except ValueError:
+        return text
+    return parsed if str(parsed) == text else text
 
 
 def _check_topic(topic: object) -> None:

@@ -64,14 +64,17 @@ class Message(Generic[T]):
     Attributes:
         payload: what the message carries.
         sender: who sent it, if the receiver should know.
-        id: unique per message; consumers use it to recognise a redelivery.
+        id: unique per message; consumers use it to recognise a redelivery. A UUID for
+            messages pybondi makes; a message received from a broker keeps its sender's
+            id, a UUID when it is one (in its canonical form), else the text as sent (a
+            Redis entry id, say).
         headers: string metadata travelling with the message.
         timestamp: when the message was created, in UTC.
     """
 
     payload: T
     sender: str | None = None
-    id: UUID = field(default_factory=uuid4)
+    id: UUID | str = field(default_factory=uuid4)
     headers: dict[str, str] = field(default_factory=dict)
     timestamp: datetime = field(default_factory=_utcnow)
 
