@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from pybondi.deadletters import DeadLetter, DeadLetters
 from pybondi.envelope import Envelope
 from pybondi.stores import MemoryStore, SQLStore
+from pybondi.stores._sqlinbox import InboxStatements, bounded_id
 from pybondi.stores._sqlrecords import SQLRecords
 from tests.backends import Backend
 from tests.conftest import AsyncDriver, Driver
@@ -140,7 +141,10 @@ def test_create_tables_creates_the_inbox_and_dead_letters(sql_backend: Backend) 
         assert [index["column_names"] for index in indexes] == [["handled_at"]]
         dead = f"{made.prefix}dead_letters"
         indexes = inspector.get_indexes(dead, schema=made.metadata.schema)
-        assert [index["column_names"] for index in indexes] == [["consumer_group", "topic"]]
+        assert sorted(index["column_names"] for index in indexes) == [
+            ["consumer_group", "message_id"],
+            ["consumer_group", "topic"],
+        ]
     finally:
         made.drop_tables()
         made.dispose()
@@ -250,6 +254,7 @@ def test_a_dead_letter_keeps_everything_and_records_the_message(store: SQLStore)
         error="ValueError: bad\nTraceback...",
         attempts=5,
         failed_at=letter.failed_at if letter else before,
+        holds_inbox=True,
     )
     assert letter is not None and letter.failed_at.tzinfo is UTC
     assert before - timedelta(seconds=1) <= letter.failed_at <= after + timedelta(seconds=1)
@@ -278,6 +283,92 @@ def test_a_message_already_in_the_inbox_is_not_dead_lettered(store: SQLStore) ->
     first = dead_letter(store, given_up_on)
     assert give_up(store, given_up_on) is None  # delivered twice, dead-lettered once
     assert [row["id"] for row in stored_dead_letters(store)] == [first]
+
+
+def unread(store: SQLStore, message: Envelope, group: str = GROUP) -> int | None:
+    """Dead-letter a message that could not be read: without claiming its inbox row."""
+    return transact(
+        store, lambda records: records.dead_letter(group, message, "Unreadable", 1, claim=False)
+    )
+
+
+def test_an_unreadable_message_is_dead_lettered_without_its_inbox_row(store: SQLStore) -> None:
+    bad = envelope(body=b"{not json")
+    first = unread(store, bad)
+    assert first is not None and not handled(store, bad.id)
+    letter = transact(store, lambda records: records.dead_letter_by_id(first))
+    assert letter is not None and not letter.holds_inbox
+    assert unread(store, bad) is None  # the same bad message again: no second letter
+    # The same id with another body is another message; the group handles it (and
+    # then a copy of it is a duplicate, not a dead letter).
+    other = unread(store, envelope(bad.id, body=b"{NOT JSON"))  # compared case by case
+    assert other is not None and other > first
+    assert transact(store, lambda records: records.record_handled(GROUP, bad)) is True
+    assert unread(store, envelope(bad.id, body=b"[")) is None
+    assert [row["id"] for row in stored_dead_letters(store)] == [first, other]
+    assert unread(store, bad, group="audit") is not None  # each group its own
+
+
+def test_a_concurrent_dead_letter_of_the_same_unreadable_message_waits_and_writes_none(
+    store: SQLStore,
+) -> None:
+    bad = envelope(body=b"{not json")
+    first = store.begin()
+    got: list[int | BaseException | None] = []
+
+    def second() -> None:
+        try:
+            got.append(unread(store, bad))
+        except BaseException as error:
+            got.append(error)
+
+    try:
+        assert first.run(
+            lambda records: cast(SQLRecords, records).dead_letter(
+                GROUP, bad, "Unreadable", 1, claim=False
+            )
+        )
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(WAITING)
+        assert thread.is_alive() and got == []  # waiting for the first transaction
+        first.commit()
+    finally:
+        first.close()
+    thread.join(30)
+    assert got == [None]
+    assert len(stored_dead_letters(store)) == 1 and not handled(store, bad.id)
+
+
+@pytest.mark.parametrize(
+    ("unfit", "problem"),
+    [
+        ("x" * 256, "has 256 characters; ids are at most 255"),
+        ("a\x00b", "NUL"),
+        ("a\udc80b", "not UTF-8"),
+    ],
+)
+def test_an_id_the_inbox_cannot_keep_is_dead_lettered_shortened(
+    store: SQLStore, unfit: str, problem: str
+) -> None:
+    assert problem in (InboxStatements.id_problem(unfit) or "")
+    message = Envelope("bank.deposits", unfit, {"message-type": "json"}, b"{}")
+    with pytest.raises(ValueError, match=problem):
+        transact(store, lambda records: records.record_handled(GROUP, message))
+    id = unread(store, message)
+    assert id is not None and unread(store, message) is None
+    letter = transact(store, lambda records: records.dead_letter_by_id(id))
+    assert letter is not None
+    assert letter.message_id == bounded_id(unfit) != unfit
+    assert InboxStatements.id_problem(letter.message_id) is None
+    assert letter.headers == {"message-type": "json", "message-id": unfit}
+
+
+def test_long_ids_that_start_alike_stay_apart_when_shortened() -> None:
+    first, second = "x" * 300 + "1", "x" * 300 + "2"
+    assert bounded_id(first) != bounded_id(second)
+    assert len(bounded_id(first)) <= 255 and bounded_id(first).startswith("x" * 200)
+    assert bounded_id("order-42") == "order-42"
 
 
 def test_a_rolled_back_dead_letter_is_gone(store: SQLStore) -> None:

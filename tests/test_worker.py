@@ -27,7 +27,15 @@ from pybondi.tracing import TracingFilter
 from tests.backends import Backend
 from tests.brokers import BrokerKit, RabbitMQKit
 from tests.outboxes import aoutbox_rows
-from tests.workers import Counted, Tally, WorkerRig, eventually, registry
+from tests.workers import (
+    Counted,
+    Tally,
+    WorkerRig,
+    at_port,
+    eventually,
+    registry,
+    silent_server,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -495,11 +503,9 @@ def test_a_slow_message_stays_with_its_worker_past_redeliver_after(rig: WorkerRi
     rig.run(test())
 
 
-def test_a_replayed_dead_letter_is_left_to_its_own_group(
-    rig: WorkerRig, caplog: pytest.LogCaptureFixture
+def test_a_replayed_dead_letter_is_skipped_by_the_groups_that_handled_it(
+    rig: WorkerRig,
 ) -> None:
-    caplog.set_level(logging.INFO, "pybondi.worker")
-
     async def test() -> None:
         topic = rig.kit.topic()
         kit, broker = rig.kit, rig.kit.make()
@@ -525,10 +531,162 @@ def test_a_replayed_dead_letter_is_left_to_its_own_group(
         async def skipped() -> bool:
             return worker.skipped == 1
 
+        # Not by its replayed-for header, which any producer could set: by its inbox.
         await eventually(skipped, what="the audit group skipping billing's replay")
         await rig.stop(worker, task)
         assert worker.handled == 1 and await rig.numbers() == {"k": [1]}
-        assert "a dead letter of another group" in caplog.text
+
+    rig.run(test())
+
+
+def test_a_replayed_for_header_from_a_producer_skips_nothing(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        await rig.send(topic, Counted("k", 1), **{"replayed-for": "another-group"})
+        worker = rig.worker(counting(rig, topic))
+        task = rig.start(worker)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the message handled")
+        await rig.stop(worker, task)
+        assert (worker.handled, worker.skipped) == (1, 0)
+
+    rig.run(test())
+
+
+def test_an_unreadable_message_does_not_hold_its_id(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        good = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+
+        def sent_again(body: bytes, resend: str) -> Envelope:
+            # `replayed-at` sets the copies apart for JetStream's duplicate window.
+            return Envelope(topic, good.id, {**good.headers, "replayed-at": resend}, body)
+
+        await rig.send_envelopes([sent_again(b"{not json", "first")])
+        await rig.send_envelopes([sent_again(b"{not json", "redelivered")])
+        worker = rig.worker(counting(rig, topic, in_flight=1))
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            return worker.dead_lettered + worker.skipped == 2
+
+        await eventually(settled, what="the bad message dead-lettered, its copy skipped")
+        [letter] = await rig.dead_letters()  # the same bad message: one dead letter
+        assert letter.message_id == good.id and not letter.holds_inbox
+        assert await rig.inbox() == []
+        await rig.send_envelopes([sent_again(good.body, "corrected")])
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the corrected message handled")
+        await rig.stop(worker, task)
+        assert (worker.dead_lettered, worker.skipped, worker.handled) == (1, 1, 1)
+        assert await rig.inbox() == [("pybondi", good.id)]
+
+    rig.run(test())
+
+
+def test_messages_whose_ids_are_too_long_are_dead_lettered_at_once(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic = rig.kit.topic()
+        ran: list[int] = []
+        consumer = rig.consumer()
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            ran.append(message.payload.n)
+            await count(session, message)
+
+        # 300 characters, the first 297 shared: only their ends tell them apart.
+        ids = {n: "x" * 297 + f"{n:03d}" for n in range(40)}
+        poison = []
+        for n, long in ids.items():
+            sealed = Envelope.seal(topic, Message(Counted("poison", n)), registry)
+            # The header carries the id the worker reads; the adapters' own ids stay short.
+            headers = {**sealed.headers, "message-id": long}
+            poison.append(Envelope(topic, sealed.id, headers, sealed.body))
+        await rig.send_envelopes(poison)
+        await rig.send(topic, *(Counted("good", n) for n in range(100, 105)))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            numbers = await rig.numbers()
+            return len(await rig.dead_letters()) == 40 and len(numbers.get("good", [])) == 5
+
+        await eventually(settled, what="40 dead letters, and the good messages handled")
+        await rig.stop(worker, task)
+        letters = await rig.dead_letters()
+        assert set(ran) == set(range(100, 105))  # no handler ran for the poison
+        assert sorted((await rig.numbers())["good"]) == list(range(100, 105))
+        assert worker.retried == 0
+        assert all(letter.attempts == 1 for letter in letters)
+        assert all(
+            letter.error.startswith("Unreadable message: its message id has 300 characters")
+            for letter in letters
+        ), letters[0].error
+        assert len({letter.message_id for letter in letters}) == 40
+        assert all(len(letter.message_id) <= 255 for letter in letters)
+        assert sorted(letter.headers["message-id"] for letter in letters) == sorted(ids.values())
+
+    rig.run(test())
+
+
+def test_a_failure_to_dead_letter_other_than_an_outage_is_logged_once_and_acked(
+    rig: WorkerRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "pybondi.worker")
+
+    async def test() -> None:
+        topic = rig.kit.topic()
+        dead_letters = rig.store.statements.inbox.dead_letters
+        await rig.drop(dead_letters)  # dead-lettering now fails, with the database up
+        not_json = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+        not_json.body = b"{not json"
+        await rig.send_envelopes([not_json])
+        consumer = counting(rig, topic, retry=Retry(attempts=1, delay=0.1, max_delay=0.2))
+        first = rig.worker(consumer)
+        task = rig.start(first)
+
+        def reports() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "could not dead-letter" in r.getMessage()]
+
+        async def reported() -> bool:
+            return bool(reports())
+
+        await eventually(reported, what="the failure reported")
+        await asyncio.sleep(3)  # past redeliver_after and the retry's delay
+        await rig.stop(first, task)
+        [report] = reports()  # once, and not retried forever
+        assert report.exc_info is not None  # with the traceback
+        await rig.create(dead_letters)
+        second = rig.worker(consumer)
+        task = rig.start(second)
+        await asyncio.sleep(3)  # acknowledged: it does not come back
+        await rig.stop(second, task)
+        assert second.received == 0 and await rig.dead_letters() == []
+
+    rig.run(test())
+
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_a_stop_ends_run_within_grace_whatever_the_broker_does(rig: WorkerRig, server: str) -> None:
+    async def test() -> None:
+        async with silent_server() as port:
+            url = rig.kit.dead_url if server == "refusing" else at_port(rig.kit.url, port)
+            worker = rig.worker(counting(rig, rig.kit.topic()), broker=rig.kit.make(url), grace=1)
+            task = rig.start(worker)
+            await asyncio.sleep(2)  # receiving: connecting, or waiting for an answer
+            assert not task.done()
+            stopped = time.monotonic()
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+            took = time.monotonic() - stopped
+            assert took < worker.grace + 1.5, f"run() returned {took:.1f} s after stop()"
 
     rig.run(test())
 

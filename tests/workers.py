@@ -8,10 +8,13 @@ workers did, read back from the database with plain SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -81,9 +84,11 @@ class WorkerRig:
         return Consumer(None, registry, repository=tallies, **options)
 
     def worker(self, consumer: Consumer, **options: Any) -> Worker:
+        """A worker on the rig's store and a new adapter to the kit's broker, by default."""
         options.setdefault("redeliver_after", 2.0)
         options.setdefault("grace", 5.0)
-        worker = Worker(consumer, self.kit.make(), options.pop("store", self.store), **options)
+        broker = options.pop("broker", None) or self.kit.make()
+        worker = Worker(consumer, broker, options.pop("store", self.store), **options)
         self.workers.append(worker)
         return worker
 
@@ -131,6 +136,20 @@ class WorkerRig:
     async def dead_letters(self) -> list[DeadLetter]:
         return await DeadLetters(self.store).list(limit=10_000)
 
+    async def drop(self, table: sa.Table) -> None:
+        """Drop one of the store's tables, behind the workers' backs."""
+        await self._ddl(table.drop)
+
+    async def create(self, table: sa.Table) -> None:
+        """Create one of the store's tables again."""
+        await self._ddl(table.create)
+
+    async def _ddl(self, change: Callable[[sa.Connection], None]) -> None:
+        engine = self.store.engine
+        assert isinstance(engine, AsyncEngine)
+        async with engine.begin() as connection:
+            await connection.run_sync(change)
+
     async def _fetch(self, query: sa.Select[Any]) -> list[Any]:
         engine = self.store.engine
         assert isinstance(engine, AsyncEngine)
@@ -147,6 +166,34 @@ class WorkerRig:
             await self.store.adispose()
 
         self.run(close())
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A server on 127.0.0.1 that accepts connections and never answers; yields its port."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass  # heard, never answered
+
+    server = await asyncio.start_server(listen, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in connections:
+            writer.transport.abort()
+        await server.wait_closed()
+
+
+def at_port(url: str, port: int) -> str:
+    """`url`, with 127.0.0.1:`port` in place of its server's address."""
+    parts = urlsplit(url)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{port}"))
 
 
 async def eventually(

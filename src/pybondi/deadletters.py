@@ -4,17 +4,28 @@
     for letter in await dead.list(group="billing", topic="bank.deposits"):
         print(letter.id, letter.message_id, letter.attempts, letter.error)
     await dead.replay([12, 13])     # sent again through the outbox, handled again
-    await dead.discard([14])        # gone; a redelivery of it is still skipped
+    await dead.discard([14])        # gone; its inbox row, if it held one, stays
 
 A worker dead-letters a message that failed too often, or that it could not read: the
 message, the error and the number of attempts are kept in the store's `dead_letters`
-table, and the message is recorded in the group's inbox, so that the broker delivering
-it again changes nothing. Replaying writes the message to the outbox again (same topic,
-id and headers, plus `replayed-at` and `replayed-for`, the group), removes it from the
-group's inbox so that the worker handles it again, and deletes the dead letter, in one
-transaction: the relay then sends it, and the workers of the topic's other groups
-acknowledge it without handling it. Every method runs in a transaction of its own, on a
-sync store (in a thread) or an async one.
+table. A message that failed its attempts is also recorded in the group's inbox (its
+letter `holds_inbox`), so that the broker delivering it again changes nothing. One that
+could not be read (not JSON, an unknown type, a payload that fails validation, an id
+the inbox cannot keep) is not: the group never handled it, so a corrected message sent
+with the same id is handled, while the same bad message delivered again is acknowledged
+without a second dead letter.
+
+Replaying writes the message to the outbox again (same topic, id and headers, plus
+`replayed-at` and `replayed-for`, the group, for information), removes the group's
+inbox row when the letter holds it, so that the worker handles it again, and deletes
+the dead letter, in one transaction: the relay then sends it. The topic's other groups
+recognise it by their own inbox, which has its id since they handled the original: they
+acknowledge it unhandled. Nothing else marks a message handled or replayed: a header
+set by a producer does not. A replay later than the other groups' inbox retention (seven
+days by default) reaches them as a new message, which they handle again.
+
+Every method runs in a transaction of its own, on a sync store (in a thread) or an
+async one.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["REPLAYED_FOR", "DeadLetter", "DeadLetters"]
 
 REPLAYED_FOR = "replayed-for"
-"""The header naming the only group that handles a replayed message."""
+"""The header naming the group whose dead letter a replayed message was; information
+only (any producer could set it): other groups skip a replay by their inbox."""
 
 T = TypeVar("T")
 
@@ -44,11 +56,17 @@ class DeadLetter:
     Attributes:
         id: the dead letter's number, growing as letters are added.
         group: the consumer group that gave up.
-        topic, message_id, headers: the message's, as delivered.
+        topic, message_id, headers: the message's, as delivered; an id the inbox could
+            not keep (too long, or not text) is shortened, and kept whole in the
+            `message-id` header.
         body: the message's body as text; bytes that were not UTF-8 became U+FFFD.
         error: why it failed (the last error), or why it could not be read.
         attempts: how many times the group tried to handle it.
         failed_at: when it was dead-lettered, in UTC.
+        holds_inbox: whether the group's inbox holds the message for this letter: true
+            for a message that failed its attempts (a replay removes the row, so that
+            the group handles it again), false for one that could not be read (the
+            group never handled it, and its inbox is left alone).
     """
 
     id: int
@@ -60,6 +78,7 @@ class DeadLetter:
     error: str
     attempts: int
     failed_at: datetime
+    holds_inbox: bool
 
 
 class DeadLetters:

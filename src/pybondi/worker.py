@@ -25,21 +25,40 @@ a duplicate arriving later than that is handled again.
 after a delay (`consumer.retry`: exponential backoff, through the broker, so nothing
 waits in memory), up to `consumer.retry.attempts` attempts; then it goes to the dead
 letters, a table of the store, with the error, the attempt count and the original
-headers and body (`pybondi dead-letters list|show|replay|discard`). A message that
-cannot be read (not JSON, an unregistered type, a payload that fails validation, a
-command for a `dispatch`ed topic that is not one) is dead-lettered at once: retrying
-would not help. Either way the worker goes on with the next message. A handler that
-takes longer than `consumer.timeout` (async stores) is cancelled: a failed attempt. A
-message delivered more times than its attempts without ever failing (its worker died
-each time: a crash, an exhausted memory) is dead-lettered without running a handler;
-RabbitMQ's classic queues do not count redeliveries, so there it comes back until it
-stops killing its worker. A message the group's inbox already has is never
-dead-lettered, and a replayed dead letter (`replayed-for` its group) is left alone by
-the topic's other groups.
+headers and body (`pybondi dead-letters list|show|replay|discard`), and its id goes
+into the group's inbox, so that a redelivery changes nothing. A message that cannot be
+read (not JSON, an unregistered type, a payload that fails validation, a command for a
+`dispatch`ed topic that is not one, an id the inbox cannot keep: over 255 characters,
+or not text) is dead-lettered at once, without running a handler: retrying would not
+help. Its id does not go into the inbox, as the group never handled it: a corrected
+message sent with the same id is handled, and the same bad message delivered again is
+acknowledged without a second dead letter (`pybondi.deadletters`). Either way the worker
+goes on with the next message. A handler that takes longer than `consumer.timeout`
+(async stores) is cancelled: a failed attempt. A message delivered more times than its
+attempts without ever failing (its worker died each time: a crash, an exhausted memory)
+is dead-lettered without running a handler; RabbitMQ's classic queues do not count
+redeliveries, so there it comes back until it stops killing its worker. A message the
+group's inbox already has is never dead-lettered. Only the worker marks a message
+handled, in the inbox: no header a producer sets makes a group skip a message (a
+replayed dead letter is skipped by the groups that handled the original, by their
+inbox). Should dead-lettering itself fail for another reason than the store being out
+of reach (a bug), the worker logs the message and the error once, with the traceback,
+and acknowledges it: the message is then lost but for that log line, rather than
+coming back forever.
+
+**The store out of reach.** A session that fails because the database does not answer
+is no failed attempt (`pybondi._storehealth`): once a trivial transaction fails too, the
+worker takes no new messages, and those under way wait, without counting an attempt
+and with their heartbeats going on, to be handled again as soon as the store answers
+(it is probed every second). The log says so once when it starts and once when it
+ends, and once a minute in between.
 
 **Stopping.** `stop()` (SIGTERM under the CLI) stops taking messages, lets those under
 way finish and acknowledges them, for up to `grace` seconds; a message still under way
-after that is rolled back and comes back to another worker.
+after that is rolled back and comes back to another worker. `run` returns within `grace`
+(and a second more to close the connections, if the messages took all of it), whatever
+the broker is doing: a receive waiting for a broker that does not answer, or a
+connection being made, is given up.
 
 A `ConcurrencyError` (another session changed the same aggregate meanwhile) is not a
 failure of the message: it is handled again at once, in a new session, up to ten times.
@@ -65,6 +84,7 @@ import itertools
 import logging
 import random
 import socket
+import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -72,9 +92,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from pybondi.brokers.base import Broker, Delivery
+from pybondi._storehealth import StoreHealth
+from pybondi.brokers.base import Broker, Delivery, Subscription
 from pybondi.consumer import Consumer, _session
-from pybondi.deadletters import REPLAYED_FOR
 from pybondi.exceptions import (
     AsyncRequired,
     ConcurrencyError,
@@ -92,6 +112,7 @@ from pybondi.tracing import handling
 
 if TYPE_CHECKING:
     from pybondi.envelope import Envelope
+    from pybondi.stores._sqlinbox import InboxStatements
     from pybondi.stores._sqlrecords import SQLRecords
 
 __all__ = ["Worker"]
@@ -111,7 +132,9 @@ _ASYNC_STORE = (
     "without --sync), on which handlers may be sync or async."
 )
 _CONFLICTS = 10  # version conflicts a message may meet before they count as a failure
-_RECEIVE_WAIT = 1.0  # seconds a receive waits for messages: how soon a stop is noticed
+_RECEIVE_WAIT = 1.0  # seconds a receive waits for messages
+_CLOSE_WITHIN = 1.0  # seconds to close the connections at least, after the grace
+_LOGGED_BODY = 2000  # characters of a message's body a log line shows, at most
 
 
 class Worker:
@@ -162,8 +185,11 @@ class Worker:
         self.redeliver_after = redeliver_after
         self.grace = grace
         self.inbox_retention = inbox_retention
-        self.handled = self.skipped = self.retried = self.dead_lettered = 0
+        self.received = self.handled = self.skipped = self.retried = self.dead_lettered = 0
+        self._inbox = cast("InboxStatements", store.statements.inbox)
         self._stopping = asyncio.Event()
+        self._stop_by: float | None = None  # time.monotonic() by which run() returns
+        self._health = StoreHealth(self.name, store, self._stopping, lambda: len(self._tasks))
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
         self._threads: ThreadPoolExecutor | None = None
@@ -179,7 +205,12 @@ class Worker:
         )
 
     def stop(self) -> None:
-        """Stop taking messages; `run` returns once those under way are done."""
+        """Stop taking messages; `run` returns once those under way are done.
+
+        That is within `grace` seconds (see the module docstring).
+        """
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self.grace
         self._stopping.set()
 
     async def run(self) -> None:
@@ -194,17 +225,19 @@ class Worker:
             in_flight=consumer.in_flight,
             redeliver_after=self.redeliver_after,
         )
+        stopped = asyncio.ensure_future(self._stopping.wait())
         failures = 0
         try:
             while not self._stopping.is_set():
+                if not self._health.reachable:  # no new messages until the store answers
+                    await self._health.wait()
+                    continue
                 free = consumer.in_flight - len(self._tasks)
-                if free <= 0:  # full: wait for a slot, and look at stop() now and then
-                    await asyncio.wait(
-                        self._tasks, timeout=_RECEIVE_WAIT, return_when=asyncio.FIRST_COMPLETED
-                    )
+                if free <= 0:  # full: wait for a slot, or stop()
+                    await asyncio.wait({*self._tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    deliveries = await subscription.receive(free, _RECEIVE_WAIT)
+                    deliveries = await self._receive(subscription, free, stopped)
                 except _MISTAKES:
                     raise  # a wrong option or name: it would fail every time
                 except Exception as error:  # the broker, unreachable: the adapter reconnects
@@ -217,30 +250,69 @@ class Worker:
                     await self._pause(delay)
                     continue
                 failures = 0
+                self.received += len(deliveries)
                 for delivery in deliveries:
                     self._start(delivery)
                 await self._purge_inbox()
         finally:
+            self.stop()  # if an error ended the loop: messages waiting for the store end too
+            stopped.cancel()
             await self._finish()
-            with contextlib.suppress(Exception):
-                await subscription.close()
-            with contextlib.suppress(Exception):
-                await self.broker.aclose()
+            await self._health.close()
+            await self._close(subscription)
             if self._threads is not None:
                 self._threads.shutdown(wait=False)
+
+    async def _receive(
+        self, subscription: Subscription, limit: int, stopped: asyncio.Future[Any]
+    ) -> list[Delivery]:
+        """What the subscription receives; nothing once `stop()` comes first.
+
+        A broker that does not answer (or a connection being made) can hold a receive
+        for long: a stop gives it up, so that `run` returns within the grace. Whatever
+        it had taken, unacknowledged, comes back to the group.
+        """
+        receiving = asyncio.ensure_future(subscription.receive(limit, _RECEIVE_WAIT))
+        try:
+            await asyncio.wait((receiving, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            given_up = not receiving.done()
+            if given_up:
+                receiving.cancel()
+                await asyncio.wait([receiving], timeout=_CLOSE_WITHIN)  # let it tidy up
+        if given_up:
+            if receiving.done() and not receiving.cancelled():
+                receiving.exception()  # retrieved: an error of a receive given up is moot
+            return []
+        return receiving.result()
+
+    async def _close(self, subscription: Subscription) -> None:
+        """Close the subscription and the broker, in what is left of the grace."""
+        try:
+            async with asyncio.timeout(max(self._left(), _CLOSE_WITHIN)):
+                with contextlib.suppress(Exception):
+                    await subscription.close()
+                with contextlib.suppress(Exception):
+                    await self.broker.aclose()
+        except TimeoutError:
+            logger.warning("Worker %s could not close %r in time", self.name, self.broker)
+
+    def _left(self) -> float:
+        """Seconds left of the grace since `stop()` (all of it, if not stopped)."""
+        if self._stop_by is None:
+            return self.grace
+        return max(0.0, self._stop_by - time.monotonic())
 
     # Taking a message -----------------------------------------------------------------
 
     def _start(self, delivery: Delivery) -> None:
         """Open the message and start handling it, after the last one of its key."""
-        opened = self._open(delivery)
-        key = None
-        if isinstance(opened, Message) and self.consumer.key is not None:
-            try:
-                key = self.consumer.key(opened)
-                hash(key)
-            except Exception as error:
-                opened = f"the consumer's key function failed on it: {_describe(error)}"
+        opened: Message[Any] | _Unreadable
+        try:
+            opened = self._open(delivery)
+            key = self._key(opened)
+        except _Unreadable as unreadable:
+            opened, key = unreadable, None
         before = self._last_of_key.get(key) if key is not None else None
         task = asyncio.create_task(self._take(delivery, opened, before))
         self._tasks.add(task)
@@ -253,26 +325,44 @@ class Worker:
         if self._last_of_key.get(key) is task:
             del self._last_of_key[key]
 
-    def _open(self, delivery: Delivery) -> Message[Any] | str:
-        """The delivery's message, or why it cannot be handled."""
+    def _open(self, delivery: Delivery) -> Message[Any]:
+        """The delivery's message; `_Unreadable` says why it cannot be handled."""
         if delivery.problem is not None:
-            return delivery.problem
+            raise _Unreadable(delivery.problem)
         envelope = delivery.envelope
+        if problem := self._inbox.id_problem(envelope.id):
+            raise _Unreadable(problem)
         try:
             message = envelope.open(self.consumer.registry)
         except SerializationError as error:
-            return _describe(error)
+            raise _Unreadable(_describe(error)) from None
         if envelope.topic in self.consumer.dispatched and not isinstance(
             message.payload, Command | Event
         ):
-            return (
+            raise _Unreadable(
                 f"{envelope.topic!r} is dispatched to the messagebus, which takes commands "
                 f"and events, but this message carries {short_repr(message.payload)}"
             )
         return message
 
+    def _key(self, message: Message[Any]) -> Hashable:
+        """The message's key, or None; `_Unreadable` if the key function fails on it."""
+        if self.consumer.key is None:
+            return None
+        try:
+            key = self.consumer.key(message)
+            hash(key)
+        except Exception as error:
+            raise _Unreadable(
+                f"the consumer's key function failed on it: {_describe(error)}"
+            ) from None
+        return key
+
     async def _take(
-        self, delivery: Delivery, opened: Message[Any] | str, before: asyncio.Task[None] | None
+        self,
+        delivery: Delivery,
+        opened: Message[Any] | _Unreadable,
+        before: asyncio.Task[None] | None,
     ) -> None:
         heartbeat = self._keep(delivery)  # while it waits for its key's turn too
         try:
@@ -282,25 +372,27 @@ class Worker:
         finally:
             heartbeat.cancel()
 
-    async def _settle(self, delivery: Delivery, opened: Message[Any] | str) -> None:
+    async def _settle(self, delivery: Delivery, opened: Message[Any] | _Unreadable) -> None:
         """Handle the message and acknowledge it, or retry or dead-letter it."""
-        group, attempts = self.consumer.group, self.consumer.retry.attempts
-        if delivery.envelope.headers.get(REPLAYED_FOR, group) != group:
-            await self._skip(delivery, "it is a dead letter of another group, replayed")
+        if isinstance(opened, _Unreadable):
+            # Not claimed in the inbox: the group never handled it.
+            await self._dead_letter(delivery, f"Unreadable message: {opened}", claim=False)
             return
-        if isinstance(opened, str):
-            await self._dead_letter(delivery, f"Unreadable message: {opened}")
-            return
-        if delivery.attempt > attempts:
+        if delivery.attempt > self.consumer.retry.attempts:
             # Delivered again and again, never failing: the worker handling it dies.
             await self._dead_letter(delivery, _GAVE_UP.format(delivery.attempt - 1))
             return
         with handling(opened):
-            try:
-                handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
-            except Exception as error:
-                await self._failed(delivery, error)
-                return
+            while True:
+                try:
+                    handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
+                    break
+                except Exception as error:
+                    if not await self._health.confirm(error):
+                        await self._failed(delivery, error)
+                        return
+                    if not await self._health.wait():
+                        return  # stopping: unacknowledged, it comes back to the group
             if not handled:
                 await self._skip(delivery, "the group handled it already")
                 return
@@ -363,24 +455,39 @@ class Worker:
         except Exception as failure:  # unacknowledged, it comes back anyway
             logger.error("Worker %s could not retry %r later: %r", self.name, delivery, failure)
 
-    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
-        """Keep the message in the dead letters with why, then acknowledge it."""
+    async def _dead_letter(self, delivery: Delivery, error: str, *, claim: bool = True) -> None:
+        """Keep the message in the dead letters with why, then acknowledge it.
+
+        With `claim` (a readable message that failed), its inbox row goes with it; see
+        `InboxRecords.dead_letter`.
+        """
         group, envelope, attempts = self.consumer.group, delivery.envelope, delivery.attempt
-        try:
-            letter = await self._transact(
-                lambda records: records.dead_letter(group, envelope, error, attempts)
-            )
-        except Exception as failure:  # the database is down, most likely: try again later
-            delay = self.consumer.retry.max_delay
-            logger.error(
-                "Worker %s could not dead-letter %r (%r); it comes back in %.1f s",
-                self.name, delivery, failure, delay,
-            )  # fmt: skip
-            with contextlib.suppress(Exception):  # if not, unacknowledged, it comes back
-                await delivery.retry(delay)
-            return
-        if letter is None:  # another worker handled (or dead-lettered) it meanwhile
-            await self._skip(delivery, "the group handled it already")
+
+        def dead_letter(records: SQLRecords) -> int | None:
+            return records.dead_letter(group, envelope, error, attempts, claim=claim)
+
+        while True:
+            try:
+                letter = await self._transact(dead_letter)
+                break
+            except Exception as failure:
+                if await self._health.confirm(failure):
+                    if await self._health.wait():
+                        continue
+                    return  # stopping: unacknowledged, it comes back to the group
+                # A bug, not an outage: it would fail the same way every time.
+                logger.error(
+                    "Worker %s could not dead-letter %r, and acknowledges it: the message is "
+                    "lost but for this line. Why it was given up: %s. Its headers: %s; its "
+                    "body: %s. Dead-lettering failed with:",
+                    self.name, delivery, error.splitlines()[0], envelope.headers,
+                    short_repr(envelope.body, _LOGGED_BODY),
+                    exc_info=failure,
+                )  # fmt: skip
+                await self._ack(delivery)
+                return
+        if letter is None:  # a copy was handled, or dead-lettered, meanwhile
+            await self._skip(delivery, "the group handled it, or dead-lettered it, already")
             return
         self.dead_lettered += 1
         logger.error(
@@ -506,7 +613,7 @@ class Worker:
         if not self._tasks:
             return
         logger.info("Worker %s: %d message(s) under way", self.name, len(self._tasks))
-        _, late = await asyncio.wait(set(self._tasks), timeout=self.grace)
+        _, late = await asyncio.wait(set(self._tasks), timeout=self._left())
         if late and self._threads is not None:
             logger.warning(
                 "Worker %s: %d message(s) still under way after %.1f s; sync handlers "
@@ -529,6 +636,8 @@ class Worker:
         """Forget inbox ids older than the retention, every ten minutes."""
         now = datetime.now(UTC)
         if self._purged_at is not None and now - self._purged_at < _PURGE_EVERY:
+            return
+        if not self._health.reachable:
             return
         self._purged_at = now
         cutoff = now - self.inbox_retention
@@ -580,6 +689,10 @@ class _Heartbeat:
 
 class _Duplicate(Exception):
     """The inbox has the message already: roll back, acknowledge, skip."""
+
+
+class _Unreadable(Exception):
+    """Why a delivered message cannot be handled: it goes to the dead letters at once."""
 
 
 class _NoAggregates(StoreRepository[Any]):

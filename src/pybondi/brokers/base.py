@@ -176,6 +176,9 @@ def _without_password(url: str) -> str:
     return f"{scheme}{separator}{credentials.partition(':')[0]}:***@{host}"
 
 
+_SHOWN_OF_IDS = 80  # characters of a message id a delivery's repr shows, at most
+
+
 class Delivery(ABC):
     """One message as a subscription received it, until it is acknowledged or retried.
 
@@ -201,10 +204,10 @@ class Delivery(ABC):
         self.problem = problem
 
     def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} {self.envelope.id} on {self.envelope.topic!r}, "
-            f"attempt {self.attempt}>"
-        )
+        id = self.envelope.id
+        if len(id) > _SHOWN_OF_IDS:  # anyone may send a long one: keep log lines short
+            id = f"{id[: _SHOWN_OF_IDS - 20]}...({len(id)} characters)"
+        return f"<{type(self).__name__} {id!s} on {self.envelope.topic!r}, attempt {self.attempt}>"
 
     @abstractmethod
     async def ack(self) -> None:

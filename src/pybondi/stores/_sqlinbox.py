@@ -7,12 +7,22 @@ Two tables, named with the store's prefix:
   together, a message is handled once in effect, however often the broker delivers it;
   a rolled-back transaction leaves no row, and the message can be handled again;
 - `dead_letters`: the messages a group gave up on (they failed too often, or could not
-  be read), with the error, until they are replayed or discarded. A dead letter's
-  message is in the inbox too, so that a redelivery of it is skipped.
+  be read), with the error, until they are replayed or discarded. A message that failed
+  its attempts is in the inbox too, so that a redelivery of it is skipped, and a replay
+  cannot double its effects: its letter `holds_inbox`. A message that could not be read
+  is not: the group never handled it, so a corrected message with the same id is handled
+  as new; a redelivery of the same bad message (same id, same body) finds its dead
+  letter and makes no second one.
+
+Message ids are at most `ID_LENGTH` characters of UTF-8 text without NUL: the inbox
+keeps nothing else. A message whose id is not (`InboxStatements.id_problem`) cannot be
+handled; its dead letter keeps a bounded form of the id (`bounded_id`), and the id in
+full in its `message-id` header.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -34,7 +44,11 @@ from pybondi.stores._sqlstatements import (
 if TYPE_CHECKING:
     from pybondi.stores._sqlstatements import Statements
 
-__all__ = ["InboxRecords", "InboxStatements"]
+__all__ = ["ID_LENGTH", "InboxRecords", "InboxStatements", "bounded_id"]
+
+ID_LENGTH = STREAM_LENGTH
+"""The longest message id the inbox keeps."""
+_KEPT_OF_LONG_IDS = 200  # characters of an unfit id a dead letter keeps, before a hash
 
 # A dead letter's id: SQLite numbers rows (with AUTOINCREMENT, never reusing an id) only
 # in a column of type INTEGER PRIMARY KEY.
@@ -67,7 +81,11 @@ class InboxStatements:
             sa.Column("error", text, nullable=False),
             sa.Column("attempts", sa.Integer, nullable=False),
             sa.Column("failed_at", timestamp, nullable=False),
+            # Whether the group's inbox row of the message is this letter's (it failed
+            # its attempts), so that a replay removes it; not for an unreadable message.
+            sa.Column("holds_inbox", sa.Boolean, nullable=False),
             sa.Index(f"{prefix}dead_letters_group_topic", "consumer_group", "topic"),
+            sa.Index(f"{prefix}dead_letters_group_message", "consumer_group", "message_id"),
             sqlite_autoincrement=True,
         )
 
@@ -87,6 +105,7 @@ class InboxStatements:
             )
         )
         self.forget = compiled(inbox.delete().where(*inbox_row))
+        self.ping = compiled(sa.select(sa.literal(1)))
         self.purge = compiled(inbox.delete().where(inbox.c.handled_at < param("before")))
 
         insert = dead.insert().values(
@@ -98,6 +117,7 @@ class InboxStatements:
             error=param("e"),
             attempts=param("n"),
             failed_at=param("at"),
+            holds_inbox=param("i"),
         )
         # The new row's id: RETURNING on PostgreSQL, the cursor's lastrowid elsewhere
         # (whether MariaDB has INSERT..RETURNING is known only once connected).
@@ -113,8 +133,15 @@ class InboxStatements:
             dead.c.error,
             dead.c.attempts,
             dead.c.failed_at,
+            dead.c.holds_inbox,
         )
         id_is = dead.c.id == param("id")
+        # The bodies compare in Python: MariaDB's text compares ignoring case.
+        self.dead_bodies = compiled(
+            sa.select(dead.c.body).where(
+                dead.c.consumer_group == param("g"), dead.c.message_id == param("m")
+            )
+        )
         self.dead_letter = compiled(sa.select(*columns).where(id_is))
         # One statement per combination of filters: `:g IS NULL OR ...` would leave
         # PostgreSQL unable to tell the parameter's type, and the planner the index.
@@ -130,6 +157,19 @@ class InboxStatements:
                     sa.select(*columns).where(*where).order_by(dead.c.id).limit(param("l"))
                 )
         self.delete_dead = compiled(dead.delete().where(id_is))
+
+    @staticmethod
+    def id_problem(message_id: str) -> str | None:
+        """Why the inbox cannot keep this message id, or None if it can."""
+        if len(message_id) > ID_LENGTH:
+            return f"its message id has {len(message_id)} characters; ids are at most {ID_LENGTH}"
+        if "\x00" in message_id:
+            return "its message id has a NUL character, which databases do not keep in text"
+        try:
+            message_id.encode()
+        except UnicodeEncodeError:
+            return f"its message id {message_id!r} is not UTF-8 text (a lone surrogate)"
+        return None
 
 
 class InboxRecords:
@@ -147,6 +187,10 @@ class InboxRecords:
 
     # The inbox ---------------------------------------------------------------------------
 
+    def ping(self) -> None:
+        """A trivial query: it returns once the database answers."""
+        self._execute(self.statements.inbox.ping, {}).fetchone()
+
     def is_handled(self, group: str, message_id: str) -> bool:
         """Whether the group's inbox has the message (as committed, or by this transaction)."""
         query = self.statements.inbox.is_handled
@@ -161,13 +205,13 @@ class InboxRecords:
         for the database's one writer): False if it committed, True if it rolled back.
         """
         _check_names(group, envelope)
+        if problem := self.statements.inbox.id_problem(envelope.id):
+            raise ValueError(f"The inbox cannot keep message {envelope.id[:40]!r}...: {problem}.")
+        return self._record(group, envelope.id, envelope.topic)
+
+    def _record(self, group: str, message_id: str, topic: str) -> bool:
         self._writing()
-        values = {
-            "g": group,
-            "m": envelope.id,
-            "t": envelope.topic,
-            "at": self._timestamp(datetime.now(UTC)),
-        }
+        values = {"g": group, "m": message_id, "t": topic, "at": self._timestamp(datetime.now(UTC))}
         return self._written(self.statements.inbox.record, values)
 
     def purge_inbox(self, before: datetime) -> int:
@@ -182,31 +226,57 @@ class InboxRecords:
 
     # Dead letters ------------------------------------------------------------------------
 
-    def dead_letter(self, group: str, envelope: Envelope, error: str, attempts: int) -> int | None:
-        """Keep a message the group gave up on, and add it to the inbox; return its id.
+    def dead_letter(
+        self, group: str, envelope: Envelope, error: str, attempts: int, *, claim: bool = True
+    ) -> int | None:
+        """Keep a message the group gave up on; return the new dead letter's id.
 
-        None, and nothing written, when the inbox has the message already: the group
-        handled it (another worker did, while this one failed), or dead-lettered it.
-        So the inbox row of a dead letter is its own, and replaying may remove it.
+        With `claim` (a message that failed its attempts), the letter takes the group's
+        inbox row of the message (`holds_inbox`): None, and nothing written, when the
+        inbox has the message already: the group handled it (another worker did, while
+        this one failed), or dead-lettered it. So the inbox row of such a letter is its
+        own, and replaying may remove it.
+
+        Without `claim` (a message that could not be read, or whose id the inbox cannot
+        keep), the inbox is left as it was, so that a corrected message with the same
+        id is handled. None, and nothing written, when the group's inbox has the message
+        (a copy of it was handled) or a dead letter of the group has it already, with
+        the same body. The message id kept is `bounded_id(envelope.id)`; when that is not
+        the id itself, the headers keep the id in full as `message-id`.
 
         The body is kept as text: bytes that are not UTF-8 (and NUL characters, which
         PostgreSQL's text refuses) become U+FFFD.
         """
+        inbox = self.statements.inbox
         _check_names(group, envelope)
-        if not self.record_handled(group, envelope):
+        message_id, headers = bounded_id(envelope.id), envelope.headers
+        if message_id != envelope.id:
+            headers = {**headers, "message-id": headers.get("message-id", envelope.id)}
+        body = _text(envelope.body.decode("utf-8", errors="replace"))
+        if claim and not self.record_handled(group, envelope):
             return None
-        inbox, now = self.statements.inbox, self._timestamp(datetime.now(UTC))
+        if not claim:
+            # The inbox row, taken for this transaction only, makes a concurrent
+            # dead-lettering of the same message wait, then find this letter.
+            if not self._record(group, message_id, envelope.topic):
+                return None
+            row = {"g": group, "m": message_id}
+            bodies = self._execute(inbox.dead_bodies, row).fetchall()
+            self._execute(inbox.forget, row)
+            if any(kept == body for (kept,) in bodies):
+                return None
         cursor = self._execute(
             inbox.insert_dead,
             {
                 "g": group,
                 "t": envelope.topic,
-                "m": envelope.id,
-                "h": json.dumps(envelope.headers),
-                "b": _text(envelope.body.decode("utf-8", errors="replace")),
+                "m": message_id,
+                "h": json.dumps(headers),
+                "b": body,
                 "e": _text(error),
                 "n": attempts,
-                "at": now,
+                "at": self._timestamp(datetime.now(UTC)),
+                "i": claim,
             },
         )
         return int(cursor.fetchone()[0] if inbox.returning else cursor.lastrowid)
@@ -277,14 +347,16 @@ class InboxRecords:
     def discard(self, ids: Sequence[int]) -> int:
         """Delete dead letters; return how many there were.
 
-        Their messages stay in the inbox: a redelivery of one is still skipped.
+        The inbox rows of those that held one stay: a redelivery of such a message is
+        still skipped. An unreadable message delivered again once its letter is gone
+        makes a new one.
         """
         self._writing()
         delete = self.statements.inbox.delete_dead
         return sum(int(self._execute(delete, {"id": id}).rowcount) for id in sorted(set(ids)))
 
     def _dead_letter(self, row: Sequence[Any]) -> DeadLetter:
-        id, group, topic, message_id, headers, body, error, attempts, failed_at = row
+        id, group, topic, message_id, headers, body, error, attempts, failed_at, holds = row
         return DeadLetter(
             id=int(id),
             group=group,
@@ -295,12 +367,25 @@ class InboxRecords:
             error=error,
             attempts=int(attempts),
             failed_at=self.statements.timestamp_out(failed_at),
+            holds_inbox=bool(holds),
         )
+
+
+def bounded_id(message_id: str) -> str:
+    """The id itself if the inbox can keep it; else its start, made text, and a hash.
+
+    The hash (of the id in full) keeps apart unfit ids that start alike.
+    """
+    if InboxStatements.id_problem(message_id) is None:
+        return message_id
+    start = message_id[:_KEPT_OF_LONG_IDS].encode(errors="replace").decode()
+    digest = hashlib.sha256(message_id.encode(errors="surrogatepass")).hexdigest()[:16]
+    return f"{_text(start)}...{digest}"
 
 
 def _check_names(group: str, envelope: Envelope) -> None:
     """Refuse, clearly, names longer than the inbox's columns (the database would too)."""
-    for what, value in (("group", group), ("message id", envelope.id), ("topic", envelope.topic)):
+    for what, value in (("group", group), ("topic", envelope.topic)):
         if len(value) > STREAM_LENGTH:
             raise ValueError(
                 f"A {what} is at most {STREAM_LENGTH} characters in the inbox; "

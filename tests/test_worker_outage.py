@@ -1,0 +1,153 @@
+"""The database out of reach for seconds mid-stream: the worker waits for it, then goes on.
+
+A worker (in-process, on a real broker) reaches PostgreSQL through a TCP proxy
+(tests/proxy.py) while it handles numbered messages, each in a session that takes a
+little while. Once messages flow, the proxy drops every connection and refuses new ones
+for longer than `redeliver_after`, then forwards again. What the assertions prove:
+
+- no attempt was spent on the outage: no dead letter, no retry, and every message
+  handled exactly once (each number once in the tallies, none skipped as a redelivery:
+  the messages under way kept their heartbeats while they waited);
+- the worker took no new delivery while the store was down;
+- it went on within seconds of the restore;
+- the log stayed small: a few lines for the whole outage, not one per failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pybondi import Depends, Message, Root, Session
+from pybondi.consumer import Retry, current_session
+from pybondi.exceptions import NotFound
+from pybondi.stores import SQLStore
+from tests.backends import POSTGRES_URL, Backend
+from tests.brokers import BrokerKit
+from tests.proxy import Proxy
+from tests.workers import Counted, Tally, WorkerRig, at_port, eventually
+
+pytestmark = pytest.mark.postgres
+
+NUMBERS = 160
+IN_FLIGHT = 4
+HANDLING = 0.1  # seconds each session takes: messages are under way when the cut comes
+BEFORE_CUT = 30  # messages handled before the cut
+OUTAGE = 5.0  # seconds; more than redeliver_after (2 s)
+NOTICED_WITHIN = 1.5  # seconds after the cut by which the worker knows
+RESUMED_WITHIN = 5.0  # seconds after the restore by which it handled a message again
+
+
+@pytest.fixture
+def rig(backends: dict[str, Backend], broker: BrokerKit) -> Iterator[WorkerRig]:
+    rig = WorkerRig(backends["postgres"], broker)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Proxy]:
+    with Proxy("127.0.0.1", 5432) as made:
+        yield made
+
+
+def test_a_worker_waits_out_a_database_outage_and_loses_no_attempt(
+    rig: WorkerRig,
+    backends: dict[str, Backend],
+    proxy: Proxy,
+    caplog: pytest.LogCaptureFixture,
+    record_property: Any,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    backend = backends["postgres"]
+    # The worker's store reaches the rig's tables through the proxy.
+    store = SQLStore(
+        at_port(POSTGRES_URL, proxy.port),
+        asynchronous=True,
+        schema=backend.namespace,
+        prefix=rig.store.prefix,
+    )
+    consumer = rig.consumer(in_flight=IN_FLIGHT, retry=Retry(attempts=2, delay=0.2))
+    topic = rig.kit.topic()
+
+    @consumer.subscribe(topic)
+    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+        repository = session.repository
+        try:
+            tally = await repository.aget(message.payload.key)
+        except NotFound:
+            tally = Tally(Root(message.payload.key))
+            repository.add(tally)
+        await asyncio.sleep(HANDLING)
+        tally.numbers.append(message.payload.n)
+
+    times: dict[str, float] = {}
+    received: dict[str, int] = {}
+
+    async def outage() -> None:
+        await rig.send(topic, *(Counted(f"k{n}", n) for n in range(NUMBERS)))
+        worker = rig.worker(consumer, store=store)
+        task = rig.start(worker)
+
+        async def flowing() -> bool:
+            return worker.handled >= BEFORE_CUT
+
+        await eventually(flowing, what=f"{BEFORE_CUT} messages handled")
+        times["cut"] = time.time()
+        proxy.cut()
+        await asyncio.sleep(NOTICED_WITHIN)
+        received["noticed"], handled = getattr(worker, "received", 0), worker.handled
+        await asyncio.sleep(OUTAGE - NOTICED_WITHIN)
+        received["restore"] = getattr(worker, "received", 0)
+        assert worker.handled == handled, "messages were handled without the database"
+        times["restore"] = time.time()
+        proxy.restore()
+
+        async def resumed() -> bool:
+            return worker.handled > handled
+
+        await eventually(resumed, RESUMED_WITHIN, "a message handled after the restore")
+        times["resumed"] = time.time()
+
+        async def all_handled() -> bool:
+            return worker.handled == NUMBERS
+
+        await eventually(all_handled, 60, "every message handled")
+        await rig.stop(worker, task)
+        assert (worker.retried, worker.dead_lettered, worker.skipped) == (0, 0, 0)
+
+    try:
+        rig.run(outage())
+    finally:
+        rig.run(store.adispose())
+
+    assert received["restore"] == received["noticed"], "deliveries were taken while it was down"
+    assert rig.run(rig.dead_letters()) == []
+    numbers = rig.run(rig.numbers())
+    assert numbers == {f"k{n}": [n] for n in range(NUMBERS)}  # each handled exactly once
+    during = [
+        record
+        for record in caplog.records
+        if times["cut"] <= record.created <= times["resumed"] + 1
+    ]
+    messages = [record.getMessage() for record in during]
+    assert any("store unreachable" in text for text in messages), messages
+    assert any("store reachable again" in text for text in messages), messages
+    assert len(during) <= 10, messages
+    note = {
+        "broker": rig.kit.name,
+        "log_records_in_outage": len(during),
+        "resumed_after_restore_s": round(times["resumed"] - times["restore"], 2),
+        "connections_refused_in_outage": proxy.refused,
+    }
+    for key, value in note.items():
+        record_property(key, value)
+    print(f"worker outage test: {json.dumps(note)}")
