@@ -104,9 +104,9 @@ def test_a_worker_waits_out_a_database_outage_and_loses_no_attempt(
         times["cut"] = time.time()
         proxy.cut()
         await asyncio.sleep(NOTICED_WITHIN)
-        received["noticed"], handled = getattr(worker, "received", 0), worker.handled
+        received["noticed"], handled = worker.received, worker.handled
         await asyncio.sleep(OUTAGE - NOTICED_WITHIN)
-        received["restore"] = getattr(worker, "received", 0)
+        received["restore"] = worker.received
         assert worker.handled == handled, "messages were handled without the database"
         times["restore"] = time.time()
         proxy.restore()
