@@ -343,7 +343,7 @@ def test_a_concurrent_dead_letter_of_the_same_unreadable_message_waits_and_write
 @pytest.mark.parametrize(
     ("unfit", "problem"),
     [
-        ("x" * 256, "has 256 characters; ids are at most 255"),
+        ("x" * 256, "has 256 characters, and the inbox keeps at most 255"),
         ("a\x00b", "NUL"),
         ("a\udc80b", "not UTF-8"),
     ],

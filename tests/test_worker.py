@@ -590,6 +590,40 @@ def test_an_unreadable_message_does_not_hold_its_id(rig: WorkerRig) -> None:
     rig.run(test())
 
 
+def test_a_message_whose_id_is_no_uuid_is_handled_under_that_id(rig: WorkerRig) -> None:
+    async def test() -> None:
+        topic, out = rig.kit.topic(), rig.kit.topic("out")
+        consumer = rig.consumer()
+
+        @consumer.subscribe(topic)
+        async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+            await count(session, message)
+            session.publisher.publish(out, Message({"seen": message.payload.n}))
+
+        sealed = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+        # As a producer other than pybondi may send it: any text as its id.
+        headers = {**sealed.headers, "message-id": "order-42", "correlation-id": "order-42"}
+        await rig.send_envelopes([Envelope(topic, "order-42", headers, sealed.body)])
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def counted() -> bool:
+            return await rig.numbers() == {"k": [1]}
+
+        await eventually(counted, what="the message handled")
+        await rig.stop(worker, task)
+        assert await rig.inbox() == [("pybondi", "order-42")]
+        [row] = [row for row in await aoutbox_rows(rig.store) if row.topic == out]
+        assert row.headers["causation-id"] == "order-42"
+
+    rig.run(test())
+
+
+def test_a_group_name_the_inbox_cannot_keep_is_refused_at_start(rig: WorkerRig) -> None:
+    with pytest.raises(ValueError, match="has 256 characters.*shorter group name"):
+        rig.worker(counting(rig, rig.kit.topic(), group="g" * 256))
+
+
 def test_messages_whose_ids_are_too_long_are_dead_lettered_at_once(rig: WorkerRig) -> None:
     async def test() -> None:
         topic = rig.kit.topic()

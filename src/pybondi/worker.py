@@ -178,6 +178,12 @@ class Worker:
                 f"{consumer!r} has no topic: give it subscribers (consumer.subscribe) or "
                 f"topics to dispatch (consumer.dispatch) before starting a worker."
             )
+        inbox = cast("InboxStatements", store.statements.inbox)
+        if problem := inbox.id_problem(consumer.group, "name"):
+            raise ValueError(
+                f"Consumer group {short_repr(consumer.group, 60)} cannot be kept in the "
+                f"inbox: {problem}. Give the consumer a shorter group name."
+            )
         self.consumer = consumer
         self.broker = broker
         self.store = store
@@ -186,7 +192,7 @@ class Worker:
         self.grace = grace
         self.inbox_retention = inbox_retention
         self.received = self.handled = self.skipped = self.retried = self.dead_lettered = 0
-        self._inbox = cast("InboxStatements", store.statements.inbox)
+        self._inbox = inbox
         self._stopping = asyncio.Event()
         self._stop_by: float | None = None  # time.monotonic() by which run() returns
         self._health = StoreHealth(self.name, store, self._stopping, lambda: len(self._tasks))

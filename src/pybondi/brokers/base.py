@@ -245,6 +245,10 @@ class Subscription(ABC):
         Returns an empty list when nothing came in time. Raises `ConnectionError` (or
         the client's own error) when the broker cannot be reached; the next call
         connects again.
+
+        The worker cancels a receive under way when it stops (it may be connecting to a
+        broker that does not answer): a cancelled receive leaves the subscription for
+        `close()`, and what it had taken comes back to the group, unacknowledged.
         """
 
     @abstractmethod

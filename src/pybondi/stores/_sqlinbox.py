@@ -159,16 +159,19 @@ class InboxStatements:
         self.delete_dead = compiled(dead.delete().where(id_is))
 
     @staticmethod
-    def id_problem(message_id: str) -> str | None:
-        """Why the inbox cannot keep this message id, or None if it can."""
+    def id_problem(message_id: str, what: str = "message id") -> str | None:
+        """Why the inbox cannot keep this message id (or group name), or None if it can."""
         if len(message_id) > ID_LENGTH:
-            return f"its message id has {len(message_id)} characters; ids are at most {ID_LENGTH}"
+            return (
+                f"its {what} has {len(message_id)} characters, and the inbox keeps at most "
+                f"{ID_LENGTH}"
+            )
         if "\x00" in message_id:
-            return "its message id has a NUL character, which databases do not keep in text"
+            return f"its {what} has a NUL character, which databases do not keep in text"
         try:
             message_id.encode()
         except UnicodeEncodeError:
-            return f"its message id {message_id!r} is not UTF-8 text (a lone surrogate)"
+            return f"its {what} {message_id!r} is not UTF-8 text (it has a lone surrogate)"
         return None
 
 
