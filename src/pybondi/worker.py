@@ -19,32 +19,34 @@ outbox messages) happens exactly once. What they do *outside it* (an e-mail, an 
 call) happens at least once: after a crash between the side effect and the commit, the
 message is handled again. Make such calls idempotent, or publish a message and do them
 in a subscriber of their own. The inbox keeps ids for `inbox_retention` (seven days):
-a duplicate arriving later than that is handled again.
+a duplicate arriving later than that is handled again. Only the worker writes the
+inbox; no header a producer sets makes a group skip a message. A replayed dead letter
+(`pybondi.deadletters`) is skipped by the topic's other groups because their inbox has
+its id, from the original: one replayed after their retention is new to them.
 
 **Failures.** A handler that raises rolls its session back; the message comes back
 after a delay (`consumer.retry`: exponential backoff, through the broker, so nothing
 waits in memory), up to `consumer.retry.attempts` attempts; then it goes to the dead
 letters, a table of the store, with the error, the attempt count and the original
-headers and body (`pybondi dead-letters list|show|replay|discard`), and its id goes
-into the group's inbox, so that a redelivery changes nothing. A message that cannot be
-read (not JSON, an unregistered type, a payload that fails validation, a command for a
-`dispatch`ed topic that is not one, an id the inbox cannot keep: over 255 characters,
-or not text) is dead-lettered at once, without running a handler: retrying would not
-help. Its id does not go into the inbox, as the group never handled it: a corrected
-message sent with the same id is handled, and the same bad message delivered again is
-acknowledged without a second dead letter (`pybondi.deadletters`). Either way the worker
-goes on with the next message. A handler that takes longer than `consumer.timeout`
-(async stores) is cancelled: a failed attempt. A message delivered more times than its
-attempts without ever failing (its worker died each time: a crash, an exhausted memory)
-is dead-lettered without running a handler; RabbitMQ's classic queues do not count
-redeliveries, so there it comes back until it stops killing its worker. A message the
-group's inbox already has is never dead-lettered. Only the worker marks a message
-handled, in the inbox: no header a producer sets makes a group skip a message (a
-replayed dead letter is skipped by the groups that handled the original, by their
-inbox). Should dead-lettering itself fail for another reason than the store being out
-of reach (a bug), the worker logs the message and the error once, with the traceback,
-and acknowledges it: the message is then lost but for that log line, rather than
-coming back forever.
+headers and body (`pybondi dead-letters list|show|replay|discard`), and into the
+group's inbox, so that a redelivery changes nothing. A handler that takes longer than
+`consumer.timeout` (async stores) is cancelled: a failed attempt. A message delivered
+more times than its attempts without ever failing (its worker died each time: a crash,
+an exhausted memory) is dead-lettered without running a handler; RabbitMQ's classic
+queues do not count redeliveries, so there it comes back until it stops killing its
+worker. A message the group's inbox already has is never dead-lettered. Either way the
+worker goes on with the next message.
+
+**Unreadable messages** (not JSON, an unregistered type, a payload that fails
+validation, a command for a `dispatch`ed topic that is not one, an id the inbox cannot
+keep: over 255 characters, or not text) are dead-lettered at once, without running a
+handler: retrying would not help. They do not go into the inbox, as the group never
+handled them: a corrected message sent with the same id is handled, and the same bad
+message delivered again is acknowledged without a second dead letter. A flood of them
+costs one transaction each and holds nothing up. Should dead-lettering itself fail for
+another reason than the store being out of reach (a bug), the worker logs the message
+and the error once, with the traceback, and acknowledges it: the message is then lost
+but for that log line, rather than coming back forever.
 
 **The store out of reach.** A session that fails because the database does not answer
 is no failed attempt (`pybondi._storehealth`): once a trivial transaction fails too, the
@@ -55,10 +57,10 @@ ends, and once a minute in between.
 
 **Stopping.** `stop()` (SIGTERM under the CLI) stops taking messages, lets those under
 way finish and acknowledges them, for up to `grace` seconds; a message still under way
-after that is rolled back and comes back to another worker. `run` returns within `grace`
-(and a second more to close the connections, if the messages took all of it), whatever
-the broker is doing: a receive waiting for a broker that does not answer, or a
-connection being made, is given up.
+after that is rolled back and comes back to another worker, as does one waiting for the
+store, at once. `run` returns within `grace` (and a second more to close the connections, if the
+messages took all of it), whatever the broker is doing: a receive waiting for a broker
+that does not answer, or a connection being made, is given up.
 
 A `ConcurrencyError` (another session changed the same aggregate meanwhile) is not a
 failure of the message: it is handled again at once, in a new session, up to ten times.
@@ -389,16 +391,15 @@ class Worker:
             await self._dead_letter(delivery, _GAVE_UP.format(delivery.attempt - 1))
             return
         with handling(opened):
-            while True:
-                try:
-                    handled = await self._handle_retrying_conflicts(delivery.envelope, opened)
-                    break
-                except Exception as error:
-                    if not await self._health.confirm(error):
-                        await self._failed(delivery, error)
-                        return
-                    if not await self._health.wait():
-                        return  # stopping: unacknowledged, it comes back to the group
+            try:
+                handled = await self._despite_outages(
+                    lambda: self._handle_retrying_conflicts(delivery.envelope, opened)
+                )
+            except _Stopped:
+                return  # unacknowledged, it comes back to the group
+            except Exception as error:
+                await self._failed(delivery, error)
+                return
             if not handled:
                 await self._skip(delivery, "the group handled it already")
                 return
@@ -472,26 +473,21 @@ class Worker:
         def dead_letter(records: SQLRecords) -> int | None:
             return records.dead_letter(group, envelope, error, attempts, claim=claim)
 
-        while True:
-            try:
-                letter = await self._transact(dead_letter)
-                break
-            except Exception as failure:
-                if await self._health.confirm(failure):
-                    if await self._health.wait():
-                        continue
-                    return  # stopping: unacknowledged, it comes back to the group
-                # A bug, not an outage: it would fail the same way every time.
-                logger.error(
-                    "Worker %s could not dead-letter %r, and acknowledges it: the message is "
-                    "lost but for this line. Why it was given up: %s. Its headers: %s; its "
-                    "body: %s. Dead-lettering failed with:",
-                    self.name, delivery, error.splitlines()[0], envelope.headers,
-                    short_repr(envelope.body, _LOGGED_BODY),
-                    exc_info=failure,
-                )  # fmt: skip
-                await self._ack(delivery)
-                return
+        try:
+            letter = await self._despite_outages(lambda: self._transact(dead_letter))
+        except _Stopped:
+            return  # unacknowledged, it comes back to the group
+        except Exception as failure:  # a bug, not an outage: it would fail every time
+            logger.error(
+                "Worker %s could not dead-letter %r, and acknowledges it: the message is "
+                "lost but for this line. Why it was given up: %s. Its headers: %s; its "
+                "body: %s. Dead-lettering failed with:",
+                self.name, delivery, error.splitlines()[0], envelope.headers,
+                short_repr(envelope.body, _LOGGED_BODY),
+                exc_info=failure,
+            )  # fmt: skip
+            await self._ack(delivery)
+            return
         if letter is None:  # a copy was handled, or dead-lettered, meanwhile
             await self._skip(delivery, "the group handled it, or dead-lettered it, already")
             return
@@ -501,6 +497,22 @@ class Worker:
             letter, delivery, attempts, error.splitlines()[0],
         )  # fmt: skip
         await self._ack(delivery)
+
+    async def _despite_outages(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()`, done again once the store answers if it failed for want of it.
+
+        A failure because the store is out of reach counts for nothing: the message
+        waits (`pybondi._storehealth`). Any other error is raised; `_Stopped` if the
+        worker stops while waiting.
+        """
+        while True:
+            try:
+                return await work()
+            except Exception as error:
+                if not await self._health.confirm(error):
+                    raise
+                if not await self._health.wait():
+                    raise _Stopped from error
 
     # The session ------------------------------------------------------------------------
 
@@ -695,6 +707,10 @@ class _Heartbeat:
 
 class _Duplicate(Exception):
     """The inbox has the message already: roll back, acknowledge, skip."""
+
+
+class _Stopped(Exception):
+    """The worker stopped while a message waited for the store: leave it unacknowledged."""
 
 
 class _Unreadable(Exception):
