@@ -269,7 +269,7 @@ def test_a_replayed_dead_letter_is_handled_again(rig: WorkerRig) -> None:
         await eventually(dead, what="the message dead-lettered")
         broken = False  # the bug is fixed
         [letter] = await rig.dead_letters()
-        [replayed] = await DeadLetters(rig.store).replay([letter.id])
+        [replayed] = (await DeadLetters(rig.store).replay([letter.id])).replayed
         assert replayed.message_id == sent.id
         assert await rig.dead_letters() == []
         relay = Relay(rig.store, rig.kit.make())

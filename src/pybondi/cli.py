@@ -30,10 +30,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pybondi._redact import redact, scrub
 from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.tracing import TracingFilter
 
@@ -41,10 +42,17 @@ if TYPE_CHECKING:
     from pybondi.consumer import Consumer
     from pybondi.stores.sql import SQLStore
 
-__all__ = ["main"]
+__all__ = ["BROKER_URL", "STORE_URL", "main"]
 
 logger = logging.getLogger("pybondi.cli")
 
+STORE_URL = "PYBONDI_STORE_URL"
+"""The environment variable `--store` defaults to."""
+BROKER_URL = "PYBONDI_BROKER_URL"
+"""The environment variable `--broker` defaults to."""
+
+
+T = TypeVar("T")
 
 _running = ["pybondi"]  # the command under way, for error messages
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(message_id)s %(correlation_id)s]: %(message)s"
@@ -177,14 +185,22 @@ def _dead_letters_parser(commands: Any) -> None:
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", required=True, help="database URL of the SQLStore")
+    parser.add_argument(
+        "--store",
+        **_from_environment(STORE_URL),
+        help=f"database URL of the SQLStore (default: ${STORE_URL}, which keeps a password "
+        f"out of the process list)",
+    )
     parser.add_argument("--schema", help="the tables' schema (PostgreSQL) or database (MariaDB)")
     parser.add_argument("--prefix", default="pybondi_", help="the tables' name prefix")
 
 
 def _broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--broker", required=True, type=_broker_url, help="redis://, amqp:// or nats:// URL"
+        "--broker",
+        type=_broker_url,
+        **_from_environment(BROKER_URL),
+        help=f"redis://, amqp:// or nats:// URL (default: ${BROKER_URL})",
     )
     parser.add_argument(
         "--broker-option",
@@ -195,6 +211,12 @@ def _broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="an option of the broker adapter, such as prefix=app_ or exchange=app "
         "(RabbitMQ); VALUE is read as JSON if it is JSON, else as text; repeatable",
     )
+
+
+def _from_environment(variable: str) -> dict[str, Any]:
+    """An option's default from an environment variable; required when that is unset."""
+    value = os.environ.get(variable)
+    return {"default": value} if value else {"required": True}
 
 
 def _log_level(parser: argparse.ArgumentParser) -> None:
@@ -325,14 +347,15 @@ def _open_store(
     except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
         driver = "an async driver" if asynchronous else "a driver"
         _refuse(
-            f"cannot use --store {arguments.store}: {str(error).rstrip('.')}. This needs "
-            f"{driver}: give the URL without one (postgresql://, mariadb://, "
-            f"sqlite:///file.db) and pybondi picks it."
+            f"cannot use --store {redact(arguments.store)}: "
+            f"{scrub(str(error), arguments.store).rstrip('.')}. This needs {driver}: give the "
+            f"URL without one (postgresql://, mariadb://, sqlite:///file.db) and pybondi picks it."
         )
         return None
 
 
 async def _relay(arguments: argparse.Namespace) -> int:
+    signals = _Signals()  # first: a SIGTERM while the store is awaited ends the wait
     from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
     from pybondi.relay import Relay  # noqa: PLC0415
 
@@ -340,8 +363,8 @@ async def _relay(arguments: argparse.Namespace) -> int:
     if store is None:
         return 2
     try:
-        if not await _tables_ready(store, arguments.create_tables):
-            return 2
+        if not await signals.unless_stopped(_tables_ready(store, arguments.create_tables)):
+            return 0 if signals.received else 2
         relay = Relay(
             store,
             connect(arguments.broker, **dict(arguments.broker_option)),
@@ -351,7 +374,7 @@ async def _relay(arguments: argparse.Namespace) -> int:
             retention=timedelta(hours=arguments.retention),
             grace=arguments.grace,
         )
-        _stop_on_signals(relay.stop)
+        signals.forward(relay.stop)
         logger.info("Relay %s started: %r", relay.name, relay)
         await relay.run()
         logger.info("Relay %s stopped after sending %d message(s)", relay.name, relay.sent)
@@ -368,6 +391,7 @@ async def _tables_ready(store: SQLStore, create: bool, wait: bool = True) -> boo
     """
     from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
 
+    url = store.engine.url.render_as_string(hide_password=False)
     for attempt in itertools.count():
         try:
             if create:
@@ -376,11 +400,11 @@ async def _tables_ready(store: SQLStore, create: bool, wait: bool = True) -> boo
             missing = await store.amissing_tables()
             break
         except DBAPIError as error:  # unreachable, most likely: wait until it answers
+            first_line = scrub(str(error.orig or error).splitlines()[0], url)
             if not wait:
-                _refuse(f"cannot reach {store!r}: {str(error.orig or error).splitlines()[0]}")
+                _refuse(f"cannot reach {store!r}: {first_line}")
                 return False
             delay = min(30.0, 0.5 * 2**attempt)
-            first_line = str(error.orig or error).splitlines()[0]
             logger.warning("Cannot reach the store (%s); retrying in %.1f s", first_line, delay)
             await asyncio.sleep(delay)
     if missing:
@@ -391,16 +415,51 @@ async def _tables_ready(store: SQLStore, create: bool, wait: bool = True) -> boo
     return not missing
 
 
-def _stop_on_signals(stop: Callable[[], None]) -> None:
-    """SIGTERM and Ctrl-C stop gracefully; a second Ctrl-C interrupts."""
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop)
+class _Signals:
+    """SIGTERM and Ctrl-C, caught from the command's first moment.
 
-    def interrupted() -> None:
-        stop()
-        loop.remove_signal_handler(signal.SIGINT)  # the next one raises KeyboardInterrupt
+    Before the relay or worker runs (while the command waits for its store, say), they
+    end the wait and the command exits 0; once it runs, they go to its `stop()`. A
+    second Ctrl-C interrupts.
+    """
 
-    loop.add_signal_handler(signal.SIGINT, interrupted)
+    def __init__(self) -> None:
+        self.received = False
+        self._stopped = asyncio.Event()
+        self._stop: Callable[[], None] | None = None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._signalled)
+
+        def interrupted() -> None:
+            self._signalled()
+            loop.remove_signal_handler(signal.SIGINT)  # the next one raises KeyboardInterrupt
+
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+
+    def forward(self, stop: Callable[[], None]) -> None:
+        """Send the signals to `stop` from now on (and now, if one came already)."""
+        self._stop = stop
+        if self.received:
+            stop()
+
+    async def unless_stopped(self, work: Awaitable[T]) -> T | None:
+        """What `work` returns, or None if a signal came first (then `work` is cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,))
+        return None if task.cancelled() else task.result()
+
+    def _signalled(self) -> None:
+        self.received = True
+        self._stopped.set()
+        if self._stop is not None:
+            self._stop()
 
 
 def _refuse(problem: str) -> int:
@@ -425,6 +484,7 @@ def _workers(arguments: argparse.Namespace, argv: list[str]) -> int:
 
 
 async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
+    signals = _Signals()  # first: a SIGTERM while the store is awaited ends the wait
     from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
     from pybondi.worker import Worker  # noqa: PLC0415
 
@@ -434,8 +494,8 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
     if store is None:
         return 2
     try:
-        if not await _tables_ready(store, arguments.create_tables):
-            return 2
+        if not await signals.unless_stopped(_tables_ready(store, arguments.create_tables)):
+            return 0 if signals.received else 2
         try:
             worker = Worker(
                 consumer,
@@ -446,7 +506,7 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
             )
         except (TypeError, ValueError) as error:
             return _refuse(str(error))
-        _stop_on_signals(worker.stop)
+        signals.forward(worker.stop)
         logger.info("Worker started: %r", worker)
         try:
             await worker.run()
@@ -600,15 +660,15 @@ async def _replay(letters: Any, arguments: argparse.Namespace) -> int:
     ids = await _selected(letters, arguments)
     if ids is None:
         return 2
-    replayed = await letters.replay(ids)
-    for letter in replayed:
+    result = await letters.replay(ids)
+    for letter in result.replayed:
         print(f"replayed {letter.id}: {letter.message_id} to {letter.topic}")
-    missing = sorted(set(ids) - {letter.id for letter in replayed})
-    if missing:
-        print(
-            f"pybondi dead-letters: no dead letter {', '.join(map(str, missing))}", file=sys.stderr
-        )
-    return 1 if missing else 0
+    if result.missing:
+        missing = ", ".join(map(str, result.missing))
+        print(f"pybondi dead-letters: no dead letter {missing}", file=sys.stderr)
+    for id, reason in result.failed.items():
+        print(f"pybondi dead-letters: cannot replay {id}: {reason}", file=sys.stderr)
+    return 1 if result.missing or result.failed else 0
 
 
 async def _discard(letters: Any, arguments: argparse.Namespace) -> int:
