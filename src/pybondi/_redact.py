@@ -28,8 +28,8 @@ _PARAMETER = re.compile(r"(?P<lead>[?&;](?P<name>[^=&;#\s/]+)=)(?P<value>[^&;#\s
 def redact(text: str) -> str:
     """`text` with the credentials of every URL in it masked.
 
-    A password in the user info becomes `user:***`; user info without a colon is
-    masked whole, since NATS reads it as a token; secret query values become `***`.
+    A password in the user info becomes `user:***`; in a NATS URL, user info without a
+    colon is a token, masked whole; secret query values become `***`.
     """
     text = _USERINFO.sub(_masked_userinfo, text)
     return _PARAMETER.sub(_masked_parameter, text)
@@ -45,8 +45,14 @@ def scrub(text: str, url: str) -> str:
 
 def _masked_userinfo(match: re.Match[str]) -> str:
     user, colon, _ = match["userinfo"].partition(":")
-    masked = f"{user}:{MASK}" if colon else MASK
-    return f"{match['scheme']}{masked}@"
+    if not colon and not _token(match["scheme"]):
+        return match[0]  # a user name alone
+    return f"{match['scheme']}{f'{user}:{MASK}' if colon else MASK}@"
+
+
+def _token(scheme: str) -> bool:
+    """Whether user info without a colon is a token under this scheme (NATS's), not a name."""
+    return scheme.lower().startswith(("nats", "tls"))
 
 
 def _masked_parameter(match: re.Match[str]) -> str:
@@ -60,7 +66,8 @@ def _secrets(url: str) -> list[str]:
     found: list[str] = []
     for match in _USERINFO.finditer(url):
         user, colon, password = match["userinfo"].partition(":")
-        found.append(password if colon else user)
+        if colon or _token(match["scheme"]):
+            found.append(password if colon else user)
     found += [
         match["value"] for match in _PARAMETER.finditer(url) if _SECRET_NAME.search(match["name"])
     ]
