@@ -579,3 +579,30 @@ def test_state_of_an_unknown_id_says_which_it_knows(
         "The scenario did not load 'bob': it loads the aggregates it was given and those its "
         "session held when it committed, which are ['alice']."
     )
+
+
+# Events that cannot be compared -----------------------------------------------------------
+
+
+class Closed(Event):
+    """A plain class: equal only to itself, whatever its fields."""
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+
+
+def test_events_without_equality_are_pointed_out() -> None:
+    accounts = Balances()
+    bus = Messagebus()
+
+    @bus.register
+    def close(command: Withdraw) -> None:
+        accounts.get(command.account).root.publish(Closed(command.account))
+
+    scenario = Scenario(bus, accounts).given(Account("alice"))
+    assert failure(lambda: scenario.when(Withdraw("alice", 0)).then(Closed("alice"))) == (
+        "Expected 1 event; 1 was published, and they differ (- expected, + published):\n"
+        "- Closed(account='alice')\n"
+        "+ Closed(account='alice')\n"
+        "    (alike, but not ==: make Closed compare by value, as a @dataclass does)"
+    )

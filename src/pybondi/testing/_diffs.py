@@ -81,9 +81,16 @@ def _block(wanted: Sequence[object], got: Sequence[object], verb: str) -> list[s
 
 def _pair(expected: object, actual: object, verb: str) -> list[str]:
     lines = [f"- {expected!r}", f"+ {actual!r}"]
-    if type(expected) is type(actual):
-        lines += [f"    {line}" for line in differences(expected, actual, verb)]
-    return lines
+    if type(expected) is not type(actual):
+        return lines
+    notes = differences(expected, actual, verb)
+    if not notes and lines[0][1:] == lines[1][1:]:
+        # Plain classes compare by identity: two events alike are still not ==.
+        notes = [
+            f"(alike, but not ==: make {type(expected).__name__} compare by value, as a "
+            f"@dataclass does)"
+        ]
+    return lines + [f"    {note}" for note in notes]
 
 
 def _were(number: int) -> str:
