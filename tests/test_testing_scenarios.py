@@ -28,7 +28,9 @@ from pybondi import (
     Publisher,
     Repository,
     Root,
+    Session,
 )
+from pybondi.consumer import current_session
 from pybondi.repositories import EventSourcedRepository, StateRepository
 from pybondi.serialization import Registry
 from pybondi.stores import MemoryStore
@@ -606,3 +608,21 @@ def test_events_without_equality_are_pointed_out() -> None:
         "+ Closed(account='alice')\n"
         "    (alike, but not ==: make Closed compare by value, as a @dataclass does)"
     )
+
+
+# Handlers that take the session ----------------------------------------------------------
+
+
+def test_handlers_that_take_the_current_session_get_the_scenarios() -> None:
+    bus = Messagebus()
+
+    @bus.register
+    def pay_out(command: Withdraw, session: Session = Depends(current_session)) -> None:
+        session.repository.get(command.account).withdraw(command.amount)
+        session.publisher.publish("payouts", Message(command.amount))
+
+    scenario = Scenario(bus, StateRepository(MemoryStore(), Account, registry))
+    scenario.dependencies[current_session] = lambda: scenario.session
+    scenario.given_events("alice", Deposited("alice", 10))
+    scenario.when(Withdraw("alice", 4)).then(Withdrawn("alice", 4))
+    scenario.then_published(("payouts", 4)).then_state("alice", balance=6)

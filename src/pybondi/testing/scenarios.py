@@ -115,6 +115,11 @@ class Scenario(Generic[A]):
                 "Use a repository that stores, such as StateRepository(MemoryStore(), "
                 "Account, registry), or a Repository subclass with load() and store()."
             )
+        if publisher is not None and not isinstance(publisher, BasePublisher):
+            raise TypeError(
+                f"Scenario(publisher=...) takes a pybondi BasePublisher, such as "
+                f"pybondi.Publisher(), got {type(publisher).__name__}: {short_repr(publisher)}."
+            )
         self.messagebus = messagebus
         self.repository = repository
         self.publisher = publisher if publisher is not None else Publisher()
