@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Generic, NamedTuple, Self, TypeVar
 
-from pybondi.aggregate import Aggregate, Root
-from pybondi.exceptions import AsyncRequired, NotFound, callable_name, short_repr
+from pybondi.aggregate import Aggregate
+from pybondi.exceptions import AsyncRequired, NotFound, short_repr
 from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, Message, Publisher
-from pybondi.repositories import EventSourcedRepository, StoreRepository
 from pybondi.repository import Repository
 from pybondi.session import Session
 from pybondi.testing._diffs import count, differences, listing, sequence_diff
+from pybondi.testing._given import Given, histories
 from pybondi.testing._observers import RecordingBus, WatchedPublisher, WhenSession
 
 __all__ = ["Scenario"]
@@ -125,12 +125,11 @@ class Scenario(Generic[A]):
         self.publisher = publisher if publisher is not None else Publisher()
         self.dependencies: dict[Dependency, Dependency] = dict(dependencies or {})
         _check_dependencies(self.dependencies)
-        self.create = create
         self.events: list[Event] = []
         self.published: list[tuple[str, Message[Any]]] = []
         self.error: Exception | None = None
         self.session: Session | None = None
-        self._given: list[tuple[Any, A | None, tuple[Event, ...]]] = []
+        self._given = Given(repository, create)
         self._known: dict[Any, None] = {}  # ids given or committed, loaded after each when
         self._states: dict[Any, A] = {}
         self._when: Command | Event | None = None
@@ -146,25 +145,7 @@ class Scenario(Generic[A]):
         they are stored as its history (an `EventSourcedRepository` stores nothing else).
         """
         for aggregate in aggregates:
-            root = getattr(aggregate, "root", None)
-            if not isinstance(root, Root):
-                advice = ""
-                if isinstance(aggregate, Event):
-                    advice = " Give events with given_events(id, *events)."
-                raise TypeError(
-                    f"given() takes aggregates (with self.root = Root(id)), got "
-                    f"{type(aggregate).__name__}: {short_repr(aggregate)}.{advice}"
-                )
-            if isinstance(self.repository, EventSourcedRepository) and not root.events:
-                raise ValueError(
-                    f"{type(self.repository).__name__} stores only events, and "
-                    f"{type(aggregate).__name__} {root.id!r} has published none: nothing "
-                    f"of it would be stored. Give its history with "
-                    f"given_events({root.id!r}, ...), or build it through methods that "
-                    f"publish events."
-                )
-            self._given.append((root.id, aggregate, ()))
-            self._known[root.id] = None
+            self._known[self._given.aggregate(aggregate)] = None
         return self
 
     def given_events(self, id: Any, *events: Event) -> Self:
@@ -175,84 +156,29 @@ class Scenario(Generic[A]):
         event-sourced repository keeps them as the aggregate's stream; a state one
         keeps the resulting state, and the events in its log.
         """
-        if not events:
-            raise ValueError(f"given_events({id!r}) needs at least one event after the id.")
-        for event in events:
-            if not isinstance(event, Event):
-                raise TypeError(
-                    f"given_events() takes an id and then events, got "
-                    f"{type(event).__name__}: {short_repr(event)}."
-                )
-        self._given.append((id, None, events))
+        self._given.events(id, events)
         self._known[id] = None
         return self
 
-    def _put(self, session: Session, given: list[tuple[Any, A | None, tuple[Event, ...]]]) -> None:
-        """Put what was given into the session; the stored histories are loaded already."""
-        held = self.repository.aggregates
-        for id, aggregate, events in given:
-            if aggregate is not None:
-                session.add(aggregate)
-                continue
-            existing = held.get(id)
-            if existing is None:
-                existing = self._blank(id)
-                session.add(existing)
-            apply = getattr(existing, "apply", None)
-            if not callable(apply):
-                name = type(existing).__name__
-                raise TypeError(
-                    f"{name} has no apply(event) method: given_events() applies each event "
-                    f"to the aggregate and stores it as its history. Give the state itself "
-                    f"instead, with given({name}(...))."
-                )
-            for event in events:
-                apply(event)
-                existing.root.publish(event)  # the session records it as the history
-
-    def _blank(self, id: Any) -> A:
-        create: Callable[[Any], A] | None = self.create
-        if create is None and isinstance(self.repository, EventSourcedRepository):
-            create = self.repository.create
-        elif create is None and isinstance(self.repository, StoreRepository):
-            create = self.repository.aggregate_type
-        if create is None:
-            raise TypeError(
-                f"given_events() starts from a blank aggregate, and "
-                f"{type(self.repository).__name__} does not say how to build one. Pass "
-                f"Scenario(..., create=Account), or give the aggregate with given(...)."
-            )
-        try:
-            return create(id)
-        except Exception as error:
-            error.add_note(f"While building a blank aggregate with {callable_name(create)}.")
-            raise
-
-    def _histories(self) -> list[Any]:
-        """The ids whose stored aggregate given events continue, if there is one."""
-        return list(dict.fromkeys(id for id, aggregate, _ in self._given if aggregate is None))
-
     def _store(self) -> None:
-        given, histories, self._given = self._given, self._histories(), []
-        if given:
+        if items := self._given.take():
             try:
                 # A bus without handlers: the given events are history, not news.
                 with Session(Messagebus(), self.repository) as session:
-                    for id in histories:
+                    for id in histories(items):
                         _found(session.repository.get, id)
-                    self._put(session, given)
+                    self._given.put(session, items)
             except Exception as error:
                 error.add_note(_STORING)
                 raise
 
     async def _astore(self) -> None:
-        given, histories, self._given = self._given, self._histories(), []
-        if given:
+        if items := self._given.take():
             try:
                 async with Session(Messagebus(), self.repository) as session:
-                    for id in histories:
+                    for id in histories(items):
                         await _afound(session.repository.aget, id)
-                    self._put(session, given)
+                    self._given.put(session, items)
             except Exception as error:
                 error.add_note(_STORING)
                 raise
