@@ -471,6 +471,29 @@ class NATSKit(BrokerKit):
         self.taken[topic] = self.taken.get(topic, 0) + len(envelopes)
         return envelopes
 
+    async def publish_raw(self, topic: str, header_block: bytes, body: bytes) -> None:
+        """Publish with a raw `HPUB`, whose header block no client would write.
+
+        Returns once the server answered a PING sent after it, so it has the message.
+        """
+        host, _, port = self.url.removeprefix("nats://").rpartition("@")[2].partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port or 4222))
+        try:
+            await reader.readline()  # INFO
+            size = len(header_block)
+            writer.write(
+                b'CONNECT {"headers":true,"verbose":false,"protocol":1}\r\n'
+                + f"HPUB {topic} {size} {size + len(body)}\r\n".encode()
+                + header_block
+                + body
+                + b"\r\nPING\r\n"
+            )
+            answer = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT)
+            assert answer == b"PONG\r\n", answer
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
     async def add_stream(self, topic: str) -> None:
         """Create a topic's stream the way the adapter does, with the raw client."""
         await self._js().add_stream(name=self.stream(topic), subjects=[topic])
