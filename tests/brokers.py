@@ -344,7 +344,14 @@ class RabbitMQKit(BrokerKit):
         envelopes: list[Envelope] = []
         while queue is not None and (message := await queue.get(no_ack=True, fail=False)):
             assert message.routing_key == topic, (message.routing_key, topic)
-            headers = _strings(message.headers)
+            # Quorum queues count deliveries in a header of their own (3.10: from 0).
+            headers = _strings(
+                {
+                    name: value
+                    for name, value in message.headers.items()
+                    if name != "x-delivery-count"
+                }
+            )
             envelopes.append(Envelope(topic, message.message_id or "", headers, message.body))
         return envelopes
 
@@ -354,7 +361,9 @@ class RabbitMQKit(BrokerKit):
         exchange = await self.channel.declare_exchange(
             self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await self.channel.declare_queue(self.prefix + topic, durable=True)
+        queue = await self.channel.declare_queue(
+            self.prefix + topic, durable=True, arguments={"x-queue-type": "quorum"}
+        )
         await queue.bind(exchange, routing_key=topic)
 
     async def undeliverable(self) -> tuple[Broker, str, str]:

@@ -154,7 +154,7 @@ class RabbitMQBroker(Broker):
                     publish = exchange.publish(message, envelope.topic, mandatory=True)
                     publishes.append(asyncio.create_task(publish))
                 await asyncio.wait(publishes)
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as error:
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError, _QueueMismatch) as error:
             failure = error
         finally:
             for publish_task in publishes:
@@ -206,6 +206,8 @@ class RabbitMQBroker(Broker):
         return first, reason
 
     def _explain(self, reason: BaseException | None, topic: str) -> str | BaseException:
+        if isinstance(reason, _QueueMismatch):
+            return str(reason)
         if isinstance(reason, aio_pika.exceptions.PublishError):
             return (
                 f"RabbitMQ returned it: no queue is bound to exchange {self.exchange!r} for "
@@ -239,7 +241,7 @@ class RabbitMQBroker(Broker):
             if self.declare_queues:
                 for topic in dict.fromkeys(envelope.topic for envelope in envelopes):
                     if topic not in self._declared:
-                        queue = await channel.declare_queue(self.queue(topic), durable=True)
+                        queue = await _declare(channel, self.queue(topic))
                         await queue.bind(exchange, routing_key=topic)
                         self._declared.add(topic)
             return exchange
@@ -297,16 +299,69 @@ class _Connection(aio_pika.Connection):
             raise
 
 
-ATTEMPT_HEADER = "x-pybondi-attempt"
-"""The AMQP header that counts a retried message's attempts; absent on the first."""
+class _QueueMismatch(Exception):
+    """A queue to declare exists already, with other arguments (a classic queue)."""
 
+
+_QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+async def _declare(channel: aio_pika.abc.AbstractChannel, name: str) -> aio_pika.abc.AbstractQueue:
+    """Declare a topic's or a group's queue: durable and quorum, wherever it is declared.
+
+    Sends and subscriptions both declare the topic's own queue: their declarations must
+    be the same, or RabbitMQ refuses the second (PRECONDITION_FAILED) and closes the
+    channel.
+    """
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=_QUORUM)
+    except aio_pika.exceptions.ChannelPreconditionFailed as error:
+        raise _QueueMismatch(
+            f"RabbitMQ queue {name!r} exists, but not as pybondi declares it ({error}). "
+            f"pybondi's queues are durable quorum queues, which count redeliveries, so "
+            f"that a message that keeps killing its workers is dead-lettered; an older "
+            f"pybondi declared classic ones, which RabbitMQ cannot convert. Let the "
+            f"workers empty it, delete it and start again (pybondi declares it anew), "
+            f"or keep it with declare_queues=False (its redeliveries then go uncounted)"
+        ) from error
+
+
+ATTEMPT_HEADER = "x-pybondi-attempt"
+"""The AMQP header that counts a retried message's attempts; absent on the first.
+
+Retries set it on the copy they publish. A producer may set it too: it can only make
+its message reach its last attempt sooner (a value above the consumer's attempts is
+dead-lettered unhandled, visibly), never skip it; a value that is not a positive integer
+is a `problem`, and the message is dead-lettered.
+"""
+
+# Set by RabbitMQ on a quorum queue's message each time it comes back to the queue
+# unacknowledged (3.x: any return; 4.3 and later: failed ones, x-acquired-count any).
+_REDELIVERY_HEADERS = ("x-delivery-count", "x-acquired-count")
 _DEATH_HEADERS = ("x-first-death-", "x-last-death-")
 _RETRY_QUEUE_EXPIRES = 60_000  # ms an unused delay queue outlives its TTL, then goes
 
 
 def _transport_header(name: str) -> bool:
-    """Whether RabbitMQ (dead-lettering) or this adapter set the header, not the sender."""
-    return name in ("x-death", ATTEMPT_HEADER) or name.startswith(_DEATH_HEADERS)
+    """Whether RabbitMQ or this adapter set the header (to count, to dead-letter)."""
+    return name in ("x-death", ATTEMPT_HEADER, *_REDELIVERY_HEADERS) or name.startswith(
+        _DEATH_HEADERS
+    )
+
+
+def _redeliveries(message: aio_pika.abc.AbstractIncomingMessage) -> int:
+    """How often a quorum queue delivered the message before, unacknowledged.
+
+    Only on a message RabbitMQ flags as redelivered: on a first delivery, the headers
+    are the producer's (RabbitMQ 3.12 and later set none then).
+    """
+    if not message.redelivered:
+        return 0
+    counts = [(message.headers or {}).get(name) for name in _REDELIVERY_HEADERS]
+    return max(
+        (n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 0),
+        default=0,
+    )
 
 
 class RabbitMQSubscription(Subscription):
@@ -423,6 +478,7 @@ class RabbitMQSubscription(Subscription):
                     problems.append(f"header {name} is {short_repr(value)}, not text")
                 else:
                     headers[name] = text
+        attempt += _redeliveries(message)
         # A message with no id of its sender's gets one of its own, kept by its retries
         # (as their message_id), but not by redeliveries: RabbitMQ has no message ids.
         message_id = headers.get("message-id") or message.message_id or f"amqp-{uuid.uuid4()}"
@@ -462,6 +518,8 @@ class RabbitMQSubscription(Subscription):
             raise ConnectionError(
                 f"{self!r} could not connect and consume within {broker.timeout} s."
             ) from error
+        except _QueueMismatch as error:
+            raise ConnectionError(f"{self!r} cannot consume: {error}.") from error
         self._link = link
         return link
 
@@ -600,8 +658,7 @@ class _Link:
             )
         for name, topic in subscription.queues.items():
             if exchange is not None:
-                # As sends declare it (durable, no arguments), or the declarations clash.
-                queue = await channel.declare_queue(name, durable=True)
+                queue = await _declare(channel, name)
                 await queue.bind(exchange, routing_key=topic)
             else:
                 queue = await channel.get_queue(name)  # passive: it must exist
