@@ -444,7 +444,15 @@ class RabbitMQSubscription(Subscription):
                 f"{self!r} lost its connection to RabbitMQ ({link.lost}); the next receive "
                 f"connects again, and the messages not acked come back."
             ) from link.lost
-        return [self._delivery(link, *item) for item in items if item is not None]
+        deliveries: list[Delivery] = []
+        for item in items:
+            if item is None:
+                continue
+            queue, message = item
+            if _without_id(message) and await self._stamp(link, queue, message):
+                continue  # it comes again as the copy, which has an id
+            deliveries.append(self._delivery(link, queue, message))
+        return deliveries
 
     async def close(self) -> None:
         """Cancel the consumers and close the connection; unacked messages go back at once."""
@@ -479,8 +487,7 @@ class RabbitMQSubscription(Subscription):
                 else:
                     headers[name] = text
         attempt += _redeliveries(message)
-        # A message with no id of its sender's gets one of its own, kept by its retries
-        # (as their message_id), but not by redeliveries: RabbitMQ has no message ids.
+        # Only when `_stamp` failed: an id for this delivery alone.
         message_id = headers.get("message-id") or message.message_id or f"amqp-{uuid.uuid4()}"
         problem = None
         if problems:
@@ -492,6 +499,37 @@ class RabbitMQSubscription(Subscription):
         return RabbitMQDelivery(
             self, link, queue, message, envelope, attempt=attempt, problem=problem
         )
+
+    async def _stamp(
+        self, link: _Link, queue: str, message: aio_pika.abc.AbstractIncomingMessage
+    ) -> bool:
+        """Put a copy of a message without id, with an id, in its queue; ack the original.
+
+        RabbitMQ has no ids of its own for messages: an id made up at each delivery would
+        change when the message comes again after its worker died, and the worker's inbox
+        could not tell that it handled it already. A hash of the message instead would
+        make two equal messages one, and the second would be skipped. The copy keeps the
+        id for good. It goes to the back of the queue. Should a crash come between
+        the copy and the ack, the original comes again and gets a copy of its own.
+
+        Returns False when the copy could not be published: the message is then
+        delivered with an id for this delivery alone.
+        """
+        copy = _copy(message, f"amqp-{uuid.uuid4()}")
+        try:
+            async with asyncio.timeout(self.broker.timeout):
+                channel = await link.publisher()
+                # mandatory: should the queue be gone, the publish raises.
+                await channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as error:
+            logger.warning(
+                "%r could not give message %s of queue %r an id: %r",
+                self, short_repr(message.body), queue, error,
+            )  # fmt: skip
+            return False
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            await message.ack()  # if lost, the original comes again, and is copied again
+        return True
 
     async def _connect(self) -> _Link:
         broker = self.broker
@@ -591,33 +629,11 @@ class RabbitMQDelivery(Delivery):
         async with asyncio.timeout(self._subscription.broker.timeout):
             channel = await self._link.publisher()
             await channel.declare_queue(delay_queue, durable=True, arguments=arguments)
+            message = self._message
+            copy = _copy(message, message.message_id or self.envelope.id, self.attempt + 1)
             # mandatory: should the delay queue vanish in between, the publish raises.
-            await channel.default_exchange.publish(
-                self._copy(), routing_key=delay_queue, mandatory=True
-            )
+            await channel.default_exchange.publish(copy, routing_key=delay_queue, mandatory=True)
         await self.ack()
-
-    def _copy(self) -> aio_pika.Message:
-        """The message as sent, headers untouched but for the next attempt's count."""
-        message = self._message
-        headers = {
-            name: _encodable(value)
-            for name, value in (message.headers or {}).items()
-            if not _transport_header(name)
-        }
-        headers[ATTEMPT_HEADER] = self.attempt + 1
-        return aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id or self.envelope.id,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
 
     def _check_link(self) -> None:
         if self._link.lost is not None:
@@ -695,6 +711,40 @@ class _Link:
     def _cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
         # RabbitMQ cancels a consumer whose queue was deleted: connect and declare again.
         self.lose(ConnectionError(f"RabbitMQ cancelled consumer {frame.consumer_tag}"))
+
+
+def _without_id(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Whether the message has no id: no AMQP message_id, no `message-id` header."""
+    return not message.message_id and not _text((message.headers or {}).get("message-id"))
+
+
+def _copy(
+    message: aio_pika.abc.AbstractIncomingMessage, message_id: str, attempt: int | None = None
+) -> aio_pika.Message:
+    """The message as sent, with `message_id`, persistent, and `attempt` if given.
+
+    Without `attempt`, its attempt header stays as it was; the other headers RabbitMQ or
+    this adapter set are left out.
+    """
+    headers = {
+        name: _encodable(value)
+        for name, value in (message.headers or {}).items()
+        if not _transport_header(name) or (name == ATTEMPT_HEADER and attempt is None)
+    }
+    if attempt is not None:
+        headers[ATTEMPT_HEADER] = attempt
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
 
 
 def _text(value: object) -> str | None:
