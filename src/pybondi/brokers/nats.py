@@ -27,7 +27,13 @@ worker of the group pulls from it: that is how they share the messages. A new co
 starts from the oldest message kept, acks explicitly, redelivers what is not acked within
 `redeliver_after` and never gives up (the worker counts attempts, from JetStream's
 delivery count, and dead-letters). A retry is a NAK with a delay: JetStream redelivers
-the message when the delay is over. The subscription has a connection of its own.
+the message when the delay is over. The subscription has a connection of its own, and
+sends the consumers' pull requests itself: a stored message whose header block begins
+with a status line (`NATS/1.0 503`, as only a raw HPUB writes) is a delivery with a
+`problem`, which the worker dead-letters, where nats-py's fetch would take it for
+JetStream's control message and fail or drop it (see `_Pull`). A message without
+`message-id` (nor `Nats-Msg-Id`) has `<stream>/<sequence>` as its id, which its
+redeliveries and retries keep.
 
 nats-py is async-only, so this adapter is too: sync sessions reach it through the outbox
 (`pybondi.outbox`).

@@ -1,14 +1,22 @@
-"""RabbitMQ: one durable topic exchange, one durable queue per topic, publisher confirms.
+"""RabbitMQ: one durable topic exchange, a quorum queue per topic, publisher confirms.
 
     broker = RabbitMQBroker("amqp://guest:guest@localhost:5672/", exchange="pybondi")
 
 Every envelope goes to the exchange (type `topic`, durable, named `exchange`) with its
 topic as the routing key, persistent, with `message_id` = the envelope's id, its headers
 as AMQP headers and content type `application/json`. The first time a connection sends
-to a topic it declares the durable queue `prefix + topic`, bound to the exchange with the
-topic as binding key, so messages are kept even before any consumer exists; pass
-`declare_queues=False` when your consumers or your operators declare the queues. A
-message returned because its queue was deleted makes the next send declare it again.
+to a topic it declares the queue `prefix + topic` (durable, `x-queue-type: quorum`),
+bound to the exchange with the topic as binding key, so messages are kept even before any
+consumer exists; pass `declare_queues=False` when your consumers or your operators
+declare the queues. A message returned because its queue was deleted makes the next send
+declare it again.
+
+Quorum queues count how often a message came back unacknowledged, which lets the worker
+dead-letter a message that keeps killing its workers; classic queues do not, and were
+what pybondi declared before. RabbitMQ cannot change a queue's type: where a classic
+queue has the name, declaring fails (PRECONDITION_FAILED) and the send raises
+`PublishError`, the subscription `ConnectionError`, saying what to do: let the workers
+empty the queue and delete it, or keep it with `declare_queues=False`, uncounted.
 
 Messages are published `mandatory`: one that no queue takes is returned by RabbitMQ and
 raises `PublishError`, never vanishes. The broker's ack (a publisher confirm) is its
@@ -21,8 +29,18 @@ competing consumers: the topic's own queue for `DEFAULT_GROUP`, `queue#group` fo
 other group (see `RabbitMQBroker.group_queue`). Each subscription has a connection of its
 own, with a prefetch of `in_flight` per queue; unacked messages go back to the queue when
 that connection closes or dies (heartbeats of `redeliver_after` seconds notice a silent
-one). `retry(delay)` puts a copy in a delay queue, `queue#retry#<ms>`, whose TTL dead-
-letters it back to the group's queue once the delay is over, then acks the original.
+one). `retry(delay)` puts a copy in a delay queue, `queue#retry#<ms>` (a classic one),
+whose TTL dead-letters it back to the group's queue once the delay is over, then acks
+the original. A delivery's attempt is the copy's `x-pybondi-attempt` (1 on the first
+delivery) plus the times the quorum queue redelivered it (`x-delivery-count`, or
+`x-acquired-count` where RabbitMQ 4.3 and later set it); see `ATTEMPT_HEADER` for what a
+producer setting such headers can do. RabbitMQ 4.0 and later give quorum queues a
+delivery limit (20 by default), past which they drop a message: keep the consumers'
+`retry.attempts` below it, so that the worker dead-letters the message first.
+
+RabbitMQ has no id of its own for a message: one that comes without `message_id` (and
+without a `message-id` header) is put back in its queue as a copy with an id,
+`amqp-<uuid>`, which its redeliveries and retries keep; see `_stamp`.
 """
 
 from __future__ import annotations
@@ -383,8 +401,9 @@ class RabbitMQSubscription(Subscription):
     is the heartbeat timeout the connection asks for (unless the URL or the connection
     options name one). A consumer whose event loop runs but never acks (a handler stuck
     on an await) keeps its messages until RabbitMQ's `consumer_timeout` (30 minutes by
-    default; a server setting) closes its channel. Redeliveries are not counted as
-    attempts: classic queues do not count them.
+    default; a server setting) closes its channel. Each such redelivery counts as an
+    attempt, as the quorum queue counts it (not on a classic queue consumed with
+    `declare_queues=False`).
     """
 
     def __init__(
