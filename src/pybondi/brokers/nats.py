@@ -454,7 +454,7 @@ class _Pull:
             elif status != _HEARTBEAT:
                 # 503: no JetStream to answer, or worse: as nats-py's fetch, fail, and
                 # the subscription connects again.
-                nats.js.errors.APIError.from_msg(message)
+                raise nats.js.errors.APIError.from_msg(message)
         return messages
 
 

@@ -356,15 +356,14 @@ is a `problem`, and the message is dead-lettered.
 # Set by RabbitMQ on a quorum queue's message each time it comes back to the queue
 # unacknowledged (3.x: any return; 4.3 and later: failed ones, x-acquired-count any).
 _REDELIVERY_HEADERS = ("x-delivery-count", "x-acquired-count")
+_TRANSPORT_HEADERS = ("x-death", ATTEMPT_HEADER, *_REDELIVERY_HEADERS)
 _DEATH_HEADERS = ("x-first-death-", "x-last-death-")
 _RETRY_QUEUE_EXPIRES = 60_000  # ms an unused delay queue outlives its TTL, then goes
 
 
 def _transport_header(name: str) -> bool:
     """Whether RabbitMQ or this adapter set the header (to count, to dead-letter)."""
-    return name in ("x-death", ATTEMPT_HEADER, *_REDELIVERY_HEADERS) or name.startswith(
-        _DEATH_HEADERS
-    )
+    return name in _TRANSPORT_HEADERS or name.startswith(_DEATH_HEADERS)
 
 
 def _redeliveries(message: aio_pika.abc.AbstractIncomingMessage) -> int:
