@@ -5,11 +5,11 @@
 Every envelope goes to the exchange (type `topic`, durable, named `exchange`) with its
 topic as the routing key, persistent, with `message_id` = the envelope's id, its headers
 as AMQP headers and content type `application/json`. The first time a connection sends
-to a topic it declares the queue `prefix + topic` (durable, `x-queue-type: quorum`),
-bound to the exchange with the topic as binding key, so messages are kept even before any
-consumer exists; pass `declare_queues=False` when your consumers or your operators
-declare the queues. A message returned because its queue was deleted makes the next send
-declare it again.
+to a topic it declares the queue `prefix + topic` (durable, `x-queue-type: quorum`, so
+RabbitMQ 3.8 or later), bound to the exchange with the topic as binding key, so messages
+are kept even before any consumer exists; pass `declare_queues=False` when your consumers
+or your operators declare the queues. A message returned because its queue was deleted
+makes the next send declare it again.
 
 Quorum queues count how often a message came back unacknowledged, which lets the worker
 dead-letter a message that keeps killing its workers; classic queues do not, and were
