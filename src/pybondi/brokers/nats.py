@@ -781,8 +781,9 @@ def _stored(message: Msg) -> bool:
 def _status(message: Msg) -> str | None:
     """The status of the status line the message's header block begins with, if any.
 
-    nats-py reads `NATS/1.0 503` into a header `Status: 503`, so a header `Status` of
-    three digits reads the same (any other value is an ordinary header).
+    nats-py reads `NATS/1.0 503` into a header `Status: 503` (as nats.go does), so a
+    header `Status` of three digits reads the same and is taken for a status line alike:
+    NATS clients reserve it. Any other value is an ordinary header.
     """
     status = (message.headers or {}).get(Header.STATUS)
     return status if status is not None and len(status) == 3 and status.isdigit() else None
