@@ -586,9 +586,6 @@ def test_a_sync_store_refuses_async_handlers_before_any_message(rig: WorkerRig) 
 
 
 def test_a_message_whose_workers_keep_dying_is_dead_lettered_unhandled(rig: WorkerRig) -> None:
-    if rig.kit.name == "rabbitmq":
-        pytest.skip("RabbitMQ's classic queues do not count redeliveries (see pybondi.worker)")
-
     async def test() -> None:
         topic = rig.kit.topic()
         started = asyncio.Event()
