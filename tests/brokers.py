@@ -24,6 +24,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aio_pika.abc
@@ -34,8 +35,12 @@ import nats.errors
 import nats.js
 import nats.js.api
 import nats.js.errors
+import pamqp.body
+import pamqp.frame
+import pamqp.header
 import redis
 import redis.asyncio
+from pamqp.commands import Basic, Channel, Confirm, Connection
 
 from pybondi import Message
 from pybondi.brokers import Broker, connect
@@ -44,6 +49,7 @@ from pybondi.envelope import Envelope
 from tests.backends import unavailable
 
 T = TypeVar("T")
+F = TypeVar("F")
 B = TypeVar("B", bound=Broker)
 S = TypeVar("S", bound=Subscription)
 S_co = TypeVar("S_co", bound=Subscription, covariant=True)
@@ -191,6 +197,13 @@ class BrokerKit(ABC):
         """Every message of `topic` available now and not taken before, in order."""
 
     @abstractmethod
+    async def publish_bare(self, topic: str, body: bytes) -> str | None:
+        """Publish a message with no id nor headers, as from a producer not pybondi.
+
+        Returns the broker's own id of the message, where it has one.
+        """
+
+    @abstractmethod
     async def undeliverable(self) -> tuple[Broker, str, str]:
         """An adapter with a `good` topic it can send to and a `bad` one it cannot."""
 
@@ -265,6 +278,10 @@ class RedisKit(BrokerKit):
             message_id = headers.get("message-id", "")
             envelopes.append(Envelope(topic, message_id, headers, fields[b"body"]))
         return envelopes
+
+    async def publish_bare(self, topic: str, body: bytes) -> str:
+        entry = await self._client().xadd(self.prefix + topic, {"headers": "{}", "body": body})
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     async def undeliverable(self) -> tuple[Broker, str, str]:
         good, bad = self.topic("good"), self.topic("bad")
@@ -344,7 +361,14 @@ class RabbitMQKit(BrokerKit):
         envelopes: list[Envelope] = []
         while queue is not None and (message := await queue.get(no_ack=True, fail=False)):
             assert message.routing_key == topic, (message.routing_key, topic)
-            headers = _strings(message.headers)
+            # Quorum queues count deliveries in a header of their own (3.10: from 0).
+            headers = _strings(
+                {
+                    name: value
+                    for name, value in message.headers.items()
+                    if name != "x-delivery-count"
+                }
+            )
             envelopes.append(Envelope(topic, message.message_id or "", headers, message.body))
         return envelopes
 
@@ -354,8 +378,55 @@ class RabbitMQKit(BrokerKit):
         exchange = await self.channel.declare_exchange(
             self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await self.channel.declare_queue(self.prefix + topic, durable=True)
+        queue = await self.channel.declare_queue(
+            self.prefix + topic, durable=True, arguments={"x-queue-type": "quorum"}
+        )
         await queue.bind(exchange, routing_key=topic)
+
+    async def publish_bare(self, topic: str, body: bytes) -> None:
+        """Publish with no message_id, confirmed, speaking AMQP itself.
+
+        aiormq gives every message it publishes a message_id; other clients do not.
+        """
+        url = urlsplit(self.url)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port or 5672)
+
+        async def read(kind: type[F]) -> F:
+            head = await reader.readexactly(7)
+            rest = await reader.readexactly(int.from_bytes(head[3:], "big") + 1)
+            _, _, frame = pamqp.frame.unmarshal(head + rest)
+            assert isinstance(frame, kind), frame
+            return frame
+
+        def write(channel: int, *frames: pamqp.frame.FrameTypes) -> None:
+            writer.write(b"".join(pamqp.frame.marshal(frame, channel) for frame in frames))
+
+        try:
+            writer.write(pamqp.header.ProtocolHeader().marshal())
+            await read(Connection.Start)
+            login = f"\0{unquote(url.username or 'guest')}\0{unquote(url.password or 'guest')}"
+            write(0, Connection.StartOk(mechanism="PLAIN", response=login))
+            tune = await read(Connection.Tune)
+            write(0, Connection.TuneOk(tune.channel_max, tune.frame_max, heartbeat=0))
+            write(0, Connection.Open(unquote(url.path[1:]) or "/"))
+            await read(Connection.OpenOk)
+            write(1, Channel.Open())
+            await read(Channel.OpenOk)
+            write(1, Confirm.Select())
+            await read(Confirm.SelectOk)
+            properties = Basic.Properties(delivery_mode=2)  # no message_id, no headers
+            write(
+                1,
+                Basic.Publish(exchange=self.exchange, routing_key=topic, mandatory=True),
+                pamqp.header.ContentHeader(body_size=len(body), properties=properties),
+                pamqp.body.ContentBody(body),
+            )
+            await read(Basic.Ack)  # confirmed (a returned message would come first)
+            write(0, Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0))
+            await read(Connection.CloseOk)
+        finally:
+            writer.close()
+            await writer.wait_closed()
 
     async def undeliverable(self) -> tuple[Broker, str, str]:
         good, bad = self.topic("good"), self.topic("bad")
@@ -470,6 +541,33 @@ class NATSKit(BrokerKit):
                 envelopes.append(Envelope(topic, message_id, headers, message.data))
         self.taken[topic] = self.taken.get(topic, 0) + len(envelopes)
         return envelopes
+
+    async def publish_bare(self, topic: str, body: bytes) -> str:
+        ack = await self._js().publish(topic, body)
+        return f"{ack.stream}/{ack.seq}"
+
+    async def publish_raw(self, topic: str, header_block: bytes, body: bytes) -> None:
+        """Publish with a raw `HPUB`, whose header block no client would write.
+
+        Returns once the server answered a PING sent after it, so it has the message.
+        """
+        host, _, port = self.url.removeprefix("nats://").rpartition("@")[2].partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port or 4222))
+        try:
+            await reader.readline()  # INFO
+            size = len(header_block)
+            writer.write(
+                b'CONNECT {"headers":true,"verbose":false,"protocol":1}\r\n'
+                + f"HPUB {topic} {size} {size + len(body)}\r\n".encode()
+                + header_block
+                + body
+                + b"\r\nPING\r\n"
+            )
+            answer = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT)
+            assert answer == b"PONG\r\n", answer
+        finally:
+            writer.close()
+            await writer.wait_closed()
 
     async def add_stream(self, topic: str) -> None:
         """Create a topic's stream the way the adapter does, with the raw client."""

@@ -40,6 +40,8 @@ MODULES = [
     "pybondi.worker",
     "pybondi.deadletters",
     "pybondi.cli",
+    "pybondi.testing",
+    "pybondi.testing.scenarios",
 ]
 
 

@@ -495,7 +495,8 @@ def test_dead_letters_api(driver: Driver, tables: Tables) -> None:
     assert wait(driver, dead.get(-1)) is None
 
     replayed = wait(driver, dead.replay([ids[1], -1]))
-    assert [letter.id for letter in replayed] == [ids[1]]
+    assert [letter.id for letter in replayed.replayed] == [ids[1]]
+    assert (replayed.missing, replayed.failed) == ([-1], {})
     assert [row.message_id for row in outbox_rows(tables.reader)] == [messages[1].id]
     assert not handled(tables.reader, messages[1].id)
     assert wait(driver, dead.discard((ids[0], ids[1]))) == 1

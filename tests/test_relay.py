@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -383,6 +384,49 @@ def test_sent_rows_past_retention_are_deleted_and_unsent_ones_never(rig: RelayRi
     rig.run(scenario())
 
 
+def test_an_idle_topic_s_head_and_cursor_go_and_a_topic_used_again_starts_anew(
+    rig: RelayRig,
+) -> None:
+    kit = rig.kit
+    idle, held, busy = kit.topic("idle"), kit.topic("held"), kit.topic("busy")
+
+    async def forget(relay: Relay) -> None:
+        relay._purged_at = None  # purged once a minute: this is the next time
+        assert await relay.run_once() == 0
+
+    async def scenario() -> None:
+        for topic in (idle, held, busy):
+            await rig.numbers(topic, 2)
+        sender = rig.relay()
+        assert await sender.run_once() == 6
+        sender.stop()
+        await sender.run()  # gives its leases back
+        await rig.hold(held, "elsewhere", 60)  # a lease still held: the topic stays
+        purging = rig.relay(retention=timedelta(0))
+        # A transaction writing to `busy` while the purge runs keeps the topic: the purge
+        # waits for the head it holds, and then finds it moved.
+        writing = await rig.store.abegin()
+        envelope = Envelope.seal(busy, Message({"n": 2}))
+        await writing.arun(lambda records: records.enqueue([envelope]))  # type: ignore[attr-defined]
+        purge = asyncio.ensure_future(forget(purging))  # rows purged; `idle` forgotten
+        await asyncio.sleep(0.5)
+        await writing.acommit()
+        await writing.aclose()
+        await purge
+        assert set(await rig.cursors()) == {held, busy}
+
+        await rig.numbers(idle, 1, start=5)  # used again: numbered from 1
+        assert [(r.topic, r.seq) for r in await rig.rows() if r.topic != held] == [
+            (busy, 3),
+            (idle, 1),
+        ]
+        assert await rig.relay().run_once() == 2
+        assert numbers(await kit.read(idle, 3, 0)) == [0, 1, 5]
+        assert numbers(await kit.read(busy, 3, 0)) == [0, 1, 2]
+
+    rig.run(scenario())
+
+
 def test_run_returns_after_stop_and_gives_the_leases_back(rig: RelayRig) -> None:
     kit = rig.kit
     topics = [kit.topic("a"), kit.topic("b")]
@@ -615,13 +659,45 @@ def test_the_cli_stops_within_its_grace_even_while_the_broker_hangs(
                 process.send_signal(each)
                 time.sleep(0.1)
             _, errors = process.communicate(timeout=10)
-            # SIGTERM: the grace, then the leases given back; a second Ctrl-C: at once.
+            # SIGTERM: within the grace (one second at least, for the leases); a second
+            # Ctrl-C: at once.
             assert process.returncode == status, errors
-            assert time.monotonic() - began < 5
+            assert time.monotonic() - began < 3
         finally:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["relay"], ["worker", "tests.worker_app:consumer"]],
+    ids=["relay", "worker"],
+)
+def test_a_sigterm_while_the_store_is_awaited_at_start_exits_0_at_once(
+    command: list[str],
+) -> None:
+    unreachable = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pybondi", *command, "--store", unreachable],
+        env={**os.environ, "PYBONDI_BROKER_URL": "redis://127.0.0.1:1"},
+        cwd=Path(__file__).parent.parent,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        while "Cannot reach the store" not in process.stderr.readline():
+            assert process.poll() is None, process.communicate()
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=10)
+        assert process.returncode == 0, errors
+        assert time.monotonic() - began < 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def test_a_relay_that_cannot_reach_the_broker_leaves_its_topics_to_one_that_can(

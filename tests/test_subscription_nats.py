@@ -60,6 +60,50 @@ async def test_sent_messages_are_received_as_sent(kit: NATSKit) -> None:
 
 
 @on_kit
+async def test_stored_messages_with_a_status_line_come_with_a_problem(kit: NATSKit) -> None:
+    # JetStream answers pull requests with control messages whose header block begins
+    # with a status line; a raw HPUB can store such a message in a stream too.
+    broker, topic = adapter(kit), kit.topic()
+    subscription = kit.subscribe(broker, [topic])
+    assert await subscription.receive(10, wait=0) == []  # declares the stream
+    statuses = ["503", "404 No Messages", "408 Request Timeout", "100 Idle Heartbeat"]
+    good = envelopes(topic, len(statuses) + 1)
+    for status, envelope in zip(statuses, good, strict=False):
+        header = f"NATS/1.0 {status}\r\nmessage-id: bad-{status[:3]}\r\n\r\n"
+        await kit.publish_raw(topic, header.encode(), b"{}")
+        await broker.asend([envelope])
+    await kit.publish_raw(topic, b"NATS/1.0 503\r\n\r\n", b"bare")
+    # An ordinary header named Status is no status line.
+    await kit.publish_raw(topic, b"NATS/1.0\r\nStatus: shipped\r\n\r\n", b"odd")
+    await broker.asend(good[-1:])
+
+    got = await take(subscription, 11, timeout=10.0)  # raises if the connection dropped
+
+    fine = [delivery for delivery in got if delivery.problem is None]
+    bad = [delivery for delivery in got if delivery.problem is not None]
+    assert [delivery.envelope for delivery in fine if delivery.envelope in good] == good
+    [odd] = [delivery.envelope for delivery in fine if delivery.envelope not in good]
+    assert (odd.headers, odd.body) == ({"Status": "shipped"}, b"odd")
+    assert [delivery.envelope.id for delivery in bad[:-1]] == [
+        "bad-503",
+        "bad-404",
+        "bad-408",
+        "bad-100",
+    ]
+    for delivery, status in zip(bad, ["503", "404", "408", "100", "503"], strict=True):
+        assert delivery.problem == (
+            f"its NATS header block begins with a status line {status}, which JetStream "
+            f"uses for control messages"
+        )
+        assert "Status" not in delivery.envelope.headers
+    last = bad[-1].envelope
+    assert (last.headers, last.body) == ({}, b"bare")
+    assert last.id.startswith(kit.stream(topic) + "/")  # no message-id: stream/sequence
+    await ack(got)
+    assert await subscription.receive(10, wait=0.5) == []
+
+
+@on_kit
 async def test_a_subscription_made_before_any_message_declares_what_it_needs(
     kit: NATSKit,
 ) -> None:

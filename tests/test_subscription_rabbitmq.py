@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import aio_pika
 import aio_pika.exceptions
@@ -21,6 +20,7 @@ import pytest
 from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.brokers.rabbitmq import ATTEMPT_HEADER, RabbitMQBroker, RabbitMQSubscription
 from pybondi.envelope import Envelope
+from pybondi.exceptions import PublishError
 from tests import brokers
 from tests.brokers import RabbitMQKit, on_kit, started, take
 from tests.proxy import Proxy
@@ -121,7 +121,7 @@ async def test_unacked_messages_of_a_closed_subscription_come_back(kit: RabbitMQ
     heir = kit.subscribe(broker, [topic], consumer="heir")
     back = await take(heir, 2)
     assert [delivery.envelope for delivery in back] == sent
-    assert [delivery.attempt for delivery in back] == [1, 1]  # classic queues do not count
+    assert [delivery.attempt for delivery in back] == [2, 2]  # quorum queues count them
 
 
 @on_kit
@@ -222,6 +222,63 @@ async def test_unreadable_messages_come_with_a_problem(kit: RabbitMQKit) -> None
 
 
 @on_kit
+async def test_what_a_producer_sets_to_count_attempts_only_brings_the_last_one_sooner(
+    kit: RabbitMQKit,
+) -> None:
+    broker, topic = adapter(kit), kit.topic()
+    subscription = kit.subscribe(broker, [topic])
+    await connected(subscription)
+    assert kit.channel is not None
+    exchange = await kit.channel.get_exchange(kit.exchange)
+    # A producer's x-delivery-count on a first delivery is not RabbitMQ's: ignored.
+    forged: dict[str, Any] = {"x-delivery-count": 7, "tenant": "acme"}
+    await exchange.publish(aio_pika.Message(b"1", headers=forged), routing_key=topic)
+    # Its attempt header is taken: it can only bring the message's last attempt sooner.
+    await exchange.publish(aio_pika.Message(b"2", headers={ATTEMPT_HEADER: 9}), routing_key=topic)
+
+    counted, sooner = await take(subscription, 2)
+    assert (counted.attempt, counted.envelope.headers, counted.problem) == (
+        1,
+        {"tenant": "acme"},
+        None,
+    )
+    assert (sooner.attempt, sooner.envelope.headers, sooner.problem) == (9, {}, None)
+    await subscription.close()  # unacknowledged: RabbitMQ counts the redelivery
+
+    heir = kit.subscribe(broker, [topic], consumer="heir")
+    back = await take(heir, 2)
+    assert sorted(delivery.attempt for delivery in back) == [2, 10]
+    for delivery in back:
+        await delivery.ack()
+
+
+@on_kit
+async def test_a_classic_queue_in_the_way_says_what_to_do(kit: RabbitMQKit) -> None:
+    # As an older pybondi declared the topics' queues: classic, which RabbitMQ cannot
+    # make quorum queues.
+    broker, topic = adapter(kit), kit.topic()
+    assert kit.channel is not None
+    classic = await kit.channel.declare_queue(kit.prefix + topic, durable=True)
+    what_to_do = rf"queue '{kit.prefix + topic}' exists, but not as pybondi declares it.*delete it"
+
+    with pytest.raises(PublishError, match=what_to_do) as raised:
+        await broker.asend(envelopes(topic, 1))
+    assert "declare_queues=False" in str(raised.value)
+    subscription = kit.subscribe(broker, [topic])
+    with pytest.raises(ConnectionError, match=what_to_do):
+        await subscription.receive(10, wait=0)
+
+    # Kept as it is, without declarations: it works, but redeliveries go uncounted.
+    await classic.bind(kit.exchange, routing_key=topic)
+    as_is = adapter(kit, declare_queues=False)
+    [sent] = envelopes(topic, 1)
+    await as_is.asend([sent])
+    [delivery] = await take(kit.subscribe(as_is, [topic]), 1)
+    assert (delivery.envelope, delivery.attempt) == (sent, 1)
+    await delivery.ack()
+
+
+@on_kit
 async def test_a_lost_connection_raises_then_reconnects(kit: RabbitMQKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     [sent] = envelopes(topic, 1)
@@ -265,17 +322,6 @@ async def test_a_deleted_queue_is_declared_again(kit: RabbitMQKit) -> None:
     [delivery] = await take(subscription, 1)
     assert delivery.envelope == sent
     await delivery.ack()
-
-
-def test_a_message_without_any_id_gets_one() -> None:
-    # aio-pika gives every message it publishes a message_id: other clients may not.
-    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/")
-    subscription = broker.subscribe(["orders"], DEFAULT_GROUP, consumer="c1")
-    message = SimpleNamespace(headers={"tenant": "acme"}, message_id=None, body=b"{}")
-    link = cast(Any, None)  # unused by reading
-    delivery = subscription._delivery(link, "orders", cast(Any, message))
-    assert delivery.envelope.id.startswith("amqp-") and delivery.problem is None
-    assert delivery.envelope.headers == {"tenant": "acme"}
 
 
 def test_group_names_cannot_take_another_queue_name() -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi.envelope import Envelope
 from pybondi.publisher import Message
 from tests.backends import Backend
 from tests.brokers import RedisKit
+from tests.outboxes import aoutbox_rows
 from tests.workers import Counted, WorkerRig, registry
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -193,6 +195,49 @@ def test_the_dead_letters_command_lists_shows_replays_and_discards(rig: WorkerRi
     assert code == 2 and "give the ids" in errors
     code, _, errors = run("replay", str(ids[1]), "--group", "billing")
     assert code == 2 and "not both" in errors
+
+
+def test_each_replay_stands_alone_and_says_what_failed(rig: WorkerRig) -> None:
+    topic = rig.kit.topic()
+    long_id = "x" * 100  # over the 64 characters the outbox once kept for an id
+    envelope = Envelope.seal(topic, Message(Counted("k", 1)), registry)
+    envelope = Envelope(topic, long_id, {**envelope.headers, "message-id": long_id}, envelope.body)
+    good = rig.run(rig.store.atransact(partial(dead_letter, envelope, "RuntimeError: bug", 5)))
+    refused = rig.run(
+        rig.store.atransact(partial(dead_letter, envelope_of(topic, "y"), "RuntimeError: bug", 5))
+    )
+    # The database refuses that one's outbox row, as a constraint of its own might.
+    schema, outbox = rig.backend.namespace, rig.store.statements.outbox.outbox.name
+    rig.run(execute(rig, f"""
+        CREATE FUNCTION {schema}.{outbox}_refuse() RETURNS trigger AS $$ BEGIN
+            IF NEW.message_id = 'y' THEN RAISE EXCEPTION 'refused by a trigger'; END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER refuse BEFORE INSERT ON {schema}.{outbox}
+            FOR EACH ROW EXECUTE FUNCTION {schema}.{outbox}_refuse();
+    """))  # fmt: skip
+
+    process = pybondi(rig, "dead-letters", "replay", "--all")
+    out, errors = process.communicate(timeout=30)
+    assert process.returncode == 1, errors
+    assert out.splitlines() == [f"replayed {good}: {long_id} to {topic}"], errors
+    [error] = errors.splitlines()
+    assert error.startswith(f"pybondi dead-letters: cannot replay {refused}: ")
+    assert error.endswith("refused by a trigger")
+    assert [letter.id for letter in rig.run(rig.dead_letters())] == [refused]
+    assert [row.message_id for row in rig.run(aoutbox_rows(rig.store))] == [long_id]
+
+
+async def execute(rig: WorkerRig, sql: str) -> None:
+    engine = rig.store.engine
+    assert isinstance(engine, AsyncEngine)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(sql)
+
+
+def envelope_of(topic: str, id: str) -> Envelope:
+    sealed = Envelope.seal(topic, Message(Counted("k", 2)), registry)
+    return Envelope(topic, id, {**sealed.headers, "message-id": id}, sealed.body)
 
 
 def dead_letter(envelope: Envelope, error: str, attempts: int, records: Any) -> int:

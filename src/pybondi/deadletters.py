@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from pybondi.stores._sqlinbox import InboxRecords
     from pybondi.stores.base import Records, Store
 
-__all__ = ["REPLAYED_FOR", "DeadLetter", "DeadLetters"]
+__all__ = ["REPLAYED_FOR", "DeadLetter", "DeadLetters", "Replayed"]
 
 REPLAYED_FOR = "replayed-for"
 """The header naming the group whose dead letter a replayed message was; information
@@ -81,6 +82,21 @@ class DeadLetter:
     holds_inbox: bool
 
 
+@dataclass(slots=True)
+class Replayed:
+    """What `DeadLetters.replay` did, per dead letter.
+
+    Attributes:
+        replayed: the dead letters sent again, in id order.
+        missing: the ids with no dead letter (never, or replayed or discarded meanwhile).
+        failed: why each of the others could not be replayed; they are still dead letters.
+    """
+
+    replayed: list[DeadLetter] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
 class DeadLetters:
     """The dead letters of a SQL store, sync or async; see the module docstring."""
 
@@ -115,13 +131,25 @@ class DeadLetters:
         """The dead letter with this id, or None."""
         return await self._transact(lambda records: records.dead_letter_by_id(id))
 
-    async def replay(self, ids: Sequence[int]) -> builtins.list[DeadLetter]:
-        """Send these dead letters' messages again; return those that were replayed.
+    async def replay(self, ids: Sequence[int]) -> Replayed:
+        """Send these dead letters' messages again, each in a transaction of its own.
 
-        Ids with no dead letter are left out of the result.
+        One that fails (its message no longer fits the outbox, the database refuses it)
+        keeps its dead letter and takes nothing else down: the result says, per id, what
+        was replayed, what was not there, and what failed and why.
         """
-        chosen = builtins.list(ids)
-        return await self._transact(lambda records: records.replay(chosen))
+        result = Replayed()
+        for id in sorted(set(ids)):
+            try:
+                letters = await self._transact(partial(_replay, [id]))
+            except Exception as error:  # this one only; the others stand alone
+                result.failed[id] = f"{type(error).__name__}: {error}".splitlines()[0]
+                continue
+            if letters:
+                result.replayed += letters
+            else:
+                result.missing.append(id)
+        return result
 
     async def discard(self, ids: Sequence[int]) -> int:
         """Delete these dead letters; return how many there were."""
@@ -132,3 +160,7 @@ class DeadLetters:
         """Run `work` in a transaction of its own and commit (a sync store in a thread)."""
         # A SQLStore's records are InboxRecords (checked in __init__).
         return await self.store.atransact(cast("Callable[[Records], T]", work))
+
+
+def _replay(ids: builtins.list[int], records: InboxRecords) -> builtins.list[DeadLetter]:
+    return records.replay(ids)

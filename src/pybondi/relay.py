@@ -25,9 +25,12 @@ refuses for good holds back its own topic only, and the log names it. While the 
 is unreachable, the whole relay backs off the same way, and catches up afterwards. Any
 other error (a bug, a wrong option) would fail every time: it ends `run`.
 
-`stop()` lets the round under way finish, for up to `grace` seconds; then the relay
-gives its leases back and closes the broker. Rows sent more than `retention` ago are
-deleted, by whichever relay gets there first. Batches hold up to `batch_size` rows,
+`stop()` lets the round under way finish, then the relay gives its leases back and
+closes the broker: all within `grace` seconds (at least one, for the leases), after
+which `run` returns whatever is still under way. What was being sent is sent again
+later. Rows sent more than `retention` ago are
+deleted, by whichever relay gets there first, and so are the head and cursor rows of
+a topic whose rows are all gone. Batches hold up to `batch_size` rows,
 whatever their size: keep messages small (a reference to a large document, not the
 document), as every broker limits them anyway.
 """
@@ -39,6 +42,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -69,7 +73,8 @@ class Relay:
             may take it over.
         retention: how long sent rows are kept.
         max_backoff: the longest wait between retries while something is unreachable.
-        grace: how long `stop()` waits for the round under way before abandoning it
+        grace: seconds within which `run` returns after `stop()` (at least 1): the round
+            under way gets most of it, giving the leases back and closing the rest
             (what it was sending is sent again later).
         name: this relay's name in the lease table (host, process and a random part).
     """
@@ -107,6 +112,7 @@ class Relay:
         self.name = name or f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"[-64:]
         self.sent = 0  # messages this relay has had confirmed
         self._stopping = asyncio.Event()
+        self._stop_by = 0.0  # when a stop must be over (time.monotonic())
         self._purged_at: datetime | None = None
         self._held: dict[str, tuple[int, float]] = {}  # topic -> (failures, retry at)
         # What may pass: the broker or the database out of reach, or busy. Anything else
@@ -122,7 +128,9 @@ class Relay:
         return f"<Relay {self.name} from {self.store!r} to {self.broker!r}>"
 
     def stop(self) -> None:
-        """Ask `run` to return once the batch under way is confirmed (or `grace` passed)."""
+        """Ask `run` to return within `grace` seconds: the batch under way first, if it can."""
+        if not self._stopping.is_set():
+            self._stop_by = time.monotonic() + max(self.grace, _AT_LEAST)
         self._stopping.set()
 
     async def run(self) -> None:
@@ -145,17 +153,23 @@ class Relay:
                 if not sent:
                     await self._pause(self.idle)
         finally:
+            if not self._stopping.is_set():  # an error ends the run: the same budget
+                self.stop()
             await self._shutdown()
             self._stopping.clear()  # so that run() may be called again
 
     async def _round(self) -> int:
-        """`run_once`, given `grace` seconds to finish once `stop()` is called."""
+        """`run_once`, left to finish within the stop's budget once `stop()` is called.
+
+        The shutdown that follows needs a little of the budget too: the round gets what
+        is left of it but `_SHUTDOWN`.
+        """
         work = asyncio.ensure_future(self.run_once())
         stopped = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                await asyncio.wait((work,), timeout=self.grace)
+                await asyncio.wait((work,), timeout=max(self._left() - _SHUTDOWN, 0))
             if not work.done():
                 logger.warning(
                     "Relay %s stops without waiting longer for the batch under way (grace "
@@ -164,7 +178,7 @@ class Relay:
                 )  # fmt: skip
                 work.cancel()
                 # Unlike `await work`, asyncio.wait keeps a cancellation of our own.
-                await asyncio.wait((work,), timeout=max(self.grace, _AT_LEAST))
+                await asyncio.wait((work,), timeout=self._left())
                 return 0
             return work.result()
         finally:
@@ -314,19 +328,26 @@ class Relay:
         purged = await self._transact(methodcaller("purge", cutoff))
         if purged:
             logger.info("Relay %s deleted %d sent row(s) past retention", self.name, purged)
+        forgotten = await self._transact(methodcaller("forget_idle_topics", now))
+        if forgotten:
+            logger.info("Relay %s forgot %d idle topic(s)", self.name, forgotten)
 
     async def _shutdown(self) -> None:
-        """Give the leases back and close the broker, each within `grace` seconds."""
+        """Give the leases back and close the broker, within what is left of the budget."""
         try:
-            async with asyncio.timeout(max(self.grace, _AT_LEAST)):
+            async with asyncio.timeout(self._left() / 2):
                 await self._transact(methodcaller("release", self.name))
         except Exception as error:  # the leases expire on their own
             logger.warning("Relay %s could not give its leases back: %r", self.name, error)
         try:
-            async with asyncio.timeout(max(self.grace, _AT_LEAST)):
+            async with asyncio.timeout(self._left()):
                 await self.broker.aclose()
         except TimeoutError:
             logger.warning("Relay %s could not close %r within its grace", self.name, self.broker)
+
+    def _left(self) -> float:
+        """Seconds left of the stop's budget (a little, at least, for each step)."""
+        return max(self._stop_by - time.monotonic(), 0.05)
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with full jitter: up to 0.1 s, 0.2 s, 0.4 s... max_backoff."""
@@ -342,7 +363,8 @@ class Relay:
 
 
 _BATCHES_PER_VISIT = 10
-_AT_LEAST = 2.0  # seconds the shutdown gives each step, whatever the grace
+_AT_LEAST = 1.0  # seconds a stop takes at most even with less grace: to give leases back
+_SHUTDOWN = 0.5  # seconds of the stop's budget kept for giving leases back, closing
 _STUCK_AFTER = 5
 # Topics failing one after the other in a round: the broker is likely down, not a message.
 _BROKER_DOWN_AFTER = 3

@@ -32,9 +32,9 @@ headers and body (`pybondi dead-letters list|show|replay|discard`), and into the
 group's inbox, so that a redelivery changes nothing. A handler that takes longer than
 `consumer.timeout` (async stores) is cancelled: a failed attempt. A message delivered
 more times than its attempts without ever failing (its worker died each time: a crash,
-an exhausted memory) is dead-lettered without running a handler; RabbitMQ's classic
-queues do not count redeliveries, so there it comes back until it stops killing its
-worker. A message the group's inbox already has is never dead-lettered. Either way the
+an exhausted memory) is dead-lettered without running a handler (on RabbitMQ, quorum
+queues count redeliveries; a classic queue you declared does not, and there the message
+comes back until it stops killing its worker). A message the group's inbox already has is never dead-lettered. Either way the
 worker goes on with the next message.
 
 **Unreadable messages** (not JSON, an unregistered type, a payload that fails

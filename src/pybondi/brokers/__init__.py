@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from pybondi._redact import redact
 from pybondi.brokers.base import Broker, BrokerPublisher
 
 __all__ = ["Broker", "BrokerPublisher", "check_url", "connect"]
@@ -45,7 +46,7 @@ def check_url(url: str) -> str:
     scheme, separator, _ = url.partition("://")
     if not separator or scheme.lower() not in _ADAPTERS:
         raise ValueError(
-            f"No broker adapter for {url!r}: pybondi knows {', '.join(sorted(_ADAPTERS))} "
+            f"No broker adapter for {redact(url)!r}: pybondi knows {', '.join(sorted(_ADAPTERS))} "
             f"URLs, as in redis://localhost:6379, amqp://guest:guest@localhost:5672/ or "
             f"nats://localhost:4222."
         )

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from pybondi._redact import redact
 from pybondi.envelope import Envelope
 from pybondi.exceptions import AsyncRequired, PublishError
 from pybondi.publisher import BufferedPublisher, Message
@@ -49,7 +50,7 @@ class Broker(ABC):
     url: str
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {_without_password(self.url)}>"
+        return f"<{type(self).__name__} {redact(self.url)}>"
 
     @abstractmethod
     async def asend(self, envelopes: Sequence[Envelope]) -> None:
@@ -166,14 +167,6 @@ def _keep(buffer: Any, error: PublishError) -> None:
     """Leave only the unconfirmed envelopes in the buffer."""
     buffer.clear()
     buffer.extend((envelope.topic, envelope) for envelope in error.unconfirmed)
-
-
-def _without_password(url: str) -> str:
-    scheme, separator, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{separator}{credentials.partition(':')[0]}:***@{host}"
 
 
 _SHOWN_OF_IDS = 80  # characters of a message id a delivery's repr shows, at most

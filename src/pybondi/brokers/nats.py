@@ -27,7 +27,13 @@ worker of the group pulls from it: that is how they share the messages. A new co
 starts from the oldest message kept, acks explicitly, redelivers what is not acked within
 `redeliver_after` and never gives up (the worker counts attempts, from JetStream's
 delivery count, and dead-letters). A retry is a NAK with a delay: JetStream redelivers
-the message when the delay is over. The subscription has a connection of its own.
+the message when the delay is over. The subscription has a connection of its own, and
+sends the consumers' pull requests itself: a stored message whose header block begins
+with a status line (`NATS/1.0 503`, as only a raw HPUB writes) is a delivery with a
+`problem`, which the worker dead-letters, where nats-py's fetch would take it for
+JetStream's control message and fail or drop it (see `_Pull`). A message without
+`message-id` (nor `Nats-Msg-Id`) has `<stream>/<sequence>` as its id, which its
+redeliveries and retries keep.
 
 nats-py is async-only, so this adapter is too: sync sessions reach it through the outbox
 (`pybondi.outbox`).
@@ -36,7 +42,6 @@ nats-py is async-only, so this adapter is too: sync sessions reach it through th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -55,8 +60,17 @@ try:
     import nats.js.errors
     from nats.aio.client import Client
     from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription as Inbox
     from nats.js import JetStreamContext
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck, StorageType
+    from nats.js.api import (
+        DEFAULT_PREFIX,
+        AckPolicy,
+        ConsumerConfig,
+        DeliverPolicy,
+        Header,
+        PubAck,
+        StorageType,
+    )
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependency("nats-py", "nats", "A nats:// broker") from missing
 
@@ -354,29 +368,94 @@ reached, the consumer hands out only the retries until some are acknowledged.
 """
 
 _CHECK_AFTER = 10.0
-_MORE_WITHIN = 0.05  # seconds a fetch that has its first message waits for what is there
 """Seconds after which a consumer that brought nothing is checked to still exist."""
+
+_MORE_WITHIN = 0.05  # seconds a fetch that has its first message waits for what is there
+_LATE = 0.1  # seconds a fetch waits, past its request's expiry, for JetStream to end it
+_ACK_SUBJECT = "$JS.ACK."  # the reply subject of every message a consumer delivers
+_OVER = ("404", "408", "409")  # statuses that end a pull request: none left, expired...
+_HEARTBEAT = "100"
 
 
 class _Pull:
-    """A topic's durable consumer, bound on the subscription's connection."""
+    """A topic's durable consumer, bound on the subscription's connection.
 
-    def __init__(
-        self,
-        topic: str,
-        stream: str,
-        durable: str,
-        subscription: JetStreamContext.PullSubscription,
-        checked: float,
-    ) -> None:
+    It fetches with pull requests of its own, answered on an inbox of its own, rather
+    than with nats-py's `PullSubscription.fetch`: nats-py takes any message with a
+    `Status` header (how it reads a header block that begins with a status line, such as
+    `NATS/1.0 503`) for JetStream's control message, and a producer can store such a
+    message in a stream with a raw `HPUB`. nats-py then fails every fetch (503), or
+    drops the message unseen (404, 408, 100), so that it came back forever, never
+    handled nor dead-lettered. A message a consumer delivers has an acknowledgement
+    subject as its reply; a control message has none: that tells them apart here, and
+    `_delivery` gives a stored one a `problem`.
+    """
+
+    def __init__(self, topic: str, stream: str, durable: str, link: _Link, inbox: Inbox) -> None:
         self.topic = topic
         self.stream = stream
         self.durable = durable
-        self.subscription = subscription
+        self.link = link
+        self.inbox = inbox  # where JetStream answers this consumer's pull requests
+        self.requests = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.fetching: asyncio.Task[list[Msg]] | None = None  # one fetch at a time
         self.asked = 0  # how many messages the running fetch asked for
         self.quiet = False  # the last fetch brought nothing
-        self.checked = checked  # when the consumer was last known to exist
+        self.checked = asyncio.get_running_loop().time()  # when it was known to exist
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to `batch` messages, as soon as one came, waiting up to `timeout` for it.
+
+        A request for one message waits for it; once it came, a request for the rest
+        takes what is there now. Waiting for a whole batch would hold the first messages
+        while the stream is slow, when the worker could handle them at once.
+        """
+        fetched = await self._late(batch)
+        if not fetched:
+            await self._request({"batch": 1, "expires": round(timeout * 1e9)})
+            fetched = await self._answers(1, timeout + _LATE)
+        if fetched and len(fetched) < batch:
+            await self._request({"batch": batch - len(fetched), "no_wait": True})
+            fetched += await self._answers(batch - len(fetched), _MORE_WITHIN)
+        return fetched
+
+    async def _request(self, request: dict[str, Any]) -> None:
+        await self.link.connection.publish(
+            self.requests, json.dumps(request).encode(), reply=self.inbox.subject
+        )
+
+    async def _late(self, batch: int) -> list[Msg]:
+        """Messages already in the inbox: an earlier request's, come after it stopped.
+
+        Control messages there ended earlier requests: they are dropped.
+        """
+        late: list[Msg] = []
+        while self.inbox.pending_msgs and len(late) < batch:
+            message = await self.inbox.next_msg(timeout=_LATE)  # at once: one is there
+            if _stored(message):
+                late.append(message)
+        return late
+
+    async def _answers(self, wanted: int, timeout: float) -> list[Msg]:
+        """The messages that answer a request, until `wanted` came or it is over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        messages: list[Msg] = []
+        while len(messages) < wanted:
+            try:
+                message = await self.inbox.next_msg(timeout=max(deadline - loop.time(), 0.001))
+            except nats.errors.TimeoutError:
+                break  # JetStream did not say the request is over: it is, by now
+            status = None if _stored(message) else _status(message)
+            if status is None:
+                messages.append(message)
+            elif status in _OVER:
+                break
+            elif status != _HEARTBEAT:
+                # 503: no JetStream to answer, or worse: as nats-py's fetch, fail, and
+                # the subscription connects again.
+                raise nats.js.errors.APIError.from_msg(message)
+        return messages
 
 
 class NATSSubscription(Subscription):
@@ -474,14 +553,13 @@ class NATSSubscription(Subscription):
         await self._drop()
         link = await self.broker._open(name=f"{self.group}/{self.consumer}")
         try:
-            now = asyncio.get_running_loop().time()
-            pulls = [await self._pull(link, topic, now) for topic in self.topics]
+            pulls = [await self._pull(link, topic) for topic in self.topics]
         except BaseException:
             await _close(link.connection)
             raise
         self._link, self._pulls = link, pulls
 
-    async def _pull(self, link: _Link, topic: str, now: float) -> _Pull:
+    async def _pull(self, link: _Link, topic: str) -> _Pull:
         """Make sure the topic's stream and the group's consumer exist; bind to it."""
         jetstream, broker = link.jetstream, self.broker
         if broker.declare_streams:
@@ -513,9 +591,8 @@ class NATSSubscription(Subscription):
         # sets `redeliver_after` for the whole group.
         await jetstream.add_consumer(stream, config)
         self.consumers[topic] = (stream, durable)
-        return _Pull(
-            topic, stream, durable, await jetstream.pull_subscribe_bind(durable, stream), now
-        )
+        inbox = await link.connection.subscribe(link.connection.new_inbox())
+        return _Pull(topic, stream, durable, link, inbox)
 
     def _fetch(self, limit: int, wait: float) -> list[asyncio.Task[list[Msg]]]:
         """Start a fetch on each consumer that has none, within `limit`; return them all."""
@@ -545,7 +622,7 @@ class NATSSubscription(Subscription):
         for pull, batch in batches.items():
             if batch:
                 pull.asked = batch
-                pull.fetching = asyncio.create_task(_fetch(pull.subscription, batch, timeout))
+                pull.fetching = asyncio.create_task(pull.fetch(batch, timeout))
 
     async def _collect(self) -> None:
         """Keep what the finished fetches brought; raise the first fetch's failure."""
@@ -676,25 +753,40 @@ def _delivery(link: _Link, message: Msg) -> NATSDelivery:
             f"its reply subject {message.reply!r} is not a JetStream acknowledgement "
             f"subject ({_reason(error)})"
         )
+    transport: tuple[str, ...] = ()
+    status = _status(message)
+    if status is not None and problem is None:
+        # Only a raw HPUB publishes such a message. nats-py reads its status line into
+        # `Status` and `Description`, garbled when headers follow: both are left out.
+        transport = (Header.STATUS, Header.DESCRIPTION)
+        problem = (
+            f"its NATS header block begins with a status line {status}, which JetStream "
+            f"uses for control messages"
+        )
     message_id = headers.get("message-id") or headers.get("Nats-Msg-Id") or fallback
-    kept = {name: value for name, value in headers.items() if not name.startswith("Nats-")}
+    kept = {
+        str(name): value
+        for name, value in headers.items()
+        if not name.startswith("Nats-") and name not in transport
+    }
     envelope = Envelope(message.subject, message_id, kept, message.data)
     return NATSDelivery(envelope, attempt, problem, link, message)
 
 
-async def _fetch(
-    subscription: JetStreamContext.PullSubscription, batch: int, timeout: float
-) -> list[Msg]:
-    """Up to `batch` messages, as soon as one came: nats-py's fetch would wait for them all.
+def _stored(message: Msg) -> bool:
+    """Whether a consumer delivered the message (a control message has no reply)."""
+    return message.reply.startswith(_ACK_SUBJECT)
 
-    Waiting to fill the batch held the first messages for up to `timeout` while the
-    stream was slow, when the worker could have handled them at once.
+
+def _status(message: Msg) -> str | None:
+    """The status of the status line the message's header block begins with, if any.
+
+    nats-py reads `NATS/1.0 503` into a header `Status: 503` (as nats.go does), so a
+    header `Status` of three digits reads the same and is taken for a status line alike:
+    NATS clients reserve it. Any other value is an ordinary header.
     """
-    fetched = await subscription.fetch(1, timeout)
-    if batch > 1:
-        with contextlib.suppress(TimeoutError):  # nothing more there now
-            fetched += await subscription.fetch(batch - 1, _MORE_WITHIN)
-    return fetched
+    status = (message.headers or {}).get(Header.STATUS)
+    return status if status is not None and len(status) == 3 and status.isdigit() else None
 
 
 def _durable_name(name: str) -> str:

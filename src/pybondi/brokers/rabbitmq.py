@@ -1,14 +1,22 @@
-"""RabbitMQ: one durable topic exchange, one durable queue per topic, publisher confirms.
+"""RabbitMQ: one durable topic exchange, a quorum queue per topic, publisher confirms.
 
     broker = RabbitMQBroker("amqp://guest:guest@localhost:5672/", exchange="pybondi")
 
 Every envelope goes to the exchange (type `topic`, durable, named `exchange`) with its
 topic as the routing key, persistent, with `message_id` = the envelope's id, its headers
 as AMQP headers and content type `application/json`. The first time a connection sends
-to a topic it declares the durable queue `prefix + topic`, bound to the exchange with the
-topic as binding key, so messages are kept even before any consumer exists; pass
-`declare_queues=False` when your consumers or your operators declare the queues. A
-message returned because its queue was deleted makes the next send declare it again.
+to a topic it declares the queue `prefix + topic` (durable, `x-queue-type: quorum`, so
+RabbitMQ 3.8 or later), bound to the exchange with the topic as binding key, so messages
+are kept even before any consumer exists; pass `declare_queues=False` when your consumers
+or your operators declare the queues. A message returned because its queue was deleted
+makes the next send declare it again.
+
+Quorum queues count how often a message came back unacknowledged, which lets the worker
+dead-letter a message that keeps killing its workers; classic queues do not, and were
+what pybondi declared before. RabbitMQ cannot change a queue's type: where a classic
+queue has the name, declaring fails (PRECONDITION_FAILED) and the send raises
+`PublishError`, the subscription `ConnectionError`, saying what to do: let the workers
+empty the queue and delete it, or keep it with `declare_queues=False`, uncounted.
 
 Messages are published `mandatory`: one that no queue takes is returned by RabbitMQ and
 raises `PublishError`, never vanishes. The broker's ack (a publisher confirm) is its
@@ -21,8 +29,18 @@ competing consumers: the topic's own queue for `DEFAULT_GROUP`, `queue#group` fo
 other group (see `RabbitMQBroker.group_queue`). Each subscription has a connection of its
 own, with a prefetch of `in_flight` per queue; unacked messages go back to the queue when
 that connection closes or dies (heartbeats of `redeliver_after` seconds notice a silent
-one). `retry(delay)` puts a copy in a delay queue, `queue#retry#<ms>`, whose TTL dead-
-letters it back to the group's queue once the delay is over, then acks the original.
+one). `retry(delay)` puts a copy in a delay queue, `queue#retry#<ms>` (a classic one),
+whose TTL dead-letters it back to the group's queue once the delay is over, then acks
+the original. A delivery's attempt is the copy's `x-pybondi-attempt` (1 on the first
+delivery) plus the times the quorum queue redelivered it (`x-delivery-count`, or
+`x-acquired-count` where RabbitMQ 4.3 and later set it); see `ATTEMPT_HEADER` for what a
+producer setting such headers can do. RabbitMQ 4.0 and later give quorum queues a
+delivery limit (20 by default), past which they drop a message: keep the consumers'
+`retry.attempts` below it, so that the worker dead-letters the message first.
+
+RabbitMQ has no id of its own for a message: one that comes without `message_id` (and
+without a `message-id` header) is put back in its queue as a copy with an id,
+`amqp-<uuid>`, which its redeliveries and retries keep; see `_stamp`.
 """
 
 from __future__ import annotations
@@ -154,7 +172,7 @@ class RabbitMQBroker(Broker):
                     publish = exchange.publish(message, envelope.topic, mandatory=True)
                     publishes.append(asyncio.create_task(publish))
                 await asyncio.wait(publishes)
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as error:
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError, _QueueMismatch) as error:
             failure = error
         finally:
             for publish_task in publishes:
@@ -206,6 +224,8 @@ class RabbitMQBroker(Broker):
         return first, reason
 
     def _explain(self, reason: BaseException | None, topic: str) -> str | BaseException:
+        if isinstance(reason, _QueueMismatch):
+            return str(reason)
         if isinstance(reason, aio_pika.exceptions.PublishError):
             return (
                 f"RabbitMQ returned it: no queue is bound to exchange {self.exchange!r} for "
@@ -239,7 +259,7 @@ class RabbitMQBroker(Broker):
             if self.declare_queues:
                 for topic in dict.fromkeys(envelope.topic for envelope in envelopes):
                     if topic not in self._declared:
-                        queue = await channel.declare_queue(self.queue(topic), durable=True)
+                        queue = await _declare(channel, self.queue(topic))
                         await queue.bind(exchange, routing_key=topic)
                         self._declared.add(topic)
             return exchange
@@ -297,16 +317,68 @@ class _Connection(aio_pika.Connection):
             raise
 
 
-ATTEMPT_HEADER = "x-pybondi-attempt"
-"""The AMQP header that counts a retried message's attempts; absent on the first."""
+class _QueueMismatch(Exception):
+    """A queue to declare exists already, with other arguments (a classic queue)."""
 
+
+_QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+async def _declare(channel: aio_pika.abc.AbstractChannel, name: str) -> aio_pika.abc.AbstractQueue:
+    """Declare a topic's or a group's queue: durable and quorum, wherever it is declared.
+
+    Sends and subscriptions both declare the topic's own queue: their declarations must
+    be the same, or RabbitMQ refuses the second (PRECONDITION_FAILED) and closes the
+    channel.
+    """
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=_QUORUM)
+    except aio_pika.exceptions.ChannelPreconditionFailed as error:
+        raise _QueueMismatch(
+            f"RabbitMQ queue {name!r} exists, but not as pybondi declares it ({error}). "
+            f"pybondi's queues are durable quorum queues, which count redeliveries, so "
+            f"that a message that keeps killing its workers is dead-lettered; an older "
+            f"pybondi declared classic ones, which RabbitMQ cannot convert. Let the "
+            f"workers empty it, delete it and start again (pybondi declares it anew), "
+            f"or keep it with declare_queues=False (its redeliveries then go uncounted)"
+        ) from error
+
+
+ATTEMPT_HEADER = "x-pybondi-attempt"
+"""The AMQP header that counts a retried message's attempts; absent on the first.
+
+Retries set it on the copy they publish. A producer may set it too: it can only make
+its message reach its last attempt sooner (a value above the consumer's attempts is
+dead-lettered unhandled, visibly), never skip it; a value that is not a positive integer
+is a `problem`, and the message is dead-lettered.
+"""
+
+# Set by RabbitMQ on a quorum queue's message each time it comes back to the queue
+# unacknowledged (3.x: any return; 4.3 and later: failed ones, x-acquired-count any).
+_REDELIVERY_HEADERS = ("x-delivery-count", "x-acquired-count")
+_TRANSPORT_HEADERS = ("x-death", ATTEMPT_HEADER, *_REDELIVERY_HEADERS)
 _DEATH_HEADERS = ("x-first-death-", "x-last-death-")
 _RETRY_QUEUE_EXPIRES = 60_000  # ms an unused delay queue outlives its TTL, then goes
 
 
 def _transport_header(name: str) -> bool:
-    """Whether RabbitMQ (dead-lettering) or this adapter set the header, not the sender."""
-    return name in ("x-death", ATTEMPT_HEADER) or name.startswith(_DEATH_HEADERS)
+    """Whether RabbitMQ or this adapter set the header (to count, to dead-letter)."""
+    return name in _TRANSPORT_HEADERS or name.startswith(_DEATH_HEADERS)
+
+
+def _redeliveries(message: aio_pika.abc.AbstractIncomingMessage) -> int:
+    """How often a quorum queue delivered the message before, unacknowledged.
+
+    Only on a message RabbitMQ flags as redelivered: on a first delivery, the headers
+    are the producer's (RabbitMQ 3.12 and later set none then).
+    """
+    if not message.redelivered:
+        return 0
+    counts = [(message.headers or {}).get(name) for name in _REDELIVERY_HEADERS]
+    return max(
+        (n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 0),
+        default=0,
+    )
 
 
 class RabbitMQSubscription(Subscription):
@@ -328,8 +400,9 @@ class RabbitMQSubscription(Subscription):
     is the heartbeat timeout the connection asks for (unless the URL or the connection
     options name one). A consumer whose event loop runs but never acks (a handler stuck
     on an await) keeps its messages until RabbitMQ's `consumer_timeout` (30 minutes by
-    default; a server setting) closes its channel. Redeliveries are not counted as
-    attempts: classic queues do not count them.
+    default; a server setting) closes its channel. Each such redelivery counts as an
+    attempt, as the quorum queue counts it (not on a classic queue consumed with
+    `declare_queues=False`).
     """
 
     def __init__(
@@ -389,7 +462,15 @@ class RabbitMQSubscription(Subscription):
                 f"{self!r} lost its connection to RabbitMQ ({link.lost}); the next receive "
                 f"connects again, and the messages not acked come back."
             ) from link.lost
-        return [self._delivery(link, *item) for item in items if item is not None]
+        deliveries: list[Delivery] = []
+        for item in items:
+            if item is None:
+                continue
+            queue, message = item
+            if _without_id(message) and await self._stamp(link, queue, message):
+                continue  # it comes again as the copy, which has an id
+            deliveries.append(self._delivery(link, queue, message))
+        return deliveries
 
     async def close(self) -> None:
         """Cancel the consumers and close the connection; unacked messages go back at once."""
@@ -423,8 +504,8 @@ class RabbitMQSubscription(Subscription):
                     problems.append(f"header {name} is {short_repr(value)}, not text")
                 else:
                     headers[name] = text
-        # A message with no id of its sender's gets one of its own, kept by its retries
-        # (as their message_id), but not by redeliveries: RabbitMQ has no message ids.
+        attempt += _redeliveries(message)
+        # Only when `_stamp` failed: an id for this delivery alone.
         message_id = headers.get("message-id") or message.message_id or f"amqp-{uuid.uuid4()}"
         problem = None
         if problems:
@@ -436,6 +517,37 @@ class RabbitMQSubscription(Subscription):
         return RabbitMQDelivery(
             self, link, queue, message, envelope, attempt=attempt, problem=problem
         )
+
+    async def _stamp(
+        self, link: _Link, queue: str, message: aio_pika.abc.AbstractIncomingMessage
+    ) -> bool:
+        """Put a copy of a message without id, with an id, in its queue; ack the original.
+
+        RabbitMQ has no ids of its own for messages: an id made up at each delivery would
+        change when the message comes again after its worker died, and the worker's inbox
+        could not tell that it handled it already. A hash of the message instead would
+        make two equal messages one, and the second would be skipped. The copy keeps the
+        id for good. It goes to the back of the queue. Should a crash come between
+        the copy and the ack, the original comes again and gets a copy of its own.
+
+        Returns False when the copy could not be published: the message is then
+        delivered with an id for this delivery alone.
+        """
+        copy = _copy(message, f"amqp-{uuid.uuid4()}")
+        try:
+            async with asyncio.timeout(self.broker.timeout):
+                channel = await link.publisher()
+                # mandatory: should the queue be gone, the publish raises.
+                await channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as error:
+            logger.warning(
+                "%r could not give message %s of queue %r an id: %r",
+                self, short_repr(message.body), queue, error,
+            )  # fmt: skip
+            return False
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            await message.ack()  # if lost, the original comes again, and is copied again
+        return True
 
     async def _connect(self) -> _Link:
         broker = self.broker
@@ -462,6 +574,8 @@ class RabbitMQSubscription(Subscription):
             raise ConnectionError(
                 f"{self!r} could not connect and consume within {broker.timeout} s."
             ) from error
+        except _QueueMismatch as error:
+            raise ConnectionError(f"{self!r} cannot consume: {error}.") from error
         self._link = link
         return link
 
@@ -533,33 +647,11 @@ class RabbitMQDelivery(Delivery):
         async with asyncio.timeout(self._subscription.broker.timeout):
             channel = await self._link.publisher()
             await channel.declare_queue(delay_queue, durable=True, arguments=arguments)
+            message = self._message
+            copy = _copy(message, message.message_id or self.envelope.id, self.attempt + 1)
             # mandatory: should the delay queue vanish in between, the publish raises.
-            await channel.default_exchange.publish(
-                self._copy(), routing_key=delay_queue, mandatory=True
-            )
+            await channel.default_exchange.publish(copy, routing_key=delay_queue, mandatory=True)
         await self.ack()
-
-    def _copy(self) -> aio_pika.Message:
-        """The message as sent, headers untouched but for the next attempt's count."""
-        message = self._message
-        headers = {
-            name: _encodable(value)
-            for name, value in (message.headers or {}).items()
-            if not _transport_header(name)
-        }
-        headers[ATTEMPT_HEADER] = self.attempt + 1
-        return aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id or self.envelope.id,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
 
     def _check_link(self) -> None:
         if self._link.lost is not None:
@@ -600,8 +692,7 @@ class _Link:
             )
         for name, topic in subscription.queues.items():
             if exchange is not None:
-                # As sends declare it (durable, no arguments), or the declarations clash.
-                queue = await channel.declare_queue(name, durable=True)
+                queue = await _declare(channel, name)
                 await queue.bind(exchange, routing_key=topic)
             else:
                 queue = await channel.get_queue(name)  # passive: it must exist
@@ -638,6 +729,40 @@ class _Link:
     def _cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
         # RabbitMQ cancels a consumer whose queue was deleted: connect and declare again.
         self.lose(ConnectionError(f"RabbitMQ cancelled consumer {frame.consumer_tag}"))
+
+
+def _without_id(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Whether the message has no id: no AMQP message_id, no `message-id` header."""
+    return not message.message_id and not _text((message.headers or {}).get("message-id"))
+
+
+def _copy(
+    message: aio_pika.abc.AbstractIncomingMessage, message_id: str, attempt: int | None = None
+) -> aio_pika.Message:
+    """The message as sent, with `message_id`, persistent, and `attempt` if given.
+
+    Without `attempt`, its attempt header stays as it was; the other headers RabbitMQ or
+    this adapter set are left out.
+    """
+    headers = {
+        name: _encodable(value)
+        for name, value in (message.headers or {}).items()
+        if not _transport_header(name) or (name == ATTEMPT_HEADER and attempt is None)
+    }
+    if attempt is not None:
+        headers[ATTEMPT_HEADER] = attempt
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
 
 
 def _text(value: object) -> str | None:

@@ -14,7 +14,9 @@ transaction as its XACK, to the group's sorted set `<stream>#delayed#<group>` (s
 its due time); once due, it moves to the group's own stream `<stream>#retry#<group>`,
 which the group reads besides the topic's stream and from which acknowledged entries are
 deleted. Entries held by a consumer silent for `redeliver_after` are taken over with
-XAUTOCLAIM by whichever consumer of the group receives next.
+XAUTOCLAIM by whichever consumer of the group receives next. A message without a
+`message-id` header has its entry id (`1712345678901-0`) as its id: a takeover is the
+same entry, and a retry keeps the id in its entry's `id` field.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Three tables, named with the store's prefix:
 - `outbox_relay`: per topic, the last `seq` the broker confirmed, and the relay that
   holds the topic's lease. A relay sends a topic's rows only while it holds the lease,
   so that several relays share the topics without sending a row twice or out of order.
+
+A topic's rows in the last two tables go once it is idle (see `forget_idle_topics`), so
+that they do not grow with every topic ever used; a topic used again starts anew.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class OutboxStatements:
             metadata,
             sa.Column("topic", name, primary_key=True),
             sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-            sa.Column("message_id", sa.String(64), nullable=False),
+            sa.Column("message_id", name, nullable=False),
             sa.Column("headers", text, nullable=False),
             sa.Column("body", text, nullable=False),
             sa.Column("created_at", timestamp, nullable=False),
@@ -140,6 +143,21 @@ class OutboxStatements:
             .values(owner=None, lease_until=None)
         )
         self.purge = compiled(outbox.delete().where(outbox.c.sent_at < param("before")))
+        # A topic is idle when the broker confirmed all of it, no relay holds a lease on
+        # it, and its rows are gone (purged, `retention` after they were sent).
+        self.idle = compiled(
+            sa.select(topics.c.topic, topics.c.head)
+            .join(relay, relay.c.topic == topics.c.topic)
+            .where(
+                topics.c.head == relay.c.sent,
+                sa.or_(relay.c.owner.is_(None), relay.c.lease_until < param("now")),
+                ~sa.exists().where(outbox.c.topic == topics.c.topic),
+            )
+            .limit(param("l"))
+        )
+        # Each with the head seen: a session that moved it since keeps the topic.
+        self.forget_topic = compiled(topics.delete().where(topic_is, topics.c.head == param("h")))
+        self.forget_cursor = compiled(relay.delete().where(relay_is, relay.c.sent == param("h")))
 
 
 class OutboxRecords:
@@ -295,6 +313,25 @@ class OutboxRecords:
         self._writing()
         purge = self.statements.outbox.purge
         return int(self._execute(purge, {"before": self._timestamp(before)}).rowcount)
+
+    def forget_idle_topics(self, now: datetime, limit: int = 100) -> int:
+        """Delete the head and cursor rows of up to `limit` idle topics; return how many.
+
+        Idle: every row was sent and purged, and no relay holds a lease. A session that
+        writes to the topic meanwhile keeps it: the head it moved no longer matches, or
+        (having waited for this transaction) it starts the topic anew, from seq 1.
+        """
+        self._writing()
+        outbox = self.statements.outbox
+        idle = self._execute(outbox.idle, {"now": self._timestamp(now), "l": limit}).fetchall()
+        forgotten = 0
+        for topic, head in idle:
+            # The head row first: while this transaction holds it, no session can write
+            # to the topic, so the cursor never goes without its head.
+            if self._execute(outbox.forget_topic, {"t": topic, "h": head}).rowcount == 1:
+                self._execute(outbox.forget_cursor, {"t": topic, "h": head})
+                forgotten += 1
+        return forgotten
 
 
 def _advance_head(dialect: sa.Dialect, topics: sa.Table) -> Any:

@@ -29,6 +29,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from pybondi._redact import redact
 from pybondi.exceptions import MissingDependency, SessionError
 from pybondi.stores.base import Records, Store, Transaction
 
@@ -115,7 +116,7 @@ class SQLStore(Store):
         self.statements = Statements(self.metadata, prefix, sync_engine.dialect)
 
     def __repr__(self) -> str:
-        url = self.engine.url.render_as_string(hide_password=True)
+        url = redact(self.engine.url.render_as_string(hide_password=False))
         where = f" schema={self.metadata.schema}" if self.metadata.schema else ""
         if self.prefix != "pybondi_":
             where += f" prefix={self.prefix}"

@@ -1,0 +1,155 @@
+"""`pybondi worker`: handle a consumer's messages from a broker, until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pybondi.brokers.base import DEFAULT_GROUP
+from pybondi.cli.options import (
+    above_0,
+    at_least_0,
+    broker_arguments,
+    log_level,
+    positive,
+    store_arguments,
+    target,
+)
+from pybondi.cli.running import Signals, open_store, refuse, tables_ready
+from pybondi.cli.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from pybondi.consumer import Consumer
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger("pybondi.cli")
+
+
+def add_parser(commands: Any) -> None:
+    """Add `worker` and its options to the command line's subcommands."""
+    worker = commands.add_parser(
+        "worker", help="handle a consumer's messages from a broker, until SIGTERM"
+    )
+    worker.add_argument(
+        "consumer",
+        type=target,
+        help="the Consumer to run (or a Messagebus, with --topic), as module:name",
+    )
+    worker.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        help="a topic whose commands and events go to the messagebus; repeatable",
+    )
+    worker.add_argument("--registry", type=target, help="the Registry of their types")
+    worker.add_argument("--group", help="the consumer group (default: the consumer's)")
+    store_arguments(worker)
+    broker_arguments(worker)
+    worker.add_argument(
+        "--workers", type=positive, default=1, help="worker processes to run (default 1)"
+    )
+    worker.add_argument(
+        "--sync",
+        action="store_true",
+        help="sync sessions, each in a thread (for sync handlers that use repository.get)",
+    )
+    worker.add_argument(
+        "--grace",
+        type=at_least_0,
+        default=30.0,
+        help="seconds a stop waits for the messages under way (default 30)",
+    )
+    worker.add_argument(
+        "--redeliver-after",
+        type=above_0,
+        default=60.0,
+        help="seconds after which the messages of a silent worker go to another (default 60)",
+    )
+    worker.add_argument(
+        "--create-tables", action="store_true", help="create the store's tables if missing"
+    )
+    log_level(worker)
+
+
+def run(arguments: argparse.Namespace, argv: list[str]) -> int:
+    """Run one worker here, or supervise `--workers` worker processes."""
+    try:
+        consumer = _consumer(arguments)  # refused here once, not in every process
+    except (TypeError, ValueError) as error:
+        return refuse(str(error))
+    if arguments.workers == 1:
+        return int(asyncio.run(_worker(arguments, consumer)))
+    return Supervisor([sys.executable, "-m", "pybondi", *argv, "--workers", "1"]).run(
+        arguments.workers
+    )
+
+
+async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
+    signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
+    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.worker import Worker  # noqa: PLC0415
+
+    # A connection per message under way, one for the bookkeeping, one to spare.
+    connections = consumer.in_flight + 2
+    store = open_store(arguments, asynchronous=not arguments.sync, connections=connections)
+    if store is None:
+        return 2
+    try:
+        if not await signals.unless_stopped(tables_ready(store, arguments.create_tables)):
+            return 0 if signals.received else 2
+        try:
+            worker = Worker(
+                consumer,
+                connect(arguments.broker, **dict(arguments.broker_option)),
+                store,
+                redeliver_after=arguments.redeliver_after,
+                grace=arguments.grace,
+            )
+        except (TypeError, ValueError) as error:
+            return refuse(str(error))
+        signals.forward(worker.stop)
+        logger.info("Worker started: %r", worker)
+        try:
+            await worker.run()
+        except (TypeError, ValueError) as error:  # a wrong option, group or topic name
+            return refuse(f"{type(error).__name__}: {error}")
+        logger.info(
+            "Worker %s stopped: %d handled, %d skipped (handled already), %d retried, "
+            "%d dead-lettered",
+            worker.name, worker.handled, worker.skipped, worker.retried, worker.dead_lettered,
+        )  # fmt: skip
+        return 0
+    finally:
+        await store.adispose()
+
+
+def _consumer(arguments: argparse.Namespace) -> Consumer:
+    """The consumer to run: the target, or one that dispatches `--topic`s to a bus."""
+    from pybondi.consumer import Consumer  # noqa: PLC0415
+    from pybondi.messagebus import Messagebus  # noqa: PLC0415
+    from pybondi.serialization import Registry  # noqa: PLC0415
+
+    target, registry = arguments.consumer, arguments.registry
+    if registry is not None and not isinstance(registry, Registry):
+        raise ValueError(f"--registry is a {type(registry).__name__}, not a Registry")
+    if isinstance(target, Messagebus):
+        if not arguments.topic:
+            raise ValueError(
+                "a Messagebus needs the topics whose commands and events it handles: "
+                "--topic NAME (repeatable), and --registry module:name for their types"
+            )
+        target = Consumer(target, registry, group=arguments.group or DEFAULT_GROUP)
+    elif isinstance(target, Consumer):
+        target.group = arguments.group or target.group
+        target.registry = registry or target.registry
+    else:
+        raise ValueError(
+            f"{type(target).__name__} is neither a pybondi.consumer.Consumer nor a Messagebus"
+        )
+    if arguments.topic:
+        target.dispatch(*arguments.topic)
+    return target
