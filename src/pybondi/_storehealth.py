@@ -117,7 +117,7 @@ class StoreHealth:
         logger.warning(
             "Worker %s: store unreachable: %s; the %d message(s) under way wait for it "
             "(no attempt counted), and no new ones are taken until it answers",
-            self.name, _describe(error), self._under_way(),
+            self.name, _summary(error), self._under_way(),
         )  # fmt: skip
         self._watching = asyncio.ensure_future(self._watch(error))
 
@@ -127,8 +127,9 @@ class StoreHealth:
         started = loop.time()
         summary = started + _SUMMARY_EVERY
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), _PROBE_EVERY)
+            await asyncio.sleep(_PROBE_EVERY)
+            if self._stopping.is_set():
+                return  # the worker closes: nothing waits any more
             failure = await self._probe()
             if failure is None or not self._looks_unreachable(failure):
                 break
@@ -138,7 +139,7 @@ class StoreHealth:
                 logger.warning(
                     "Worker %s: store still unreachable after %.0f s (%d message(s) "
                     "waiting): %s",
-                    self.name, loop.time() - started, self._under_way(), _describe(error),
+                    self.name, loop.time() - started, self._under_way(), _summary(error),
                 )  # fmt: skip
         logger.warning(
             "Worker %s: store reachable again after %.1f s", self.name, loop.time() - started
@@ -180,6 +181,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, TimeoutError)
 
 
-def _describe(error: BaseException) -> str:
+def _summary(error: BaseException) -> str:
+    """The error's type and first line: SQLAlchemy's add the statement and a link."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

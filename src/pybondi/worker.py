@@ -34,8 +34,8 @@ group's inbox, so that a redelivery changes nothing. A handler that takes longer
 more times than its attempts without ever failing (its worker died each time: a crash,
 an exhausted memory) is dead-lettered without running a handler (on RabbitMQ, quorum
 queues count redeliveries; a classic queue you declared does not, and there the message
-comes back until it stops killing its worker). A message the group's inbox already has is never dead-lettered. Either way the
-worker goes on with the next message.
+comes back until it stops killing its worker). A message the group's inbox already has
+is never dead-lettered. Either way the worker goes on with the next message.
 
 **Unreadable messages** (not JSON, an unregistered type, a payload that fails
 validation, a command for a `dispatch`ed topic that is not one, an id the inbox cannot
@@ -287,7 +287,8 @@ class Worker:
             given_up = not receiving.done()
             if given_up:
                 receiving.cancel()
-                await asyncio.wait([receiving], timeout=_CLOSE_WITHIN)  # let it tidy up
+                # A moment to tidy up, within the grace.
+                await asyncio.wait([receiving], timeout=min(_CLOSE_WITHIN, self._left()))
         if given_up:
             if receiving.done() and not receiving.cancelled():
                 receiving.exception()  # retrieved: an error of a receive given up is moot
