@@ -58,9 +58,9 @@ ends, and once a minute in between.
 **Stopping.** `stop()` (SIGTERM under the CLI) stops taking messages, lets those under
 way finish and acknowledges them, for up to `grace` seconds; a message still under way
 after that is rolled back and comes back to another worker, as does one waiting for the
-store, at once. `run` returns within `grace` (and a second more to close the connections, if the
-messages took all of it), whatever the broker is doing: a receive waiting for a broker
-that does not answer, or a connection being made, is given up.
+store, at once. `run` returns within `grace` (and a second more to close the
+connections, if the messages took all of it), whatever the broker is doing: a receive
+waiting for a broker that does not answer, or a connection being made, is given up.
 
 A `ConcurrencyError` (another session changed the same aggregate meanwhile) is not a
 failure of the message: it is handled again at once, in a new session, up to ten times.
@@ -157,6 +157,11 @@ class Worker:
             third of it.
         grace: seconds `stop()` waits for the messages under way.
         inbox_retention: how long the inbox remembers a message id.
+
+    Attributes:
+        received, handled, skipped, retried, dead_lettered: how many deliveries the
+            worker took from the broker, and how many of them it handled, skipped (the
+            group had them already), retried later and dead-lettered, since it started.
     """
 
     def __init__(
