@@ -229,6 +229,7 @@ CHANGED: dict[str, tuple[str, str]] = {
     "pybondi.messagebus.Messagebus.handle": ("Messagebus.handle", "TypeError"),
     "pybondi.messagebus.Command.execute": ("Command.execute", "HandlerNotFound"),
     "pybondi.aggregate.Entity.__eq__": ("Entity.__eq__", "same class"),
+    "pybondi.aggregate.Factory.__call__": ("Factory.__call__", "Factory.create"),
     "pybondi.aggregate.Root.publish": ("Root.publish", "session.execute"),
     "pybondi.repository.Repository.add": ("Repository.add", "repository.get"),
     "pybondi.events.Added": ("Added", "event.aggregate"),

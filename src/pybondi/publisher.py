@@ -410,7 +410,7 @@ class Base(BasePublisher):
     """Deprecated since 2.0 (pybondi 1.2.1's name): subclass `BasePublisher`.
 
     As in 1.2.1, a subclass need only override `publish`: `commit` and `rollback` do
-    nothing unless overridden. Pybondi's own publishers derive from `BasePublisher`, not
+    nothing unless overridden. The publishers pybondi ships derive from `BasePublisher`, not
     from this class: check `isinstance(publisher, BasePublisher)`.
     """
 
