@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -895,35 +892,28 @@ def test_sets_are_stored_sorted(registry: Registry) -> None:
     assert registry.encode(Holder({8, 1}))["item"] == [1, 8]  # {8, 1} iterates as 8, 1
 
 
-def test_sets_of_unsortable_values_are_stored_as_they_iterate(registry: Registry) -> None:
-    stored = registry.encode(Holder({1, "a", None}))["item"]
+def test_sets_of_values_without_an_order_are_stored_in_the_order_of_their_json(
+    registry: Registry,
+) -> None:
+    stored = registry.encode(Holder({1, "a", None, 2.5, ("x", 1)}))["item"]
 
-    assert sorted(map(str, stored)) == ["1", "None", "a"]
+    assert stored == ["a", 1, 2.5, ["x", 1], None]  # '"a"' < '1' < '2.5' < '["x",1]' < 'null'
+    assert registry.encode(
+        Holder({Money(Decimal(2), Currency.USD), Money(Decimal(10), Currency.EUR)})
+    )["item"] == [{"amount": "10", "currency": "EUR"}, {"amount": "2", "currency": "USD"}]
 
 
-def test_the_same_set_gives_the_same_json_in_every_process() -> None:
-    script = (
-        "from pybondi import Event\n"
-        "from pybondi.serialization import Registry\n"
-        "class Tagged(Event):\n"
-        "    def __init__(self, tags: frozenset[str]) -> None:\n"
-        "        self.tags = tags\n"
-        "registry = Registry()\n"
-        "registry.register(Tagged)\n"
-        "print(registry.dumps(Tagged(frozenset('abcdefgh'))).data)\n"
-    )
-    outputs = {
-        subprocess.run(
-            [sys.executable, "-c", script],
-            env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for seed in ("1", "2", "3")
-    }
+def test_the_same_state_gives_the_same_json_in_every_process() -> None:
+    # Sets of text, of frozen dataclasses, sets inside sets and mixed sets iterate in
+    # another order under each hash seed: the JSON must not follow it.
+    from tests import hash_seeds
 
-    assert outputs == {'{"tags":["a","b","c","d","e","f","g","h"]}\n'}
+    here = hash_seeds.registry()
+    expected = f"{here.dumps(hash_seeds.shelf()).data}\n{here.dumps(hash_seeds.mixed()).data}\n"
+
+    outputs = {hash_seeds.run(seed, "dump") for seed in hash_seeds.SEEDS}
+
+    assert outputs == {expected}
 
 
 # JSON-native fields are checked on decode
@@ -996,6 +986,7 @@ def test_a_plain_class_init_hint_is_checked(registry: Registry) -> None:
         (float("nan"), "item", "nan"),
         (float("inf"), "item", "inf"),
         ({"a": [1.0, float("-inf")]}, "item.a", "-inf"),
+        ({float("nan"), 1.5}, "item", "nan"),  # a set is ordered before dumps checks it
     ],
 )
 def test_nan_and_infinity_are_refused_by_dumps(

@@ -26,7 +26,8 @@ is not stored: repositories keep the id and pass it back with `loads(..., id=...
 Field values may be JSON natives, datetime, date, time, UUID, Decimal, Enum, tuples, sets
 and nested dataclasses, pydantic models or registered classes; the class's type hints say
 what to build back, and a hint that does not resolve leaves the JSON value as it is.
-Sets are stored sorted when their items allow it, so the same state gives the same JSON.
+Sets are stored in a canonical order (text and whole numbers sorted, other items by their
+JSON text), so the same state gives the same JSON in every process.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ U = TypeVar("U", bound=Upcaster)
 # One encoder for every dumps: json.dumps with separators= would build a new one per call.
 # allow_nan=False: NaN and Infinity are not JSON, and other readers refuse them.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# The order of a set's items; NaN is allowed here, and refused by dumps, naming its field.
+_ORDER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_INT = {int}
 _NATIVE = frozenset({str, int, float, bool, type(None)})
 _SEQUENCES = (list, tuple, set, frozenset)
 _SETS = (set, frozenset)
@@ -560,12 +564,26 @@ def _run_upcaster(
 
 
 def _sorted(items: list[Any]) -> list[Any]:
-    # A set iterates in hash order, which changes from one process to the next for text:
-    # sorted, the same state always gives the same JSON, and repositories see no change.
-    try:
+    # A set iterates in hash order, which changes from one process to the next: stored in
+    # an order of their own, the same set always gives the same JSON, and a repository
+    # sees no change where there is none. Text alone, or ints alone, sort as they are;
+    # anything else (frozen dataclasses, mixed types, sets inside sets) by its JSON text:
+    # a total order, in which items with the same key are written the same.
+    if items and _one_sortable_type(items):
         return sorted(items)
-    except TypeError:  # mixed types, or dicts: no order to give them
-        return items
+    return sorted(items, key=_ORDER.encode)
+
+
+def _one_sortable_type(items: list[Any]) -> bool:
+    """Whether the items (as encoded) are all text, or all ints: equal ones are the same JSON."""
+    kind = type(items[0])
+    if kind is str:
+        try:
+            "".join(items)  # only text joins: the cheapest test that every item is text
+        except TypeError:
+            return False
+        return True
+    return kind is int and set(map(type, items)) == _INT
 
 
 def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
