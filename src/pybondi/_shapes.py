@@ -4,6 +4,14 @@ A `Shape` is worked out once per class, when it is registered: which fields are 
 which are required, how the class is built. The converters turn a JSON value back into
 the type a hint names (datetime, UUID, list[int], ...), raising TypeError or ValueError
 for a value that does not fit; the registry turns those into `SerializationError`.
+
+How a class is stored and rebuilt, by kind:
+- "pydantic": `model_dump(mode="json")` and `model_validate`.
+- "dataclass": its fields, and the class called with its init fields.
+- "custom": the `state=` and `build=` functions given at registration.
+- "setstate": the class's own `__getstate__` and `__setstate__` (copy and pickle's
+  protocol, but JSON), rebuilt with `cls.__new__` and no `__init__`.
+- "plain": its attributes (`__dict__`), and the class called with them by name.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from pybondi.aggregate import Aggregate
-from pybondi.exceptions import short_repr
+from pybondi.exceptions import callable_name, short_repr
 
 __all__ = [
     "PARSERS",
@@ -33,6 +41,9 @@ __all__ = [
 ]
 
 Convert = Callable[[Any], Any]
+Kind = Literal["dataclass", "pydantic", "plain", "custom", "setstate"]
+# object has its own __getstate__ since Python 3.11: only a class's own one counts.
+_DEFAULT_GETSTATE = getattr(object, "__getstate__", None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,14 +53,20 @@ class Shape:
     cls: type[Any]
     name: str  # the registered name, or the qualname of a nested unregistered class
     version: int
-    kind: Literal["dataclass", "pydantic", "plain"]
+    kind: Kind
     aggregate: bool
-    fields: tuple[str, ...] = ()  # dataclass: its init fields; plain: its __init__ parameters
-    late: tuple[str, ...] = ()  # dataclass fields with init=False, set after construction
+    # dataclass: its init fields; plain and custom: the parameters of __init__ or build=,
+    # after the one that takes an aggregate's id.
+    fields: tuple[str, ...] = ()
+    # Set after construction: a dataclass's init=False fields; for a plain aggregate, an
+    # attribute named as the __init__ parameter that takes the id (self.sku = sku).
+    late: tuple[str, ...] = ()
     required: frozenset[str] = frozenset()
     root_init: bool = False  # a dataclass aggregate whose __init__ takes root=
-    open: bool = False  # a plain __init__ with **kwargs accepts any field
-    converters: dict[str, tuple[str, Convert]] | None = None  # built on first decode
+    open: bool = False  # an __init__ or build= with **kwargs, or __setstate__: any field
+    state: Callable[[Any], Any] | None = None  # custom: what to store of an instance
+    build: Callable[..., Any] | None = None  # plain: the class; custom: build=
+    converters: dict[str, tuple[str, Convert]] | None = None  # built on first use
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
     loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
 
@@ -61,14 +78,41 @@ class Shape:
     def label(self) -> str:
         return f"{self.cls.__name__} ({self.name!r})"
 
+    @property
+    def builder(self) -> str:
+        """What builds an instance, as error messages name it."""
+        if self.kind == "custom":
+            return f"{callable_name(self.build)}()"
+        if self.kind == "setstate":
+            return f"{self.cls.__name__}.__setstate__()"
+        return f"{self.cls.__name__}()"
+
+    @property
+    def hinted(self) -> Any:
+        """What the type hints of the stored fields are read from."""
+        if self.kind in ("plain", "custom"):
+            if isinstance(self.build, type):
+                built: type[Any] = self.build  # a class: its __init__ takes the fields
+                return built.__init__
+            return self.build
+        return self.cls
+
 
 def is_pydantic(cls: type) -> bool:
     # Duck-typed, so that pydantic stays an optional dependency.
     return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
 
 
-def make_shape(cls: type, name: str, version: int) -> Shape:
+def make_shape(
+    cls: type,
+    name: str,
+    version: int,
+    state: Callable[[Any], Any] | None = None,
+    build: Callable[..., Any] | None = None,
+) -> Shape:
     aggregate = issubclass(cls, Aggregate)
+    if state is not None or build is not None:
+        return _custom_shape(cls, name, version, aggregate, state=state, build=build)
     if is_pydantic(cls):
         return Shape(cls, name, version, "pydantic", aggregate)
     if dataclasses.is_dataclass(cls):
@@ -92,22 +136,101 @@ def make_shape(cls: type, name: str, version: int) -> Shape:
             ),
             root_init=aggregate and any(f.name == "root" and f.init for f in every),
         )
+    if has_state_protocol(cls):
+        return Shape(cls, name, version, "setstate", aggregate, open=True)
+    return _called_shape(cls, name, version, aggregate, kind="plain", build=cls)
+
+
+def has_state_protocol(cls: type) -> bool:
+    """Whether the class defines copy and pickle's __getstate__ or __setstate__ itself."""
+    return hasattr(cls, "__setstate__") or getattr(cls, "__getstate__", None) is not (
+        _DEFAULT_GETSTATE
+    )
+
+
+def _called_shape(
+    cls: type,
+    name: str,
+    version: int,
+    aggregate: bool,
+    *,
+    kind: Kind,
+    build: Callable[..., Any],
+    state: Callable[[Any], Any] | None = None,
+) -> Shape:
+    """The shape of a class rebuilt by calling `build` with the stored fields by name."""
     try:
-        parameters = list(inspect.signature(cls).parameters.values())
+        parameters = list(inspect.signature(build).parameters.values())
     except (TypeError, ValueError):  # a signature Python cannot read: let the call decide
-        return Shape(cls, name, version, "plain", aggregate, open=True)
+        return Shape(cls, name, version, kind, aggregate, open=True, state=state, build=build)
+    late: tuple[str, ...] = ()
     if aggregate:
-        parameters = parameters[1:]  # the id, passed positionally
+        # The id, passed positionally. A plain aggregate may keep it under the
+        # parameter's name too (self.sku = sku): that attribute is stored, and set again.
+        first, parameters = parameters[:1], parameters[1:]
+        if kind == "plain" and first and first[0].kind is first[0].POSITIONAL_OR_KEYWORD:
+            late = (first[0].name,)
     named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return Shape(
         cls,
         name,
         version,
-        "plain",
+        kind,
         aggregate,
         fields=tuple(p.name for p in named),
+        late=late,
         required=frozenset(p.name for p in named if p.default is p.empty),
         open=any(p.kind is p.VAR_KEYWORD for p in parameters),
+        state=state,
+        build=build,
+    )
+
+
+def _custom_shape(
+    cls: type,
+    name: str,
+    version: int,
+    aggregate: bool,
+    *,
+    state: Callable[[Any], Any] | None,
+    build: Callable[..., Any] | None,
+) -> Shape:
+    call = f"registry.register({cls.__name__}, name=..., state=..., build=...)"
+    if state is None or build is None:
+        given, missing = ("state", "build") if build is None else ("build", "state")
+        raise TypeError(
+            f"registry.register({cls.__name__}, {given}=...) needs {missing}= too: state= "
+            f"says what is stored of a {cls.__name__}, build= how one is rebuilt from it. "
+            f"Give both: {call}."
+        )
+    for option, function, role in (
+        ("state", state, f"takes a {cls.__name__} and returns a dict of what to store"),
+        ("build", build, f"takes the stored fields by name and returns a {cls.__name__}"),
+    ):
+        if not callable(function):
+            raise TypeError(
+                f"{option}= of {cls.__name__} must be a function that {role}, got "
+                f"{short_repr(function)}."
+            )
+    shape = _called_shape(cls, name, version, aggregate, kind="custom", build=build, state=state)
+    if aggregate and not _takes_an_id(build):
+        raise TypeError(
+            f"build= of the aggregate {cls.__name__}, {callable_name(build)}, must take the "
+            f"root id as its first positional parameter, then the stored fields by name: "
+            f"def build(id, **fields) -> {cls.__name__}."
+        )
+    return shape
+
+
+def _takes_an_id(build: Callable[..., Any]) -> bool:
+    try:
+        parameters = list(inspect.signature(build).parameters.values())
+    except (TypeError, ValueError):
+        return True  # a signature Python cannot read: let the call decide
+    return bool(parameters) and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
     )
 
 

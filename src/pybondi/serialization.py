@@ -40,7 +40,7 @@ import operator
 import reprlib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -64,6 +64,8 @@ from pybondi.exceptions import SerializationError, UnknownMessageType, callable_
 __all__ = ["Registry", "Serialized"]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+State = Callable[[Any], Mapping[str, Any]]
+Build = Callable[..., Any]
 C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
 
@@ -90,6 +92,8 @@ _SUPPORTED = (
     "use JSON-native values, datetime, date, time, UUID, Decimal, Enum, tuples, sets, "
     "dataclasses or pydantic models, or register its class"
 )
+_STATED = ("custom", "setstate")  # kinds whose fields are a state dict, checked on encode
+_CALLED = ("plain", "custom")  # kinds built by calling a function with the fields by name
 
 
 # A named tuple, not a frozen dataclass: as immutable, and built in half the time, once per
@@ -126,27 +130,57 @@ class Registry:
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
 
     @overload
-    def register(self, cls: C, /, *, name: str | None = None, version: int = 1) -> C: ...
+    def register(
+        self,
+        cls: C,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
+    ) -> C: ...
     @overload
     def register(
-        self, cls: None = None, /, *, name: str | None = None, version: int = 1
+        self,
+        cls: None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
     ) -> Callable[[C], C]: ...
     def register(
-        self, cls: C | None = None, /, *, name: str | None = None, version: int = 1
+        self,
+        cls: C | None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
     ) -> C | Callable[[C], C]:
         """Register `cls` under `name` (default: its `__name__`) at `version` (default 1).
 
         Returns the class, so it also works as a decorator: `@registry.register(name=...)`.
-        Registering the same class, name and version again does nothing; any other reuse
-        of a name or a class is a ValueError.
+        Registering the same class, name, version and functions again does nothing; any
+        other reuse of a name or a class is a ValueError.
+
+        `state` and `build` say how a class is stored and rebuilt when its `__init__` does
+        not take its attributes by name (private attributes, other parameter names):
+        `state(obj)` returns a dict of what to store, and `build(**fields)` (for an
+        aggregate, `build(id, **fields)`) rebuilds an object from it. The type hints of
+        `build`'s parameters say what each field is built back into; a field without one
+        must hold a JSON value (text, numbers, lists, dicts) and is given back as such.
         """
         if cls is None:
 
             def decorate(cls: C) -> C:
-                return self.register(cls, name=name, version=version)
+                return self.register(cls, name=name, version=version, state=state, build=build)
 
             return decorate
-        self._add(cls, name, version)
+        self._add(cls, name, version, state, build)
         return cls
 
     def upcaster(self, name: str, *, from_version: int) -> Callable[[U], U]:
@@ -243,7 +277,9 @@ class Registry:
             return item in self._by_name
         return isinstance(item, type) and item in self._by_class
 
-    def _add(self, cls: Any, name: str | None, version: int) -> None:
+    def _add(
+        self, cls: Any, name: str | None, version: int, state: State | None, build: Build | None
+    ) -> None:
         if not isinstance(cls, type):
             raise TypeError(
                 f"registry.register() takes a class, got {short_repr(cls)}. Pass the class "
@@ -255,13 +291,22 @@ class Registry:
             raise error(f"A registered name must be non-empty text, got {short_repr(name)}.")
         _check_version(version, "version")
         known = self._by_class.get(cls)
-        if known is not None and (known.name, known.version) == (name, version):
-            return
-        if known is not None:
+        if known is not None and (known.name, known.version) != (name, version):
             raise ValueError(
                 f"{callable_name(cls)} is already registered as {known.name!r} version "
                 f"{known.version}; cannot also register it as {name!r} version {version}. "
                 f"A class has one name and one current version: keep one registration."
+            )
+        if known is not None:
+            if known.kind != "custom" and state is None and build is None:
+                return
+            if known.kind == "custom" and (known.state, known.build) == (state, build):
+                return
+            raise ValueError(
+                f"{callable_name(cls)} is already registered as {known.name!r} version "
+                f"{known.version}, stored another way; cannot register it again with "
+                f"state={short_repr(state, 60)}, build={short_repr(build, 60)}. A class is "
+                f"stored one way: keep one registration."
             )
         if (taken := self._by_name.get(name)) is not None:
             raise ValueError(
@@ -269,7 +314,7 @@ class Registry:
                 f"cannot also register {callable_name(cls)} under it. Give one of them "
                 f"another name: registry.register({cls.__name__}, name=...)."
             )
-        shape = make_shape(cls, name, version)
+        shape = make_shape(cls, name, version, state, build)
         if late := sorted(step for n, step in self._upcasters if n == name and step >= version):
             raise _late_upcaster(name, late, shape, self._upcasters[name, late[0]])
         self._by_name[name] = self._by_class[cls] = shape
@@ -319,13 +364,20 @@ class Registry:
             except ValueError as exc:
                 raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
             return dumped
-        if shape.kind == "dataclass":
+        kind = shape.kind
+        if kind == "dataclass":
             items = [(name, getattr(obj, name)) for name in shape.stored]
-        elif (attributes := getattr(obj, "__dict__", None)) is None:
-            raise _Unsupported("it has no __dict__ to read fields from; make it a dataclass")
         else:
-            if not shape.open and not attributes.keys() <= shape.loadable:
-                raise _not_loadable(shape, attributes)
+            if kind == "plain":
+                if (attributes := getattr(obj, "__dict__", None)) is None:
+                    raise _Unsupported(
+                        f"it has no __dict__ to read fields from; make it a dataclass, or say "
+                        f"how it is stored: {_register_as(type(obj))}"
+                    )
+                if not shape.open and not attributes.keys() <= shape.loadable:
+                    raise _not_loadable(shape, attributes)
+            else:
+                attributes = _state_of(shape, obj)
             items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
         encoded = {}
         for name, value in items:
@@ -334,7 +386,25 @@ class Registry:
             except _Unsupported as exc:
                 exc.path.append(name)
                 raise
+        if kind in _STATED:
+            self._check_untyped(shape, items, encoded)
         return encoded
+
+    def _check_untyped(
+        self, shape: Shape, items: list[tuple[str, Any]], encoded: dict[str, Any]
+    ) -> None:
+        """Refuse a field that would load back as another type, for want of a type hint."""
+        converters = self._converters(shape)
+        for name, value in items:
+            stored = encoded[name]
+            if (
+                name not in converters
+                and stored is not value
+                and (type(stored) is not type(value) or stored != value)
+            ):
+                exc = _untyped(shape, name, value, stored)
+                exc.path.append(name)
+                raise exc
 
     def _value(self, value: Any) -> Any:
         kind = type(value)
@@ -358,7 +428,9 @@ class Registry:
         if (shape := self._shape_of(kind)) is not None:
             return self._fields_of(shape, value)
         raise _Unsupported(
-            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}"
+            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED} "
+            f"(registry.register({kind.__name__}, name=...), with state= and build= if its "
+            f"__init__ does not take its attributes by name)"
         )
 
     def _key(self, key: Any) -> str:
@@ -419,10 +491,18 @@ class Registry:
         self._check_fields(shape, payload)
         values = self._convert(shape, payload)
         try:
-            return self._construct(shape, values, id)
-        except (TypeError, ValueError) as exc:
-            problem = f"{shape.cls.__name__}() raised {type(exc).__name__}: {exc}"
+            built = self._construct(shape, values, id)
+        except RecursionError:
+            raise
+        except Exception as exc:  # the class's own code, or build=, refused the data
+            problem = f"{shape.builder} raised {type(exc).__name__}: {exc}"
             raise _unfit(shape, payload, problem) from exc
+        if shape.kind == "custom" and not isinstance(built, shape.cls):
+            problem = (
+                f"{shape.builder} returned {short_repr(built, 60)}, not a {shape.cls.__name__}"
+            )
+            raise _unfit(shape, payload, problem, "build= must return the object it rebuilt.")
+        return built
 
     def _check_fields(self, shape: Shape, payload: dict[str, Any]) -> None:
         problems = []
@@ -457,17 +537,18 @@ class Registry:
         # Built on first decode, not at registration, so that hints may name classes
         # defined after the decorated one.
         if shape.converters is None:
-            target = shape.cls.__init__ if shape.kind == "plain" else shape.cls
             try:
-                hints = typing.get_type_hints(target)
+                hints = typing.get_type_hints(shape.hinted)
             except Exception:
                 # Hints that do not resolve (a class local to a function, under postponed
                 # annotations) leave every value as JSON gives it.
                 hints = {}
+            # An open shape (**kwargs, __setstate__) takes any field: each hint counts.
             shape.converters = {
-                field: (type_name(hints[field]), convert)
-                for field in shape.stored
-                if field in hints and (convert := self._converter(hints[field])) is not None
+                field: (type_name(hint), convert)
+                for field, hint in hints.items()
+                if (field in shape.stored or (shape.open and field != "return"))
+                and (convert := self._converter(hint)) is not None
             }
         return shape.converters
 
@@ -506,8 +587,28 @@ class Registry:
 
     @staticmethod
     def _construct(shape: Shape, values: dict[str, Any], id: Any) -> Any:
-        if shape.kind == "plain":
-            return shape.cls(id, **values) if shape.aggregate else shape.cls(**values)
+        kind = shape.kind
+        if kind in _CALLED:
+            build = typing.cast(Build, shape.build)
+            if not shape.late:
+                return build(id, **values) if shape.aggregate else build(**values)
+            # A plain aggregate's attribute named as its id parameter (self.sku = sku).
+            late = [(name, values.pop(name)) for name in shape.late if name in values]
+            obj = build(id, **values)
+            for name, value in late:
+                object.__setattr__(obj, name, value)
+            return obj
+        if kind == "setstate":
+            # As copy and pickle rebuild an object: without calling __init__.
+            cls: Any = shape.cls
+            obj = cls.__new__(cls)
+            if (setstate := getattr(obj, "__setstate__", None)) is not None:
+                setstate(values)
+            else:
+                obj.__dict__.update(values)
+            if shape.aggregate:
+                object.__setattr__(obj, "root", Root(id))
+            return obj
         init = {name: values[name] for name in shape.fields if name in values}
         if shape.root_init:
             init["root"] = Root(id)
@@ -589,10 +690,77 @@ def _one_sortable_type(items: list[Any]) -> bool:
 def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
     extra = sorted(attributes.keys() - shape.loadable)
     cls = shape.cls.__name__
+    takes = ", ".join(shape.fields) or "no field"
+    if shape.aggregate:
+        # Loading calls cls(id, **fields): say so, since the id parameter is taken apart.
+        first = repr(shape.late[0]) if shape.late else "its first"
+        takes = f"the root id as {first} parameter, then {takes}"
     return _Unsupported(
         f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
-        f"take, so it could be stored but never loaded back; make them __init__ parameters, "
+        f"take by those names (it takes {takes}), so they could be stored but never loaded "
+        f"back; say how a {cls} is stored and rebuilt: {_register_as(shape.cls)}, or "
+        f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
         f"or make {cls} a dataclass"
+    )
+
+
+def _register_as(cls: type) -> str:
+    name = cls.__name__
+    return (
+        f"registry.register({name}, name=..., state=..., build=...), where state(obj) returns "
+        f"a dict of what to store and build(**fields) rebuilds a {name} from it"
+    )
+
+
+def _state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
+    """The fields `state=` or `__getstate__` gives, checked against what builds it back."""
+    cls = shape.cls.__name__
+    if shape.kind == "custom":
+        source = f"{callable_name(shape.state)}()"
+        state = typing.cast(State, shape.state)(obj)
+    else:
+        source = f"{cls}.__getstate__()"
+        state = obj.__getstate__() or {}  # object's own gives None for no attributes
+    if not isinstance(state, Mapping):
+        raise _Unsupported(
+            f"{source} returned {short_repr(state, 60)}; it must return a dict of the fields "
+            f"to store, by name"
+        )
+    if names := [key for key in state if type(key) is not str]:
+        raise _Unsupported(
+            f"{source} returned the field name {short_repr(names[0], 60)}; fields are named "
+            f"by text (str), as JSON object keys are"
+        )
+    if shape.kind == "custom":
+        problems = []
+        if not shape.open and (unknown := [key for key in state if key not in shape.loadable]):
+            problems.append(
+                f"field(s) {short_repr(unknown, 80)[1:-1]} that {shape.builder} does not take"
+            )
+        if missing := sorted(shape.required.difference(state)):
+            problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
+        if problems:
+            takes = ", ".join(shape.fields) or "no field"
+            if shape.aggregate:
+                takes = f"the root id first, then {takes}"
+            raise _Unsupported(
+                f"{source} returned {' and '.join(problems)} ({shape.builder} takes {takes}); "
+                f"make the keys state= returns the parameter names of build="
+            )
+    return state
+
+
+def _untyped(shape: Shape, name: str, value: Any, stored: Any) -> _Unsupported:
+    hint = type(value).__name__ + ("[...]" if isinstance(value, _SEQUENCES | dict) else "")
+    if shape.kind == "custom":
+        where = f"{shape.builder} has no type hint for {name!r} that says what to build"
+        fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
+    else:
+        where = f"{shape.cls.__name__} has no annotation for {name!r} that says what to build"
+        fix = f"annotate it in the class body ({name}: {hint})"
+    return _Unsupported(
+        f"{short_repr(value, 60)} would load back as a {type(stored).__name__}, since {where}; "
+        f"{fix}"
     )
 
 
