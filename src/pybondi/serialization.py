@@ -690,18 +690,23 @@ def _one_sortable_type(items: list[Any]) -> bool:
 def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
     extra = sorted(attributes.keys() - shape.loadable)
     cls = shape.cls.__name__
-    takes = ", ".join(shape.fields) or "no field"
-    if shape.aggregate:
-        # Loading calls cls(id, **fields): say so, since the id parameter is taken apart.
-        first = repr(shape.late[0]) if shape.late else "its first"
-        takes = f"the root id as {first} parameter, then {takes}"
     return _Unsupported(
         f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
-        f"take by those names (it takes {takes}), so they could be stored but never loaded "
+        f"take by those names (it takes {_takes(shape)}), so they could be stored but never loaded "
         f"back; say how a {cls} is stored and rebuilt: {_register_as(shape.cls)}, or "
         f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
         f"or make {cls} a dataclass"
     )
+
+
+def _takes(shape: Shape) -> str:
+    """What an __init__ or build= takes, said so that the id parameter stands apart."""
+    fields = ", ".join(shape.fields) or "no field"
+    if not shape.aggregate:
+        return fields
+    # Loading calls build(id, **fields): the first parameter is not a stored field.
+    named = f" ({shape.late[0]!r})" if shape.late else ""
+    return f"the root id first{named}, then {fields}"
 
 
 def _register_as(cls: type) -> str:
@@ -740,18 +745,16 @@ def _state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
         if missing := sorted(shape.required.difference(state)):
             problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
         if problems:
-            takes = ", ".join(shape.fields) or "no field"
-            if shape.aggregate:
-                takes = f"the root id first, then {takes}"
             raise _Unsupported(
-                f"{source} returned {' and '.join(problems)} ({shape.builder} takes {takes}); "
+                f"{source} returned {' and '.join(problems)} ({shape.builder} takes "
+                f"{_takes(shape)}); "
                 f"make the keys state= returns the parameter names of build="
             )
     return state
 
 
 def _untyped(shape: Shape, name: str, value: Any, stored: Any) -> _Unsupported:
-    hint = type(value).__name__ + ("[...]" if isinstance(value, _SEQUENCES | dict) else "")
+    hint = type(value).__name__ + ("[...]" if isinstance(value, (*_SEQUENCES, dict)) else "")
     if shape.kind == "custom":
         where = f"{shape.builder} has no type hint for {name!r} that says what to build"
         fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
