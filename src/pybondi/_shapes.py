@@ -4,6 +4,8 @@ A `Shape` is worked out once per class, when it is registered: which fields are 
 which are required, how the class is built. The converters turn a JSON value back into
 the type a hint names (datetime, UUID, list[int], ...), raising TypeError or ValueError
 for a value that does not fit; the registry turns those into `SerializationError`.
+Reading the state of a class stored its own way (`state_of`) lives here too, with the
+words of the errors about a class's shape.
 
 How a class is stored and rebuilt, by kind:
 - "pydantic": `model_dump(mode="json")` and `model_validate`.
@@ -19,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, Literal
@@ -30,17 +33,26 @@ from pybondi.exceptions import callable_name, short_repr
 
 __all__ = [
     "PARSERS",
+    "Build",
     "Convert",
     "Shape",
+    "State",
+    "Unsupported",
     "collection",
     "fixed_tuple",
     "is_pydantic",
     "make_shape",
     "mapping",
+    "not_loadable",
+    "register_as",
+    "state_of",
     "type_name",
+    "untyped",
 ]
 
 Convert = Callable[[Any], Any]
+State = Callable[[Any], Mapping[str, Any]]  # state=: what to store of an instance
+Build = Callable[..., Any]  # build=: rebuilds an instance from its stored fields
 Kind = Literal["dataclass", "pydantic", "plain", "custom", "setstate"]
 # object has its own __getstate__ since Python 3.11: only a class's own one counts.
 _DEFAULT_GETSTATE = getattr(object, "__getstate__", None)
@@ -320,3 +332,94 @@ def mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
 def type_name(hint: Any) -> str:
     # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
     return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
+
+
+class Unsupported(Exception):
+    """A value encode cannot store; each enclosing field adds its name on the way up."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why, self.path = why, list[str]()
+
+
+def not_loadable(shape: Shape, attributes: dict[str, Any]) -> Unsupported:
+    """Attributes of a plain class that its __init__ would not take back."""
+    extra = sorted(attributes.keys() - shape.loadable)
+    cls = shape.cls.__name__
+    return Unsupported(
+        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
+        f"take by those names (it takes {_takes(shape)}), so they could be stored but never "
+        f"loaded back; say how a {cls} is stored and rebuilt: {register_as(shape.cls)}, or "
+        f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
+        f"or make {cls} a dataclass"
+    )
+
+
+def _takes(shape: Shape) -> str:
+    """What an __init__ or build= takes, said so that the id parameter stands apart."""
+    fields = ", ".join(shape.fields) or "no field"
+    if not shape.aggregate:
+        return fields
+    # Loading calls build(id, **fields): the first parameter is not a stored field.
+    named = f" ({shape.late[0]!r})" if shape.late else ""
+    return f"the root id first{named}, then {fields}"
+
+
+def register_as(cls: type) -> str:
+    """How to say at registration how a class is stored and rebuilt."""
+    name = cls.__name__
+    return (
+        f"registry.register({name}, name=..., state=..., build=...), where state(obj) returns "
+        f"a dict of what to store and build(**fields) rebuilds a {name} from it"
+    )
+
+
+def state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
+    """The fields `state=` or `__getstate__` gives, checked against what builds it back."""
+    cls = shape.cls.__name__
+    if shape.kind == "custom":
+        source = f"{callable_name(shape.state)}()"
+        state = typing.cast(State, shape.state)(obj)
+    else:
+        source = f"{cls}.__getstate__()"
+        state = obj.__getstate__() or {}  # object's own gives None for no attributes
+    if not isinstance(state, Mapping):
+        raise Unsupported(
+            f"{source} returned {short_repr(state, 60)}; it must return a dict of the fields "
+            f"to store, by name"
+        )
+    if names := [key for key in state if type(key) is not str]:
+        raise Unsupported(
+            f"{source} returned the field name {short_repr(names[0], 60)}; fields are named "
+            f"by text (str), as JSON object keys are"
+        )
+    if shape.kind == "custom":
+        problems = []
+        if not shape.open and (unknown := [key for key in state if key not in shape.loadable]):
+            problems.append(
+                f"field(s) {short_repr(unknown, 80)[1:-1]} that {shape.builder} does not take"
+            )
+        if missing := sorted(shape.required.difference(state)):
+            problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
+        if problems:
+            raise Unsupported(
+                f"{source} returned {' and '.join(problems)} ({shape.builder} takes "
+                f"{_takes(shape)}); make the keys state= returns the parameter names of build="
+            )
+    return state
+
+
+def untyped(shape: Shape, name: str, value: Any, stored: Any) -> Unsupported:
+    """A field of a state that would load back as another type, for want of a hint."""
+    generic = isinstance(value, (list, tuple, set, frozenset, dict))
+    hint = type(value).__name__ + ("[...]" if generic else "")
+    if shape.kind == "custom":
+        where = f"{shape.builder} has no type hint for {name!r} that says what to build"
+        fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
+    else:
+        where = f"{shape.cls.__name__} has no annotation for {name!r} that says what to build"
+        fix = f"annotate it in the class body ({name}: {hint})"
+    return Unsupported(
+        f"{short_repr(value, 60)} would load back as a {type(stored).__name__}, since {where}; "
+        f"{fix}"
+    )

@@ -21,13 +21,34 @@ There is no global registry; an application makes its own.
     event = registry.loads(stored.name, stored.version, stored.data)
 
 Registered classes may be dataclasses, pydantic v2 models, or plain classes whose
-`__init__` takes their attributes by name; aggregates of all three kinds too, whose `root`
-is not stored: repositories keep the id and pass it back with `loads(..., id=...)`.
+`__init__` takes their attributes by name. A class whose `__init__` does not (other
+parameter names, private attributes) says how it is stored and rebuilt, either way:
+- `registry.register(Batch, state=batch_state, build=build_batch)`: `state(obj)` returns
+  a dict of what to store, and `build(**fields)` rebuilds the object from it;
+- its own `__getstate__` and `__setstate__` (copy and pickle's protocol, stored as JSON):
+  the state dict is stored, and the object rebuilt with `cls.__new__(cls)` and
+  `__setstate__` (or its `__dict__` updated), without calling `__init__`.
+
+Aggregates of every kind too. Their `root` is never stored: repositories keep the id and
+pass it back with `loads(..., id=...)`, and it reaches the object so:
+- a dataclass or pydantic aggregate: as its `root` field, `root=Root(id)` (or as a `root`
+  attribute set after construction, when `root` is not an init field);
+- a plain aggregate: as the first positional parameter of its `__init__`,
+  `cls(id, **fields)`; an attribute named as that parameter (`self.sku = sku`) is stored
+  and set back after the call;
+- `build=`: as its first positional parameter too, `build(id, **fields)`;
+- `__setstate__`: `root = Root(id)` is set after it.
+
 Field values may be JSON natives, datetime, date, time, UUID, Decimal, Enum, tuples, sets
-and nested dataclasses, pydantic models or registered classes; the class's type hints say
-what to build back, and a hint that does not resolve leaves the JSON value as it is.
-Sets are stored in a canonical order (text and whole numbers sorted, other items by their
-JSON text), so the same state gives the same JSON in every process.
+and nested dataclasses, pydantic models or registered classes. Type hints say what to
+build back: a dataclass's or model's fields, the parameters of a plain class's `__init__`
+or of `build=`, the class annotations of a class stored through `__getstate__` (by the
+keys of its state). A hint that does not resolve leaves the JSON value as it is; from
+`state=` or `__getstate__`, a field that no hint covers must hold a JSON value already,
+or dumps refuses it and says which hint to add. Nothing in the data names a class: only the
+registered classes, and the classes their hints name, are ever built.
+Sets are stored in a canonical order (text and ints sorted, other items by their JSON
+text), so the same state gives the same JSON in every process.
 """
 
 from __future__ import annotations
@@ -40,7 +61,7 @@ import operator
 import reprlib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -49,14 +70,21 @@ from uuid import UUID
 
 from pybondi._shapes import (
     PARSERS,
+    Build,
     Convert,
     Shape,
+    State,
+    Unsupported,
     collection,
     fixed_tuple,
     is_pydantic,
     make_shape,
     mapping,
+    not_loadable,
+    register_as,
+    state_of,
     type_name,
+    untyped,
 )
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
@@ -64,8 +92,6 @@ from pybondi.exceptions import SerializationError, UnknownMessageType, callable_
 __all__ = ["Registry", "Serialized"]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-State = Callable[[Any], Mapping[str, Any]]
-Build = Callable[..., Any]
 C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
 
@@ -104,14 +130,6 @@ class Serialized(NamedTuple):
     name: str
     version: int
     data: str
-
-
-class _Unsupported(Exception):
-    """A value encode cannot store; each enclosing field adds its name on the way up."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why, self.path = why, list[str]()
 
 
 class Registry:
@@ -351,7 +369,7 @@ class Registry:
     def _encode(self, shape: Shape, obj: object) -> dict[str, Any]:
         try:
             return self._fields_of(shape, obj)
-        except _Unsupported as exc:
+        except Unsupported as exc:
             where = f"field {'.'.join(reversed(exc.path))!r} of " if exc.path else ""
             raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
 
@@ -370,27 +388,27 @@ class Registry:
         else:
             if kind == "plain":
                 if (attributes := getattr(obj, "__dict__", None)) is None:
-                    raise _Unsupported(
+                    raise Unsupported(
                         f"it has no __dict__ to read fields from; make it a dataclass, or say "
-                        f"how it is stored: {_register_as(type(obj))}"
+                        f"how it is stored: {register_as(type(obj))}"
                     )
                 if not shape.open and not attributes.keys() <= shape.loadable:
-                    raise _not_loadable(shape, attributes)
+                    raise not_loadable(shape, attributes)
             else:
-                attributes = _state_of(shape, obj)
+                attributes = state_of(shape, obj)
             items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
         encoded = {}
         for name, value in items:
             try:
                 encoded[name] = value if type(value) in _NATIVE else self._value(value)
-            except _Unsupported as exc:
+            except Unsupported as exc:
                 exc.path.append(name)
                 raise
         if kind in _STATED:
-            self._check_untyped(shape, items, encoded)
+            self._checkuntyped(shape, items, encoded)
         return encoded
 
-    def _check_untyped(
+    def _checkuntyped(
         self, shape: Shape, items: list[tuple[str, Any]], encoded: dict[str, Any]
     ) -> None:
         """Refuse a field that would load back as another type, for want of a type hint."""
@@ -402,7 +420,7 @@ class Registry:
                 and stored is not value
                 and (type(stored) is not type(value) or stored != value)
             ):
-                exc = _untyped(shape, name, value, stored)
+                exc = untyped(shape, name, value, stored)
                 exc.path.append(name)
                 raise exc
 
@@ -418,7 +436,7 @@ class Registry:
         if isinstance(value, dict):
             return {self._key(k): self._value(v) for k, v in value.items()}
         if isinstance(value, _NOT_NESTED):
-            raise _Unsupported(
+            raise Unsupported(
                 f"{short_repr(value)} is an aggregate or a root, which is not stored inside "
                 f"another object; store its id instead"
             )
@@ -427,7 +445,7 @@ class Registry:
                 return self._value(encode(value))
         if (shape := self._shape_of(kind)) is not None:
             return self._fields_of(shape, value)
-        raise _Unsupported(
+        raise Unsupported(
             f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED} "
             f"(registry.register({kind.__name__}, name=...), with state= and build= if its "
             f"__init__ does not take its attributes by name)"
@@ -437,7 +455,7 @@ class Registry:
         # JSON keys are text: a key must be text, or something stored as text (UUID, date...).
         encoded = key if type(key) is str else self._value(key)
         if not isinstance(encoded, str):
-            raise _Unsupported(
+            raise Unsupported(
                 f"the dict key {short_repr(key)} is not text; JSON object keys are strings, so use "
                 f"str keys, or UUID, date or str Enum keys, which are stored as text"
             )
@@ -685,86 +703,6 @@ def _one_sortable_type(items: list[Any]) -> bool:
             return False
         return True
     return kind is int and set(map(type, items)) == _INT
-
-
-def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
-    extra = sorted(attributes.keys() - shape.loadable)
-    cls = shape.cls.__name__
-    return _Unsupported(
-        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
-        f"take by those names (it takes {_takes(shape)}), so they could be stored but never loaded "
-        f"back; say how a {cls} is stored and rebuilt: {_register_as(shape.cls)}, or "
-        f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
-        f"or make {cls} a dataclass"
-    )
-
-
-def _takes(shape: Shape) -> str:
-    """What an __init__ or build= takes, said so that the id parameter stands apart."""
-    fields = ", ".join(shape.fields) or "no field"
-    if not shape.aggregate:
-        return fields
-    # Loading calls build(id, **fields): the first parameter is not a stored field.
-    named = f" ({shape.late[0]!r})" if shape.late else ""
-    return f"the root id first{named}, then {fields}"
-
-
-def _register_as(cls: type) -> str:
-    name = cls.__name__
-    return (
-        f"registry.register({name}, name=..., state=..., build=...), where state(obj) returns "
-        f"a dict of what to store and build(**fields) rebuilds a {name} from it"
-    )
-
-
-def _state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
-    """The fields `state=` or `__getstate__` gives, checked against what builds it back."""
-    cls = shape.cls.__name__
-    if shape.kind == "custom":
-        source = f"{callable_name(shape.state)}()"
-        state = typing.cast(State, shape.state)(obj)
-    else:
-        source = f"{cls}.__getstate__()"
-        state = obj.__getstate__() or {}  # object's own gives None for no attributes
-    if not isinstance(state, Mapping):
-        raise _Unsupported(
-            f"{source} returned {short_repr(state, 60)}; it must return a dict of the fields "
-            f"to store, by name"
-        )
-    if names := [key for key in state if type(key) is not str]:
-        raise _Unsupported(
-            f"{source} returned the field name {short_repr(names[0], 60)}; fields are named "
-            f"by text (str), as JSON object keys are"
-        )
-    if shape.kind == "custom":
-        problems = []
-        if not shape.open and (unknown := [key for key in state if key not in shape.loadable]):
-            problems.append(
-                f"field(s) {short_repr(unknown, 80)[1:-1]} that {shape.builder} does not take"
-            )
-        if missing := sorted(shape.required.difference(state)):
-            problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
-        if problems:
-            raise _Unsupported(
-                f"{source} returned {' and '.join(problems)} ({shape.builder} takes "
-                f"{_takes(shape)}); "
-                f"make the keys state= returns the parameter names of build="
-            )
-    return state
-
-
-def _untyped(shape: Shape, name: str, value: Any, stored: Any) -> _Unsupported:
-    hint = type(value).__name__ + ("[...]" if isinstance(value, (*_SEQUENCES, dict)) else "")
-    if shape.kind == "custom":
-        where = f"{shape.builder} has no type hint for {name!r} that says what to build"
-        fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
-    else:
-        where = f"{shape.cls.__name__} has no annotation for {name!r} that says what to build"
-        fix = f"annotate it in the class body ({name}: {hint})"
-    return _Unsupported(
-        f"{short_repr(value, 60)} would load back as a {type(stored).__name__}, since {where}; "
-        f"{fix}"
-    )
 
 
 def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
