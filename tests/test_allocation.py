@@ -11,8 +11,18 @@ import pytest
 
 from pybondi import Messagebus, Session
 from pybondi.repositories import EventSourcedRepository, StateRepository
-from pybondi.stores import Records, Store
-from tests.allocation import Batch, OrderLine, Product, fields, registry, stocked
+from pybondi.serialization import Registry
+from pybondi.stores import MemoryStore, Records, Store
+from tests.allocation import (
+    Batch,
+    OrderLine,
+    Product,
+    batch_state,
+    build_batch,
+    fields,
+    registry,
+    stocked,
+)
 from tests.conftest import Driver
 
 
@@ -87,3 +97,35 @@ def test_a_batch_keeps_what_its_init_would_not_take() -> None:
     )
     assert vars(loaded) == vars(batch)
     assert loaded.available_quantity == 6
+
+
+def test_an_event_sourced_product_needs_create_since_its_init_needs_batches() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"made with Product\(id\) unless create= says otherwise; Product\(id\) cannot be "
+        r"called \(missing a required argument: 'batches'\)\. Pass create=, a function of the id",
+    ):
+        EventSourcedRepository(MemoryStore(), Product, registry())
+
+
+def lowered(id: str, sku: str, batches: list[Batch], version_number: int) -> Product:
+    return Product(id.lower(), batches, version_number)  # not the id it is loaded with
+
+
+def test_a_product_built_under_another_id_is_refused(driver: Driver, store: Store) -> None:
+    with driver.session(Session(Messagebus(), StateRepository(store, Product, registry()))) as s:
+        s.add(stocked())
+    types = Registry()
+    types.register(Product, name="allocation.Product", state=vars, build=lowered)
+    types.register(Batch, name="allocation.Batch", state=batch_state, build=build_batch)
+
+    repository = StateRepository(store, Product, types)
+    with (
+        pytest.raises(
+            ValueError,
+            match=r"get\('LAMP'\) loaded allocation.Product-LAMP, whose root id is 'lamp'.*check "
+            r"that Product makes its root of the id it is loaded with \(the first parameter",
+        ),
+        driver.session(Session(Messagebus(), repository)),
+    ):
+        driver.io(repository, "get", "LAMP")

@@ -374,7 +374,8 @@ class Registry:
             raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
 
     def _fields_of(self, shape: Shape, obj: Any) -> dict[str, Any]:
-        if shape.kind == "pydantic":
+        kind = shape.kind
+        if kind == "pydantic":
             try:
                 dumped: dict[str, Any] = obj.model_dump(
                     mode="json", exclude={"root"} if shape.aggregate else None
@@ -382,7 +383,6 @@ class Registry:
             except ValueError as exc:
                 raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
             return dumped
-        kind = shape.kind
         if kind == "dataclass":
             items = [(name, getattr(obj, name)) for name in shape.stored]
         else:
@@ -405,10 +405,10 @@ class Registry:
                 exc.path.append(name)
                 raise
         if kind in _STATED:
-            self._checkuntyped(shape, items, encoded)
+            self._check_untyped(shape, items, encoded)
         return encoded
 
-    def _checkuntyped(
+    def _check_untyped(
         self, shape: Shape, items: list[tuple[str, Any]], encoded: dict[str, Any]
     ) -> None:
         """Refuse a field that would load back as another type, for want of a type hint."""
@@ -607,14 +607,16 @@ class Registry:
     def _construct(shape: Shape, values: dict[str, Any], id: Any) -> Any:
         kind = shape.kind
         if kind in _CALLED:
-            build = typing.cast(Build, shape.build)
-            if not shape.late:
-                return build(id, **values) if shape.aggregate else build(**values)
-            # A plain aggregate's attribute named as its id parameter (self.sku = sku).
-            late = [(name, values.pop(name)) for name in shape.late if name in values]
+            build: Any = shape.build
+            if not shape.aggregate:
+                return build(**values)
+            # A plain aggregate may keep its id parameter as an attribute (self.sku = sku):
+            # stored with the others, it is set back after the call.
+            if not shape.late or (name := shape.late[0]) not in values:
+                return build(id, **values)
+            kept = values.pop(name)
             obj = build(id, **values)
-            for name, value in late:
-                object.__setattr__(obj, name, value)
+            object.__setattr__(obj, name, kept)
             return obj
         if kind == "setstate":
             # As copy and pickle rebuild an object: without calling __init__.
@@ -685,24 +687,21 @@ def _run_upcaster(
 def _sorted(items: list[Any]) -> list[Any]:
     # A set iterates in hash order, which changes from one process to the next: stored in
     # an order of their own, the same set always gives the same JSON, and a repository
-    # sees no change where there is none. Text alone, or ints alone, sort as they are;
-    # anything else (frozen dataclasses, mixed types, sets inside sets) by its JSON text:
-    # a total order, in which items with the same key are written the same.
-    if items and _one_sortable_type(items):
-        return sorted(items)
+    # sees no change where there is none. Text alone, or ints alone, sort as they are
+    # (equal ones are the same JSON); anything else (frozen dataclasses, mixed types, sets
+    # inside sets) by its JSON text: a total order, where equal keys are written the same.
+    if items:
+        kind = type(items[0])
+        if kind is str:
+            try:
+                "".join(items)  # only text joins: the cheapest test that every item is text
+            except TypeError:
+                pass
+            else:
+                return sorted(items)
+        elif kind is int and set(map(type, items)) == _INT:
+            return sorted(items)
     return sorted(items, key=_ORDER.encode)
-
-
-def _one_sortable_type(items: list[Any]) -> bool:
-    """Whether the items (as encoded) are all text, or all ints: equal ones are the same JSON."""
-    kind = type(items[0])
-    if kind is str:
-        try:
-            "".join(items)  # only text joins: the cheapest test that every item is text
-        except TypeError:
-            return False
-        return True
-    return kind is int and set(map(type, items)) == _INT
 
 
 def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
