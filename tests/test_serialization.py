@@ -1197,6 +1197,26 @@ def test_a_field_build_has_no_hint_for_must_hold_json() -> None:
     assert roundtrip(registry, Shop("s", date(2024, 1, 2)), id="s")._opened == date(2024, 1, 2)
 
 
+def test_hints_that_do_not_resolve_are_named_when_a_field_needs_one() -> None:
+    @dataclass(frozen=True)
+    class Stamp:  # local: under postponed annotations, build's hint cannot name it
+        on: date
+
+    def build(label: str, stamp: Stamp) -> Box:
+        return Box(label, 1)
+
+    registry = Registry()
+    registry.register(Box, state=lambda box: {"label": box.name, "stamp": Stamp(NOON)}, build=build)
+
+    with pytest.raises(
+        SerializationError,
+        match=r"field 'stamp' of Box .*would load back as a dict, since the type hints of "
+        r".*build do not resolve \(NameError: name 'Stamp' is not defined\); define the "
+        r"classes they name where the hints can see them",
+    ):
+        registry.dumps(box())
+
+
 def test_what_build_returns_or_raises_is_reported() -> None:
     def label(box: Box) -> dict[str, Any]:
         return {"label": box.name}

@@ -79,6 +79,7 @@ class Shape:
     state: Callable[[Any], Any] | None = None  # custom: what to store of an instance
     build: Callable[..., Any] | None = None  # plain: the class; custom: build=
     converters: dict[str, tuple[str, Convert]] | None = None  # built on first use
+    unresolved: str | None = None  # why the type hints did not resolve, if they did not
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
     loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
 
@@ -413,7 +414,11 @@ def untyped(shape: Shape, name: str, value: Any, stored: Any) -> Unsupported:
     """A field of a state that would load back as another type, for want of a hint."""
     generic = isinstance(value, (list, tuple, set, frozenset, dict))
     hint = type(value).__name__ + ("[...]" if generic else "")
-    if shape.kind == "custom":
+    if shape.unresolved:
+        hinted = callable_name(shape.build) if shape.kind == "custom" else shape.cls.__name__
+        where = f"the type hints of {hinted} do not resolve ({shape.unresolved})"
+        fix = "define the classes they name where the hints can see them (at module level)"
+    elif shape.kind == "custom":
         where = f"{shape.builder} has no type hint for {name!r} that says what to build"
         fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
     else:

@@ -557,10 +557,10 @@ class Registry:
         if shape.converters is None:
             try:
                 hints = typing.get_type_hints(shape.hinted)
-            except Exception:
+            except Exception as exc:
                 # Hints that do not resolve (a class local to a function, under postponed
                 # annotations) leave every value as JSON gives it.
-                hints = {}
+                hints, shape.unresolved = {}, f"{type(exc).__name__}: {exc}"
             # An open shape (**kwargs, __setstate__) takes any field: each hint counts.
             shape.converters = {
                 field: (type_name(hint), convert)
