@@ -76,8 +76,8 @@ class Shape:
     required: frozenset[str] = frozenset()
     root_init: bool = False  # a dataclass aggregate whose __init__ takes root=
     open: bool = False  # an __init__ or build= with **kwargs, or __setstate__: any field
-    state: Callable[[Any], Any] | None = None  # custom: what to store of an instance
-    build: Callable[..., Any] | None = None  # plain: the class; custom: build=
+    state: State | None = None  # custom: what to store of an instance
+    build: Build | None = None  # plain: the class; custom: build=
     converters: dict[str, tuple[str, Convert]] | None = None  # built on first use
     unresolved: str | None = None  # why the type hints did not resolve, if they did not
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
@@ -120,8 +120,8 @@ def make_shape(
     cls: type,
     name: str,
     version: int,
-    state: Callable[[Any], Any] | None = None,
-    build: Callable[..., Any] | None = None,
+    state: State | None = None,
+    build: Build | None = None,
 ) -> Shape:
     aggregate = issubclass(cls, Aggregate)
     if state is not None or build is not None:
@@ -155,7 +155,7 @@ def make_shape(
 
 
 def has_state_protocol(cls: type) -> bool:
-    """Whether the class defines copy and pickle's __getstate__ or __setstate__ itself."""
+    """Whether the class, or a base other than object, has copy and pickle's protocol."""
     return hasattr(cls, "__setstate__") or getattr(cls, "__getstate__", None) is not (
         _DEFAULT_GETSTATE
     )
@@ -168,8 +168,8 @@ def _called_shape(
     aggregate: bool,
     *,
     kind: Kind,
-    build: Callable[..., Any],
-    state: Callable[[Any], Any] | None = None,
+    build: Build,
+    state: State | None = None,
 ) -> Shape:
     """The shape of a class rebuilt by calling `build` with the stored fields by name."""
     try:
@@ -205,8 +205,8 @@ def _custom_shape(
     version: int,
     aggregate: bool,
     *,
-    state: Callable[[Any], Any] | None,
-    build: Callable[..., Any] | None,
+    state: State | None,
+    build: Build | None,
 ) -> Shape:
     call = f"registry.register({cls.__name__}, name=..., state=..., build=...)"
     if state is None or build is None:
@@ -235,7 +235,7 @@ def _custom_shape(
     return shape
 
 
-def _takes_an_id(build: Callable[..., Any]) -> bool:
+def _takes_an_id(build: Build) -> bool:
     try:
         parameters = list(inspect.signature(build).parameters.values())
     except (TypeError, ValueError):

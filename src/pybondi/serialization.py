@@ -45,8 +45,8 @@ build back: a dataclass's or model's fields, the parameters of a plain class's `
 or of `build=`, the class annotations of a class stored through `__getstate__` (by the
 keys of its state). A hint that does not resolve leaves the JSON value as it is; from
 `state=` or `__getstate__`, a field that no hint covers must hold a JSON value already,
-or dumps refuses it and says which hint to add. Nothing in the data names a class: only the
-registered classes, and the classes their hints name, are ever built.
+or dumps refuses it and says which hint to add. Nothing in the data names a class: only
+the registered classes, and the classes their hints name, are ever built.
 Sets are stored in a canonical order (text and ints sorted, other items by their JSON
 text), so the same state gives the same JSON in every process.
 """
