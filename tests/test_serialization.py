@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pybondi import Aggregate, Command, Event, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType
 from pybondi.serialization import Registry, Serialized
+from tests import hash_seeds
 
 ACCOUNT = UUID("12345678-1234-5678-1234-567812345678")
 OTHER = UUID("87654321-4321-8765-4321-876543218765")
@@ -906,8 +907,6 @@ def test_sets_of_values_without_an_order_are_stored_in_the_order_of_their_json(
 def test_the_same_state_gives_the_same_json_in_every_process() -> None:
     # Sets of text, of frozen dataclasses, sets inside sets and mixed sets iterate in
     # another order under each hash seed: the JSON must not follow it.
-    from tests import hash_seeds
-
     here = hash_seeds.registry()
     expected = f"{here.dumps(hash_seeds.shelf()).data}\n{here.dumps(hash_seeds.mixed()).data}\n"
 
@@ -1391,3 +1390,5 @@ def test_an_unregistered_class_inside_a_message_points_to_registration(
         r"\(registry.register\(Box, name=\.\.\.\), with state= and build= if its __init__",
     ):
         registry.dumps(Holder(box()))
+    with pytest.raises(SerializationError, match=r"register its class\.$"):
+        registry.dumps(Holder(b"raw"))  # no class of yours: nothing to register

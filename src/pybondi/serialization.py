@@ -445,10 +445,14 @@ class Registry:
                 return self._value(encode(value))
         if (shape := self._shape_of(kind)) is not None:
             return self._fields_of(shape, value)
+        how = ""
+        if getattr(value, "__dict__", None) is not None and not callable(value):  # yours
+            how = (
+                f" (registry.register({kind.__name__}, name=...), with state= and build= if "
+                f"its __init__ does not take its attributes by name)"
+            )
         raise Unsupported(
-            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED} "
-            f"(registry.register({kind.__name__}, name=...), with state= and build= if its "
-            f"__init__ does not take its attributes by name)"
+            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}{how}"
         )
 
     def _key(self, key: Any) -> str:
