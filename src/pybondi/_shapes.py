@@ -28,13 +28,15 @@ from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
 
-from pybondi.aggregate import Aggregate
+from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import callable_name, short_repr
 
 __all__ = [
     "PARSERS",
     "Build",
+    "Construct",
     "Convert",
+    "NotBuilt",
     "Shape",
     "State",
     "Unsupported",
@@ -53,6 +55,7 @@ __all__ = [
 Convert = Callable[[Any], Any]
 State = Callable[[Any], Mapping[str, Any]]  # state=: what to store of an instance
 Build = Callable[..., Any]  # build=: rebuilds an instance from its stored fields
+Construct = Callable[[dict[str, Any], Any], Any]  # an instance from its fields and its id
 Kind = Literal["dataclass", "pydantic", "plain", "custom", "setstate"]
 # object has its own __getstate__ since Python 3.11: only a class's own one counts.
 _DEFAULT_GETSTATE = getattr(object, "__getstate__", None)
@@ -82,10 +85,12 @@ class Shape:
     unresolved: str | None = None  # why the type hints did not resolve, if they did not
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
     loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
+    construct: Construct = dataclasses.field(init=False)  # builds one from converted fields
 
     def __post_init__(self) -> None:
         self.stored = (*self.fields, *self.late)
         self.loadable = frozenset(self.stored) | ({"root"} if self.aggregate else set())
+        self.construct = _CONSTRUCTORS[self.kind](self)
 
     @property
     def label(self) -> str:
@@ -245,6 +250,102 @@ def _takes_an_id(build: Build) -> bool:
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         inspect.Parameter.VAR_POSITIONAL,
     )
+
+
+class NotBuilt(Exception):
+    """build= returned something else than an instance of the registered class."""
+
+
+# How each kind of class is built from its converted fields and its id: a closure per
+# shape, made once, so that loading does no dispatch on the kind.
+
+
+def _pydantic(shape: Shape) -> Construct:
+    cls, aggregate = shape.cls, shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        return cls.model_validate({**values, "root": Root(id)} if aggregate else values)
+
+    return construct
+
+
+def _dataclass(shape: Shape) -> Construct:
+    cls, fields, late = shape.cls, shape.fields, shape.late
+    root_init, root_late = shape.root_init, shape.aggregate and not shape.root_init
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        init = {name: values[name] for name in fields if name in values}
+        if root_init:
+            init["root"] = Root(id)
+        obj = cls(**init)
+        for name in late:  # object.__setattr__ also works on frozen dataclasses
+            if name in values:
+                object.__setattr__(obj, name, values[name])
+        if root_late and not hasattr(obj, "root"):
+            object.__setattr__(obj, "root", Root(id))
+        return obj
+
+    return construct
+
+
+def _setstate(shape: Shape) -> Construct:
+    cls: Any = shape.cls
+    aggregate = shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        # As copy and pickle rebuild an object: without calling __init__.
+        obj = cls.__new__(cls)
+        if (setstate := getattr(obj, "__setstate__", None)) is not None:
+            setstate(values)
+        else:
+            obj.__dict__.update(values)
+        if aggregate:
+            object.__setattr__(obj, "root", Root(id))
+        return obj
+
+    return construct
+
+
+def _custom(shape: Shape) -> Construct:
+    cls, build, aggregate = shape.cls, typing.cast(Build, shape.build), shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        obj = build(id, **values) if aggregate else build(**values)
+        if not isinstance(obj, cls):
+            raise NotBuilt(f"{shape.builder} returned {short_repr(obj, 60)}, not a {cls.__name__}")
+        return obj
+
+    return construct
+
+
+def _plain(shape: Shape) -> Construct:
+    cls = shape.cls
+    if not shape.aggregate:
+        return lambda values, id: cls(**values)
+    if not shape.late:
+        return lambda values, id: cls(id, **values)
+    name = shape.late[0]
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        if name not in values:
+            return cls(id, **values)
+        # An attribute named as the id parameter (self.sku = sku): stored with the others,
+        # it is set back after the call.
+        kept = values.pop(name)
+        obj = cls(id, **values)
+        object.__setattr__(obj, name, kept)
+        return obj
+
+    return construct
+
+
+_CONSTRUCTORS: dict[str, Callable[[Shape], Construct]] = {
+    "pydantic": _pydantic,
+    "dataclass": _dataclass,
+    "setstate": _setstate,
+    "custom": _custom,
+    "plain": _plain,
+}
 
 
 def text(parse: Callable[[str], Any]) -> Convert:

@@ -72,6 +72,7 @@ from pybondi._shapes import (
     PARSERS,
     Build,
     Convert,
+    NotBuilt,
     Shape,
     State,
     Unsupported,
@@ -118,8 +119,6 @@ _SUPPORTED = (
     "use JSON-native values, datetime, date, time, UUID, Decimal, Enum, tuples, sets, "
     "dataclasses or pydantic models, or register its class"
 )
-_STATED = ("custom", "setstate")  # kinds whose fields are a state dict, checked on encode
-_CALLED = ("plain", "custom")  # kinds built by calling a function with the fields by name
 
 
 # A named tuple, not a frozen dataclass: as immutable, and built in half the time, once per
@@ -383,6 +382,7 @@ class Registry:
             except ValueError as exc:
                 raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
             return dumped
+        stated = False  # a state dict from state= or __getstate__, checked below
         if kind == "dataclass":
             items = [(name, getattr(obj, name)) for name in shape.stored]
         else:
@@ -395,7 +395,7 @@ class Registry:
                 if not shape.open and not attributes.keys() <= shape.loadable:
                     raise not_loadable(shape, attributes)
             else:
-                attributes = state_of(shape, obj)
+                attributes, stated = state_of(shape, obj), True
             items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
         encoded = {}
         for name, value in items:
@@ -404,7 +404,7 @@ class Registry:
             except Unsupported as exc:
                 exc.path.append(name)
                 raise
-        if kind in _STATED:
+        if stated:
             self._check_untyped(shape, items, encoded)
         return encoded
 
@@ -505,26 +505,22 @@ class Registry:
                 f"is not part of the stored data. Pass it: loads(..., id=...)."
             )
         if shape.kind == "pydantic":
-            data = {**payload, "root": Root(id)} if shape.aggregate else payload
             try:
-                return shape.cls.model_validate(data)
+                return shape.construct(payload, id)
             except ValueError as exc:  # pydantic's ValidationError is a ValueError
                 raise _unfit(shape, payload, str(exc)) from exc
         self._check_fields(shape, payload)
         values = self._convert(shape, payload)
         try:
-            built = self._construct(shape, values, id)
+            return shape.construct(values, id)
+        except NotBuilt as exc:
+            advice = "build= must return the object it rebuilt."
+            raise _unfit(shape, payload, str(exc), advice) from None
         except RecursionError:
             raise
         except Exception as exc:  # the class's own code, or build=, refused the data
             problem = f"{shape.builder} raised {type(exc).__name__}: {exc}"
             raise _unfit(shape, payload, problem) from exc
-        if shape.kind == "custom" and not isinstance(built, shape.cls):
-            problem = (
-                f"{shape.builder} returned {short_repr(built, 60)}, not a {shape.cls.__name__}"
-            )
-            raise _unfit(shape, payload, problem, "build= must return the object it rebuilt.")
-        return built
 
     def _check_fields(self, shape: Shape, payload: dict[str, Any]) -> None:
         problems = []
@@ -606,43 +602,6 @@ class Registry:
         if cls in self._by_class or dataclasses.is_dataclass(cls) or is_pydantic(cls):
             return lambda value: self._build(typing.cast(Shape, self._shape_of(cls)), value, None)
         return None
-
-    @staticmethod
-    def _construct(shape: Shape, values: dict[str, Any], id: Any) -> Any:
-        kind = shape.kind
-        if kind in _CALLED:
-            build: Any = shape.build
-            if not shape.aggregate:
-                return build(**values)
-            # A plain aggregate may keep its id parameter as an attribute (self.sku = sku):
-            # stored with the others, it is set back after the call.
-            if not shape.late or (name := shape.late[0]) not in values:
-                return build(id, **values)
-            kept = values.pop(name)
-            obj = build(id, **values)
-            object.__setattr__(obj, name, kept)
-            return obj
-        if kind == "setstate":
-            # As copy and pickle rebuild an object: without calling __init__.
-            cls: Any = shape.cls
-            obj = cls.__new__(cls)
-            if (setstate := getattr(obj, "__setstate__", None)) is not None:
-                setstate(values)
-            else:
-                obj.__dict__.update(values)
-            if shape.aggregate:
-                object.__setattr__(obj, "root", Root(id))
-            return obj
-        init = {name: values[name] for name in shape.fields if name in values}
-        if shape.root_init:
-            init["root"] = Root(id)
-        obj = shape.cls(**init)
-        for name in shape.late:  # object.__setattr__ also works on frozen dataclasses
-            if name in values:
-                object.__setattr__(obj, name, values[name])
-        if shape.aggregate and not shape.root_init and not hasattr(obj, "root"):
-            object.__setattr__(obj, "root", Root(id))
-        return obj
 
 
 def _class_of(cls_or_instance: object) -> type:
