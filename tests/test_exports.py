@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import pydoc
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import fast_depends
 import pytest
 
 import pybondi
+from pybondi import exceptions
 
 MODULES = [
     "pybondi",
@@ -56,15 +64,184 @@ def test_all_names_exist_and_are_documented(name: str) -> None:
         assert getattr(value, "__doc__", None), f"{name}.{public} has no docstring"
 
 
+# The main classes of the subpackages, importable from `pybondi`, imported on first use.
+LAZY = {
+    "Consumer": "pybondi.consumer",
+    "EventSourcedRepository": "pybondi.repositories",
+    "MemoryStore": "pybondi.stores",
+    "Outbox": "pybondi.outbox",
+    "Registry": "pybondi.serialization",
+    "Relay": "pybondi.relay",
+    "Retry": "pybondi.consumer",
+    "SQLStore": "pybondi.stores",
+    "StateRepository": "pybondi.repositories",
+    "TableRepository": "pybondi.repositories",
+    "Worker": "pybondi.worker",
+}
+
+# What `import pybondi` must not load: database drivers, broker clients, pydantic.
+OPTIONAL = [
+    "aio_pika",
+    "aiomysql",
+    "aiormq",
+    "aiosqlite",
+    "greenlet",
+    "nats",
+    "psycopg",
+    "pydantic",
+    "pymysql",
+    "redis",
+    "sqlalchemy",
+]
+
+
+def run_python(script: str) -> str:
+    """Run `script` in a fresh interpreter; return what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_package_exports_every_public_name_once() -> None:
     exported = {name for name in dir(pybondi) if not name.startswith("_")}
     modules = {name.split(".")[1] for name in MODULES[1:]}
-    assert exported - modules == set(pybondi.__all__)
+    assert exported - modules == set(pybondi.__all__) | set(LAZY)
     assert len(pybondi.__all__) == len(set(pybondi.__all__))
 
 
-def test_public_classes_show_the_package_name() -> None:
-    assert repr(pybondi.Session) == "<class 'pybondi.Session'>"
+def test_every_exception_is_importable_from_pybondi() -> None:
+    for name in exceptions.__all__:
+        assert name in pybondi.__all__
+        assert getattr(pybondi, name) is getattr(exceptions, name)
+
+
+@pytest.mark.parametrize("name", sorted(LAZY))
+def test_subpackage_classes_are_importable_from_pybondi(name: str) -> None:
+    assert getattr(pybondi, name) is getattr(importlib.import_module(LAZY[name]), name)
+    assert name not in pybondi.__all__  # `from pybondi import *` needs no extra
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="module 'pybondi' has no attribute 'Sesion'"):
+        pybondi.Sesion  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_import_pybondi_loads_no_driver_broker_client_or_pydantic() -> None:
+    # fast-depends, pybondi's one dependency, may import pydantic itself when installed:
+    # what counts is what `import pybondi` and the lazy names add to it.
+    loaded = run_python(
+        f"""
+import json, sys
+import fast_depends
+before = set(sys.modules)
+import pybondi
+print(json.dumps(sorted(set(sys.modules) - before)))
+from pybondi import {", ".join(name for name in LAZY if name != "SQLStore")}
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+    )
+    for line in loaded.splitlines():
+        imported = {name.split(".")[0] for name in json.loads(line)}
+        assert not imported & set(OPTIONAL), imported & set(OPTIONAL)
+
+
+def test_a_lazy_name_whose_extra_is_missing_says_which_extra_to_install() -> None:
+    # A fresh interpreter in which SQLAlchemy cannot be imported, as without the extras.
+    printed = run_python(
+        """
+import pydoc, sys
+sys.modules["sqlalchemy"] = None
+import pybondi
+print("SQLStore" in dir(pybondi), "Worker" in dir(pybondi))
+pydoc.render_doc(pybondi)  # gets every name dir() lists
+from pybondi import Worker, StateRepository
+try:
+    from pybondi import SQLStore
+except ImportError as error:
+    print(type(error).__name__, error)
+"""
+    )
+    listed, error = printed.splitlines()
+    assert listed == "False True"  # dir() leaves out what cannot be imported
+    assert error.startswith("MissingDependency")
+    assert "pip install 'pybondi[sqlite]'" in error
+
+
+CLASSES = sorted({*pybondi.__all__, *LAZY} - {"Depends"})  # Depends is fast-depends' own
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_inspect_finds_the_source_of_every_class(name: str) -> None:
+    # inspect looks for a class in the file of sys.modules[cls.__module__] (by name on
+    # 3.11 and 3.12, by __firstlineno__ on 3.13, which assigning __module__ deletes): so
+    # classes keep the module that defines them.
+    cls = getattr(pybondi, name)
+    assert re.search(rf"^class {cls.__name__}\b", inspect.getsource(cls), flags=re.MULTILINE)
+
+
+def test_help_and_reprs_name_public_modules() -> None:
+    # `help("pybondi.Session")` and `python -m pydoc pybondi.Session` show the name used.
+    text = pydoc.plain(pydoc.render_doc("pybondi.Session"))
+    assert text.startswith("Python Library Documentation: class Session in pybondi\n")
+    assert "\npybondi.Session = class Session(" in text
+    # `help(pybondi)` documents every class of __all__ as pybondi's.
+    package = pydoc.plain(pydoc.render_doc(pybondi))
+    for name in CLASSES:
+        if name in pybondi.__all__:
+            assert re.search(rf"^    (class )?{name}[ (]", package, flags=re.MULTILINE), name
+    # A repr names the class where it is defined, a public module one can import it from,
+    # as in pybondi 1.2.1.
+    assert repr(pybondi.Session) == "<class 'pybondi.session.Session'>"
+    for name in CLASSES:
+        cls = getattr(pybondi, name)
+        assert not any(part.startswith("_") for part in cls.__module__.split("."))
+        assert pydoc.locate(f"{cls.__module__}.{cls.__qualname__}") is cls
+
+
+def test_type_checkers_see_every_name_and_reject_a_misspelled_one(tmp_path: Path) -> None:
+    # Each `# type: ignore` must be needed (--strict warns about unused ones): a name that
+    # a type checker saw as Any would make its line pass, and mypy fail.
+    names = sorted({*exceptions.__all__, *LAZY})
+    deprecated = ["Base", "Commited"]
+    script = "\n".join(
+        [
+            "import pybondi",
+            f"from pybondi import {', '.join(names)}",
+            "from pybondi.publisher import Base",
+            "from pybondi.session import Commited",
+            "",
+            "store: MemoryStore = MemoryStore()",
+            "registry: Registry = Registry()",
+            "retry: Retry = Retry(attempts=3)",
+            "events: list[pybondi.Event] = [Commited(pybondi.Aggregate())]",
+            "",
+            "class Printer(Base):",
+            "    def publish(self, topic: str, message: pybondi.Message[str]) -> None:",
+            "        print(topic, message.payload)",
+            "",
+            "def describe(error: PybondiError) -> str:",
+            "    return str(error)",
+            "",
+            *(
+                f"{name}_is_typed: int = {name}  # type: ignore[assignment]"
+                for name in [*names, *deprecated]
+            ),
+            "pybondi.Sesion  # type: ignore[attr-defined]",
+            "",
+        ]
+    )
+    (tmp_path / "user.py").write_text(script)
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(
+        [*mypy, "user.py"],
+        cwd=tmp_path,  # away from the project's mypy settings
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_readme_imports() -> None:

@@ -4,6 +4,10 @@ The examples below are copied verbatim from `tests/seed/pybondi-1.2.1-README.txt
 checks that they still match it). Only the README's placeholders are supplied: `database`,
 `fetch_user_age`, `save_user_age`, `AgeChanged`, `UsernameChanged`, a `user`, the imports
 the session example leaves out, and, where it says `repository`, a `Users` repository.
+
+The session example passes `Session(messagebus, repository, publisher)`, although 1.2.1's
+`Session.__init__` took `(messagebus, publisher, repository)`: pybondi 2 follows the
+README, and refuses 1.2.1's own order with a TypeError that gives the README's.
 """
 
 from __future__ import annotations
@@ -258,3 +262,12 @@ def test_aggregate_and_session_examples() -> None:
     assert user.age == 31  # "user don't get older because the session was rolled back"
     assert ages == {1: 31}
     assert changes == [30, 31, 31]  # Added, then RolledBack brought it up to date again
+
+
+def test_the_order_of_1_2_1_s_session_signature_is_refused_with_the_readme_s() -> None:
+    from pybondi import Messagebus, Publisher, Repository, Session
+
+    with pytest.raises(
+        TypeError, match=r"The order is Session\(messagebus, repository, publisher\)"
+    ):
+        Session(Messagebus(), Publisher(), Repository())  # type: ignore[arg-type]

@@ -4,6 +4,16 @@ A `Shape` is worked out once per class, when it is registered: which fields are 
 which are required, how the class is built. The converters turn a JSON value back into
 the type a hint names (datetime, UUID, list[int], ...), raising TypeError or ValueError
 for a value that does not fit; the registry turns those into `SerializationError`.
+Reading the state of a class stored its own way (`state_of`) lives here too, with the
+words of the errors about a class's shape.
+
+How a class is stored and rebuilt, by kind:
+- "pydantic": `model_dump(mode="json")` and `model_validate`.
+- "dataclass": its fields, and the class called with its init fields.
+- "custom": the `state=` and `build=` functions given at registration.
+- "setstate": the class's own `__getstate__` and `__setstate__` (copy and pickle's
+  protocol, but JSON), rebuilt with `cls.__new__` and no `__init__`.
+- "plain": its attributes (`__dict__`), and the class called with them by name.
 """
 
 from __future__ import annotations
@@ -11,28 +21,44 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
 
-from pybondi.aggregate import Aggregate
-from pybondi.exceptions import short_repr
+from pybondi.aggregate import Aggregate, Root
+from pybondi.exceptions import callable_name, short_repr
 
 __all__ = [
     "PARSERS",
+    "Build",
+    "Construct",
     "Convert",
+    "NotBuilt",
     "Shape",
+    "State",
+    "Unsupported",
     "collection",
     "fixed_tuple",
     "is_pydantic",
     "make_shape",
     "mapping",
+    "not_loadable",
+    "register_as",
+    "state_of",
     "type_name",
+    "untyped",
 ]
 
 Convert = Callable[[Any], Any]
+State = Callable[[Any], Mapping[str, Any]]  # state=: what to store of an instance
+Build = Callable[..., Any]  # build=: rebuilds an instance from its stored fields
+Construct = Callable[[dict[str, Any], Any], Any]  # an instance from its fields and its id
+Kind = Literal["dataclass", "pydantic", "plain", "custom", "setstate"]
+# object has its own __getstate__ since Python 3.11: only a class's own one counts.
+_DEFAULT_GETSTATE = getattr(object, "__getstate__", None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,24 +68,52 @@ class Shape:
     cls: type[Any]
     name: str  # the registered name, or the qualname of a nested unregistered class
     version: int
-    kind: Literal["dataclass", "pydantic", "plain"]
+    kind: Kind
     aggregate: bool
-    fields: tuple[str, ...] = ()  # dataclass: its init fields; plain: its __init__ parameters
-    late: tuple[str, ...] = ()  # dataclass fields with init=False, set after construction
+    # dataclass: its init fields; plain and custom: the parameters of __init__ or build=,
+    # after the one that takes an aggregate's id.
+    fields: tuple[str, ...] = ()
+    # Set after construction: a dataclass's init=False fields; for a plain aggregate, an
+    # attribute named as the __init__ parameter that takes the id (self.sku = sku).
+    late: tuple[str, ...] = ()
     required: frozenset[str] = frozenset()
     root_init: bool = False  # a dataclass aggregate whose __init__ takes root=
-    open: bool = False  # a plain __init__ with **kwargs accepts any field
-    converters: dict[str, tuple[str, Convert]] | None = None  # built on first decode
+    open: bool = False  # an __init__ or build= with **kwargs, or __setstate__: any field
+    state: State | None = None  # custom: what to store of an instance
+    build: Build | None = None  # plain: the class; custom: build=
+    converters: dict[str, tuple[str, Convert]] | None = None  # built on first use
+    unresolved: str | None = None  # why the type hints did not resolve, if they did not
     stored: tuple[str, ...] = dataclasses.field(init=False)  # what encode reads
     loadable: frozenset[str] = dataclasses.field(init=False)  # attributes decode can set
+    construct: Construct = dataclasses.field(init=False)  # builds one from converted fields
 
     def __post_init__(self) -> None:
         self.stored = (*self.fields, *self.late)
         self.loadable = frozenset(self.stored) | ({"root"} if self.aggregate else set())
+        self.construct = _CONSTRUCTORS[self.kind](self)
 
     @property
     def label(self) -> str:
         return f"{self.cls.__name__} ({self.name!r})"
+
+    @property
+    def builder(self) -> str:
+        """What builds an instance, as error messages name it."""
+        if self.kind == "custom":
+            return f"{callable_name(self.build)}()"
+        if self.kind == "setstate":
+            return f"{self.cls.__name__}.__setstate__()"
+        return f"{self.cls.__name__}()"
+
+    @property
+    def hinted(self) -> Any:
+        """What the type hints of the stored fields are read from."""
+        if self.kind in ("plain", "custom"):
+            if isinstance(self.build, type):
+                built: type[Any] = self.build  # a class: its __init__ takes the fields
+                return built.__init__
+            return self.build
+        return self.cls
 
 
 def is_pydantic(cls: type) -> bool:
@@ -67,8 +121,16 @@ def is_pydantic(cls: type) -> bool:
     return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
 
 
-def make_shape(cls: type, name: str, version: int) -> Shape:
+def make_shape(
+    cls: type,
+    name: str,
+    version: int,
+    state: State | None = None,
+    build: Build | None = None,
+) -> Shape:
     aggregate = issubclass(cls, Aggregate)
+    if state is not None or build is not None:
+        return _custom_shape(cls, name, version, aggregate, state=state, build=build)
     if is_pydantic(cls):
         return Shape(cls, name, version, "pydantic", aggregate)
     if dataclasses.is_dataclass(cls):
@@ -92,23 +154,198 @@ def make_shape(cls: type, name: str, version: int) -> Shape:
             ),
             root_init=aggregate and any(f.name == "root" and f.init for f in every),
         )
+    if has_state_protocol(cls):
+        return Shape(cls, name, version, "setstate", aggregate, open=True)
+    return _called_shape(cls, name, version, aggregate, kind="plain", build=cls)
+
+
+def has_state_protocol(cls: type) -> bool:
+    """Whether the class, or a base other than object, has copy and pickle's protocol."""
+    return hasattr(cls, "__setstate__") or getattr(cls, "__getstate__", None) is not (
+        _DEFAULT_GETSTATE
+    )
+
+
+def _called_shape(
+    cls: type,
+    name: str,
+    version: int,
+    aggregate: bool,
+    *,
+    kind: Kind,
+    build: Build,
+    state: State | None = None,
+) -> Shape:
+    """The shape of a class rebuilt by calling `build` with the stored fields by name."""
     try:
-        parameters = list(inspect.signature(cls).parameters.values())
+        parameters = list(inspect.signature(build).parameters.values())
     except (TypeError, ValueError):  # a signature Python cannot read: let the call decide
-        return Shape(cls, name, version, "plain", aggregate, open=True)
+        return Shape(cls, name, version, kind, aggregate, open=True, state=state, build=build)
+    late: tuple[str, ...] = ()
     if aggregate:
-        parameters = parameters[1:]  # the id, passed positionally
+        # The id, passed positionally. A plain aggregate may keep it under the
+        # parameter's name too (self.sku = sku): that attribute is stored, and set again.
+        first, parameters = parameters[:1], parameters[1:]
+        if kind == "plain" and first and first[0].kind is first[0].POSITIONAL_OR_KEYWORD:
+            late = (first[0].name,)
     named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return Shape(
         cls,
         name,
         version,
-        "plain",
+        kind,
         aggregate,
         fields=tuple(p.name for p in named),
+        late=late,
         required=frozenset(p.name for p in named if p.default is p.empty),
         open=any(p.kind is p.VAR_KEYWORD for p in parameters),
+        state=state,
+        build=build,
     )
+
+
+def _custom_shape(
+    cls: type,
+    name: str,
+    version: int,
+    aggregate: bool,
+    *,
+    state: State | None,
+    build: Build | None,
+) -> Shape:
+    call = f"registry.register({cls.__name__}, name=..., state=..., build=...)"
+    if state is None or build is None:
+        given, missing = ("state", "build") if build is None else ("build", "state")
+        raise TypeError(
+            f"registry.register({cls.__name__}, {given}=...) needs {missing}= too: state= "
+            f"says what is stored of a {cls.__name__}, build= how one is rebuilt from it. "
+            f"Give both: {call}."
+        )
+    for option, function, role in (
+        ("state", state, f"takes a {cls.__name__} and returns a dict of what to store"),
+        ("build", build, f"takes the stored fields by name and returns a {cls.__name__}"),
+    ):
+        if not callable(function):
+            raise TypeError(
+                f"{option}= of {cls.__name__} must be a function that {role}, got "
+                f"{short_repr(function)}."
+            )
+    shape = _called_shape(cls, name, version, aggregate, kind="custom", build=build, state=state)
+    if aggregate and not _takes_an_id(build):
+        raise TypeError(
+            f"build= of the aggregate {cls.__name__}, {callable_name(build)}, must take the "
+            f"root id as its first positional parameter, then the stored fields by name: "
+            f"def build(id, **fields) -> {cls.__name__}."
+        )
+    return shape
+
+
+def _takes_an_id(build: Build) -> bool:
+    try:
+        parameters = list(inspect.signature(build).parameters.values())
+    except (TypeError, ValueError):
+        return True  # a signature Python cannot read: let the call decide
+    return bool(parameters) and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+
+
+class NotBuilt(Exception):
+    """build= returned something else than an instance of the registered class."""
+
+
+# How each kind of class is built from its converted fields and its id: a closure per
+# shape, made once, so that loading does no dispatch on the kind.
+
+
+def _pydantic(shape: Shape) -> Construct:
+    cls, aggregate = shape.cls, shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        return cls.model_validate({**values, "root": Root(id)} if aggregate else values)
+
+    return construct
+
+
+def _dataclass(shape: Shape) -> Construct:
+    cls, fields, late = shape.cls, shape.fields, shape.late
+    root_init, root_late = shape.root_init, shape.aggregate and not shape.root_init
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        init = {name: values[name] for name in fields if name in values}
+        if root_init:
+            init["root"] = Root(id)
+        obj = cls(**init)
+        for name in late:  # object.__setattr__ also works on frozen dataclasses
+            if name in values:
+                object.__setattr__(obj, name, values[name])
+        if root_late and not hasattr(obj, "root"):
+            object.__setattr__(obj, "root", Root(id))
+        return obj
+
+    return construct
+
+
+def _setstate(shape: Shape) -> Construct:
+    cls: Any = shape.cls
+    aggregate = shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        # As copy and pickle rebuild an object: without calling __init__.
+        obj = cls.__new__(cls)
+        if (setstate := getattr(obj, "__setstate__", None)) is not None:
+            setstate(values)
+        else:
+            obj.__dict__.update(values)
+        if aggregate:
+            object.__setattr__(obj, "root", Root(id))
+        return obj
+
+    return construct
+
+
+def _custom(shape: Shape) -> Construct:
+    cls, build, aggregate = shape.cls, typing.cast(Build, shape.build), shape.aggregate
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        obj = build(id, **values) if aggregate else build(**values)
+        if not isinstance(obj, cls):
+            raise NotBuilt(f"{shape.builder} returned {short_repr(obj, 60)}, not a {cls.__name__}")
+        return obj
+
+    return construct
+
+
+def _plain(shape: Shape) -> Construct:
+    cls = shape.cls
+    if not shape.aggregate:
+        return lambda values, id: cls(**values)
+    if not shape.late:
+        return lambda values, id: cls(id, **values)
+    name = shape.late[0]
+
+    def construct(values: dict[str, Any], id: Any) -> Any:
+        if name not in values:
+            return cls(id, **values)
+        # An attribute named as the id parameter (self.sku = sku): stored with the others,
+        # it is set back after the call.
+        kept = values.pop(name)
+        obj = cls(id, **values)
+        object.__setattr__(obj, name, kept)
+        return obj
+
+    return construct
+
+
+_CONSTRUCTORS: dict[str, Callable[[Shape], Construct]] = {
+    "pydantic": _pydantic,
+    "dataclass": _dataclass,
+    "setstate": _setstate,
+    "custom": _custom,
+    "plain": _plain,
+}
 
 
 def text(parse: Callable[[str], Any]) -> Convert:
@@ -197,3 +434,98 @@ def mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
 def type_name(hint: Any) -> str:
     # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
     return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
+
+
+class Unsupported(Exception):
+    """A value encode cannot store; each enclosing field adds its name on the way up."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why, self.path = why, list[str]()
+
+
+def not_loadable(shape: Shape, attributes: dict[str, Any]) -> Unsupported:
+    """Attributes of a plain class that its __init__ would not take back."""
+    extra = sorted(attributes.keys() - shape.loadable)
+    cls = shape.cls.__name__
+    return Unsupported(
+        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
+        f"take by those names (it takes {_takes(shape)}), so they could be stored but never "
+        f"loaded back; say how a {cls} is stored and rebuilt: {register_as(shape.cls)}, or "
+        f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
+        f"or make {cls} a dataclass"
+    )
+
+
+def _takes(shape: Shape) -> str:
+    """What an __init__ or build= takes, said so that the id parameter stands apart."""
+    fields = ", ".join(shape.fields) or "no field"
+    if not shape.aggregate:
+        return fields
+    # Loading calls build(id, **fields): the first parameter is not a stored field.
+    named = f" ({shape.late[0]!r})" if shape.late else ""
+    return f"the root id first{named}, then {fields}"
+
+
+def register_as(cls: type) -> str:
+    """How to say at registration how a class is stored and rebuilt."""
+    name = cls.__name__
+    return (
+        f"registry.register({name}, name=..., state=..., build=...), where state(obj) returns "
+        f"a dict of what to store and build(**fields) rebuilds a {name} from it"
+    )
+
+
+def state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
+    """The fields `state=` or `__getstate__` gives, checked against what builds it back."""
+    cls = shape.cls.__name__
+    if shape.kind == "custom":
+        source = f"{callable_name(shape.state)}()"
+        state = typing.cast(State, shape.state)(obj)
+    else:
+        source = f"{cls}.__getstate__()"
+        state = obj.__getstate__() or {}  # object's own gives None for no attributes
+    if not isinstance(state, Mapping):
+        raise Unsupported(
+            f"{source} returned {short_repr(state, 60)}; it must return a dict of the fields "
+            f"to store, by name"
+        )
+    if names := [key for key in state if type(key) is not str]:
+        raise Unsupported(
+            f"{source} returned the field name {short_repr(names[0], 60)}; fields are named "
+            f"by text (str), as JSON object keys are"
+        )
+    if shape.kind == "custom":
+        problems = []
+        if not shape.open and (unknown := [key for key in state if key not in shape.loadable]):
+            problems.append(
+                f"field(s) {short_repr(unknown, 80)[1:-1]} that {shape.builder} does not take"
+            )
+        if missing := sorted(shape.required.difference(state)):
+            problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
+        if problems:
+            raise Unsupported(
+                f"{source} returned {' and '.join(problems)} ({shape.builder} takes "
+                f"{_takes(shape)}); make the keys state= returns the parameter names of build="
+            )
+    return state
+
+
+def untyped(shape: Shape, name: str, value: Any, stored: Any) -> Unsupported:
+    """A field of a state that would load back as another type, for want of a hint."""
+    generic = isinstance(value, (list, tuple, set, frozenset, dict))
+    hint = type(value).__name__ + ("[...]" if generic else "")
+    if shape.unresolved:
+        hinted = callable_name(shape.build) if shape.kind == "custom" else shape.cls.__name__
+        where = f"the type hints of {hinted} do not resolve ({shape.unresolved})"
+        fix = "define the classes they name where the hints can see them (at module level)"
+    elif shape.kind == "custom":
+        where = f"{shape.builder} has no type hint for {name!r} that says what to build"
+        fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
+    else:
+        where = f"{shape.cls.__name__} has no annotation for {name!r} that says what to build"
+        fix = f"annotate it in the class body ({name}: {hint})"
+    return Unsupported(
+        f"{short_repr(value, 60)} would load back as a {type(stored).__name__}, since {where}; "
+        f"{fix}"
+    )

@@ -119,8 +119,15 @@ A = TypeVar("A", bound=Aggregate)
 class Factory(ABC, Generic[A]):
     """Builds aggregates whose construction is more than a constructor call.
 
-    Override `create`; calling the factory calls `create`.
+    Override `create`; calling the factory calls `create`. A factory written for pybondi
+    1.2.1, which overrides `__call__` instead, works too.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls) and getattr(cls.create, "__isabstractmethod__", False):
+            # Runs before ABCMeta lists the abstract methods, so `create` no longer is one.
+            cls.create = cls.__call__  # type: ignore[method-assign]
 
     @abstractmethod
     def create(self, *args: Any, **kwargs: Any) -> A:

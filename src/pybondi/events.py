@@ -58,6 +58,15 @@ class AggregateEvent(Event, Generic[A]):
             f"{type(aggregate).__name__}, reachable as .aggregate or .{alias}"
         )
 
+    def __eq__(self, other: object) -> bool:
+        # As pybondi 1.2.1's dataclasses were: the same event about the same aggregate.
+        if type(other) is not type(self):
+            return NotImplemented
+        return bool(other.aggregate == self.aggregate)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.aggregate))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.aggregate!r})"
 

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar, overload
 
 from pybondi._annotations import Guard, is_function, message_types
+from pybondi._deprecation import deprecated
 from pybondi.depends import (
     AnyCallable,
     DependencyOverrides,
@@ -46,6 +47,7 @@ __all__ = ["Command", "Depends", "Event", "Messagebus"]
 logger = logging.getLogger("pybondi.messagebus")
 
 F = TypeVar("F", bound=AnyCallable)
+M = TypeVar("M", Command, Event)
 Route = Callable[[Any], Any]
 AsyncRoute = Callable[[Any], Awaitable[Any]]
 
@@ -199,6 +201,16 @@ class Messagebus(Overridable):
             route = self._aroutes[message.__class__] = self._async_route(message)
         return await route(message)
 
+    def handle_command(self, command: Command) -> Any:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): `handle` takes commands and events."""
+        deprecated("Messagebus.handle_command()", "Messagebus.handle()")
+        return self.handle(_legacy_argument("handle_command", Command, command))
+
+    def handle_event(self, event: Event) -> None:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): `handle` takes commands and events."""
+        deprecated("Messagebus.handle_event()", "Messagebus.handle()")
+        self.handle(_legacy_argument("handle_event", Event, event))
+
     def _sync_route(self, message: object) -> Route:
         if isinstance(message, Command):
             handler = self._command_handler(type(message))
@@ -329,6 +341,16 @@ def _log_failure(handler_name: str, event: object) -> None:
         handler_name,
         short_repr(event),
     )
+
+
+def _legacy_argument(method: str, expected: type[M], message: object) -> M:
+    if not isinstance(message, expected):
+        raise TypeError(
+            f"Messagebus.{method}() takes a{'n' if expected is Event else ''} "
+            f"{expected.__name__}, got {type(message).__name__}: {short_repr(message)}. "
+            f"Use messagebus.handle(), which takes both."
+        )
+    return message
 
 
 def _checked(message: object) -> Event:

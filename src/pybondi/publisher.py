@@ -31,10 +31,11 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from uuid import UUID, uuid4
 
 from pybondi._awaiting import maybe_await
+from pybondi._deprecation import deprecated, module_getattr
 from pybondi.depends import (
     AnyCallable,
     DependencyOverrides,
@@ -281,6 +282,21 @@ class Publisher(BufferedPublisher, Overridable):
             return self._subscribe(topics[:-1], topics[-1])
         return lambda function: self._subscribe(topics, function)
 
+    def add_subscriber(self, topic: str, subscriber: AnyCallable) -> None:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): `subscribe(topic, subscriber)`."""
+        deprecated("Publisher.add_subscriber()", "Publisher.subscribe(topic, subscriber)")
+        self._subscribe((topic,), subscriber)
+
+    @property
+    def queue(self) -> deque[tuple[str, Any]]:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): the buffered `(topic, message)` pairs.
+
+        The current transaction's own buffer, as 1.2.1's `queue` was; `pending()` returns
+        a copy of it.
+        """
+        deprecated("Publisher.queue", "Publisher.pending()")
+        return self._buffer()
+
     def _subscribe(self, topics: tuple[Any, ...], function: F) -> F:
         if not topics or not all(isinstance(topic, str) for topic in topics):
             raise InvalidHandler(
@@ -391,6 +407,26 @@ class Publisher(BufferedPublisher, Overridable):
         finally:
             cursor.message = None
             _handled.reset(before)
+
+
+class Base(BasePublisher):
+    """Deprecated since 2.0 (pybondi 1.2.1's name): subclass `BasePublisher`.
+
+    As in 1.2.1, a subclass need only override `publish`: `commit` and `rollback` do
+    nothing unless overridden. The publishers pybondi ships derive from `BasePublisher`, not
+    from this class: check `isinstance(publisher, BasePublisher)`.
+    """
+
+    def commit(self) -> None:
+        """Do nothing; override to send what `publish` buffered."""
+
+    def rollback(self) -> None:
+        """Do nothing; override to drop what `publish` buffered."""
+
+
+if not TYPE_CHECKING:  # type checkers see `Base` as a class; code that uses it is warned
+    __getattr__ = module_getattr(__name__, {"Base": (Base, "pybondi.publisher.BasePublisher")})
+    del Base
 
 
 def _not_a_message(message: object) -> TypeError:

@@ -25,6 +25,7 @@ the logic is written once. On `rollback()` the identity map is emptied, so that 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -111,7 +112,9 @@ class StoreRepository(Repository[A]):
             raise ValueError(
                 f"get({id!r}) loaded {self.stream(id)}, whose root id is {loaded.root.id!r}: "
                 f"the identity map would hold it under another id than the one asked for. "
-                f"Ask with the id as the aggregate holds it ({type(loaded.root.id).__name__})."
+                f"Ask with the id as the aggregate holds it ({type(loaded.root.id).__name__}), "
+                f"and check that {type(loaded).__name__} makes its root of the id it is "
+                f"loaded with (the first parameter of its __init__, or of build=)."
             )
         self.add(loaded)
         return loaded
@@ -318,6 +321,8 @@ class EventSourcedRepository(StoreRepository[A]):
             raise ValueError(f"snapshot_every must be at least 1, got {snapshot_every}.")
         # Snapshots store the state: its type must be registered (the error says how).
         self.type_name = registry.name_of(aggregate_type) if snapshot_every else ""
+        if create is None:
+            _check_blank(aggregate_type)
         self.create: Callable[[Any], A] = create or aggregate_type
         self.snapshot_every = snapshot_every
 
@@ -475,6 +480,22 @@ class TableRepository(StoreRepository[A]):
             expected=expected,
         )
         return version, state
+
+
+def _check_blank(aggregate_type: type[Aggregate]) -> None:
+    """Refuse at once an aggregate type that cannot be called with the id alone."""
+    try:
+        inspect.signature(aggregate_type).bind("id")
+    except ValueError:  # a signature Python cannot read: let the call decide
+        return
+    except TypeError as error:
+        name = aggregate_type.__name__
+        raise TypeError(
+            f"An event-sourced {name} is rebuilt by applying its events to a blank one, made "
+            f"with {name}(id) unless create= says otherwise; {name}(id) cannot be called "
+            f"({error}). Pass create=, a function of the id that returns a blank {name}: "
+            f"EventSourcedRepository(store, {name}, registry, create=lambda id: {name}(id, ...))."
+        ) from None
 
 
 def _next_version(expected: int, events: list[StoredEvent]) -> int:

@@ -21,12 +21,34 @@ There is no global registry; an application makes its own.
     event = registry.loads(stored.name, stored.version, stored.data)
 
 Registered classes may be dataclasses, pydantic v2 models, or plain classes whose
-`__init__` takes their attributes by name; aggregates of all three kinds too, whose `root`
-is not stored: repositories keep the id and pass it back with `loads(..., id=...)`.
+`__init__` takes their attributes by name. A class whose `__init__` does not (other
+parameter names, private attributes) says how it is stored and rebuilt, either way:
+- `registry.register(Batch, state=batch_state, build=build_batch)`: `state(obj)` returns
+  a dict of what to store, and `build(**fields)` rebuilds the object from it;
+- its own `__getstate__` and `__setstate__` (copy and pickle's protocol, stored as JSON):
+  the state dict is stored, and the object rebuilt with `cls.__new__(cls)` and
+  `__setstate__` (or its `__dict__` updated), without calling `__init__`.
+
+Aggregates of every kind too. Their `root` is never stored: repositories keep the id and
+pass it back with `loads(..., id=...)`, and it reaches the object so:
+- a dataclass or pydantic aggregate: as its `root` field, `root=Root(id)` (or as a `root`
+  attribute set after construction, when `root` is not an init field);
+- a plain aggregate: as the first positional parameter of its `__init__`,
+  `cls(id, **fields)`; an attribute named as that parameter (`self.sku = sku`) is stored
+  and set back after the call;
+- `build=`: as its first positional parameter too, `build(id, **fields)`;
+- `__setstate__`: `root = Root(id)` is set after it.
+
 Field values may be JSON natives, datetime, date, time, UUID, Decimal, Enum, tuples, sets
-and nested dataclasses, pydantic models or registered classes; the class's type hints say
-what to build back, and a hint that does not resolve leaves the JSON value as it is.
-Sets are stored sorted when their items allow it, so the same state gives the same JSON.
+and nested dataclasses, pydantic models or registered classes. Type hints say what to
+build back: a dataclass's or model's fields, the parameters of a plain class's `__init__`
+or of `build=`, the class annotations of a class stored through `__getstate__` (by the
+keys of its state). A hint that does not resolve leaves the JSON value as it is; from
+`state=` or `__getstate__`, a field that no hint covers must hold a JSON value already,
+or dumps refuses it and says which hint to add. Nothing in the data names a class: only
+the registered classes, and the classes their hints name, are ever built.
+Sets are stored in a canonical order (text and ints sorted, other items by their JSON
+text), so the same state gives the same JSON in every process.
 """
 
 from __future__ import annotations
@@ -48,14 +70,22 @@ from uuid import UUID
 
 from pybondi._shapes import (
     PARSERS,
+    Build,
     Convert,
+    NotBuilt,
     Shape,
+    State,
+    Unsupported,
     collection,
     fixed_tuple,
     is_pydantic,
     make_shape,
     mapping,
+    not_loadable,
+    register_as,
+    state_of,
     type_name,
+    untyped,
 )
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
@@ -69,6 +99,9 @@ U = TypeVar("U", bound=Upcaster)
 # One encoder for every dumps: json.dumps with separators= would build a new one per call.
 # allow_nan=False: NaN and Infinity are not JSON, and other readers refuse them.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# The order of a set's items; NaN is allowed here, and refused by dumps, naming its field.
+_ORDER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_INT = {int}
 _NATIVE = frozenset({str, int, float, bool, type(None)})
 _SEQUENCES = (list, tuple, set, frozenset)
 _SETS = (set, frozenset)
@@ -98,14 +131,6 @@ class Serialized(NamedTuple):
     data: str
 
 
-class _Unsupported(Exception):
-    """A value encode cannot store; each enclosing field adds its name on the way up."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why, self.path = why, list[str]()
-
-
 class Registry:
     """Classes under stable names and versions, to store their instances as JSON.
 
@@ -122,27 +147,57 @@ class Registry:
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
 
     @overload
-    def register(self, cls: C, /, *, name: str | None = None, version: int = 1) -> C: ...
+    def register(
+        self,
+        cls: C,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
+    ) -> C: ...
     @overload
     def register(
-        self, cls: None = None, /, *, name: str | None = None, version: int = 1
+        self,
+        cls: None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
     ) -> Callable[[C], C]: ...
     def register(
-        self, cls: C | None = None, /, *, name: str | None = None, version: int = 1
+        self,
+        cls: C | None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        state: State | None = None,
+        build: Build | None = None,
     ) -> C | Callable[[C], C]:
         """Register `cls` under `name` (default: its `__name__`) at `version` (default 1).
 
         Returns the class, so it also works as a decorator: `@registry.register(name=...)`.
-        Registering the same class, name and version again does nothing; any other reuse
-        of a name or a class is a ValueError.
+        Registering the same class, name, version and functions again does nothing; any
+        other reuse of a name or a class is a ValueError.
+
+        `state` and `build` say how a class is stored and rebuilt when its `__init__` does
+        not take its attributes by name (private attributes, other parameter names):
+        `state(obj)` returns a dict of what to store, and `build(**fields)` (for an
+        aggregate, `build(id, **fields)`) rebuilds an object from it. The type hints of
+        `build`'s parameters say what each field is built back into; a field without one
+        must hold a JSON value (text, numbers, lists, dicts) and is given back as such.
         """
         if cls is None:
 
             def decorate(cls: C) -> C:
-                return self.register(cls, name=name, version=version)
+                return self.register(cls, name=name, version=version, state=state, build=build)
 
             return decorate
-        self._add(cls, name, version)
+        self._add(cls, name, version, state, build)
         return cls
 
     def upcaster(self, name: str, *, from_version: int) -> Callable[[U], U]:
@@ -239,7 +294,9 @@ class Registry:
             return item in self._by_name
         return isinstance(item, type) and item in self._by_class
 
-    def _add(self, cls: Any, name: str | None, version: int) -> None:
+    def _add(
+        self, cls: Any, name: str | None, version: int, state: State | None, build: Build | None
+    ) -> None:
         if not isinstance(cls, type):
             raise TypeError(
                 f"registry.register() takes a class, got {short_repr(cls)}. Pass the class "
@@ -251,13 +308,22 @@ class Registry:
             raise error(f"A registered name must be non-empty text, got {short_repr(name)}.")
         _check_version(version, "version")
         known = self._by_class.get(cls)
-        if known is not None and (known.name, known.version) == (name, version):
-            return
-        if known is not None:
+        if known is not None and (known.name, known.version) != (name, version):
             raise ValueError(
                 f"{callable_name(cls)} is already registered as {known.name!r} version "
                 f"{known.version}; cannot also register it as {name!r} version {version}. "
                 f"A class has one name and one current version: keep one registration."
+            )
+        if known is not None:
+            if known.kind != "custom" and state is None and build is None:
+                return
+            if known.kind == "custom" and (known.state, known.build) == (state, build):
+                return
+            raise ValueError(
+                f"{callable_name(cls)} is already registered as {known.name!r} version "
+                f"{known.version}, stored another way; cannot register it again with "
+                f"state={short_repr(state, 60)}, build={short_repr(build, 60)}. A class is "
+                f"stored one way: keep one registration."
             )
         if (taken := self._by_name.get(name)) is not None:
             raise ValueError(
@@ -265,7 +331,7 @@ class Registry:
                 f"cannot also register {callable_name(cls)} under it. Give one of them "
                 f"another name: registry.register({cls.__name__}, name=...)."
             )
-        shape = make_shape(cls, name, version)
+        shape = make_shape(cls, name, version, state, build)
         if late := sorted(step for n, step in self._upcasters if n == name and step >= version):
             raise _late_upcaster(name, late, shape, self._upcasters[name, late[0]])
         self._by_name[name] = self._by_class[cls] = shape
@@ -302,12 +368,13 @@ class Registry:
     def _encode(self, shape: Shape, obj: object) -> dict[str, Any]:
         try:
             return self._fields_of(shape, obj)
-        except _Unsupported as exc:
+        except Unsupported as exc:
             where = f"field {'.'.join(reversed(exc.path))!r} of " if exc.path else ""
             raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
 
     def _fields_of(self, shape: Shape, obj: Any) -> dict[str, Any]:
-        if shape.kind == "pydantic":
+        kind = shape.kind
+        if kind == "pydantic":
             try:
                 dumped: dict[str, Any] = obj.model_dump(
                     mode="json", exclude={"root"} if shape.aggregate else None
@@ -315,22 +382,47 @@ class Registry:
             except ValueError as exc:
                 raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
             return dumped
-        if shape.kind == "dataclass":
+        stated = False  # a state dict from state= or __getstate__, checked below
+        if kind == "dataclass":
             items = [(name, getattr(obj, name)) for name in shape.stored]
-        elif (attributes := getattr(obj, "__dict__", None)) is None:
-            raise _Unsupported("it has no __dict__ to read fields from; make it a dataclass")
         else:
-            if not shape.open and not attributes.keys() <= shape.loadable:
-                raise _not_loadable(shape, attributes)
+            if kind == "plain":
+                if (attributes := getattr(obj, "__dict__", None)) is None:
+                    raise Unsupported(
+                        f"it has no __dict__ to read fields from; make it a dataclass, or say "
+                        f"how it is stored: {register_as(type(obj))}"
+                    )
+                if not shape.open and not attributes.keys() <= shape.loadable:
+                    raise not_loadable(shape, attributes)
+            else:
+                attributes, stated = state_of(shape, obj), True
             items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
         encoded = {}
         for name, value in items:
             try:
                 encoded[name] = value if type(value) in _NATIVE else self._value(value)
-            except _Unsupported as exc:
+            except Unsupported as exc:
                 exc.path.append(name)
                 raise
+        if stated:
+            self._check_untyped(shape, items, encoded)
         return encoded
+
+    def _check_untyped(
+        self, shape: Shape, items: list[tuple[str, Any]], encoded: dict[str, Any]
+    ) -> None:
+        """Refuse a field that would load back as another type, for want of a type hint."""
+        converters = self._converters(shape)
+        for name, value in items:
+            stored = encoded[name]
+            if (
+                name not in converters
+                and stored is not value
+                and (type(stored) is not type(value) or stored != value)
+            ):
+                exc = untyped(shape, name, value, stored)
+                exc.path.append(name)
+                raise exc
 
     def _value(self, value: Any) -> Any:
         kind = type(value)
@@ -344,7 +436,7 @@ class Registry:
         if isinstance(value, dict):
             return {self._key(k): self._value(v) for k, v in value.items()}
         if isinstance(value, _NOT_NESTED):
-            raise _Unsupported(
+            raise Unsupported(
                 f"{short_repr(value)} is an aggregate or a root, which is not stored inside "
                 f"another object; store its id instead"
             )
@@ -353,15 +445,21 @@ class Registry:
                 return self._value(encode(value))
         if (shape := self._shape_of(kind)) is not None:
             return self._fields_of(shape, value)
-        raise _Unsupported(
-            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}"
+        how = ""
+        if getattr(value, "__dict__", None) is not None and not callable(value):  # yours
+            how = (
+                f" (registry.register({kind.__name__}, name=...), with state= and build= if "
+                f"its __init__ does not take its attributes by name)"
+            )
+        raise Unsupported(
+            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}{how}"
         )
 
     def _key(self, key: Any) -> str:
         # JSON keys are text: a key must be text, or something stored as text (UUID, date...).
         encoded = key if type(key) is str else self._value(key)
         if not isinstance(encoded, str):
-            raise _Unsupported(
+            raise Unsupported(
                 f"the dict key {short_repr(key)} is not text; JSON object keys are strings, so use "
                 f"str keys, or UUID, date or str Enum keys, which are stored as text"
             )
@@ -407,17 +505,21 @@ class Registry:
                 f"is not part of the stored data. Pass it: loads(..., id=...)."
             )
         if shape.kind == "pydantic":
-            data = {**payload, "root": Root(id)} if shape.aggregate else payload
             try:
-                return shape.cls.model_validate(data)
+                return shape.construct(payload, id)
             except ValueError as exc:  # pydantic's ValidationError is a ValueError
                 raise _unfit(shape, payload, str(exc)) from exc
         self._check_fields(shape, payload)
         values = self._convert(shape, payload)
         try:
-            return self._construct(shape, values, id)
-        except (TypeError, ValueError) as exc:
-            problem = f"{shape.cls.__name__}() raised {type(exc).__name__}: {exc}"
+            return shape.construct(values, id)
+        except NotBuilt as exc:
+            advice = "build= must return the object it rebuilt."
+            raise _unfit(shape, payload, str(exc), advice) from None
+        except RecursionError:
+            raise
+        except Exception as exc:  # the class's own code, or build=, refused the data
+            problem = f"{shape.builder} raised {type(exc).__name__}: {exc}"
             raise _unfit(shape, payload, problem) from exc
 
     def _check_fields(self, shape: Shape, payload: dict[str, Any]) -> None:
@@ -453,17 +555,18 @@ class Registry:
         # Built on first decode, not at registration, so that hints may name classes
         # defined after the decorated one.
         if shape.converters is None:
-            target = shape.cls.__init__ if shape.kind == "plain" else shape.cls
             try:
-                hints = typing.get_type_hints(target)
-            except Exception:
+                hints = typing.get_type_hints(shape.hinted)
+            except Exception as exc:
                 # Hints that do not resolve (a class local to a function, under postponed
                 # annotations) leave every value as JSON gives it.
-                hints = {}
+                hints, shape.unresolved = {}, f"{type(exc).__name__}: {exc}"
+            # An open shape (**kwargs, __setstate__) takes any field: each hint counts.
             shape.converters = {
-                field: (type_name(hints[field]), convert)
-                for field in shape.stored
-                if field in hints and (convert := self._converter(hints[field])) is not None
+                field: (type_name(hint), convert)
+                for field, hint in hints.items()
+                if (field in shape.stored or (shape.open and field != "return"))
+                and (convert := self._converter(hint)) is not None
             }
         return shape.converters
 
@@ -499,21 +602,6 @@ class Registry:
         if cls in self._by_class or dataclasses.is_dataclass(cls) or is_pydantic(cls):
             return lambda value: self._build(typing.cast(Shape, self._shape_of(cls)), value, None)
         return None
-
-    @staticmethod
-    def _construct(shape: Shape, values: dict[str, Any], id: Any) -> Any:
-        if shape.kind == "plain":
-            return shape.cls(id, **values) if shape.aggregate else shape.cls(**values)
-        init = {name: values[name] for name in shape.fields if name in values}
-        if shape.root_init:
-            init["root"] = Root(id)
-        obj = shape.cls(**init)
-        for name in shape.late:  # object.__setattr__ also works on frozen dataclasses
-            if name in values:
-                object.__setattr__(obj, name, values[name])
-        if shape.aggregate and not shape.root_init and not hasattr(obj, "root"):
-            object.__setattr__(obj, "root", Root(id))
-        return obj
 
 
 def _class_of(cls_or_instance: object) -> type:
@@ -560,22 +648,23 @@ def _run_upcaster(
 
 
 def _sorted(items: list[Any]) -> list[Any]:
-    # A set iterates in hash order, which changes from one process to the next for text:
-    # sorted, the same state always gives the same JSON, and repositories see no change.
-    try:
-        return sorted(items)
-    except TypeError:  # mixed types, or dicts: no order to give them
-        return items
-
-
-def _not_loadable(shape: Shape, attributes: dict[str, Any]) -> _Unsupported:
-    extra = sorted(attributes.keys() - shape.loadable)
-    cls = shape.cls.__name__
-    return _Unsupported(
-        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
-        f"take, so it could be stored but never loaded back; make them __init__ parameters, "
-        f"or make {cls} a dataclass"
-    )
+    # A set iterates in hash order, which changes from one process to the next: stored in
+    # an order of their own, the same set always gives the same JSON, and a repository
+    # sees no change where there is none. Text alone, or ints alone, sort as they are
+    # (equal ones are the same JSON); anything else (frozen dataclasses, mixed types, sets
+    # inside sets) by its JSON text: a total order, where equal keys are written the same.
+    if items:
+        kind = type(items[0])
+        if kind is str:
+            try:
+                "".join(items)  # only text joins: the cheapest test that every item is text
+            except TypeError:
+                pass
+            else:
+                return sorted(items)
+        elif kind is int and set(map(type, items)) == _INT:
+            return sorted(items)
+    return sorted(items, key=_ORDER.encode)
 
 
 def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:

@@ -30,9 +30,10 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from pybondi._awaiting import refuse_awaitable
+from pybondi._deprecation import deprecated, module_getattr
 from pybondi.aggregate import Aggregate
 from pybondi.events import Added, AggregateEvent, Committed, RolledBack
 from pybondi.exceptions import (
@@ -248,6 +249,34 @@ class Session:
         self.queue.append(_message(message))
         self._drain()
 
+    def enqueue(self, message: Command | Event) -> None:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): queue a message without handling it.
+
+        `dispatch(message)` queues it and handles it at once, with what it causes.
+        """
+        deprecated("Session.enqueue()", "Session.dispatch()", "it queues the message and runs it")
+        self.queue.append(_message(message))
+
+    def dequeue(self) -> Command | Event:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): take the next queued message."""
+        deprecated("Session.dequeue()", "Session.queue.popleft()")
+        return self.queue.popleft()
+
+    def run(self) -> None:
+        """Deprecated since 2.0 (pybondi 1.2.1's name): handle every queued message.
+
+        `execute`, `dispatch` and `commit` run the queue themselves.
+        """
+        deprecated(
+            "Session.run()",
+            "Session.dispatch(message) in place of enqueue(message) and run()",
+            "execute(), dispatch() and commit() run the queue",
+        )
+        if self._state is not _ACTIVE:
+            self.begin()
+        self._check_publisher()
+        self._drain()
+
     def commit(self) -> None:
         """Commit the unit of work.
 
@@ -448,6 +477,12 @@ class Session:
             f"<Session {self._state}: {len(self.repository.aggregates)} aggregate(s), "
             f"{len(self.queue)} queued>"
         )
+
+
+if TYPE_CHECKING:
+    Commited = Committed
+else:  # pybondi 1.2.1's session module had it, imported from events: warn who uses it
+    __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
 
 
 def _attempt(*steps: Callable[[], object]) -> list[BaseException]:

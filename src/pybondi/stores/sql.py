@@ -5,9 +5,11 @@
     store.create_tables()                                        # or await store.acreate_tables()
 
 URLs without a driver get pybondi's: psycopg for PostgreSQL, PyMySQL (sync) or aiomysql
-(async) for MariaDB and MySQL, aiosqlite for async SQLite. An `Engine` or `AsyncEngine`
-you built yourself works too, with transactions (not AUTOCOMMIT) and without a
-`schema_translate_map`; for SQLite, whose transactions the store manages, pass the URL.
+(async) for MariaDB and MySQL, aiosqlite for async SQLite. `postgres://` URLs, the form
+hosting services hand out, are PostgreSQL's (`postgres+driver://` too). An `Engine` or
+`AsyncEngine` you built yourself works too, with transactions (not AUTOCOMMIT) and
+without a `schema_translate_map`; for SQLite, whose transactions the store manages,
+pass the URL.
 
 Four tables, named with `prefix` (and in `schema`, if given): `aggregates` (one row per
 aggregate: its version, and its state if it is state-stored), `events`, `log` (one row:
@@ -316,6 +318,11 @@ def _create_engine(
     url: sa.URL, asynchronous: bool, options: Mapping[str, Any]
 ) -> Engine | AsyncEngine:
     backend, _, driver = url.drivername.partition("+")
+    if backend == "postgres":
+        # The scheme most hosting services hand out (Heroku, Render, Fly...), which
+        # SQLAlchemy dropped in 1.4: it means PostgreSQL, with a driver or without.
+        backend = "postgresql"
+        url = url.set(drivername=f"{backend}+{driver}" if driver else backend)
     if not driver and backend in _DRIVERS:
         driver = _DRIVERS[backend][asynchronous]
         url = url.set(drivername=f"{backend}+{driver}")
