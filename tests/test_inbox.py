@@ -416,7 +416,7 @@ def test_replay_moves_dead_letters_to_the_outbox(store: SQLStore) -> None:
         '{"é":1}',
     )
     replayed_at = datetime.fromisoformat(row.headers.pop("replayed-at"))
-    assert row.headers.pop("replayed-for") == GROUP  # the topic's other groups skip it
+    assert row.headers.pop("replayed-for") == GROUP  # for information
     assert row.headers == replayed.headers
     assert replayed_at.tzinfo is not None and replayed_at >= before
     assert not handled(store, replayed.id)  # the worker handles it again
@@ -425,6 +425,21 @@ def test_replay_moves_dead_letters_to_the_outbox(store: SQLStore) -> None:
     # Replayed already: nothing left to replay.
     assert transact(store, lambda records: records.replay([replayed_id])) == []
     assert len(outbox_rows(store)) == 1
+
+
+def test_replaying_an_unreadable_message_leaves_the_inbox_row_of_its_corrected_twin(
+    store: SQLStore,
+) -> None:
+    bad = envelope(body=b"{not json")
+    letter = unread(store, bad)
+    assert letter is not None
+    corrected = envelope(bad.id, body=b"{}")  # resent, fixed, and handled since
+    assert transact(store, lambda records: records.record_handled(GROUP, corrected)) is True
+
+    [replayed] = transact(store, lambda records: records.replay([letter]))
+
+    assert not replayed.holds_inbox
+    assert handled(store, bad.id)  # the corrected message stays handled: no second effect
 
 
 def test_a_rolled_back_replay_changes_nothing(store: SQLStore) -> None:

@@ -21,6 +21,7 @@ same entry, and a retry keeps the id in its entry's `id` field.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -291,8 +292,10 @@ class RedisSubscription(Subscription):
         if client is None:
             return
         try:
-            await self._leave(client)
-        except (redis.RedisError, OSError):
+            # Bounded: a server that stopped answering must not hold the close up.
+            async with asyncio.timeout(_LONGEST_BLOCK):
+                await self._leave(client)
+        except (redis.RedisError, OSError, TimeoutError):
             pass  # an idle consumer left in the group holds nothing
         finally:
             await client.aclose()

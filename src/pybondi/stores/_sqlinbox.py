@@ -311,10 +311,11 @@ class InboxRecords:
 
         Each goes to the outbox (its topic, message id and headers, plus `replayed-at`,
         the time now, as NATS would drop a message id it saw lately as a duplicate, and
-        `replayed-for`, its group, as the topic's other groups must not handle it again),
-        leaves the group's inbox, so that the worker handles it again, and is no longer
-        a dead letter: all in this transaction. Ids with no dead letter (never, or not any more:
-        replayed or discarded meanwhile) are left out.
+        `replayed-for`, its group, for information), leaves the group's inbox if its
+        letter held the inbox row (so that the worker handles it again; an unreadable
+        message's letter holds none, and the row of a corrected message handled since
+        stays), and is no longer a dead letter: all in this transaction. Ids with no dead
+        letter (never, or not any more: replayed or discarded meanwhile) are left out.
         """
         self._writing()
         inbox = self.statements.inbox
@@ -326,7 +327,8 @@ class InboxRecords:
             # letter, the second waits for the first, and then deletes nothing.
             if letter is None or self._execute(inbox.delete_dead, {"id": id}).rowcount != 1:
                 continue
-            self._execute(inbox.forget, {"g": letter.group, "m": letter.message_id})
+            if letter.holds_inbox:  # else the row, if any, is a handled message's
+                self._execute(inbox.forget, {"g": letter.group, "m": letter.message_id})
             replayed.append(letter)
         if replayed:
             replayed_at = datetime.now(UTC).isoformat()
