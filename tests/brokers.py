@@ -41,6 +41,7 @@ import pamqp.header
 import redis
 import redis.asyncio
 from pamqp.commands import Basic, Channel, Confirm, Connection
+from redis.typing import EncodableT, FieldT
 
 from pybondi import Message
 from pybondi.brokers import Broker, connect
@@ -200,7 +201,14 @@ class BrokerKit(ABC):
     async def publish_bare(self, topic: str, body: bytes) -> str | None:
         """Publish a message with no id nor headers, as from a producer not pybondi.
 
-        Returns the broker's own id of the message, where it has one.
+        Returns the broker's own id of the message, where it has one (with its stream's name).
+        """
+
+    @abstractmethod
+    async def publish_as_is(self, topic: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Publish with the raw client, headers and body as given: a producer not pybondi.
+
+        The topic's queue or stream is declared first, as pybondi would declare it.
         """
 
     @abstractmethod
@@ -281,7 +289,13 @@ class RedisKit(BrokerKit):
 
     async def publish_bare(self, topic: str, body: bytes) -> str:
         entry = await self._client().xadd(self.prefix + topic, {"headers": "{}", "body": body})
-        return entry.decode() if isinstance(entry, bytes) else str(entry)
+        return f"{self.prefix}{topic}/{entry.decode() if isinstance(entry, bytes) else entry}"
+
+    async def publish_as_is(self, topic: str, headers: Mapping[str, str], body: bytes) -> None:
+        fields: dict[FieldT, EncodableT] = {"body": body}
+        if headers:  # a producer may send a body alone
+            fields["headers"] = json.dumps(dict(headers))
+        await self._client().xadd(self.prefix + topic, fields)
 
     async def undeliverable(self) -> tuple[Broker, str, str]:
         good, bad = self.topic("good"), self.topic("bad")
@@ -428,6 +442,12 @@ class RabbitMQKit(BrokerKit):
             writer.close()
             await writer.wait_closed()
 
+    async def publish_as_is(self, topic: str, headers: Mapping[str, str], body: bytes) -> None:
+        assert self.channel is not None
+        await self.declare(topic)  # as pybondi's publisher and subscriptions do
+        exchange = await self.channel.get_exchange(self.exchange)
+        await exchange.publish(aio_pika.Message(body, headers=dict(headers)), routing_key=topic)
+
     async def undeliverable(self) -> tuple[Broker, str, str]:
         good, bad = self.topic("good"), self.topic("bad")
         await self.declare(good)
@@ -572,6 +592,10 @@ class NATSKit(BrokerKit):
     async def add_stream(self, topic: str) -> None:
         """Create a topic's stream the way the adapter does, with the raw client."""
         await self._js().add_stream(name=self.stream(topic), subjects=[topic])
+
+    async def publish_as_is(self, topic: str, headers: Mapping[str, str], body: bytes) -> None:
+        await self.add_stream(topic)  # as pybondi's publisher and subscriptions do
+        await self._js().publish(topic, body, headers=dict(headers) or None)
 
     async def undeliverable(self) -> tuple[Broker, str, str]:
         good, bad = self.topic("good"), self.topic("bad")

@@ -23,7 +23,7 @@ async def test_a_message_without_an_id_keeps_the_one_it_gets(broker: BrokerKit) 
     [delivery] = await take(first, 1)
     message_id = delivery.envelope.id
     assert message_id
-    if own is not None:  # Redis's entry id, NATS's stream/sequence; none on RabbitMQ
+    if own is not None:  # Redis's stream/entry, NATS's stream/sequence; none on RabbitMQ
         assert message_id == own
     assert (delivery.problem, delivery.envelope.body) == (None, b'{"n": 1}')
 

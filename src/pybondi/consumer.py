@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.depends import DependencyOverrides
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from pybondi.session import Session
     from pybondi.stores.base import Store
 
-__all__ = ["Consumer", "Retry", "current_session"]
+__all__ = ["Binding", "Consumer", "PayloadType", "Retry", "current_session"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +58,24 @@ def current_session() -> Session:
             "worker runs (pybondi.worker)."
         )
     return session
+
+
+PayloadType: TypeAlias = type | Callable[[Any], type]
+"""A payload's type, or a function of the parsed body that says which it is."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How to read a topic whose producers do not speak pybondi; see `Consumer.subscribe`.
+
+    Attributes:
+        payload: the type the body of a message without `message-type` is built into,
+            or a function of the parsed body that returns it.
+        id_header: the header that holds the message's id.
+    """
+
+    payload: PayloadType | None = None
+    id_header: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,8 @@ class Consumer:
         self.key = key
         self.timeout = timeout
         self.dispatched: set[str] = set()
+        self.bindings: dict[str, Binding] = {}
+        """The format of topics whose producers do not speak pybondi (see `subscribe`)."""
         # The subscribers are those of an in-memory publisher: same signature, same
         # dependency plans, same overrides.
         self._subscribers = Publisher()
@@ -151,35 +171,79 @@ class Consumer:
         """The subscribers' dependency overrides (the messagebus has its own)."""
         return self._subscribers.dependency_overrides
 
-    def dispatch(self, *topics: str) -> None:
-        """Dispatch the commands and events that arrive on `topics` to the messagebus."""
+    def dispatch(
+        self, *topics: str, payload: PayloadType | None = None, id_header: str | None = None
+    ) -> None:
+        """Dispatch the commands and events that arrive on `topics` to the messagebus.
+
+        `payload` and `id_header` are for producers that do not speak pybondi; see
+        `subscribe`.
+        """
         _check_topics("dispatch", topics)
         clash = self._subscribers.subscribers.keys() & set(topics)
         if clash:
             raise InvalidHandler(_both(clash))
+        self._bind(topics, payload, id_header)
         self.dispatched.update(topics)
 
     @overload
-    def subscribe(self, *topics: str) -> Callable[[F], F]: ...
+    def subscribe(
+        self, *topics: str, payload: PayloadType | None = None, id_header: str | None = None
+    ) -> Callable[[F], F]: ...
     @overload
     def subscribe(self, topic: str, subscriber: F, /) -> F: ...
 
-    def subscribe(self, *topics: Any) -> Any:
+    def subscribe(
+        self, *topics: Any, payload: PayloadType | None = None, id_header: str | None = None
+    ) -> Any:
         """Register the decorated function as a subscriber of these topics.
 
         It receives the `Message` and its `Depends(...)` parameters; several subscribers
         of a topic run in the order registered, in the message's one session.
+
+        For producers that do not speak pybondi (plain JSON, no `message-type` header):
+        `payload` is the registered type their body is built into, or a function of the
+        body (the parsed JSON) that returns it; without it, such a body arrives as plain
+        JSON. `id_header` names the header that holds their message ids; without it,
+        the id is `message-id`, or else the broker's own id of the message.
         """
         if topics and callable(topics[-1]) and not isinstance(topics[-1], str):
-            return self._subscribe(topics[:-1], topics[-1])
-        return lambda function: self._subscribe(topics, function)
+            return self._subscribe(topics[:-1], topics[-1], payload, id_header)
+        return lambda function: self._subscribe(topics, function, payload, id_header)
 
-    def _subscribe(self, topics: tuple[Any, ...], function: F) -> F:
+    def _subscribe(
+        self,
+        topics: tuple[Any, ...],
+        function: F,
+        payload: PayloadType | None,
+        id_header: str | None,
+    ) -> F:
         _check_topics("subscribe", topics)
         if clash := self.dispatched & set(topics):
             raise InvalidHandler(_both(clash))
+        self._bind(topics, payload, id_header)
         self._subscribers.subscribe(*topics)(function)
         return function
+
+    def _bind(
+        self, topics: tuple[str, ...], payload: PayloadType | None, id_header: str | None
+    ) -> None:
+        if payload is None and id_header is None:
+            return
+        if payload is not None and not callable(payload):
+            raise InvalidHandler(
+                f"payload= takes a registered type, or a function of the message's body "
+                f"that returns one, got {short_repr(payload)}."
+            )
+        if id_header is not None and not (isinstance(id_header, str) and id_header):
+            raise InvalidHandler(f"id_header= takes a header name, got {short_repr(id_header)}.")
+        binding = Binding(payload, id_header)
+        for topic in topics:
+            if self.bindings.setdefault(topic, binding) != binding:
+                raise InvalidHandler(
+                    f"Topic {topic!r} is bound to {self.bindings[topic]} already; a topic's "
+                    f"messages have one format: bind it once."
+                )
 
     def routes(self, topic: str) -> tuple[tuple[Callable[[Any], Any], ...], tuple[str, ...]]:
         """The subscribers of `topic` as sync invokers, and their names."""

@@ -28,12 +28,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pybondi.exceptions import SerializationError, short_repr
+from pybondi.exceptions import (
+    SerializationError,
+    UnknownMessageType,
+    callable_name,
+    short_repr,
+)
 from pybondi.publisher import Message
 from pybondi.serialization import Registry
 
@@ -95,39 +101,88 @@ class Envelope:
         headers.setdefault("correlation-id", message_id)
         return cls(topic, message_id, headers, body.encode())
 
-    def open(self, registry: Registry | None = None) -> Message[Any]:
+    def open(
+        self,
+        registry: Registry | None = None,
+        *,
+        payload: type | Callable[[Any], type] | None = None,
+        timestamp: datetime | None = None,
+    ) -> Message[Any]:
         """The message this envelope carries; only registered types are built.
+
+        A body without a `message-type` header comes from a producer that does not speak
+        pybondi: it is built into `payload` (a registered type, or a function of the
+        parsed body that returns one), or given as plain JSON. Without a `timestamp`
+        header, the message's time is `timestamp` (the broker's), else now.
 
         Raises `SerializationError` (or `UnknownMessageType`) naming what is wrong.
         """
         headers = self.headers
-        name = headers.get("message-type", "")
         try:
             version = int(headers.get("message-version", "1"))
-            if name == JSON_TYPE:
-                payload = json.loads(self.body)
-            elif registry is None:
-                raise SerializationError(
-                    f"Message {self.id} on {self.topic!r} is a {name!r}: pass the registry "
-                    f"that registers it to open()."
-                )
-            else:
-                payload = registry.loads(name, version, self.body)
+            value = self._payload(registry, payload, headers.get("message-type"), version)
+            sent = headers.get("timestamp")
             return Message(
-                payload,
+                value,
                 sender=headers.get("sender"),
                 id=_message_id(self.id),
                 headers={k: v for k, v in headers.items() if k not in _RESERVED},
-                timestamp=datetime.fromisoformat(headers["timestamp"]),
+                timestamp=datetime.fromisoformat(sent) if sent else timestamp or _now(),
             )
         except SerializationError as error:
             error.add_note(f"In message {self.id} on {self.topic!r}.")
             raise
-        except (KeyError, ValueError, RecursionError) as error:
+        except (ValueError, RecursionError) as error:
             raise SerializationError(
                 f"Message {self.id} on {self.topic!r} is malformed ({type(error).__name__}: "
                 f"{error}); headers {short_repr(headers)}, body {short_repr(self.body)}."
             ) from error
+
+    def _payload(
+        self,
+        registry: Registry | None,
+        bound: type | Callable[[Any], type] | None,
+        name: str | None,
+        version: int,
+    ) -> Any:
+        """The payload: of the type `name` names, else of the `bound` one, else JSON."""
+        if name == JSON_TYPE or (not name and bound is None):
+            return json.loads(self.body)
+        if registry is None:
+            raise SerializationError(
+                f"Message {self.id} on {self.topic!r} is a {name or 'message of a bound type'}:"
+                f" pass the registry that registers its type to open()."
+            )
+        if name:
+            return registry.loads(name, version, self.body)
+        body = json.loads(self.body)
+        kind = bound if isinstance(bound, type) or bound is None else _choose(bound, body)
+        if kind not in registry:
+            raise UnknownMessageType(
+                f"Message {self.id} on {self.topic!r} has no message-type header, and its "
+                f"topic's payload is {short_repr(kind)}, which the registry does not "
+                f"register: register it, as in registry.register({_name(kind)})."
+            )
+        return registry.decode(registry.name_of(kind), version, body)
+
+
+def _choose(choose: Callable[[Any], type], body: Any) -> type:
+    """The type a topic's function of the body picks for it."""
+    try:
+        return choose(body)
+    except Exception as error:
+        raise SerializationError(
+            f"The topic's payload function {callable_name(choose)} failed on the body: "
+            f"{type(error).__name__}: {error}."
+        ) from error
+
+
+def _name(kind: object) -> str:
+    return getattr(kind, "__name__", "cls")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _message_id(text: str) -> UUID | str:

@@ -96,7 +96,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pybondi._storehealth import StoreHealth
 from pybondi.brokers.base import Broker, Delivery, Subscription
-from pybondi.consumer import Consumer, _session
+from pybondi.consumer import Binding, Consumer, _session
+from pybondi.envelope import Envelope
 from pybondi.exceptions import (
     AsyncRequired,
     ConcurrencyError,
@@ -113,7 +114,6 @@ from pybondi.stores.base import Records, Store, StoredEvent
 from pybondi.tracing import handling
 
 if TYPE_CHECKING:
-    from pybondi.envelope import Envelope
     from pybondi.stores._sqlinbox import InboxStatements
     from pybondi.stores._sqlrecords import SQLRecords
 
@@ -208,6 +208,7 @@ class Worker:
         self._threads: ThreadPoolExecutor | None = None
         self._purged_at: datetime | None = None
         self._check_repository()
+        self._check_bindings()
         if not store.is_async:
             self._check_sync_handlers()
 
@@ -343,20 +344,20 @@ class Worker:
         """The delivery's message; `_Unreadable` says why it cannot be handled."""
         if delivery.problem is not None:
             raise _Unreadable(delivery.problem)
-        envelope = delivery.envelope
+        binding = self.consumer.bindings.get(delivery.envelope.topic, _UNBOUND)
+        envelope = delivery.envelope = _identified(delivery.envelope, binding.id_header)
         if problem := self._inbox.id_problem(envelope.id):
             raise _Unreadable(problem)
         try:
-            message = envelope.open(self.consumer.registry)
+            message = envelope.open(
+                self.consumer.registry, payload=binding.payload, timestamp=delivery.timestamp
+            )
         except SerializationError as error:
             raise _Unreadable(_describe(error)) from None
         if envelope.topic in self.consumer.dispatched and not isinstance(
             message.payload, Command | Event
         ):
-            raise _Unreadable(
-                f"{envelope.topic!r} is dispatched to the messagebus, which takes commands "
-                f"and events, but this message carries {short_repr(message.payload)}"
-            )
+            raise _Unreadable(_not_dispatchable(envelope, message.payload))
         return message
 
     def _key(self, message: Message[Any]) -> Hashable:
@@ -599,6 +600,18 @@ class Worker:
         publisher = _Inbound(self.store, consumer.registry, consumer.group, envelope)
         return Session(consumer.messagebus, repository, publisher)
 
+    def _check_bindings(self) -> None:
+        """Refuse, before any message, a topic bound to a type the registry lacks."""
+        registry = self.consumer.registry
+        for topic, binding in self.consumer.bindings.items():
+            payload = binding.payload
+            if isinstance(payload, type) and (registry is None or payload not in registry):
+                raise TypeError(
+                    f"Topic {topic!r} is bound to {payload.__name__}, which the consumer's "
+                    f"registry does not register: register it (registry.register("
+                    f"{payload.__name__})) and give the consumer the registry."
+                )
+
     def _check_repository(self) -> None:
         """Refuse, before any message, a repository whose transaction is not the store's."""
         if self.consumer.repository is None:
@@ -717,6 +730,33 @@ class _Duplicate(Exception):
 
 class _Stopped(Exception):
     """The worker stopped while a message waited for the store: leave it unacknowledged."""
+
+
+_UNBOUND = Binding()
+
+
+def _identified(envelope: Envelope, id_header: str | None) -> Envelope:
+    """The envelope under the id its producer keeps in `id_header`, if it sent one."""
+    id = envelope.headers.get(id_header) if id_header else None
+    if not id or id == envelope.id:
+        return envelope
+    return Envelope(envelope.topic, id, envelope.headers, envelope.body)
+
+
+def _not_dispatchable(envelope: Envelope, payload: object) -> str:
+    if "message-type" in envelope.headers:
+        carries = f"this message carries {short_repr(payload)}"
+    else:
+        carries = (
+            f"this message has no message-type header, so its body is plain JSON "
+            f"({short_repr(payload)}): bind the topic to a type, as in "
+            f"consumer.dispatch({envelope.topic!r}, payload=YourCommand), or have its "
+            f"producer send message-type"
+        )
+    return (
+        f"{envelope.topic!r} is dispatched to the messagebus, which takes commands and "
+        f"events, but {carries}"
+    )
 
 
 class _Unreadable(Exception):

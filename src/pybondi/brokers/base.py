@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -187,14 +188,18 @@ class Delivery(ABC):
             missing, headers that are not a JSON object of strings), or None. Such a
             delivery still has an envelope, with what could be read, for the dead
             letter.
+        timestamp: when the broker took the message, by its own clock, where it says
+            (a Redis entry id, JetStream's metadata, AMQP's timestamp); the time of a
+            message whose producer sent no `timestamp` header.
     """
 
-    __slots__ = ("attempt", "envelope", "problem")
+    __slots__ = ("attempt", "envelope", "problem", "timestamp")
 
     def __init__(self, envelope: Envelope, attempt: int = 1, problem: str | None = None) -> None:
         self.envelope = envelope
         self.attempt = attempt
         self.problem = problem
+        self.timestamp: datetime | None = None
 
     def __repr__(self) -> str:
         id = self.envelope.id

@@ -770,7 +770,10 @@ def _delivery(link: _Link, message: Msg) -> NATSDelivery:
         if not name.startswith("Nats-") and name not in transport
     }
     envelope = Envelope(message.subject, message_id, kept, message.data)
-    return NATSDelivery(envelope, attempt, problem, link, message)
+    delivery = NATSDelivery(envelope, attempt, problem, link, message)
+    if problem is None:
+        delivery.timestamp = metadata.timestamp  # when JetStream stored it
+    return delivery
 
 
 def _stored(message: Msg) -> bool:

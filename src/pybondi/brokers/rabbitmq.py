@@ -514,9 +514,11 @@ class RabbitMQSubscription(Subscription):
                 f"{'; '.join(problems)}."
             )
         envelope = Envelope(topic, message_id, headers, message.body)
-        return RabbitMQDelivery(
+        delivery = RabbitMQDelivery(
             self, link, queue, message, envelope, attempt=attempt, problem=problem
         )
+        delivery.timestamp = message.timestamp  # the producer's AMQP property (UTC)
+        return delivery
 
     async def _stamp(
         self, link: _Link, queue: str, message: aio_pika.abc.AbstractIncomingMessage

@@ -15,8 +15,10 @@ its due time); once due, it moves to the group's own stream `<stream>#retry#<gro
 which the group reads besides the topic's stream and from which acknowledged entries are
 deleted. Entries held by a consumer silent for `redeliver_after` are taken over with
 XAUTOCLAIM by whichever consumer of the group receives next. A message without a
-`message-id` header has its entry id (`1712345678901-0`) as its id: a takeover is the
-same entry, and a retry keeps the id in its entry's `id` field.
+`message-id` header has its stream and entry id (`orders/1712345678901-0`: entry ids
+repeat from stream to stream) as its id: a takeover is the same entry, and a retry
+keeps the id in its entry's `id` field. A message without a `headers` field (a body
+alone, from a producer that does not speak pybondi) has none; its time is its entry's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
 from pybondi.brokers.base import Broker, Delivery, Subscription
@@ -433,7 +436,8 @@ class RedisSubscription(Subscription):
         source = self._sources[key]
         headers, body, problems = _read(fields)
         attempt, entry_id = 1, entry.decode()
-        message_id = headers.get("message-id") or entry_id
+        # Entry ids repeat from one stream to the next: the stream's name makes it unique.
+        message_id = headers.get("message-id") or f"{source.stream}/{entry_id}"
         if source.retried:
             # It keeps the id of the message it retries, in its `id` field.
             message_id = headers.get("message-id") or fields.get(b"id", entry).decode(
@@ -448,9 +452,20 @@ class RedisSubscription(Subscription):
         if problems:
             problem = f"Entry {entry_id} of stream {source.key!r} " + "; ".join(problems) + "."
         envelope = Envelope(source.topic, message_id, headers, body)
-        return RedisDelivery(
+        delivery = RedisDelivery(
             envelope, attempt + redelivered, problem, subscription=self, source=source, entry=entry
         )
+        # The time Redis took it: its first entry's id (a retry keeps it as its `id`).
+        delivery.timestamp = _entry_time(fields.get(b"id", entry) if source.retried else entry)
+        return delivery
+
+
+def _entry_time(entry: bytes) -> datetime | None:
+    """The time in a stream entry's id (`[<stream>/]<milliseconds>-<sequence>`), if any."""
+    milliseconds, dash, sequence = entry.rpartition(b"/")[2].partition(b"-")
+    if not (dash and milliseconds.isdigit() and sequence.isdigit()):
+        return None
+    return datetime.fromtimestamp(int(milliseconds) / 1000, UTC)
 
 
 def _read(fields: _Fields) -> tuple[dict[str, str], bytes, list[str]]:
@@ -462,8 +477,7 @@ def _read(fields: _Fields) -> tuple[dict[str, str], bytes, list[str]]:
         body = b""
     headers: dict[str, str] = {}
     raw = fields.get(b"headers")
-    if raw is None:
-        problems.append("has no headers field")
+    if raw is None:  # a producer that does not speak pybondi: a body alone
         return headers, body, problems
     try:
         parsed = json.loads(raw)
