@@ -171,3 +171,37 @@ def test_topics_some_broker_would_refuse_or_read_as_patterns_are_refused(topic: 
 @pytest.mark.parametrize("topic", ["a", "bank.deposits", "v1:orders/eu-west_2@x+y,z", "x" * 200])
 def test_topics_every_broker_takes_are_accepted(topic: str) -> None:
     assert Envelope.seal(topic, Message(1)).topic == topic
+
+
+# Producers that do not speak pybondi --------------------------------------------------
+
+
+def test_a_body_without_a_type_header_is_plain_json_or_the_bound_type(registry: Registry) -> None:
+    plain = Envelope("accounts", "42", {}, b'{"account": "acc-1", "amount": 10}')
+    at = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)  # the broker's time
+
+    assert plain.open(registry, timestamp=at).payload == {"account": "acc-1", "amount": 10}
+    bound = plain.open(registry, payload=Deposited, timestamp=at)
+    assert (bound.payload, bound.id, bound.timestamp) == (Deposited("acc-1", 10), "42", at)
+    chosen = plain.open(registry, payload=lambda body: Deposited)
+    assert chosen.payload == Deposited("acc-1", 10)
+    assert abs(chosen.timestamp - datetime.now(UTC)).total_seconds() < 5  # else now
+
+
+def test_a_bound_type_the_registry_lacks_or_a_failing_choice_says_what_to_do(
+    registry: Registry,
+) -> None:
+    @dataclass
+    class Unknown:
+        account: str
+
+    plain = Envelope("accounts", "42", {}, b'{"account": "acc-1"}')
+    with pytest.raises(UnknownMessageType, match=r"registry.register\(Unknown\)") as unknown:
+        plain.open(registry, payload=Unknown)
+    assert "name=''" not in str(unknown.value)
+
+    def choose(body: object) -> type:
+        raise KeyError("kind")
+
+    with pytest.raises(SerializationError, match="payload function .*choose failed on the body"):
+        plain.open(registry, payload=choose)

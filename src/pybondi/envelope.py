@@ -119,7 +119,7 @@ class Envelope:
         """
         headers = self.headers
         try:
-            version = int(headers.get("message-version", "1"))
+            version = headers.get("message-version")
             value = self._payload(registry, payload, headers.get("message-type"), version)
             sent = headers.get("timestamp")
             return Message(
@@ -143,7 +143,7 @@ class Envelope:
         registry: Registry | None,
         bound: type | Callable[[Any], type] | None,
         name: str | None,
-        version: int,
+        version: str | None,
     ) -> Any:
         """The payload: of the type `name` names, else of the `bound` one, else JSON."""
         if name == JSON_TYPE or (not name and bound is None):
@@ -154,7 +154,7 @@ class Envelope:
                 f" pass the registry that registers its type to open()."
             )
         if name:
-            return registry.loads(name, version, self.body)
+            return registry.loads(name, int(version or "1"), self.body)
         body = json.loads(self.body)
         kind = bound if isinstance(bound, type) or bound is None else _choose(bound, body)
         if kind not in registry:
@@ -163,7 +163,9 @@ class Envelope:
                 f"topic's payload is {short_repr(kind)}, which the registry does not "
                 f"register: register it, as in registry.register({_name(kind)})."
             )
-        return registry.decode(registry.name_of(kind), version, body)
+        # A producer that does not speak pybondi writes the type as it is now.
+        current = int(version) if version else registry.version_of(kind)
+        return registry.decode(registry.name_of(kind), current, body)
 
 
 def _choose(choose: Callable[[Any], type], body: Any) -> type:
