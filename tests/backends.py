@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pybondi.stores import MemoryStore, SQLStore, Store
+from pybondi.persistence import MemoryStore, SQLStore, Store
 
 POSTGRES_URL = os.environ.get("PYBONDI_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("PYBONDI_MARIADB_URL", "mariadb://root@127.0.0.1:3306/test")

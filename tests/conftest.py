@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pybondi import Command, Event, Messagebus, Publisher, Session
-from pybondi.stores import SQLStore, Store
+from pybondi.persistence import SQLStore, Store
 from tests.backends import BACKENDS, SQL_BACKENDS, Backend
 from tests.brokers import KITS, BrokerKit
 

@@ -20,11 +20,11 @@ from typing import Any, TypeVar, cast
 import pytest
 import sqlalchemy as sa
 
-from pybondi.deadletters import DeadLetter, DeadLetters
-from pybondi.envelope import Envelope
-from pybondi.stores import MemoryStore, SQLStore
-from pybondi.stores._sqlinbox import InboxStatements, bounded_id
-from pybondi.stores._sqlrecords import SQLRecords
+from pybondi.messaging.deadletters import DeadLetter, DeadLetters
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence import MemoryStore, SQLStore
+from pybondi.persistence.sql.inbox import InboxStatements, bounded_id
+from pybondi.persistence.sql.records import SQLRecords
 from tests.backends import Backend
 from tests.conftest import AsyncDriver, Driver
 from tests.outboxes import outbox_rows

@@ -19,13 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Aggregate, Command, Event, Message, Messagebus, Repository, Root, Session
-from pybondi.envelope import JSON_TYPE, Envelope
+from pybondi.messaging.envelope import JSON_TYPE, Envelope
 from pybondi.events import Committed
 from pybondi.exceptions import ConcurrencyError, SerializationError, SessionError
-from pybondi.outbox import Outbox
-from pybondi.repositories import StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import MemoryStore, SQLStore
+from pybondi.messaging.outbox import Outbox
+from pybondi.persistence.repositories import StateRepository
+from pybondi.persistence.serialization import Registry
+from pybondi.persistence import MemoryStore, SQLStore
 from pybondi.tracing import handling
 from tests.backends import Backend
 from tests.conftest import AsyncDriver, Driver, SyncDriver

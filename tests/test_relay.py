@@ -27,17 +27,17 @@ from typing import Any, cast
 import pytest
 
 from pybondi import Message, Session
-from pybondi.brokers.redis import RedisBroker
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers.redis import RedisBroker
+from pybondi.messaging.envelope import Envelope
 from pybondi.exceptions import PublishError
-from pybondi.outbox import Outbox
-from pybondi.relay import Relay
-from pybondi.stores import MemoryStore, SQLStore
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.relay import Relay
+from pybondi.persistence import MemoryStore, SQLStore
 from tests.backends import Backend
 from tests.brokers import KITS, BrokerKit, RedisKit
 from tests.outboxes import Counting, Dying, RelayRig, Slow, aoutbox_rows, eventually, ids
 
-LOGGER = "pybondi.relay"
+LOGGER = "pybondi.messaging.relay"
 
 
 @pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis)])

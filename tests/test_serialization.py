@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pybondi import Aggregate, Command, Event, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType
-from pybondi.serialization import Registry, Serialized
+from pybondi.persistence.serialization import Registry, Serialized
 from tests import hash_seeds
 
 ACCOUNT = UUID("12345678-1234-5678-1234-567812345678")

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 from pybondi import Depends, Message, Messagebus, Root, Session
-from pybondi.brokers.rabbitmq import RabbitMQBroker
-from pybondi.consumer import Consumer, Retry, current_session
-from pybondi.deadletters import DeadLetters
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers.rabbitmq import RabbitMQBroker
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.messaging.deadletters import DeadLetters
+from pybondi.messaging.envelope import Envelope
 from pybondi.exceptions import NotFound
-from pybondi.relay import Relay
+from pybondi.messaging.relay import Relay
 from pybondi.tracing import TracingFilter
 from tests.backends import Backend
 from tests.brokers import BrokerKit, RabbitMQKit
@@ -673,7 +673,7 @@ def test_messages_whose_ids_are_too_long_are_dead_lettered_at_once(rig: WorkerRi
 def test_a_failure_to_dead_letter_other_than_an_outage_is_logged_once_and_acked(
     rig: WorkerRig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, "pybondi.worker")
+    caplog.set_level(logging.ERROR, "pybondi.messaging.worker")
 
     async def test() -> None:
         topic = rig.kit.topic()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pybondi.envelope import Envelope
+from pybondi.messaging.envelope import Envelope
 from pybondi.publisher import Message
 from tests.backends import Backend
 from tests.brokers import RedisKit
@@ -119,7 +119,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize(
     ("target", "problem"),
     [
-        ("tests.worker_app:not_a_consumer", "object is neither a pybondi.consumer.Consumer"),
+        ("tests.worker_app:not_a_consumer", "object is neither a pybondi.messaging.consumer.Consumer"),
         ("tests.worker_app:bus", "a Messagebus needs the topics"),
         ("tests.worker_app:nothing", "AttributeError"),
         ("tests.no_such_module:consumer", "cannot load tests.no_such_module:consumer"),

@@ -49,9 +49,9 @@ import pytest
 import sqlalchemy as sa
 
 from pybondi import Message
-from pybondi.brokers.base import DEFAULT_GROUP
-from pybondi.envelope import Envelope
-from pybondi.stores import SQLStore
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence import SQLStore
 from tests.backends import Backend
 from tests.brokers import BrokerKit, RabbitMQKit
 from tests.crash_worker import RETRY, effects_table

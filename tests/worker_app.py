@@ -10,7 +10,7 @@ import logging
 import os
 
 from pybondi import Depends, Message, Messagebus, Root, Session
-from pybondi.consumer import Consumer, Retry, current_session
+from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
 from tests.workers import Counted, Tally, registry, tallies
 

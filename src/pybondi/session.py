@@ -46,6 +46,9 @@ from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, Publisher
 from pybondi.repository import Repository
 
+if TYPE_CHECKING:
+    from pybondi.persistence.store import Transaction
+
 __all__ = ["Session"]
 
 logger = logging.getLogger("pybondi.session")
@@ -70,8 +73,18 @@ class Session:
         repository: holds this unit of work's aggregates; a new in-memory `Repository`
             if omitted. A repository serves one open session at a time.
         publisher: sends messages out on commit; a new in-memory `Publisher` if omitted.
+        transaction: a store transaction, already begun, for the unit of work (a worker
+            gives one it claimed a message in). The repository joins it (a store
+            repository on the same store reads and writes in it), and the session
+            commits, rolls back and closes it. Without it, a store repository opens its
+            own.
         max_messages: how many messages one run may dispatch before the session decides
             a chain of events is not going to end and raises `MessageLimitExceeded`.
+
+    Attributes:
+        transaction: the unit of work's store transaction, once begun: the one given, or
+            the store repository's; None when the repository keeps aggregates in memory.
+            The publisher joins it (the outbox writes its messages in it).
 
     Use one session per unit of work, on one thread or task. The sync methods need sync
     handlers and hooks; the `a`-prefixed twins (and `async with`) accept both.
@@ -81,13 +94,16 @@ class Session:
         "_announced",
         "_budget",
         "_draining",
+        "_given",
+        "_owned",
+        "_publishing",
         "_state",
-        "_transaction",
         "max_messages",
         "messagebus",
         "publisher",
         "queue",
         "repository",
+        "transaction",
     )
 
     def __init__(
@@ -96,6 +112,7 @@ class Session:
         repository: Repository[Any] | None = None,
         publisher: BasePublisher | None = None,
         *,
+        transaction: Transaction[Any] | None = None,
         max_messages: int = 10_000,
     ) -> None:
         self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
@@ -108,7 +125,10 @@ class Session:
         self._announced = 0  # how many aggregates of the identity map got their `Added`
         self._draining = False
         self._budget = max_messages  # what the drain under way may still dispatch
-        self._transaction: object | None = None  # what publisher.begin() returned
+        self._publishing: object | None = None  # what publisher.begin() returned
+        self._given = transaction
+        self.transaction = transaction
+        self._owned: Transaction[Any] | None = None  # given, and not held by the repository
         self._state = _NEW
 
     # Decisions, shared by both drivers (no I/O here) ------------------------------------
@@ -185,9 +205,16 @@ class Session:
         self.repository.claim(self)
         self._state = _ACTIVE
 
+    def _joined(self) -> Transaction[Any] | None:
+        """The unit of work's transaction, once the repository began: given, or its own."""
+        given, held = self._given, self.repository.transaction
+        self._owned = given if held is not given else None
+        self.transaction = held if held is not None else given
+        return self.transaction
+
     def _owns_publisher(self) -> bool:
         """Whether `publish` still writes to the transaction this session began."""
-        return self._transaction is None or self.publisher.current() is self._transaction
+        return self._publishing is None or self.publisher.current() is self._publishing
 
     def _check_publisher(self) -> None:
         """Refuse to go on while another session has taken the publisher over."""
@@ -203,13 +230,15 @@ class Session:
         """
         self._claim()
         try:
+            if self._given is not None:
+                self.repository.join(self._given)
             # A hook that returns something may be an async one, called here by mistake.
             if (started := self.repository.begin()) is not None:
                 refuse_awaitable(started, self.repository.begin, _INSTEAD)
-            if (transaction := self.publisher.begin()) is not None:
-                refuse_awaitable(transaction, self.publisher.begin, _INSTEAD)
-            self._transaction = transaction
-            self.publisher.join(self.repository)
+            if (publishing := self.publisher.begin()) is not None:
+                refuse_awaitable(publishing, self.publisher.begin, _INSTEAD)
+            self._publishing = publishing
+            self.publisher.join(self._joined())
         except BaseException as error:
             self._close(error)
             raise
@@ -293,6 +322,8 @@ class Session:
             if (prepared := self.publisher.prepare()) is not None:
                 refuse_awaitable(prepared, self.publisher.prepare, _INSTEAD)
             self.repository.commit()
+            if self._owned is not None:
+                self._owned.commit()
         except BaseException as error:
             self._rollback(error)
             raise
@@ -323,6 +354,8 @@ class Session:
             failures += _attempt(self._drain)
             self._forget_pending()
         failures += _attempt(self.repository.rollback)
+        if self._owned is not None:
+            failures += _attempt(self._owned.rollback)
         self._announced = len(self.repository.aggregates)  # a store may forget them all
         if self._owns_publisher():
             failures += _attempt(self.publisher.rollback)
@@ -338,11 +371,15 @@ class Session:
         if self._state is not _CLOSED:
             self._state = _CLOSED
             try:
-                failures = _attempt(self.repository.close, self.publisher.close)
+                failures = _attempt(self.repository.close, self._close_given, self.publisher.close)
             finally:
                 self.repository.release()
             if failures:
                 report_failures(failures, cause)
+
+    def _close_given(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
 
     def __exit__(
         self,
@@ -366,9 +403,11 @@ class Session:
         """`begin` for the async path."""
         self._claim()
         try:
+            if self._given is not None:
+                self.repository.join(self._given)
             await self.repository.abegin()
-            self._transaction = await self.publisher.abegin()
-            self.publisher.join(self.repository)
+            self._publishing = await self.publisher.abegin()
+            self.publisher.join(self._joined())
         except BaseException as error:
             await self._aclose(error)
             raise
@@ -412,6 +451,8 @@ class Session:
                 await self._adrain()
             await self.publisher.aprepare()
             await self.repository.acommit()
+            if self._owned is not None:
+                await self._owned.acommit()
         except BaseException as error:
             await self._arollback(error)
             raise
@@ -436,6 +477,8 @@ class Session:
             failures += await _aattempt(self._adrain)
             self._forget_pending()
         failures += await _aattempt(self.repository.arollback)
+        if self._owned is not None:
+            failures += await _aattempt(self._owned.arollback)
         self._announced = len(self.repository.aggregates)
         if self._owns_publisher():
             failures += await _aattempt(self.publisher.arollback)
@@ -451,10 +494,16 @@ class Session:
         if self._state is not _CLOSED:
             self._state = _CLOSED
             try:
-                failures = await _aattempt(self.repository.aclose, self.publisher.aclose)
+                failures = await _aattempt(
+                    self.repository.aclose, self._aclose_given, self.publisher.aclose
+                )
             finally:
                 self.repository.release()
             report_failures(failures, cause)
+
+    async def _aclose_given(self) -> None:
+        if self._owned is not None:
+            await self._owned.aclose()
 
     async def __aexit__(
         self,

@@ -27,15 +27,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pybondi.stores._sqlrecords import SQLRecords
-    from pybondi.stores.base import Records, Store
+    from pybondi.persistence.records import Records
+    from pybondi.persistence.store import Store
 
 __all__ = ["StoreHealth"]
 
-logger = logging.getLogger("pybondi.worker")
+logger = logging.getLogger("pybondi.messaging.worker")
 
 _PROBE_EVERY = 1.0  # seconds between probes while the store is down
 _PROBE_WITHIN = 5.0  # seconds a probe may take: a connect to a silent host can hang
@@ -53,7 +53,11 @@ class StoreHealth:
     """
 
     def __init__(
-        self, name: str, store: Store, stopping: asyncio.Event, under_way: Callable[[], int]
+        self,
+        name: str,
+        store: Store[Records],
+        stopping: asyncio.Event,
+        under_way: Callable[[], int],
     ) -> None:
         self.name = name
         self.store = store
@@ -63,7 +67,6 @@ class StoreHealth:
         self._up.set()
         self._checking: asyncio.Future[BaseException | None] | None = None
         self._watching: asyncio.Task[None] | None = None
-        self._errors = _connection_errors()
 
     @property
     def reachable(self) -> bool:
@@ -156,29 +159,11 @@ class StoreHealth:
         return None
 
     def _looks_unreachable(self, error: BaseException) -> bool:
-        """Whether `error`, or an error it came from, may mean the store is out of reach."""
-        seen: set[int] = set()
-        current: BaseException | None = error
-        while current is not None and id(current) not in seen:
-            seen.add(id(current))
-            if isinstance(current, self._errors) or getattr(
-                current, "connection_invalidated", False
-            ):
-                return True
-            current = current.__cause__ or current.__context__
-        return False
+        return self.store.unreachable(error)
 
 
 def _ping(records: Records) -> None:
-    cast("SQLRecords", records).ping()
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    # Imported here: the worker's store brought SQLAlchemy in, and importing the
-    # worker module does not need it.
-    from sqlalchemy import exc  # noqa: PLC0415
-
-    return (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError, TimeoutError)
+    records.ping()
 
 
 def _summary(error: BaseException) -> str:

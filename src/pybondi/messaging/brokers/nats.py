@@ -36,7 +36,7 @@ JetStream's control message and fail or drop it (see `_Pull`). A message without
 redeliveries and retries keep.
 
 nats-py is async-only, so this adapter is too: sync sessions reach it through the outbox
-(`pybondi.outbox`).
+(`pybondi.messaging.outbox`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from pybondi.brokers.base import Broker, Delivery, Subscription
-from pybondi.envelope import Envelope
 from pybondi.exceptions import MissingDependency
+from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
+from pybondi.messaging.envelope import Envelope
 
 try:
     import nats

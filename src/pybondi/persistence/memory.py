@@ -14,14 +14,15 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from pybondi.exceptions import ConcurrencyError, SessionError
-from pybondi.stores.base import Record, Records, Snapshot, Store, StoredEvent, Transaction
+from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent
+from pybondi.persistence.store import Store, Transaction
 
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
 
 
-class MemoryStore(Store):
+class MemoryStore(Store["MemoryTransaction"]):
     """Keeps records, events and snapshots in dictionaries; thread-safe."""
 
     def __init__(self) -> None:
@@ -36,11 +37,11 @@ class MemoryStore(Store):
         return MemoryTransaction(self)
 
 
-class MemoryTransaction(Transaction, Records):
+class MemoryTransaction(Transaction["MemoryTransaction"], Records):
     """Buffers writes and applies them at commit, after checking every version again."""
 
     def __init__(self, store: MemoryStore) -> None:
-        self.store = store
+        self.store: MemoryStore = store
         self.closed = False
         self._clear()
 
@@ -51,13 +52,13 @@ class MemoryTransaction(Transaction, Records):
 
     # Transaction ------------------------------------------------------------------------
 
-    def run(self, work: Callable[[Records], T]) -> T:
+    def run(self, work: Callable[[MemoryTransaction], T]) -> T:
         """Call `work` with this transaction."""
         if self.closed:
             raise SessionError("This transaction is closed; begin a new one.")
         return work(self)
 
-    async def arun(self, work: Callable[[Records], T]) -> T:
+    async def arun(self, work: Callable[[MemoryTransaction], T]) -> T:
         """`run`: memory needs no waiting."""
         return self.run(work)
 

@@ -46,17 +46,18 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from operator import methodcaller
+from functools import partial
 from typing import TypeVar
 
-from pybondi.brokers.base import Broker
-from pybondi.envelope import Envelope
 from pybondi.exceptions import PublishError
-from pybondi.stores.base import Records, Store
+from pybondi.messaging.brokers.base import Broker
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence.records import MessagingRecords, OutboxRecords
+from pybondi.persistence.store import MessagingStore
 
 __all__ = ["Relay"]
 
-logger = logging.getLogger("pybondi.relay")
+logger = logging.getLogger("pybondi.messaging.relay")
 
 T = TypeVar("T")
 
@@ -66,7 +67,7 @@ class Relay:
 
     Args:
         store: the `SQLStore` the outbox writes to, sync or async.
-        broker: where to send (`pybondi.brokers.connect(url)`).
+        broker: where to send (`pybondi.messaging.brokers.connect(url)`).
         batch_size: how many rows of a topic go in one confirmed batch.
         idle: seconds to wait before looking again when nothing was pending.
         lease: seconds a relay keeps a topic after its last batch, before another relay
@@ -81,7 +82,7 @@ class Relay:
 
     def __init__(
         self,
-        store: Store,
+        store: MessagingStore,
         broker: Broker,
         *,
         batch_size: int = 100,
@@ -117,12 +118,7 @@ class Relay:
         self._held: dict[str, tuple[int, float]] = {}  # topic -> (failures, retry at)
         # What may pass: the broker or the database out of reach, or busy. Anything else
         # (a bug, a wrong option) would fail every time: it ends `run` instead.
-        self._transient: tuple[type[BaseException], ...] = (
-            PublishError,
-            OSError,
-            TimeoutError,
-            _database_error(),
-        )
+        self._transient = (PublishError, OSError, TimeoutError)
 
     def __repr__(self) -> str:
         return f"<Relay {self.name} from {self.store!r} to {self.broker!r}>"
@@ -141,7 +137,9 @@ class Relay:
                 try:
                     sent = await self._round()
                     failures = 0
-                except self._transient as error:
+                except Exception as error:
+                    if not self._passing(error):
+                        raise
                     failures += 1
                     delay = self._backoff(failures)
                     logger.warning(
@@ -191,7 +189,7 @@ class Relay:
         A topic whose batch the broker did not confirm waits, with backoff, while the
         other topics go on: a message the broker refuses holds back only its own topic.
         """
-        topics: list[str] = await self._transact(methodcaller("pending_topics"))
+        topics: list[str] = await self._outbox(lambda outbox: outbox.pending_topics())
         clock = asyncio.get_running_loop().time()
         topics = [topic for topic in topics if self._held.get(topic, (0, 0.0))[1] <= clock]
         random.shuffle(topics)  # relays starting together try the topics in other orders
@@ -203,7 +201,7 @@ class Relay:
                 sent += held.sent
                 self._hold(held)
                 # Another relay, maybe with a broker it can reach, may take the topic now.
-                await self._transact(methodcaller("release", self.name, topic))
+                await self._outbox(partial(_release, self.name, topic))
                 failed_in_a_row += 1
                 if failed_in_a_row == _BROKER_DOWN_AFTER:
                     raise held.error from None  # the broker, not a message: `run` backs off
@@ -225,17 +223,7 @@ class Relay:
         for _ in range(_BATCHES_PER_VISIT):
             if self._stopping.is_set():
                 break
-            now = _now()
-            claimed = await self._transact(
-                methodcaller(
-                    "claim",
-                    topic,
-                    self.name,
-                    now=now,
-                    until=now + self.lease,
-                    limit=self.batch_size,
-                )
-            )
+            claimed = await self._outbox(partial(self._claim, topic, _now()))
             if claimed is None:
                 return sent  # another relay has it
             after, envelopes = claimed
@@ -271,8 +259,10 @@ class Relay:
             await asyncio.sleep(period)
             until = _now() + self.lease
             try:
-                kept = await self._transact(methodcaller("renew", topic, self.name, until=until))
-            except self._transient as error:
+                kept = await self._outbox(partial(_renew, topic, self.name, until))
+            except Exception as error:
+                if not self._passing(error):
+                    raise
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # cancelled mid-query, which some drivers report as an error
@@ -286,9 +276,9 @@ class Relay:
     async def _confirm(self, topic: str, after: int, last: int) -> bool:
         """Mark rows `after`+1..`last` sent; False (and a warning) if the lease was lost."""
         now = _now()
-        confirmed: bool = await self._transact(
-            methodcaller(
-                "confirm", topic, self.name, after=after, last=last, now=now, until=now + self.lease
+        confirmed: bool = await self._outbox(
+            lambda outbox: outbox.confirm(
+                topic, self.name, after=after, last=last, now=now, until=now + self.lease
             )
         )
         if confirmed:
@@ -325,10 +315,10 @@ class Relay:
             return
         self._purged_at = now
         cutoff = now - self.retention
-        purged = await self._transact(methodcaller("purge", cutoff))
+        purged = await self._outbox(lambda outbox: outbox.purge(cutoff))
         if purged:
             logger.info("Relay %s deleted %d sent row(s) past retention", self.name, purged)
-        forgotten = await self._transact(methodcaller("forget_idle_topics", now))
+        forgotten = await self._outbox(lambda outbox: outbox.forget_idle_topics(now))
         if forgotten:
             logger.info("Relay %s forgot %d idle topic(s)", self.name, forgotten)
 
@@ -336,7 +326,7 @@ class Relay:
         """Give the leases back and close the broker, within what is left of the budget."""
         try:
             async with asyncio.timeout(self._left() / 2):
-                await self._transact(methodcaller("release", self.name))
+                await self._outbox(lambda outbox: outbox.release(self.name))
         except Exception as error:  # the leases expire on their own
             logger.warning("Relay %s could not give its leases back: %r", self.name, error)
         try:
@@ -357,9 +347,24 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _transact(self, work: Callable[[Records], T]) -> T:
-        """Run `work` (an `OutboxRecords` method call) in a transaction of its own; commit."""
-        return await self.store.atransact(work)
+    def _claim(
+        self, topic: str, now: datetime, outbox: OutboxRecords
+    ) -> tuple[int, list[Envelope]] | None:
+        return outbox.claim(
+            topic, self.name, now=now, until=now + self.lease, limit=self.batch_size
+        )
+
+    def _passing(self, error: Exception) -> bool:
+        """Whether the error may pass: the broker or the store out of reach, or busy."""
+        return isinstance(error, self._transient) or self.store.unreachable(error)
+
+    async def _outbox(self, work: Callable[[OutboxRecords], T]) -> T:
+        """Run `work` on the outbox in a transaction of its own, and commit."""
+
+        def on_outbox(records: MessagingRecords) -> T:
+            return work(records.outbox)
+
+        return await self.store.atransact(on_outbox)
 
 
 _BATCHES_PER_VISIT = 10
@@ -382,11 +387,13 @@ class _Held(Exception):
         self.topic, self.seq, self.error, self.sent = topic, seq, error, sent
 
 
-def _database_error() -> type[BaseException]:
-    from sqlalchemy.exc import DBAPIError  # noqa: PLC0415 - the store brought SQLAlchemy in
-
-    return DBAPIError
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _release(owner: str, topic: str, outbox: OutboxRecords) -> None:
+    outbox.release(owner, topic)
+
+
+def _renew(topic: str, owner: str, until: datetime, outbox: OutboxRecords) -> bool:
+    return outbox.renew(topic, owner, until=until)

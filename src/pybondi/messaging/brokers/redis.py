@@ -33,9 +33,9 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
-from pybondi.brokers.base import Broker, Delivery, Subscription
-from pybondi.envelope import Envelope
 from pybondi.exceptions import MissingDependency, short_repr
+from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
+from pybondi.messaging.envelope import Envelope
 
 try:
     import redis

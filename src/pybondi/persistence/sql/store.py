@@ -14,7 +14,8 @@ pass the URL.
 Four tables, named with `prefix` (and in `schema`, if given): `aggregates` (one row per
 aggregate: its version, and its state if it is state-stored), `events`, `log` (one row:
 the last position handed out) and `snapshots`; and those of the messaging: the outbox's
-three (`pybondi.outbox`), the workers' `inbox` and `dead_letters` (`pybondi.worker`). A
+three (`pybondi.messaging.outbox`), the workers' `inbox` and `dead_letters`
+(`pybondi.messaging.worker`). A
 version check guards every write to an aggregate's row, so a stale write changes
 nothing. Appending events takes the log row's lock until commit: positions are handed
 out in commit order and a rolled-back transaction gives its positions back, so that
@@ -33,18 +34,18 @@ from typing import Any, TypeVar
 
 from pybondi._redact import redact
 from pybondi.exceptions import MissingDependency, SessionError
-from pybondi.stores.base import Records, Store, Transaction
+from pybondi.persistence.store import MessagingStore, Transaction
 
 try:
     import sqlalchemy as sa
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
-    raise MissingDependency("sqlalchemy", "sqlite", "pybondi.stores.sql") from missing
+    raise MissingDependency("sqlalchemy", "sqlite", "pybondi.persistence.sql") from missing
 
 # After the check above, which names the extra to install when SQLAlchemy is missing.
-from pybondi.stores._sqlrecords import SQLRecords
-from pybondi.stores._sqlstatements import Statements
+from pybondi.persistence.sql.records import SQLRecords
+from pybondi.persistence.sql.statements import Statements
 
 __all__ = ["SQLStore", "SQLTransaction"]
 
@@ -71,11 +72,18 @@ _BACKEND_EXTRAS = {
     "mariadb": "mariadb",
 }
 _CREATE_ATTEMPTS = 3
+_CONNECTION_ERRORS = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,
+    OSError,
+    TimeoutError,
+)
 # Marks a SQLite connection whose transaction pybondi begins itself (see below).
 _OWN_SQLITE_CONNECTION = {"pybondi_reads_outside": True}
 
 
-class SQLStore(Store):
+class SQLStore(MessagingStore):
     """A store in a SQL database, through a SQLAlchemy engine.
 
     Args:
@@ -133,7 +141,7 @@ class SQLStore(Store):
                 f"{self!r} is async: use it with `async with Session(...)`, or create a "
                 f"sync store for sync sessions."
             )
-        return SQLTransaction(self.statements, self.engine.connect(), None)
+        return SQLTransaction(self, self.engine.connect(), None)
 
     async def abegin(self) -> SQLTransaction:
         """Open a transaction on an async connection."""
@@ -142,7 +150,25 @@ class SQLStore(Store):
                 f"{self!r} is sync, and would block the event loop: for async sessions, "
                 f"create the store with SQLStore(url, asynchronous=True)."
             )
-        return SQLTransaction(self.statements, None, await self.engine.connect())
+        return SQLTransaction(self, None, await self.engine.connect())
+
+    def unreachable(self, error: BaseException) -> bool:
+        """Whether `error` may mean the database is out of reach (a probe then decides).
+
+        Looks through the error's causes for a connection SQLAlchemy dropped as broken,
+        its `OperationalError` and `InterfaceError` (the driver lost or could not make
+        the connection), its pool's `TimeoutError`, and any `OSError` or `TimeoutError`.
+        """
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:  # a chain may loop
+            seen.add(id(current))
+            if isinstance(current, _CONNECTION_ERRORS) or (
+                isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated
+            ):
+                return True
+            current = current.__cause__ or current.__context__
+        return False
 
     # Tables -----------------------------------------------------------------------------
 
@@ -228,21 +254,22 @@ class SQLStore(Store):
             self.engine.dispose()
 
 
-class SQLTransaction(Transaction):
+class SQLTransaction(Transaction[SQLRecords]):
     """A unit of work on one pooled connection, sync or async."""
 
     def __init__(
         self,
-        statements: Statements,
+        store: SQLStore,
         connection: Connection | None,
         aconnection: AsyncConnection | None,
     ) -> None:
-        self.statements = statements
+        self.store: SQLStore = store
+        self.statements = store.statements
         self.connection = connection
         self.aconnection = aconnection
         self.writing = False  # whether the writes' explicit BEGIN (SQLite) was sent
 
-    def run(self, work: Callable[[Records], T]) -> T:
+    def run(self, work: Callable[[SQLRecords], T]) -> T:
         """Call `work` with records on this transaction's connection."""
         if self.connection is None:
             raise SessionError(
@@ -251,7 +278,7 @@ class SQLTransaction(Transaction):
             )
         return self._work(self.connection, work)
 
-    async def arun(self, work: Callable[[Records], T]) -> T:
+    async def arun(self, work: Callable[[SQLRecords], T]) -> T:
         """Run `work` on the async connection, without blocking the event loop."""
         if self.aconnection is None:
             raise SessionError(
@@ -260,7 +287,7 @@ class SQLTransaction(Transaction):
             )
         return await self.aconnection.run_sync(self._work, work)
 
-    def _work(self, connection: Connection, work: Callable[[Records], T]) -> T:
+    def _work(self, connection: Connection, work: Callable[[SQLRecords], T]) -> T:
         # pybondi sends its statements on the driver's cursor (see SQLRecords), so tell
         # SQLAlchemy that a transaction is under way, or its commit() would do nothing.
         if not connection.in_transaction():

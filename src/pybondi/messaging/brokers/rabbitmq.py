@@ -56,9 +56,9 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pybondi.brokers.base import DEFAULT_GROUP, Broker, Delivery, Subscription
-from pybondi.envelope import Envelope
 from pybondi.exceptions import MissingDependency, short_repr
+from pybondi.messaging.brokers.base import DEFAULT_GROUP, Broker, Delivery, Subscription
+from pybondi.messaging.envelope import Envelope
 
 try:
     import aio_pika

@@ -12,8 +12,8 @@
 Run it with `pybondi worker myapp.module:consumer --broker ... --store ...` (or
 `Worker(consumer, broker, store)` from Python). Each message is handled in a `Session`
 of its own over `messagebus`, a repository from `repository(store)`, and an outbox on the
-store (`pybondi.outbox`): what the handlers change and publish commits in one database
-transaction, together with the message's id in the inbox. See `pybondi.worker` for
+store (`pybondi.messaging.outbox`): what the handlers change and publish commits in one database
+transaction, together with the message's id in the inbox. See `pybondi.messaging.worker` for
 acknowledgements, retries and dead letters.
 
 Subscribers receive the `Message` (its payload, id, headers), as subscribers of the
@@ -29,23 +29,25 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
-from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.depends import DependencyOverrides
 from pybondi.exceptions import InvalidHandler, SessionError, short_repr
 from pybondi.messagebus import Messagebus
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.persistence.serialization import Registry
 from pybondi.publisher import Message, Publisher
-from pybondi.serialization import Registry
 
 if TYPE_CHECKING:
+    from pybondi.persistence.store import MessagingStore
     from pybondi.repository import Repository
     from pybondi.session import Session
-    from pybondi.stores.base import Store
 
 __all__ = ["Binding", "Consumer", "PayloadType", "Retry", "current_session"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_session: ContextVar[Session | None] = ContextVar("pybondi.consumer.session", default=None)
+_session: ContextVar[Session | None] = ContextVar(
+    "pybondi.messaging.consumer.session", default=None
+)
 
 
 def current_session() -> Session:
@@ -55,7 +57,7 @@ def current_session() -> Session:
         raise SessionError(
             "current_session() is the session of the message a worker is handling; no "
             "message is being handled here. Call it from a subscriber or handler that a "
-            "worker runs (pybondi.worker)."
+            "worker runs (pybondi.messaging.worker)."
         )
     return session
 
@@ -131,7 +133,7 @@ class Consumer:
         registry: Registry | None = None,
         *,
         group: str = DEFAULT_GROUP,
-        repository: Callable[[Store], Repository[Any]] | None = None,
+        repository: Callable[[MessagingStore], Repository[Any]] | None = None,
         retry: Retry | None = None,
         in_flight: int = 16,
         key: Callable[[Message[Any]], Hashable] | None = None,

@@ -1,6 +1,6 @@
 """What a broker adapter is, and the publisher that sends through one.
 
-A `Broker` sends envelopes (`pybondi.envelope`) to a message broker and returns only
+A `Broker` sends envelopes (`pybondi.messaging.envelope`) to a message broker and returns only
 once the broker confirmed every one of them; anything less raises `PublishError`. The
 outbox's relay sends through it, and so does `BrokerPublisher`, the publisher for
 sessions that send straight to the broker when they commit:
@@ -10,12 +10,12 @@ sessions that send straight to the broker when they commit:
         ...                     # on commit: the repository first, then the broker
 
 Sending straight from a session leaves a gap: a crash after the repository committed
-and before the broker confirmed loses the messages. The outbox (`pybondi.outbox`) closes
+and before the broker confirmed loses the messages. The outbox (`pybondi.messaging.outbox`) closes
 it. Brokers whose client is async-only (RabbitMQ, NATS) have async-only adapters: sync
 sessions reach them through the outbox.
 
 The other way round, `Broker.subscribe` gives a `Subscription`: a consumer group's share
-of some topics' messages, each received as a `Delivery` that the worker (`pybondi.worker`)
+of some topics' messages, each received as a `Delivery` that the worker (`pybondi.messaging.worker`)
 acknowledges once the message's session committed, or hands back to be retried later.
 """
 
@@ -28,10 +28,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from pybondi._redact import redact
-from pybondi.envelope import Envelope
 from pybondi.exceptions import AsyncRequired, PublishError
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence.serialization import Registry
 from pybondi.publisher import BufferedPublisher, Message
-from pybondi.serialization import Registry
 
 __all__ = ["DEFAULT_GROUP", "Broker", "BrokerPublisher", "Delivery", "Subscription"]
 
@@ -67,7 +67,7 @@ class Broker(ABC):
             f"{type(self).__name__}.send",
             type(self).asend,
             "`await broker.asend(...)`, or "
-            "for sync sessions the outbox (pybondi.outbox.Outbox) with its async relay",
+            "for sync sessions the outbox (pybondi.messaging.outbox.Outbox) with its async relay",
         )
 
     def subscribe(

@@ -24,22 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
 
-from pybondi.envelope import Envelope
-from pybondi.stores._sqlstatements import NAME, TEXT, TIMESTAMP, Query, insert_ignoring_duplicates
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence.records import OutboxRecords
+from pybondi.persistence.sql.query import NAME, TEXT, TIMESTAMP, Query, insert_ignoring_duplicates
 
 if TYPE_CHECKING:
-    from pybondi.stores._sqlstatements import Statements
+    from pybondi.persistence.sql.executor import Executor
 
-__all__ = ["OutboxRecords", "OutboxStatements"]
+__all__ = ["OutboxStatements", "SQLOutbox"]
 
 
 class OutboxStatements:
     """The outbox's tables and statements for one dialect."""
 
-    def __init__(self, statements: Statements, metadata: sa.MetaData, prefix: str) -> None:
-        dialect = statements.dialect
+    def __init__(self, dialect: sa.Dialect, metadata: sa.MetaData, prefix: str) -> None:
         text, timestamp, name = TEXT, TIMESTAMP, NAME
         self.outbox = outbox = sa.Table(
             f"{prefix}outbox",
@@ -160,29 +159,22 @@ class OutboxStatements:
         self.forget_cursor = compiled(relay.delete().where(relay_is, relay.c.sent == param("h")))
 
 
-class OutboxRecords:
-    """The outbox's reads and writes; `SQLRecords` has them."""
+class SQLOutbox(OutboxRecords):
+    """The outbox's reads and writes in one transaction; see `OutboxRecords`."""
 
-    statements: Statements
-
-    if TYPE_CHECKING:  # SQLRecords' own, which this class is mixed into
-
-        def _execute(self, query: Query, values: dict[str, Any]) -> Any: ...
-        def _execute_many(self, query: Query, rows: list[dict[str, Any]]) -> Any: ...
-        def _written(self, query: Query, values: dict[str, Any]) -> bool: ...
-        def _writing(self) -> None: ...
-
-        connection: Connection
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._sql = executor.statements.outbox
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> None:
         """Write envelopes to the outbox, numbering each topic's rows in commit order."""
         if not envelopes:
             return
-        self._writing()
+        self._executor.writing()
         by_topic: dict[str, list[Envelope]] = {}
         for envelope in envelopes:
             by_topic.setdefault(envelope.topic, []).append(envelope)
-        outbox, now = self.statements.outbox, self._timestamp(datetime.now(UTC))
+        outbox, now = self._sql, self._executor.timestamp(datetime.now(UTC))
         rows = []
         # Topics in one order, whatever order they were published in: two sessions lock
         # their heads in the same order, and cannot deadlock.
@@ -202,25 +194,25 @@ class OutboxRecords:
                 for offset, envelope in enumerate(batch)
             ]
         if len(rows) == 1:
-            self._execute(outbox.insert, rows[0])
+            self._executor.execute(outbox.insert, rows[0])
         else:
-            self._execute_many(outbox.insert, rows)
+            self._executor.execute_many(outbox.insert, rows)
 
     def _advance_topic(self, topic: str, count: int) -> int:
         """Move the topic's head by `count`, locking it until COMMIT; return the new head."""
-        outbox = self.statements.outbox
+        outbox = self._sql
         values = {"t": topic, "n": count}
         if outbox.read_head is None:  # PostgreSQL, SQLite: one upsert
-            head = int(self._execute(outbox.advance, values).fetchone()[0])
+            head = int(self._executor.execute(outbox.advance, values).fetchone()[0])
             if head == count:  # this transaction added the topic: its cursor too
-                self._written(outbox.new_cursor, {"t": topic})
+                self._executor.written(outbox.new_cursor, {"t": topic})
             return head
         # MariaDB: the session only updates a head that exists; a topic seen for the
         # first time gets its rows apart first.
-        if self._execute(outbox.advance, values).rowcount != 1:
+        if self._executor.execute(outbox.advance, values).rowcount != 1:
             self._add_topic_apart(topic)
-            self._execute(outbox.advance, values)
-        return int(self._execute(outbox.read_head, {"t": topic}).fetchone()[0])
+            self._executor.execute(outbox.advance, values)
+        return int(self._executor.execute(outbox.read_head, {"t": topic}).fetchone()[0])
 
     def _add_topic_apart(self, topic: str) -> None:
         """Add a topic's head and cursor rows, at 0, in a transaction of their own.
@@ -229,16 +221,16 @@ class OutboxRecords:
         new topics at once, each holding a connection of the engine's pool, would
         otherwise wait for one another's second connection.
         """
-        outbox = self.statements.outbox
+        outbox = self._sql
         if outbox.side_pool is None:
-            outbox.side_pool = self.connection.engine.pool.recreate()
+            outbox.side_pool = self._executor.connection.engine.pool.recreate()
         connection = outbox.side_pool.connect()
         try:
             cursor = connection.cursor()
             for query in (outbox.new_topic, outbox.new_cursor):
                 try:
                     cursor.execute(query.sql, query.parameters({"t": topic}))
-                except self.statements.driver_error as error:
+                except self._executor.statements.driver_error as error:
                     if getattr(error, "args", ())[:1] != (1062,):  # not a duplicate
                         raise
             connection.commit()
@@ -248,14 +240,11 @@ class OutboxRecords:
             connection.detach()
             connection.close()
 
-    def _timestamp(self, moment: datetime) -> Any:
-        return self.statements.timestamp_in(moment.astimezone(UTC).replace(tzinfo=None))
-
     # The relay's side -------------------------------------------------------------------
 
     def pending_topics(self) -> list[str]:
         """The topics with committed rows that the broker has not confirmed yet."""
-        return [row[0] for row in self._execute(self.statements.outbox.pending, {}).fetchall()]
+        return [row[0] for row in self._executor.execute(self._sql.pending, {}).fetchall()]
 
     def claim(
         self, topic: str, owner: str, *, now: datetime, until: datetime, limit: int
@@ -264,13 +253,18 @@ class OutboxRecords:
 
         None when another relay holds a lease on the topic that has not expired.
         """
-        self._writing()
-        outbox = self.statements.outbox
-        values = {"t": topic, "o": owner, "now": self._timestamp(now), "u": self._timestamp(until)}
-        if self._execute(outbox.claim, values).rowcount != 1:
+        self._executor.writing()
+        outbox = self._sql
+        values = {
+            "t": topic,
+            "o": owner,
+            "now": self._executor.timestamp(now),
+            "u": self._executor.timestamp(until),
+        }
+        if self._executor.execute(outbox.claim, values).rowcount != 1:
             return None
-        sent = int(self._execute(outbox.cursor, {"t": topic}).fetchone()[0])
-        rows = self._execute(outbox.read, {"t": topic, "a": sent, "l": limit}).fetchall()
+        sent = int(self._executor.execute(outbox.cursor, {"t": topic}).fetchone()[0])
+        rows = self._executor.execute(outbox.read, {"t": topic, "a": sent, "l": limit}).fetchall()
         envelopes = [
             Envelope(topic, message_id, json.loads(headers), body.encode())
             for _, message_id, headers, body in rows
@@ -279,40 +273,42 @@ class OutboxRecords:
 
     def renew(self, topic: str, owner: str, *, until: datetime) -> bool:
         """Extend the lease `owner` holds on the topic; False if it holds none."""
-        self._writing()
-        values = {"t": topic, "o": owner, "u": self._timestamp(until)}
-        return bool(self._execute(self.statements.outbox.renew, values).rowcount == 1)
+        self._executor.writing()
+        values = {"t": topic, "o": owner, "u": self._executor.timestamp(until)}
+        return bool(self._executor.execute(self._sql.renew, values).rowcount == 1)
 
     def confirm(
         self, topic: str, owner: str, *, after: int, last: int, now: datetime, until: datetime
     ) -> bool:
         """Record rows `after`+1..`last` as sent; False if this relay lost the lease."""
-        self._writing()
-        outbox = self.statements.outbox
-        moved = self._execute(
+        self._executor.writing()
+        outbox = self._sql
+        moved = self._executor.execute(
             outbox.advance_cursor,
-            {"t": topic, "o": owner, "a": after, "s": last, "u": self._timestamp(until)},
+            {"t": topic, "o": owner, "a": after, "s": last, "u": self._executor.timestamp(until)},
         ).rowcount
         if moved != 1:
             return False
-        values = {"t": topic, "a": after, "s": last, "now": self._timestamp(now)}
-        self._execute(outbox.mark_sent, values)
+        values = {"t": topic, "a": after, "s": last, "now": self._executor.timestamp(now)}
+        self._executor.execute(outbox.mark_sent, values)
         return True
 
     def release(self, owner: str, topic: str | None = None) -> None:
         """Give up the lease `owner` holds on `topic`, or on every topic."""
-        self._writing()
-        outbox = self.statements.outbox
+        self._executor.writing()
+        outbox = self._sql
         if topic is None:
-            self._execute(outbox.release, {"o": owner})
+            self._executor.execute(outbox.release, {"o": owner})
         else:
-            self._execute(outbox.release_topic, {"o": owner, "t": topic})
+            self._executor.execute(outbox.release_topic, {"o": owner, "t": topic})
 
     def purge(self, before: datetime) -> int:
         """Delete the rows sent before `before`; return how many."""
-        self._writing()
-        purge = self.statements.outbox.purge
-        return int(self._execute(purge, {"before": self._timestamp(before)}).rowcount)
+        self._executor.writing()
+        purge = self._sql.purge
+        return int(
+            self._executor.execute(purge, {"before": self._executor.timestamp(before)}).rowcount
+        )
 
     def forget_idle_topics(self, now: datetime, limit: int = 100) -> int:
         """Delete the head and cursor rows of up to `limit` idle topics; return how many.
@@ -321,15 +317,17 @@ class OutboxRecords:
         writes to the topic meanwhile keeps it: the head it moved no longer matches, or
         (having waited for this transaction) it starts the topic anew, from seq 1.
         """
-        self._writing()
-        outbox = self.statements.outbox
-        idle = self._execute(outbox.idle, {"now": self._timestamp(now), "l": limit}).fetchall()
+        self._executor.writing()
+        outbox = self._sql
+        idle = self._executor.execute(
+            outbox.idle, {"now": self._executor.timestamp(now), "l": limit}
+        ).fetchall()
         forgotten = 0
         for topic, head in idle:
             # The head row first: while this transaction holds it, no session can write
             # to the topic, so the cursor never goes without its head.
-            if self._execute(outbox.forget_topic, {"t": topic, "h": head}).rowcount == 1:
-                self._execute(outbox.forget_cursor, {"t": topic, "h": head})
+            if self._executor.execute(outbox.forget_topic, {"t": topic, "h": head}).rowcount == 1:
+                self._executor.execute(outbox.forget_cursor, {"t": topic, "h": head})
                 forgotten += 1
         return forgotten
 

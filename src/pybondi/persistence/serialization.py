@@ -68,7 +68,9 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeVar, overload
 from uuid import UUID
 
-from pybondi._shapes import (
+from pybondi.aggregate import Aggregate, Root
+from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
+from pybondi.persistence._shapes import (
     PARSERS,
     Build,
     Convert,
@@ -87,8 +89,6 @@ from pybondi._shapes import (
     type_name,
     untyped,
 )
-from pybondi.aggregate import Aggregate, Root
-from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
 
 __all__ = ["Registry", "Serialized"]
 

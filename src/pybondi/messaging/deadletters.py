@@ -31,55 +31,14 @@ async one.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar, cast
 
-if TYPE_CHECKING:
-    from pybondi.stores._sqlinbox import InboxRecords
-    from pybondi.stores.base import Records, Store
+from pybondi.persistence.records import REPLAYED_FOR, DeadLetter, MessagingRecords
+from pybondi.persistence.store import MessagingStore
 
 __all__ = ["REPLAYED_FOR", "DeadLetter", "DeadLetters", "Replayed"]
-
-REPLAYED_FOR = "replayed-for"
-"""The header naming the group whose dead letter a replayed message was; information
-only (any producer could set it): other groups skip a replay by their inbox."""
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message a consumer group gave up on.
-
-    Attributes:
-        id: the dead letter's number, growing as letters are added.
-        group: the consumer group that gave up.
-        topic, message_id, headers: the message's, as delivered; an id the inbox could
-            not keep (too long, or not text) is shortened, and kept whole in the
-            `message-id` header.
-        body: the message's body as text; bytes that were not UTF-8 became U+FFFD.
-        error: why it failed (the last error), or why it could not be read.
-        attempts: how many times the group tried to handle it.
-        failed_at: when it was dead-lettered, in UTC.
-        holds_inbox: whether the group's inbox holds the message for this letter: true
-            for a message that failed its attempts (a replay removes the row, so that
-            the group handles it again), false for one that could not be read (the
-            group never handled it, and its inbox is left alone).
-    """
-
-    id: int
-    group: str
-    topic: str
-    message_id: str
-    headers: dict[str, str]
-    body: str
-    error: str
-    attempts: int
-    failed_at: datetime
-    holds_inbox: bool
 
 
 @dataclass(slots=True)
@@ -98,13 +57,13 @@ class Replayed:
 
 
 class DeadLetters:
-    """The dead letters of a SQL store, sync or async; see the module docstring."""
+    """The dead letters of a store, sync or async; see the module docstring."""
 
-    def __init__(self, store: Store) -> None:
-        if getattr(getattr(store, "statements", None), "inbox", None) is None:
+    def __init__(self, store: MessagingStore) -> None:
+        if not isinstance(store, MessagingStore):
             raise TypeError(
-                f"Dead letters are kept in a SQL database, with the inbox; {store!r} is not "
-                f"a SQLStore."
+                f"Dead letters are kept in a store that keeps them, with the inbox; {store!r} "
+                f"does not. Pass a SQLStore or a MemoryStore."
             )
         self.store = store
 
@@ -123,13 +82,15 @@ class DeadLetters:
         Only the group's and the topic's, when given. For the next page, pass the last
         id as `after`.
         """
-        return await self._transact(
-            lambda records: records.dead_letters(group=group, topic=topic, after=after, limit=limit)
+        return await self.store.atransact(
+            lambda records: records.dead_letters.page(
+                group=group, topic=topic, after=after, limit=limit
+            )
         )
 
     async def get(self, id: int) -> DeadLetter | None:
         """The dead letter with this id, or None."""
-        return await self._transact(lambda records: records.dead_letter_by_id(id))
+        return await self.store.atransact(lambda records: records.dead_letters.get(id))
 
     async def replay(self, ids: Sequence[int]) -> Replayed:
         """Send these dead letters' messages again, each in a transaction of its own.
@@ -141,7 +102,7 @@ class DeadLetters:
         result = Replayed()
         for id in sorted(set(ids)):
             try:
-                letters = await self._transact(partial(_replay, [id]))
+                letters = await self.store.atransact(partial(_replay, [id]))
             except Exception as error:  # this one only; the others stand alone
                 result.failed[id] = f"{type(error).__name__}: {error}".splitlines()[0]
                 continue
@@ -154,13 +115,8 @@ class DeadLetters:
     async def discard(self, ids: Sequence[int]) -> int:
         """Delete these dead letters; return how many there were."""
         chosen = builtins.list(ids)
-        return await self._transact(lambda records: records.discard(chosen))
-
-    async def _transact(self, work: Callable[[InboxRecords], T]) -> T:
-        """Run `work` in a transaction of its own and commit (a sync store in a thread)."""
-        # A SQLStore's records are InboxRecords (checked in __init__).
-        return await self.store.atransact(cast("Callable[[Records], T]", work))
+        return await self.store.atransact(lambda records: records.dead_letters.discard(chosen))
 
 
-def _replay(ids: builtins.list[int], records: InboxRecords) -> builtins.list[DeadLetter]:
-    return records.replay(ids)
+def _replay(ids: builtins.list[int], records: MessagingRecords) -> builtins.list[DeadLetter]:
+    return records.dead_letters.replay(ids)

@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from pybondi._redact import redact
-from pybondi.brokers.base import Broker, BrokerPublisher
+from pybondi.messaging.brokers.base import Broker, BrokerPublisher
 
 __all__ = ["Broker", "BrokerPublisher", "check_url", "connect"]
 
@@ -36,7 +36,7 @@ def connect(url: str, **options: Any) -> Broker:
     """
     module, name = _ADAPTERS[check_url(url)]
     # The adapter raises MissingDependency, naming the extra, when its client is missing.
-    adapter = importlib.import_module(f"pybondi.brokers.{module}")
+    adapter = importlib.import_module(f"pybondi.messaging.brokers.{module}")
     broker: Broker = getattr(adapter, name)(url, **options)
     return broker
 

@@ -35,21 +35,14 @@ from typing import Any, TypeVar
 from pybondi.aggregate import Aggregate
 from pybondi.exceptions import NotFound, SerializationError, SessionError
 from pybondi.messages import Event
+from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent, TableRecords
+from pybondi.persistence.serialization import Registry
+from pybondi.persistence.store import Store, Transaction
 from pybondi.repository import Repository
-from pybondi.serialization import Registry
-from pybondi.stores.base import (
-    Record,
-    Records,
-    Snapshot,
-    Store,
-    StoredEvent,
-    TableRecords,
-    Transaction,
-)
 
 __all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository", "TableRepository"]
 
-logger = logging.getLogger("pybondi.repositories")
+logger = logging.getLogger("pybondi.persistence.repositories")
 
 A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
@@ -63,22 +56,27 @@ class StoreRepository(Repository[A]):
     """
 
     def __init__(
-        self, store: Store, aggregate_type: type[A], registry: Registry, *, name: str | None = None
+        self,
+        store: Store[Records],
+        aggregate_type: type[A],
+        registry: Registry,
+        *,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        self.storage = store
+        self._store = store
         self.aggregate_type = aggregate_type
         self.registry = registry
         # The stored rows are named after the aggregate type's registered name (or `name`),
         # never its class name, so that renaming or moving the class loses nothing.
         self.name = name or registry.name_of(aggregate_type)
-        self.transaction: Transaction | None = None
+        self.transaction: Transaction[Records] | None = None
         self.versions: dict[Any, int] = {}  # the stored version each aggregate was read at
         self.states: dict[Any, object] = {}  # its stored form, to tell if it changed
         self.recorded: list[tuple[Any, Event]] = []  # in the order the session took them
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} of {self.name} on {self.storage!r}>"
+        return f"<{type(self).__name__} of {self.name} on {self._store!r}>"
 
     def stream(self, id: Any) -> str:
         """The name under which an aggregate's record and events are stored."""
@@ -119,7 +117,7 @@ class StoreRepository(Repository[A]):
         self.add(loaded)
         return loaded
 
-    def _open(self) -> Transaction:
+    def _open(self) -> Transaction[Records]:
         if self.transaction is None:
             raise SessionError(
                 f"{type(self).__name__} reads and writes inside a unit of work: use it within "
@@ -195,13 +193,32 @@ class StoreRepository(Repository[A]):
 
     # The unit of work -------------------------------------------------------------------
 
+    def check_store(self, store: object) -> None:
+        """Refuse a store other than this repository's: a transaction must be on it."""
+        if store is not self._store:
+            raise SessionError(
+                f"{self!r} keeps its aggregates on {self._store!r}, not on {store!r}: a unit "
+                f"of work writes in one transaction, on one store. Give every part of the "
+                f"session (the repository, the outbox, the worker) the same store object."
+            )
+
+    def join(self, transaction: Transaction[Any]) -> None:
+        """Read and write in `transaction` (on this repository's store) for the next unit.
+
+        The repository then commits, rolls back and closes it as its own.
+        """
+        self.check_store(transaction.store)
+        self.transaction = transaction
+
     def begin(self) -> None:
-        """Open the unit of work's transaction."""
-        self.transaction = self.storage.begin()
+        """Open the unit of work's transaction, unless it joined one."""
+        if self.transaction is None:
+            self.transaction = self._store.begin()
 
     async def abegin(self) -> None:
         """`begin` for async stores."""
-        self.transaction = await self.storage.abegin()
+        if self.transaction is None:
+            self.transaction = await self._store.abegin()
 
     def commit(self) -> None:
         """Write every changed aggregate and every new event, then commit; or nothing."""
@@ -259,7 +276,12 @@ class StateRepository(StoreRepository[A]):
     """
 
     def __init__(
-        self, store: Store, aggregate_type: type[A], registry: Registry, *, name: str | None = None
+        self,
+        store: Store[Records],
+        aggregate_type: type[A],
+        registry: Registry,
+        *,
+        name: str | None = None,
     ) -> None:
         super().__init__(store, aggregate_type, registry, name=name)
         self.type_name = registry.name_of(aggregate_type)
@@ -303,7 +325,7 @@ class EventSourcedRepository(StoreRepository[A]):
 
     def __init__(
         self,
-        store: Store,
+        store: Store[Records],
         aggregate_type: type[A],
         registry: Registry,
         *,
@@ -413,7 +435,7 @@ class TableRepository(StoreRepository[A]):
 
     def __init__(
         self,
-        store: Store,
+        store: Store[Records],
         aggregate_type: type[A],
         registry: Registry,
         table: Any,
@@ -438,8 +460,8 @@ class TableRepository(StoreRepository[A]):
     def _rows(self, records: Records) -> TableRecords:
         if not isinstance(records, TableRecords):
             raise TypeError(
-                f"TableRepository needs a SQL store (pybondi.stores.SQLStore), got "
-                f"{self.storage!r}. Use StateRepository for other stores."
+                f"TableRepository needs a SQL store (pybondi.persistence.SQLStore), got "
+                f"{self._store!r}. Use StateRepository for other stores."
             )
         return records
 

@@ -40,8 +40,8 @@ from pybondi.exceptions import (
     callable_name,
     short_repr,
 )
+from pybondi.persistence.serialization import Registry
 from pybondi.publisher import Message
-from pybondi.serialization import Registry
 
 __all__ = ["JSON_TYPE", "TOPIC_LENGTH", "Envelope"]
 

@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-__all__ = ["STREAM_LENGTH", "Query", "Statements", "TableStatements"]
-
-STREAM_LENGTH = 255
-
-# The column types of pybondi's tables, the outbox's included.
-TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-# Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA' and
-# 'ada ' one aggregate (or one topic).
-NAME = sa.String(STREAM_LENGTH).with_variant(
-    mysql.VARCHAR(STREAM_LENGTH, collation="utf8mb4_nopad_bin"), "mysql", "mariadb"
+from pybondi.persistence.sql.deadletters import DeadLetterStatements
+from pybondi.persistence.sql.inbox import InboxStatements
+from pybondi.persistence.sql.outbox import OutboxStatements
+from pybondi.persistence.sql.query import (
+    NAME,
+    TEXT,
+    TIMESTAMP,
+    Query,
+    insert_ignoring_duplicates,
+    is_duplicate,
+    unchanged,
+    upsert,
 )
 
-
-class Query:
-    """A statement compiled once for a dialect: its SQL, and how to pass its parameters."""
-
-    __slots__ = ("fixed", "names", "sql")
-
-    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
-        self.sql: str = compiled.string
-        # Drivers with positional placeholders (?, %s) take a tuple in this order.
-        self.names = tuple(compiled.positiontup or ()) if compiled.positional else None
-        # Values written into the statement itself, such as the 1 of `id == 1`.
-        binds = compiled.binds.items()
-        self.fixed = {name: bind.value for name, bind in binds if not bind.required}
-
-    def parameters(self, values: Mapping[str, Any]) -> Any:
-        """The values as the driver takes them."""
-        if self.fixed:
-            values = {**self.fixed, **values}
-        if self.names is None:
-            return values
-        return tuple(values[name] for name in self.names)
+__all__ = ["Statements", "TableStatements"]
 
 
 class TableStatements:
@@ -73,8 +52,8 @@ class TableStatements:
 class Statements:
     """The tables and every statement on them, built once for one dialect.
 
-    The outbox's are in `outbox` (see `_sqloutbox`), the inbox's and dead letters' in
-    `inbox` (see `_sqlinbox`).
+    The outbox's are in `outbox` (see `sql.outbox`), the inbox's in `inbox` (`sql.inbox`),
+    the dead letters' in `dead_letters` (`sql.deadletters`).
     """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
@@ -186,12 +165,10 @@ class Statements:
             self.lock_head = compiled(sa.select(log.c.position).where(head).with_for_update())
             self.move_head = compiled(log.update().where(head).values(position=param("p")))
         self.tables: dict[tuple[sa.Table, str, str], TableStatements] = {}
-        from pybondi.stores._sqloutbox import OutboxStatements  # noqa: PLC0415 (it imports us)
-
-        self.outbox = OutboxStatements(self, metadata, prefix)
-        from pybondi.stores._sqlinbox import InboxStatements  # noqa: PLC0415 (it imports us)
-
-        self.inbox = InboxStatements(self, metadata, prefix)
+        self.ping = compiled(sa.select(sa.literal(1)))
+        self.outbox = OutboxStatements(dialect, metadata, prefix)
+        self.inbox = InboxStatements(dialect, metadata, prefix)
+        self.dead_letters = DeadLetterStatements(dialect, metadata, prefix)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""
@@ -203,15 +180,8 @@ class Statements:
         return found
 
     def is_duplicate(self, error: sa.exc.IntegrityError) -> bool:
-        """Whether an INSERT failed only because its row exists (MariaDB/MySQL: 1062).
-
-        PostgreSQL and SQLite INSERT with ON CONFLICT DO NOTHING instead. MariaDB's INSERT
-        IGNORE would do that too, but it also turns truncated values, NULLs in NOT NULL
-        columns and broken foreign keys into warnings; a duplicate key error there undoes
-        the statement only, and the transaction goes on.
-        """
-        code = getattr(error.orig, "args", ())[:1]
-        return self.dialect.name in ("mysql", "mariadb") and code == (1062,)
+        """Whether an INSERT failed only because its row exists; see `query.is_duplicate`."""
+        return is_duplicate(self.dialect, error)
 
     def create(self, connection: Connection) -> None:
         """Create what is missing, and the log's one row, even with others doing the same."""
@@ -227,32 +197,3 @@ class Statements:
             except sa.exc.IntegrityError as error:
                 if not self.is_duplicate(error):
                     raise
-
-
-def insert_ignoring_duplicates(dialect: sa.Dialect, table: sa.Table) -> Any:
-    """An INSERT that, on a duplicate primary key, inserts nothing; the transaction goes on.
-
-    Any other constraint it breaks is still an error. On MariaDB and MySQL it is a plain
-    INSERT whose duplicate key error the caller catches.
-    """
-    key = [column.name for column in table.primary_key.columns]
-    if dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=key)
-    if dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=key)
-    return table.insert()  # MariaDB/MySQL: see Statements.is_duplicate
-
-
-def upsert(dialect: sa.Dialect, table: sa.Table, columns: list[str]) -> Any:
-    """An INSERT that replaces `columns` of the row with the same primary key."""
-    if dialect.name in ("postgresql", "sqlite"):
-        module: Any = postgresql if dialect.name == "postgresql" else sqlite
-        statement = module.insert(table)
-        replaced = {name: statement.excluded[name] for name in columns}
-        return statement.on_conflict_do_update(index_elements=["stream"], set_=replaced)
-    statement = mysql.insert(table)
-    return statement.on_duplicate_key_update({name: statement.inserted[name] for name in columns})
-
-
-def unchanged(value: Any) -> Any:
-    return value
