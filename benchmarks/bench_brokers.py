@@ -62,8 +62,8 @@ from pybondi import Event, Message
 from pybondi.messaging.brokers import Broker, BrokerPublisher, connect
 from pybondi.messaging.outbox import Outbox
 from pybondi.messaging.relay import Relay
-from pybondi.persistence.serialization import Registry
 from pybondi.persistence import SQLStore
+from pybondi.persistence.serialization import Registry
 
 # Each client is optional: a missing one skips its broker (or B2), naming the extra.
 try:

@@ -60,9 +60,9 @@ from sqlalchemy.engine import Engine
 
 import pybondi
 from pybondi import Aggregate, Event, Messagebus, Root, Session
+from pybondi.persistence import Record, Records, SQLStore, StoredEvent
 from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
 from pybondi.persistence.serialization import Registry
-from pybondi.persistence import Record, Records, SQLStore, StoredEvent
 
 try:
     import psycopg

@@ -68,17 +68,17 @@ import sqlalchemy as sa
 
 import pybondi
 from pybondi import Aggregate, Depends, Event, Message, Messagebus, Root, Session
+from pybondi.exceptions import NotFound
 from pybondi.messaging.brokers import Broker, connect
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
 from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.messaging.envelope import Envelope
-from pybondi.exceptions import NotFound
 from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.worker import Worker
+from pybondi.persistence import SQLStore, Store
+from pybondi.persistence.records import Records
 from pybondi.persistence.repositories import StateRepository, StoreRepository
 from pybondi.persistence.serialization import Registry
-from pybondi.persistence import SQLStore, Store
-from pybondi.persistence.store import Records
-from pybondi.messaging.worker import Worker
 
 # Each client is optional: a missing one skips its broker (PostgreSQL: everything).
 try:

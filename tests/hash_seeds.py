@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pybondi import Aggregate, Event, Messagebus, Root, Session
+from pybondi.persistence import MemoryStore, Record, Records, SQLStore, Store
 from pybondi.persistence.repositories import StateRepository
 from pybondi.persistence.serialization import Registry
-from pybondi.persistence import MemoryStore, Record, Records, SQLStore, Store
 
 
 class Colour(Enum):

@@ -237,7 +237,7 @@ class RelayRig:
         transaction = await self.store.abegin()
         try:
             await transaction.arun(
-                lambda records: records.claim(  # type: ignore[attr-defined]
+                lambda records: records.outbox.claim(
                     topic, owner, now=now, until=now + timedelta(seconds=seconds), limit=1
                 )
             )

@@ -27,8 +27,8 @@ import traceback
 from typing import Any
 
 import pybondi.messaging.brokers
-from pybondi.messaging.brokers import Broker
 from pybondi.cli import main
+from pybondi.messaging.brokers import Broker
 
 _connect = pybondi.messaging.brokers.connect
 

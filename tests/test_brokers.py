@@ -16,9 +16,9 @@ from decimal import Decimal
 import pytest
 
 from pybondi import AsyncRequired, Command, Message, Messagebus, Repository, Session
+from pybondi.exceptions import PublishError
 from pybondi.messaging.brokers import Broker, BrokerPublisher, connect
 from pybondi.messaging.envelope import JSON_TYPE, Envelope
-from pybondi.exceptions import PublishError
 from pybondi.persistence.serialization import Registry
 from pybondi.tracing import handling
 from tests.brokers import BrokerKit, on_broker

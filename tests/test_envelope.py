@@ -10,8 +10,8 @@ from uuid import UUID
 import pytest
 
 from pybondi import Event, Message
-from pybondi.messaging.envelope import JSON_TYPE, Envelope
 from pybondi.exceptions import SerializationError, UnknownMessageType
+from pybondi.messaging.envelope import JSON_TYPE, Envelope
 from pybondi.persistence.serialization import Registry
 
 

@@ -297,7 +297,7 @@ def test_pydantic_models_and_registered_plain_classes_nest_in_dataclasses(
 def test_the_module_docstring_example_runs() -> None:
     import textwrap
 
-    from pybondi import serialization
+    from pybondi.persistence import serialization
 
     doc = serialization.__doc__ or ""
     example = doc[doc.index("    registry = Registry()") : doc.index("Registered classes")]

@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import MissingDependency, SessionError
-from pybondi.persistence.repositories import StateRepository
 from pybondi.persistence import SQLStore, Store
+from pybondi.persistence.repositories import StateRepository
 from tests.backends import Backend
 from tests.conftest import Driver
 from tests.test_repositories import Account, registry
@@ -203,7 +203,8 @@ def test_pybondi_works_without_sqlalchemy_and_says_which_extra_to_install() -> N
     script = """
 import sys
 sys.modules["sqlalchemy"] = None
-import pybondi, pybondi.persistence, pybondi.persistence.repositories, pybondi.persistence.serialization
+import pybondi, pybondi.persistence
+import pybondi.persistence.repositories, pybondi.persistence.serialization
 from pybondi.persistence import MemoryStore
 MemoryStore()
 try:

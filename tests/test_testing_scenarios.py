@@ -31,9 +31,9 @@ from pybondi import (
     Session,
 )
 from pybondi.messaging.consumer import current_session
+from pybondi.persistence import MemoryStore
 from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
 from pybondi.persistence.serialization import Registry
-from pybondi.persistence import MemoryStore
 from pybondi.testing import Scenario
 
 # The domain -----------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from pybondi import Depends, Message, Root, Session
-from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
+from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.persistence import SQLStore
 from tests.backends import POSTGRES_URL, Backend
 from tests.brokers import BrokerKit

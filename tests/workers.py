@@ -23,10 +23,10 @@ from pybondi import Aggregate, Event, Message, Root
 from pybondi.messaging.consumer import Consumer, Retry
 from pybondi.messaging.deadletters import DeadLetter, DeadLetters
 from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.worker import Worker
+from pybondi.persistence import SQLStore, Store
 from pybondi.persistence.repositories import StateRepository
 from pybondi.persistence.serialization import Registry
-from pybondi.persistence import SQLStore, Store
-from pybondi.messaging.worker import Worker
 from tests.backends import Backend
 from tests.brokers import BrokerKit
 

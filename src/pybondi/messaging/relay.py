@@ -93,8 +93,11 @@ class Relay:
         grace: float = 10.0,
         name: str | None = None,
     ) -> None:
-        if not hasattr(store, "statements") or not hasattr(store.statements, "outbox"):
-            raise TypeError(f"The relay reads an outbox in a SQL database; {store!r} is not one.")
+        if not isinstance(store, MessagingStore):
+            raise TypeError(
+                f"The relay reads the outbox of a store; {store!r} keeps no outbox. Pass the "
+                f"SQLStore (or MemoryStore) the sessions' Outbox writes to."
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if lease <= 0 or retention < timedelta(0):

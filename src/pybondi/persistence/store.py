@@ -20,14 +20,17 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
+
+from typing_extensions import TypeVar  # its `default` (typing has it from 3.13)
 
 from pybondi.persistence.records import MessagingRecords, Records, StoredEvent
 
 __all__ = ["MessagingStore", "Store", "Transaction"]
 
 T = TypeVar("T")
-R_co = TypeVar("R_co", bound=Records, covariant=True)
+# `Store` alone means `Store[Records]`: any store, as most code needs no more.
+R_co = TypeVar("R_co", bound=Records, covariant=True, default=Records)
 
 
 class Transaction(ABC, Generic[R_co]):
