@@ -121,7 +121,7 @@ def _children(pid: int) -> list[int]:
     [
         (
             "tests.worker_app:not_a_consumer",
-            "object is neither a pybondi.messaging.consumer.Consumer",
+            "object is neither a pybondi.messaging.Consumer",
         ),
         ("tests.worker_app:bus", "a Messagebus needs the topics"),
         ("tests.worker_app:nothing", "AttributeError"),
