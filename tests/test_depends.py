@@ -312,3 +312,27 @@ def test_generator_handlers_are_refused_at_registration() -> None:
 
     with pytest.raises(InvalidHandler, match="generator function: its body would never run"):
         Messagebus().on(Ping)(handler)
+
+
+# FastAPI's markers ---------------------------------------------------------------------
+
+
+def test_fastapis_depends_in_a_handler_is_refused_at_registration() -> None:
+    fastapi = pytest.importorskip("fastapi")  # a dev dependency, for the web example
+
+    def get_number() -> int:
+        return 1
+
+    bus = Messagebus()
+    with pytest.raises(InvalidHandler, match=r"Parameter 'number' .* FastAPI's Depends") as default:
+
+        @bus.on(Ping)
+        def as_default(event: Ping, number: int = fastapi.Depends(get_number)) -> None: ...
+
+    assert "from pybondi import Depends" in str(default.value)
+    with pytest.raises(InvalidHandler, match="FastAPI's Security"):
+
+        @bus.on(Ping)
+        def in_annotated(
+            event: Ping, number: Annotated[int, fastapi.Security(get_number)]
+        ) -> None: ...

@@ -151,6 +151,23 @@ def marker_of(parameter: inspect.Parameter) -> Dependant | None:
     return None
 
 
+def foreign_marker(parameter: inspect.Parameter) -> str | None:
+    """The name of FastAPI's marker on a parameter (`Depends`, `Security`), if it has one.
+
+    FastAPI's `Depends` looks like pybondi's but is not fast-depends' marker: as a default
+    it would reach the handler as the argument itself. Told by its module, so that
+    FastAPI need not be installed.
+    """
+    extras = (
+        get_args(parameter.annotation)[1:] if get_origin(parameter.annotation) is Annotated else ()
+    )
+    for value in (parameter.default, *extras):
+        kind = type(value)
+        if kind.__module__.startswith("fastapi.") and kind.__name__ in ("Depends", "Security"):
+            return kind.__name__
+    return None
+
+
 def inspect_callee(call: AnyCallable, *, takes_message: bool) -> Callee:
     """Read which parameters of `call` pybondi fills, and check that it can call it."""
     parameters = list(signature_of(call).parameters.values())
@@ -170,6 +187,12 @@ def inspect_callee(call: AnyCallable, *, takes_message: bool) -> Callee:
     for parameter in parameters:
         if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
+        if foreign := foreign_marker(parameter):
+            raise InvalidHandler(
+                f"Parameter {parameter.name!r} of {role} {callable_name(call)} has FastAPI's "
+                f"{foreign}(...), which pybondi does not read: the handler would get the marker "
+                f"itself as the value. Use pybondi's: `from pybondi import Depends`."
+            )
         marker = marker_of(parameter)
         if marker is not None:
             if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
