@@ -131,7 +131,8 @@ def signature_of(call: AnyCallable) -> inspect.Signature:
     # missed, so that is an error.
     signature = inspect.signature(call)
     for parameter in signature.parameters.values():
-        if isinstance(parameter.annotation, str) and "Depends(" in parameter.annotation:
+        annotation = parameter.annotation
+        if isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation):
             raise InvalidHandler(
                 f"Cannot evaluate the annotation of {parameter.name!r} in "
                 f"{callable_name(call)}: {parameter.annotation!r}. Define the names it uses "
