@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from fast_depends import Depends
 from fast_depends.dependencies import Dependant
@@ -38,11 +38,13 @@ __all__ = [
     "Depends",
     "Handler",
     "Overridable",
+    "async_twin",
     "compile_async",
     "compile_sync",
 ]
 
 AnyCallable = Callable[..., Any]
+F = TypeVar("F", bound=AnyCallable)
 
 
 class Kind(Enum):
@@ -297,11 +299,32 @@ class Step:
     arguments: tuple[tuple[str, int], ...]
 
 
-class Planner:
-    """Flattens a handler's dependency graph into steps, applying overrides and caching."""
+def async_twin(twin: AnyCallable) -> Callable[[F], F]:
+    """Mark a sync dependency with the `async def` one the async path uses instead.
 
-    def __init__(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+    For a dependency that needs I/O on async stores only (`pybondi.current_connection`):
+    one name in `Depends(...)`, whatever the session. An override replaces both.
+    """
+
+    def mark(function: F) -> F:
+        function.__pybondi_async_twin__ = twin  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
+class Planner:
+    """Flattens a handler's dependency graph into steps, applying overrides and caching.
+
+    On the async path (`asynchronous`), a dependency marked with `async_twin` is planned
+    as its twin.
+    """
+
+    def __init__(
+        self, overrides: Mapping[AnyCallable, AnyCallable], asynchronous: bool = False
+    ) -> None:
         self.overrides = overrides
+        self.asynchronous = asynchronous
         self.steps: list[Step] = []
         self.cached: dict[AnyCallable, int] = {}
         self.resolving: list[AnyCallable] = []
@@ -317,6 +340,8 @@ class Planner:
             chain = " -> ".join(map(callable_name, [*self.resolving, original]))
             raise InvalidHandler(f"Dependency cycle: {chain}.")
         call = self.overrides.get(original, original)
+        if self.asynchronous:
+            call = getattr(call, "__pybondi_async_twin__", call)
         self.resolving.append(original)
         callee = inspect_callee(call, takes_message=False)
         arguments = self.arguments(callee)
@@ -333,10 +358,10 @@ class Planner:
 
 
 def plan(
-    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]
+    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable], asynchronous: bool = False
 ) -> tuple[tuple[Step, ...], tuple[tuple[str, int], ...]]:
     """The steps that compute a handler's dependencies, and the keywords it receives."""
-    planner = Planner(overrides)
+    planner = Planner(overrides, asynchronous)
     arguments = planner.arguments(handler.callee)
     return tuple(planner.steps), arguments
 
@@ -425,7 +450,7 @@ def compile_async(
     A handler whose whole plan is sync keeps the sync invoker, so the async path pays for
     a coroutine only where the user wrote one.
     """
-    steps, arguments = plan(handler, overrides)
+    steps, arguments = plan(handler, overrides, asynchronous=True)
     if not handler.callee.kind.is_async and not any(step.kind.is_async for step in steps):
         return compile_sync(handler, overrides, what="", instead=""), False
     if not steps:

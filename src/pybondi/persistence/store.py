@@ -26,7 +26,7 @@ from typing_extensions import TypeVar  # its `default` (typing has it from 3.13)
 
 from pybondi.persistence.records import MessagingRecords, Records, StoredEvent
 
-__all__ = ["MessagingStore", "Store", "Transaction"]
+__all__ = ["Connected", "MessagingStore", "Store", "Transaction"]
 
 T = TypeVar("T")
 # `Store` alone means `Store[Records]`: any store, as most code needs no more.
@@ -129,6 +129,23 @@ class Store(ABC, Generic[R_co]):
             return result
         finally:
             await transaction.aclose()
+
+
+class Connected(ABC):
+    """A transaction on a database connection the application may write through too.
+
+    So that the application's own tables (read models, views) change in the unit of
+    work's transaction: committed with its aggregates, or rolled back with them. A SQL
+    store's transactions are `Connected`; see `pybondi.current_connection`.
+    """
+
+    @abstractmethod
+    def writing_connection(self) -> Any:
+        """The connection, in this transaction, its writes begun (a sync store's)."""
+
+    @abstractmethod
+    async def awriting_connection(self) -> Any:
+        """The async connection, in this transaction, its writes begun (an async store's)."""
 
 
 class MessagingStore(Store[MessagingRecords]):

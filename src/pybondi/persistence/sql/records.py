@@ -65,6 +65,10 @@ class SQLRecords(MessagingRecords, TableRecords):
         """The dead letters' reads and writes, in this transaction."""
         return SQLDeadLetters(self._executor, self.inbox, self.outbox)
 
+    def begin_writes(self) -> None:
+        """Begin this transaction's writes now (SQLite: BEGIN IMMEDIATE), if not yet."""
+        self._executor.writing()
+
     def ping(self) -> None:
         """SELECT 1: it returns once the database answers."""
         self._executor.execute(self._statements.ping, {}).fetchone()

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from pybondi._redact import redact
 from pybondi.exceptions import MissingDependency, SessionError
-from pybondi.persistence.store import MessagingStore, Transaction
+from pybondi.persistence.store import Connected, MessagingStore, Transaction
 
 try:
     import sqlalchemy as sa
@@ -254,7 +254,7 @@ class SQLStore(MessagingStore):
             self.engine.dispose()
 
 
-class SQLTransaction(Transaction[SQLRecords]):
+class SQLTransaction(Transaction[SQLRecords], Connected):
     """A unit of work on one pooled connection, sync or async."""
 
     def __init__(
@@ -286,6 +286,22 @@ class SQLTransaction(Transaction[SQLRecords]):
                 "`repository.get(id)`, `transaction.run(work)`)."
             )
         return await self.aconnection.run_sync(self._work, work)
+
+    def writing_connection(self) -> Connection:
+        """The connection, in this transaction, ready for the application's own writes.
+
+        Its writes begin here (SQLite: BEGIN IMMEDIATE, as pybondi's own do), so that
+        what the application writes commits, or rolls back, with the unit of work.
+        """
+        self.run(_begin_writes)
+        assert self.connection is not None  # run() said otherwise
+        return self.connection
+
+    async def awriting_connection(self) -> AsyncConnection:
+        """`writing_connection` of an async store: the `AsyncConnection`."""
+        await self.arun(_begin_writes)
+        assert self.aconnection is not None
+        return self.aconnection
 
     def _work(self, connection: Connection, work: Callable[[SQLRecords], T]) -> T:
         # pybondi sends its statements on the driver's cursor (see SQLRecords), so tell
@@ -417,3 +433,7 @@ def _take_over_sqlite_transactions(engine: Engine) -> None:
         # usual transactions: SQLAlchemy's documented recipe for pysqlite.
         if not connection.get_execution_options().get("pybondi_reads_outside"):
             connection.exec_driver_sql("BEGIN")
+
+
+def _begin_writes(records: SQLRecords) -> None:
+    records.begin_writes()
