@@ -40,7 +40,7 @@ from pybondi.exceptions import (
 from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, Message, Publisher
 from pybondi.repository import Repository
-from pybondi.session import Session
+from pybondi.session import Session, current_connection, current_session
 
 if TYPE_CHECKING:  # what __getattr__ imports on first use, for type checkers
     from pybondi.messaging.consumer import Consumer as Consumer
@@ -91,6 +91,8 @@ __all__ = [
     "Session",
     "SessionError",
     "UnknownMessageType",
+    "current_connection",
+    "current_session",
 ]
 
 _LAZY: _lazy.Lazy = {

@@ -29,12 +29,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pybondi._awaiting import refuse_awaitable
+from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
 from pybondi.aggregate import Aggregate
+from pybondi.depends import async_twin
 from pybondi.events import Added, AggregateEvent, Committed, RolledBack
 from pybondi.exceptions import (
     MessageLimitExceeded,
@@ -43,13 +45,14 @@ from pybondi.exceptions import (
     short_repr,
 )
 from pybondi.messagebus import Command, Event, Messagebus
+from pybondi.persistence.store import Connected
 from pybondi.publisher import BasePublisher, Publisher
 from pybondi.repository import Repository
 
 if TYPE_CHECKING:
     from pybondi.persistence.store import Transaction
 
-__all__ = ["Session"]
+__all__ = ["Session", "current_connection", "current_session"]
 
 logger = logging.getLogger("pybondi.session")
 
@@ -95,9 +98,11 @@ class Session:
         "_budget",
         "_draining",
         "_given",
+        "_on_commit",
         "_owned",
         "_publishing",
         "_state",
+        "_token",
         "max_messages",
         "messagebus",
         "publisher",
@@ -129,6 +134,8 @@ class Session:
         self._given = transaction
         self.transaction = transaction
         self._owned: Transaction[Any] | None = None  # given, and not held by the repository
+        self._on_commit: list[Callable[[], Any]] = []
+        self._token: Token[Session | None] | None = None  # current_session's, while open
         self._state = _NEW
 
     # Decisions, shared by both drivers (no I/O here) ------------------------------------
@@ -204,6 +211,7 @@ class Session:
             raise SessionError("This session has already begun; sessions do not nest.")
         self.repository.claim(self)
         self._state = _ACTIVE
+        self._token = _current.set(self)
 
     def _joined(self) -> Transaction[Any] | None:
         """The unit of work's transaction, once the repository began: given, or its own."""
@@ -246,37 +254,68 @@ class Session:
 
     __enter__ = begin
 
-    def _drain(self) -> None:
+    def _drain(self, target: object = None) -> Any:
         # After each message: welcome new aggregates, queue what they published, go on.
         # A handler that dispatches through the session only queues: the drain under way
-        # reaches its message, and the budget covers the whole chain.
+        # reaches its message, and the budget covers the whole chain. What the handler of
+        # `target` returned is returned.
         if self._draining:
-            return
-        handle = self.messagebus.handle
+            return None
+        handle, result = self.messagebus.handle, None
         self._budget, self._draining = self.max_messages, True
         try:
             while (message := self._next()) is not None:
-                handle(message)
+                if message is target:
+                    result = handle(message)
+                else:
+                    handle(message)
         finally:
             self._draining = False
+        return result
 
-    def execute(self, command: Command) -> None:
-        """Handle a command now, and every event it causes."""
+    def execute(self, command: Command) -> Any:
+        """Handle a command now, and every event it causes; return what its handler returned.
+
+        Called by a handler while the session dispatches, the command only joins the
+        queue (the dispatch under way reaches it), and this returns None.
+        """
         if not isinstance(command, Command):
             raise _not_a_command(command)
         if self._state is not _ACTIVE:
             self.begin()
         self._check_publisher()
         self.queue.append(command)
-        self._drain()
+        return self._drain(command)
 
-    def dispatch(self, message: Command | Event) -> None:
-        """Handle a command or an event now, and every event it causes."""
+    def dispatch(self, message: Command | Event) -> Any:
+        """Handle a command or an event now, and every event it causes.
+
+        Returns what a command's handler returned, as `execute` does (None for an event).
+        """
         if self._state is not _ACTIVE:
             self.begin()
         self._check_publisher()
-        self.queue.append(_message(message))
-        self._drain()
+        message = _message(message)
+        self.queue.append(message)
+        return self._drain(message)
+
+    def on_commit(self, action: Callable[[], Any]) -> None:
+        """Call `action()` once the unit of work has committed, and only then.
+
+        For what must not happen unless the unit of work did (an e-mail, a cache
+        eviction): never on a rollback or a commit that failed. Actions run in the order
+        given, after the repository and the publisher committed (the outbox too); on the
+        async path an `async def` action is awaited. One that raises does not keep the
+        others from running; the first failure is raised after them, with a note that
+        the unit of work had committed. Nothing retries an action: for what must happen
+        at least once, publish a message through the outbox and act in its consumer.
+        """
+        if not callable(action):
+            raise TypeError(
+                f"session.on_commit() takes a function to call after the commit, got "
+                f"{short_repr(action)}; wrap a call in a lambda: on_commit(lambda: ...)."
+            )
+        self._on_commit.append(action)
 
     def enqueue(self, message: Command | Event) -> None:
         """Deprecated since 2.0 (pybondi 1.2.1's name): queue a message without handling it.
@@ -334,6 +373,8 @@ class Session:
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(_attempt(self.publisher.rollback), error)
             raise
+        actions, self._on_commit = self._on_commit, []
+        _committed(_attempt(*actions))
 
     def rollback(self) -> None:
         """Roll back the unit of work.
@@ -348,6 +389,7 @@ class Session:
 
     def _rollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
+        self._on_commit.clear()
         failures = []
         for rolled_back in self._rolled_back_events():
             self.queue.append(rolled_back)
@@ -374,8 +416,19 @@ class Session:
                 failures = _attempt(self.repository.close, self._close_given, self.publisher.close)
             finally:
                 self.repository.release()
+                self._leave()
             if failures:
                 report_failures(failures, cause)
+
+    def _leave(self) -> None:
+        """No longer the current session (the enclosing one, if any, is again)."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        try:
+            _current.reset(token)
+        except ValueError:  # closed in another context than it began in: that one ends
+            _current.set(None)
 
     def _close_given(self) -> None:
         if self._owned is not None:
@@ -415,30 +468,35 @@ class Session:
 
     __aenter__ = abegin
 
-    async def _adrain(self) -> None:
+    async def _adrain(self, target: object = None) -> Any:
         if self._draining:
-            return
-        ahandle = self.messagebus.ahandle
+            return None
+        ahandle, result = self.messagebus.ahandle, None
         self._budget, self._draining = self.max_messages, True
         try:
             while (message := self._next()) is not None:
-                await ahandle(message)
+                if message is target:
+                    result = await ahandle(message)
+                else:
+                    await ahandle(message)
         finally:
             self._draining = False
+        return result
 
-    async def aexecute(self, command: Command) -> None:
+    async def aexecute(self, command: Command) -> Any:
         """`execute`, awaiting async handlers."""
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        await self.adispatch(command)
+        return await self.adispatch(command)
 
-    async def adispatch(self, message: Command | Event) -> None:
+    async def adispatch(self, message: Command | Event) -> Any:
         """`dispatch`, awaiting async handlers."""
         if self._state is not _ACTIVE:
             await self.abegin()
         self._check_publisher()
-        self.queue.append(_message(message))
-        await self._adrain()
+        message = _message(message)
+        self.queue.append(message)
+        return await self._adrain(message)
 
     async def acommit(self) -> None:
         """`commit` for the async path."""
@@ -462,6 +520,8 @@ class Session:
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(await _aattempt(self.publisher.arollback), error)
             raise
+        actions, self._on_commit = self._on_commit, []
+        _committed(await _aattempt(*map(_awaited, actions)))
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
@@ -471,6 +531,7 @@ class Session:
 
     async def _arollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
+        self._on_commit.clear()
         failures = []
         for rolled_back in self._rolled_back_events():
             self.queue.append(rolled_back)
@@ -499,6 +560,7 @@ class Session:
                 )
             finally:
                 self.repository.release()
+                self._leave()
             report_failures(failures, cause)
 
     async def _aclose_given(self) -> None:
@@ -532,6 +594,71 @@ if TYPE_CHECKING:
     Commited = Committed
 else:  # pybondi 1.2.1's session module had it, imported from events: warn who uses it
     __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
+
+
+_current: ContextVar[Session | None] = ContextVar("pybondi.session.current", default=None)
+
+
+def current_session() -> Session:
+    """The open session of this thread or task: use it as `Depends(current_session)`.
+
+    Whichever opened it (a web request, a worker, a script): its `repository`, its
+    `publisher`, its store `transaction`, and `on_commit`. Sessions opened inside another
+    one's block are current until they close. Outside any open session, `SessionError`.
+    """
+    session = _current.get()
+    if session is None:
+        raise SessionError(
+            "No session is open in this thread or task: current_session() is the session "
+            "a handler runs in. Call it from a handler (Depends(current_session)), or "
+            "inside a `with Session(...)` or `async with Session(...)` block."
+        )
+    return session
+
+
+async def _acurrent_connection() -> Any:
+    return await _connected(current_session()).awriting_connection()
+
+
+@async_twin(_acurrent_connection)
+def current_connection() -> Any:
+    """The SQLAlchemy connection of the current session's transaction: `Depends(...)` it.
+
+    A `Connection` in a sync session, an `AsyncConnection` (to await) in an async one,
+    its writes begun: what a handler writes through it (a read model, a view) commits
+    with the unit of work's aggregates, or rolls back with them, on SQLite, PostgreSQL
+    and MariaDB alike. A session whose store keeps no SQL connection (the memory store,
+    an in-memory repository) raises `SessionError`.
+    """
+    return _connected(current_session()).writing_connection()
+
+
+def _connected(session: Session) -> Connected:
+    transaction = session.transaction
+    if not isinstance(transaction, Connected):
+        where = (
+            "no store" if transaction is None else f"a store without SQL ({transaction.store!r})"
+        )
+        raise SessionError(
+            f"current_connection() is the SQL connection of the session's transaction, and "
+            f"this session has {where}. Give the session a repository on a SQLStore, or "
+            f"keep what the handlers write in the repository's aggregates instead."
+        )
+    return transaction
+
+
+def _committed(failures: list[BaseException]) -> None:
+    """Raise the first failure of the `on_commit` actions, saying the commit happened."""
+    for failure in failures:
+        failure.add_note("The unit of work had committed: this on_commit action failed after.")
+    report_failures(failures)
+
+
+def _awaited(action: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        await maybe_await(action())
+
+    return run
 
 
 def _attempt(*steps: Callable[[], object]) -> list[BaseException]:

@@ -18,48 +18,32 @@ acknowledgements, retries and dead letters.
 
 Subscribers receive the `Message` (its payload, id, headers), as subscribers of the
 in-memory `Publisher` do, and their `Depends(...)` parameters, overridable through
-`consumer.dependency_overrides`. `current_session()` is the session of the message
-being handled: its `repository`, and its `publisher` to publish through the outbox.
+`consumer.dependency_overrides`. `current_session()` (`pybondi.current_session`) is the
+session of the message being handled: its `repository`, and its `publisher` to publish
+through the outbox.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from pybondi.depends import DependencyOverrides
-from pybondi.exceptions import InvalidHandler, SessionError, short_repr
+from pybondi.exceptions import InvalidHandler, short_repr
 from pybondi.messagebus import Messagebus
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
 from pybondi.persistence.serialization import Registry
 from pybondi.publisher import Message, Publisher
+from pybondi.session import current_session
 
 if TYPE_CHECKING:
     from pybondi.persistence.store import MessagingStore
     from pybondi.repository import Repository
-    from pybondi.session import Session
 
 __all__ = ["Binding", "Consumer", "PayloadType", "Retry", "current_session"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_session: ContextVar[Session | None] = ContextVar(
-    "pybondi.messaging.consumer.session", default=None
-)
-
-
-def current_session() -> Session:
-    """The session of the message being handled; use it as `Depends(current_session)`."""
-    session = _session.get()
-    if session is None:
-        raise SessionError(
-            "current_session() is the session of the message a worker is handling; no "
-            "message is being handled here. Call it from a subscriber or handler that a "
-            "worker runs (pybondi.messaging.worker)."
-        )
-    return session
 
 
 PayloadType: TypeAlias = type | Callable[[Any], type]

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from pybondi.exceptions import ConcurrencyError
-from pybondi.messaging.consumer import Consumer, _session
+from pybondi.messaging.consumer import Consumer
 from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.outbox import Outbox
 from pybondi.persistence.records import MessagingRecords
@@ -72,7 +72,6 @@ class Sessions:
             await transaction.aclose()
             return False
         session = self._session(transaction)
-        token = _session.set(session)
         timeout = self.consumer.timeout
         try:
             async with asyncio.timeout(timeout), session:
@@ -84,8 +83,6 @@ class Sessions:
                 f"Handling took more than the consumer's timeout, {timeout:g} s: the session "
                 f"was cancelled and rolled back."
             ) from None
-        finally:
-            _session.reset(token)
         return True
 
     async def _deliver(self, topic: str, message: Message[Any], session: Session) -> None:
@@ -139,18 +136,13 @@ class ThreadSessions(Sessions):
         if not claimed:
             transaction.close()
             return False
-        session = self._session(transaction)
-        token = _session.set(session)
-        try:
-            with session:
-                if envelope.topic in self.consumer.dispatched:
-                    session.dispatch(message.payload)
-                else:
-                    invokers, _ = self.consumer.routes(envelope.topic)
-                    for invoke in invokers:
-                        invoke(message)
-        finally:
-            _session.reset(token)
+        with self._session(transaction) as session:
+            if envelope.topic in self.consumer.dispatched:
+                session.dispatch(message.payload)
+            else:
+                invokers, _ = self.consumer.routes(envelope.topic)
+                for invoke in invokers:
+                    invoke(message)
         return True
 
     async def close(self) -> None:
