@@ -71,8 +71,8 @@ def imports_run(statements: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportF
         else:
             for field in ("body", "orelse", "finalbody", "handlers", "cases"):
                 for block in getattr(statement, field, []):
-                    nested = block.body if isinstance(block, ast.ExceptHandler | ast.match_case) else [block]
-                    yield from imports_run(nested)
+                    inner = isinstance(block, ast.ExceptHandler | ast.match_case)
+                    yield from imports_run(block.body if inner else [block])
 
 
 def imported_modules(name: str, path: Path) -> set[str]:
@@ -228,9 +228,7 @@ def short_names(tree: ast.AST) -> Iterator[tuple[int, str]]:
             if is_type_variable(node.value):
                 continue
             names = list(node.targets) if isinstance(node, ast.Assign) else [node.target]
-        elif isinstance(node, ast.NamedExpr):
-            names = [node.target]
-        elif isinstance(node, ast.For | ast.AsyncFor):
+        elif isinstance(node, ast.NamedExpr | ast.For | ast.AsyncFor):
             names = [node.target]
         elif isinstance(node, ast.withitem) and node.optional_vars is not None:
             names = [node.optional_vars]

@@ -31,7 +31,7 @@ the message when the delay is over. The subscription has a connection of its own
 sends the consumers' pull requests itself: a stored message whose header block begins
 with a status line (`NATS/1.0 503`, as only a raw HPUB writes) is a delivery with a
 `problem`, which the worker dead-letters, where nats-py's fetch would take it for
-JetStream's control message and fail or drop it (see `_Pull`). A message without
+JetStream's control message and fail or drop it (see `pull.Pull`). A message without
 `message-id` (nor `Nats-Msg-Id`) has `<stream>/<sequence>` as its id, which its
 redeliveries and retries keep.
 
@@ -42,16 +42,12 @@ nats-py is async-only, so this adapter is too: sync sessions reach it through th
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import re
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pybondi.exceptions import MissingDependency
-from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
+from pybondi.messaging.brokers.base import Broker
 from pybondi.messaging.envelope import Envelope
 
 try:
@@ -59,18 +55,8 @@ try:
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client
-    from nats.aio.msg import Msg
-    from nats.aio.subscription import Subscription as Inbox
     from nats.js import JetStreamContext
-    from nats.js.api import (
-        DEFAULT_PREFIX,
-        AckPolicy,
-        ConsumerConfig,
-        DeliverPolicy,
-        Header,
-        PubAck,
-        StorageType,
-    )
+    from nats.js.api import PubAck, StorageType
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependency("nats-py", "nats", "A nats:// broker") from missing
 
@@ -78,23 +64,14 @@ if not hasattr(JetStreamContext, "publish_async"):  # pragma: no cover - nats-py
     # Pipelined, acked publishing (publish_async) arrived in nats-py 2.8.
     raise MissingDependency("nats-py>=2.8", "nats", "A nats:// broker")
 
+# After the client's import: without it, the lines above name the extra to install.
+from pybondi.messaging.brokers.nats.connection import Link, close_connection
+from pybondi.messaging.brokers.nats.streams import NOT_IN_STREAM_NAMES, StreamConflict
+from pybondi.messaging.brokers.nats.subscription import NATSDelivery, NATSSubscription
+
 __all__ = ["NATSBroker", "NATSDelivery", "NATSSubscription"]
 
 logger = logging.getLogger(__name__)
-
-_NOT_IN_STREAM_NAMES = re.compile(r"[.*>/\\\s]")
-
-
-class _StreamConflict(Exception):
-    """No stream keeps a topic, and the one `declare_streams` would create cannot be."""
-
-
-class _NoStream(Exception):
-    """No stream keeps a topic to consume, and `declare_streams` is off."""
-
-
-class _ConsumerGone(Exception):
-    """A topic's consumer was deleted (with its stream, maybe) while bound."""
 
 
 # Failures that concern a message, not the connection, which stays open.
@@ -104,23 +81,8 @@ _REFUSALS = (
     nats.errors.BadSubjectError,
     nats.errors.BadHeaderError,
     nats.errors.MaxPayloadError,
-    _StreamConflict,
+    StreamConflict,
 )
-
-
-class _Link:
-    """One connection and what the broker learned on it."""
-
-    def __init__(self, connection: Client, closed: asyncio.Future[None], timeout: float) -> None:
-        self.connection = connection
-        self.timeout = timeout
-        self.jetstream = connection.jetstream(timeout=timeout)
-        self.declared: set[str] = set()  # topics a stream keeps
-        self.closed = closed  # done once nats-py closed the connection, for good
-
-    @property
-    def is_open(self) -> bool:
-        return not self.closed.done() and not self.connection.is_closed
 
 
 class NATSBroker(Broker):
@@ -155,13 +117,13 @@ class NATSBroker(Broker):
         self.declare_streams = declare_streams
         self.timeout = timeout
         self.connection_options = connection_options
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._connecting = asyncio.Lock()
         self._last_error: Exception | None = None  # the last one nats-py reported
 
     def stream_name(self, topic: str) -> str:
         """The name of the stream `declare_streams` creates for a topic."""
-        return self.prefix + _NOT_IN_STREAM_NAMES.sub("_", topic)
+        return self.prefix + NOT_IN_STREAM_NAMES.sub("_", topic)
 
     def subscribe(
         self,
@@ -222,11 +184,11 @@ class NATSBroker(Broker):
                     acks.append(
                         await jetstream.publish_async(topic, envelope.body, headers=headers)
                     )
-        except (nats.errors.Error, OSError, _StreamConflict) as error:
+        except (nats.errors.Error, OSError, StreamConflict) as error:
             failure = error
         await self._confirm(link, envelopes, acks, failure, deadline - loop.time())
 
-    async def _connect(self, envelopes: Sequence[Envelope]) -> _Link:
+    async def _connect(self, envelopes: Sequence[Envelope]) -> Link:
         link = self._link
         async with self._connecting:
             if self._link is not link and self._link is not None:
@@ -238,7 +200,7 @@ class NATSBroker(Broker):
                 raise self._unconfirmed(envelopes, 0, self._no_connection(error)) from error
             return self._link
 
-    async def _open(self, **options: Any) -> _Link:
+    async def _open(self, **options: Any) -> Link:
         """A new connection with the broker's options (which win over `options`)."""
         connection = Client()
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -254,9 +216,9 @@ class NATSBroker(Broker):
             async with asyncio.timeout(self.timeout):
                 await connection.connect(self.url, **options)
         except BaseException:
-            await _close(connection)
+            await close_connection(connection)
             raise
-        return _Link(connection, closed, self.timeout)
+        return Link(connection, closed, self.timeout)
 
     def _no_connection(self, error: BaseException) -> str | BaseException:
         """Why `_open` failed, saying what nats-py's bare timeout means."""
@@ -285,7 +247,7 @@ class NATSBroker(Broker):
             try:
                 return await jetstream.find_stream_name_by_subject(topic)
             except nats.js.errors.NotFoundError:
-                raise _StreamConflict(
+                raise StreamConflict(
                     f"no stream keeps {topic!r}, and stream {name!r} cannot be created "
                     f"for it ({error.description}): another stream has its name, maybe "
                     f"that of a topic differing only where stream names have '_'. Create "
@@ -295,7 +257,7 @@ class NATSBroker(Broker):
 
     async def _confirm(
         self,
-        link: _Link,
+        link: Link,
         envelopes: Sequence[Envelope],
         acks: list[asyncio.Future[PubAck]],
         failure: BaseException | None,
@@ -347,7 +309,7 @@ class NATSBroker(Broker):
                 f"no JetStream stream keeps the subject {topic!r}; create one, or let the "
                 f"broker create it (declare_streams=True)"
             )
-        if isinstance(reason, _StreamConflict):
+        if isinstance(reason, StreamConflict):
             return str(reason)
         return reason
 
@@ -355,459 +317,7 @@ class NATSBroker(Broker):
         """Close the connection; the next send opens a new one."""
         link, self._link = self._link, None
         if link is not None:
-            await _close(link.connection)
-
-
-_MAX_ACK_PENDING = 10_000
-"""How many messages a group's consumer hands out unacknowledged, at least.
-
-They are those the group's workers hold (`in_flight` each), plus those retried and
-waiting for their delay, which JetStream counts too: with too low a cap, a burst of
-retries would stop new messages for every worker. 10,000 is 625 workers of 16; once
-reached, the consumer hands out only the retries until some are acknowledged.
-"""
-
-_CHECK_AFTER = 10.0
-"""Seconds after which a consumer that brought nothing is checked to still exist."""
-
-_MORE_WITHIN = 0.05  # seconds a fetch that has its first message waits for what is there
-_LATE = 0.1  # seconds a fetch waits, past its request's expiry, for JetStream to end it
-_ACK_SUBJECT = "$JS.ACK."  # the reply subject of every message a consumer delivers
-_OVER = ("404", "408", "409")  # statuses that end a pull request: none left, expired...
-_HEARTBEAT = "100"
-
-
-class _Pull:
-    """A topic's durable consumer, bound on the subscription's connection.
-
-    It fetches with pull requests of its own, answered on an inbox of its own, rather
-    than with nats-py's `PullSubscription.fetch`: nats-py takes any message with a
-    `Status` header (how it reads a header block that begins with a status line, such as
-    `NATS/1.0 503`) for JetStream's control message, and a producer can store such a
-    message in a stream with a raw `HPUB`. nats-py then fails every fetch (503), or
-    drops the message unseen (404, 408, 100), so that it came back forever, never
-    handled nor dead-lettered. A message a consumer delivers has an acknowledgement
-    subject as its reply; a control message has none: that tells them apart here, and
-    `_delivery` gives a stored one a `problem`.
-    """
-
-    def __init__(self, topic: str, stream: str, durable: str, link: _Link, inbox: Inbox) -> None:
-        self.topic = topic
-        self.stream = stream
-        self.durable = durable
-        self.link = link
-        self.inbox = inbox  # where JetStream answers this consumer's pull requests
-        self.requests = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self.fetching: asyncio.Task[list[Msg]] | None = None  # one fetch at a time
-        self.asked = 0  # how many messages the running fetch asked for
-        self.quiet = False  # the last fetch brought nothing
-        self.checked = asyncio.get_running_loop().time()  # when it was known to exist
-
-    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
-        """Up to `batch` messages, as soon as one came, waiting up to `timeout` for it.
-
-        A request for one message waits for it; once it came, a request for the rest
-        takes what is there now. Waiting for a whole batch would hold the first messages
-        while the stream is slow, when the worker could handle them at once.
-        """
-        fetched = await self._late(batch)
-        if not fetched:
-            await self._request({"batch": 1, "expires": round(timeout * 1e9)})
-            fetched = await self._answers(1, timeout + _LATE)
-        if fetched and len(fetched) < batch:
-            await self._request({"batch": batch - len(fetched), "no_wait": True})
-            fetched += await self._answers(batch - len(fetched), _MORE_WITHIN)
-        return fetched
-
-    async def _request(self, request: dict[str, Any]) -> None:
-        await self.link.connection.publish(
-            self.requests, json.dumps(request).encode(), reply=self.inbox.subject
-        )
-
-    async def _late(self, batch: int) -> list[Msg]:
-        """Messages already in the inbox: an earlier request's, come after it stopped.
-
-        Control messages there ended earlier requests: they are dropped.
-        """
-        late: list[Msg] = []
-        while self.inbox.pending_msgs and len(late) < batch:
-            message = await self.inbox.next_msg(timeout=_LATE)  # at once: one is there
-            if _stored(message):
-                late.append(message)
-        return late
-
-    async def _answers(self, wanted: int, timeout: float) -> list[Msg]:
-        """The messages that answer a request, until `wanted` came or it is over."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        messages: list[Msg] = []
-        while len(messages) < wanted:
-            try:
-                message = await self.inbox.next_msg(timeout=max(deadline - loop.time(), 0.001))
-            except nats.errors.TimeoutError:
-                break  # JetStream did not say the request is over: it is, by now
-            status = None if _stored(message) else _status(message)
-            if status is None:
-                messages.append(message)
-            elif status in _OVER:
-                break
-            elif status != _HEARTBEAT:
-                # 503: no JetStream to answer, or worse: as nats-py's fetch, fail, and
-                # the subscription connects again.
-                raise nats.js.errors.APIError.from_msg(message)
-        return messages
-
-
-class NATSSubscription(Subscription):
-    """A consumer group's share of some topics, pulled from JetStream durable consumers.
-
-    Made by `NATSBroker.subscribe`; see the module docstring. One task receives at a
-    time; deliveries may be acknowledged or retried from any task.
-
-    Attributes:
-        consumers: the durable consumer of each topic, as (stream, name), once bound.
-    """
-
-    def __init__(
-        self,
-        broker: NATSBroker,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int,
-        redeliver_after: float,
-    ) -> None:
-        if isinstance(topics, str) or not topics:
-            raise ValueError(f"Subscribe to a list of topics, not {topics!r}.")
-        if not _NOT_IN_STREAM_NAMES.sub("", group):
-            raise ValueError(f"A consumer group needs a name, not {group!r}.")
-        if in_flight < 1 or redeliver_after <= 0:
-            raise ValueError(
-                f"in_flight must be 1 or more and redeliver_after positive, not "
-                f"{in_flight!r} and {redeliver_after!r}."
-            )
-        self.broker = broker
-        self.topics = list(dict.fromkeys(topics))
-        self.group = group
-        self.consumer = consumer
-        self.in_flight = in_flight
-        self.redeliver_after = redeliver_after
-        self.consumers: dict[str, tuple[str, str]] = {}
-        self._link: _Link | None = None
-        self._pulls: list[_Pull] = []
-        self._ready: deque[tuple[_Link, Msg]] = deque()  # fetched, not yet returned
-        self._turn = 0  # rotates which topics get the odd messages of a limit
-
-    def __repr__(self) -> str:
-        return (
-            f"<NATSSubscription {self.group!r} ({self.consumer}) to "
-            f"{', '.join(self.topics)} on {self.broker!r}>"
-        )
-
-    async def receive(self, limit: int, wait: float) -> list[Delivery]:
-        """Up to `limit` deliveries, waiting at most `wait` seconds for the first one.
-
-        Each topic's consumer has one fetch at a time, the limit dealt out among them. A
-        fetch still waiting when this returns goes on (what it asked for counts against
-        the next limit), and what it brings comes with a later call: a quiet topic does
-        not hold up the others. A topic that brought nothing last time asks for one
-        message while others are busy.
-
-        Raises `ConnectionError` when the broker cannot be reached or refuses the
-        streams or consumers; the next call connects and binds again.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        try:
-            await self._bind()
-            await self._collect()
-            while not self._ready and limit > 0:
-                fetching = self._fetch(limit, deadline - loop.time())
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await asyncio.wait(fetching, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                await self._collect()
-        except (nats.errors.Error, OSError, _StreamConflict, _NoStream, _ConsumerGone) as error:
-            await self._drop()
-            reason = self.broker._no_connection(error)
-            raise ConnectionError(f"{self!r}: {_reason(reason)}") from error
-        ready = self._ready
-        return [_delivery(*ready.popleft()) for _ in range(min(limit, len(ready)))]
-
-    async def close(self) -> None:
-        """Stop consuming and close the connection; the group's consumers stay.
-
-        Messages fetched but not yet received go back at once; deliveries not
-        acknowledged come back to the group after `redeliver_after`. A later `receive`
-        connects again.
-        """
-        await self._drop()
-
-    async def _bind(self) -> None:
-        """Bind the topics' consumers on an open connection: connect first if need be."""
-        link = self._link
-        if link is not None and link.is_open:
-            return
-        await self._drop()
-        link = await self.broker._open(name=f"{self.group}/{self.consumer}")
-        try:
-            pulls = [await self._pull(link, topic) for topic in self.topics]
-        except BaseException:
-            await _close(link.connection)
-            raise
-        self._link, self._pulls = link, pulls
-
-    async def _pull(self, link: _Link, topic: str) -> _Pull:
-        """Make sure the topic's stream and the group's consumer exist; bind to it."""
-        jetstream, broker = link.jetstream, self.broker
-        if broker.declare_streams:
-            stream = await broker._declare(jetstream, topic)
-        else:
-            try:
-                stream = await jetstream.find_stream_name_by_subject(topic)
-            except nats.js.errors.NotFoundError as error:
-                raise _NoStream(
-                    f"no JetStream stream keeps the subject {topic!r}; create one, or let "
-                    f"the broker create it (declare_streams=True)"
-                ) from error
-        name = self.group
-        if stream != broker.stream_name(topic):
-            # Someone else's stream may keep several topics that the group consumes:
-            # each needs a consumer of its own there, with its own filter.
-            name += "_" + topic
-        durable = _durable_name(name)
-        config = ConsumerConfig(
-            durable_name=durable,
-            filter_subject=topic,
-            deliver_policy=DeliverPolicy.ALL,  # a new group starts from the oldest message
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.redeliver_after,
-            max_deliver=-1,  # the worker counts the attempts and dead-letters
-            max_ack_pending=max(_MAX_ACK_PENDING, self.in_flight),
-        )
-        # Creates the consumer, or updates it to this config: the last worker to start
-        # sets `redeliver_after` for the whole group.
-        await jetstream.add_consumer(stream, config)
-        self.consumers[topic] = (stream, durable)
-        inbox = await link.connection.subscribe(link.connection.new_inbox())
-        return _Pull(topic, stream, durable, link, inbox)
-
-    def _fetch(self, limit: int, wait: float) -> list[asyncio.Task[list[Msg]]]:
-        """Start a fetch on each consumer that has none, within `limit`; return them all."""
-        idle = [pull for pull in self._pulls if pull.fetching is None]
-        free = limit - sum(pull.asked for pull in self._pulls if pull.fetching is not None)
-        if free > 0 and idle:
-            self._deal(idle, free, wait)
-        return [pull.fetching for pull in self._pulls if pull.fetching is not None]
-
-    def _deal(self, idle: list[_Pull], free: int, wait: float) -> None:
-        """Deal `free` messages out to the consumers with no fetch, and start theirs."""
-        turn = self._turn % len(idle)
-        self._turn += 1
-        idle = idle[turn:] + idle[:turn]
-        # A quiet topic's fetch may wait the whole `wait`, keeping what it asked for from
-        # the busy ones: it asks for one message, unless no topic is busy.
-        busy = not all(pull.quiet for pull in self._pulls)
-        batches = dict.fromkeys(idle, 0)
-        while free > 0:
-            takers = [pull for pull in idle if not (busy and pull.quiet and batches[pull])]
-            if not takers:
-                break
-            for pull in takers[:free]:
-                batches[pull] += 1
-            free -= min(free, len(takers))
-        timeout = max(wait, 0.01)  # nats-py refuses a fetch without time to wait
-        for pull, batch in batches.items():
-            if batch:
-                pull.asked = batch
-                pull.fetching = asyncio.create_task(pull.fetch(batch, timeout))
-
-    async def _collect(self) -> None:
-        """Keep what the finished fetches brought; raise the first fetch's failure."""
-        link = self._link
-        assert link is not None
-        now = asyncio.get_running_loop().time()
-        failure: Exception | None = None
-        unsure: list[_Pull] = []
-        for pull in self._pulls:
-            task = pull.fetching
-            if task is None or not task.done():
-                continue
-            pull.fetching = None
-            try:
-                messages = task.result()
-            except TimeoutError:  # nothing came (nats-py's TimeoutError is one too)
-                messages = []
-            except Exception as error:
-                failure = failure or error
-                continue
-            pull.quiet = not messages
-            self._ready.extend((link, message) for message in messages)
-            if pull.quiet and now >= pull.checked + _CHECK_AFTER:
-                unsure.append(pull)
-        if failure is not None:
-            raise failure
-        for pull in unsure:
-            # Deleting a stream deletes its consumers, and fetching from a consumer that
-            # is gone just times out: a check now and then raises NotFoundError, and the
-            # next receive declares the stream and the consumer again.
-            try:
-                await link.jetstream.consumer_info(pull.stream, pull.durable)
-            except nats.js.errors.NotFoundError as error:
-                raise _ConsumerGone(
-                    f"consumer {pull.durable!r} of {pull.topic!r} on stream {pull.stream!r} "
-                    f"is gone ({error.description}); the next receive declares it again"
-                ) from error
-            pull.checked = now
-
-    async def _drop(self) -> None:
-        """Stop the fetches and close the connection; give back what was not received."""
-        link, self._link = self._link, None
-        pulls, self._pulls = self._pulls, []
-        ready, self._ready = self._ready, deque()
-        fetching = [pull.fetching for pull in pulls if pull.fetching is not None]
-        for task in fetching:
-            task.cancel()
-        if fetching:
-            await asyncio.wait(fetching)
-            for task in fetching:
-                if not task.cancelled():
-                    task.exception()  # retrieved, so that asyncio does not log it as lost
-        if link is None:
-            return
-        if link.is_open:
-            for _, message in ready:
-                try:
-                    await message.nak()  # back to the group now, not after ack_wait
-                except (nats.errors.Error, OSError):
-                    break  # the connection is going: they come back after ack_wait
-        # Closing the connection ends its subscriptions, and the server forgets their
-        # pending fetches; the durable consumers stay, for the group.
-        await _close(link.connection)
-
-
-class NATSDelivery(Delivery):
-    """A message a JetStream consumer delivered; see `Delivery`.
-
-    The attempt is JetStream's count of deliveries of the message to the group's
-    consumer: it grows after a retry, and after `redeliver_after` with no answer.
-    """
-
-    __slots__ = ("_link", "_message")
-
-    def __init__(
-        self, envelope: Envelope, attempt: int, problem: str | None, link: _Link, message: Msg
-    ) -> None:
-        super().__init__(envelope, attempt, problem)
-        self._link = link
-        self._message = message
-
-    async def ack(self) -> None:
-        """Acknowledge the message, without waiting for the server's answer.
-
-        An ack lost on the way (the connection dropped) brings the message again after
-        `redeliver_after`, which the worker's inbox absorbs; waiting for every answer
-        would cost a round trip per message.
-        """
-        try:
-            await self._message.ack()
-        except (nats.errors.Error, OSError) as error:
-            raise ConnectionError(f"Cannot acknowledge {self!r}: {_reason(error)}") from error
-
-    async def extend(self) -> None:
-        """Tell JetStream the message is in progress, which restarts its `ack_wait`."""
-        try:
-            await self._message.in_progress()
-        except (nats.errors.Error, OSError) as error:
-            raise ConnectionError(f"Cannot extend {self!r}: {_reason(error)}") from error
-
-    async def retry(self, delay: float) -> None:
-        """NAK the message with a delay: JetStream delivers it again once that is over.
-
-        Waits for the server's answer, so that the delay holds once this returns; a lost
-        NAK would bring the message back after `redeliver_after` instead.
-        """
-        payload = Msg.Ack.Nak
-        if delay > 0:
-            payload += b" " + json.dumps({"delay": round(delay * 1e9)}).encode()
-        try:
-            await self._link.connection.request(
-                self._message.reply, payload, timeout=self._link.timeout
-            )
-        except (nats.errors.Error, OSError) as error:
-            raise ConnectionError(f"Cannot retry {self!r}: {_reason(error)}") from error
-
-
-def _delivery(link: _Link, message: Msg) -> NATSDelivery:
-    """The delivery of a fetched message, with the transport's own headers left out."""
-    headers = message.headers or {}
-    problem: str | None = None
-    try:
-        metadata = message.metadata
-        attempt, fallback = metadata.num_delivered, f"{metadata.stream}/{metadata.sequence.stream}"
-    except (nats.errors.Error, ValueError, IndexError) as error:
-        attempt, fallback = 1, ""
-        problem = (
-            f"its reply subject {message.reply!r} is not a JetStream acknowledgement "
-            f"subject ({_reason(error)})"
-        )
-    transport: tuple[str, ...] = ()
-    status = _status(message)
-    if status is not None and problem is None:
-        # Only a raw HPUB publishes such a message. nats-py reads its status line into
-        # `Status` and `Description`, garbled when headers follow: both are left out.
-        transport = (Header.STATUS, Header.DESCRIPTION)
-        problem = (
-            f"its NATS header block begins with a status line {status}, which JetStream "
-            f"uses for control messages"
-        )
-    message_id = headers.get("message-id") or headers.get("Nats-Msg-Id") or fallback
-    kept = {
-        str(name): value
-        for name, value in headers.items()
-        if not name.startswith("Nats-") and name not in transport
-    }
-    envelope = Envelope(message.subject, message_id, kept, message.data)
-    delivery = NATSDelivery(envelope, attempt, problem, link, message)
-    if problem is None:
-        delivery.timestamp = metadata.timestamp  # when JetStream stored it
-    return delivery
-
-
-def _stored(message: Msg) -> bool:
-    """Whether a consumer delivered the message (a control message has no reply)."""
-    return message.reply.startswith(_ACK_SUBJECT)
-
-
-def _status(message: Msg) -> str | None:
-    """The status of the status line the message's header block begins with, if any.
-
-    nats-py reads `NATS/1.0 503` into a header `Status: 503` (as nats.go does), so a
-    header `Status` of three digits reads the same and is taken for a status line alike:
-    NATS clients reserve it. Any other value is an ordinary header.
-    """
-    status = (message.headers or {}).get(Header.STATUS)
-    return status if status is not None and len(status) == 3 and status.isdigit() else None
-
-
-def _durable_name(name: str) -> str:
-    """A consumer name JetStream takes, and a different one for each `name`.
-
-    Characters it refuses become `_`; then, so that groups `billing.eu` and
-    `billing_eu` do not end up sharing one consumer, a short hash of the name follows.
-    """
-    durable = _NOT_IN_STREAM_NAMES.sub("_", name)
-    if durable != name:
-        durable += "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    return durable
-
-
-def _reason(error: str | BaseException) -> str:
-    if isinstance(error, str | _StreamConflict | _NoStream | _ConsumerGone):
-        return str(error)
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            await close_connection(link.connection)
 
 
 def _on_closed(
@@ -822,13 +332,3 @@ def _on_closed(
             await then()
 
     return on_closed
-
-
-async def _close(connection: Client) -> None:
-    if connection.is_closed:
-        return
-    try:
-        await connection.close()
-    except (nats.errors.Error, OSError) as error:
-        # Closing a broken connection can fail for the reason it broke, already reported.
-        logger.debug("Closing a NATS connection failed: %r", error)
