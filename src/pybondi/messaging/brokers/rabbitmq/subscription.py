@@ -261,7 +261,7 @@ class RabbitMQSubscription(Subscription):
 
 
 class RabbitMQDelivery(Delivery):
-    """A message consumed from a group's queue; see `Delivery` and the module docstring.
+    """A message consumed from a group's queue; see `Delivery` and the package docstring.
 
     `ack()` and `retry()` raise `ConnectionError` once the subscription lost (or closed)
     the connection it came on: RabbitMQ puts the message back in the queue then, to be

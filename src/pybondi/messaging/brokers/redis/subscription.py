@@ -74,7 +74,7 @@ class _Source(NamedTuple):
 
 
 class RedisSubscription(Subscription):
-    """A consumer group's share of some topics' streams; see the module docstring.
+    """A consumer group's share of some topics' streams; see the package docstring.
 
     Each `receive` first moves the group's due retries to its retry streams (at most
     every quarter of a second, or when the next one is due), and every
