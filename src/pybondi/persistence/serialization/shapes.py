@@ -94,6 +94,7 @@ class Shape:
 
     @property
     def label(self) -> str:
+        """The class and its registered name, as error messages name them."""
         return f"{self.cls.__name__} ({self.name!r})"
 
     @property
@@ -117,6 +118,7 @@ class Shape:
 
 
 def is_pydantic(cls: type) -> bool:
+    """Whether `cls` is a pydantic v2 model."""
     # Duck-typed, so that pydantic stays an optional dependency.
     return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
 
@@ -128,6 +130,7 @@ def make_shape(
     state: State | None = None,
     build: Build | None = None,
 ) -> Shape:
+    """Work out how `cls` is stored and rebuilt; raise TypeError if `state=`/`build=` are wrong."""
     aggregate = issubclass(cls, Aggregate)
     if state is not None or build is not None:
         return _custom_shape(cls, name, version, aggregate, state=state, build=build)
@@ -397,6 +400,7 @@ def expect(value: Any, kind: type, what: str) -> None:
 
 
 def collection(kind: type, inner: Convert | None) -> Convert | None:
+    """A JSON list into a `kind` (list, set, tuple...) of `inner` items; None: as it is."""
     if kind is list and inner is None:
         return None  # JSON already gives a list
 
@@ -408,6 +412,8 @@ def collection(kind: type, inner: Convert | None) -> Convert | None:
 
 
 def fixed_tuple(inner: list[Convert | None]) -> Convert:
+    """A JSON list into a tuple of as many items, each converted by its own converter."""
+
     def convert(value: Any) -> Any:
         expect(value, list, "list")
         if len(value) != len(inner):
@@ -418,6 +424,7 @@ def fixed_tuple(inner: list[Convert | None]) -> Convert:
 
 
 def mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
+    """A JSON object into a dict, its keys and values converted; None: as it is."""
     if keys is None and values is None:
         return None
 
@@ -432,6 +439,7 @@ def mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
 
 
 def type_name(hint: Any) -> str:
+    """A type hint as error messages name it."""
     # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
     return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
 

@@ -70,7 +70,7 @@ from uuid import UUID
 
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
-from pybondi.persistence._shapes import (
+from pybondi.persistence.serialization.shapes import (
     PARSERS,
     Build,
     Convert,
