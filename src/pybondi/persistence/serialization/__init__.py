@@ -49,76 +49,33 @@ or dumps refuses it and says which hint to add. Nothing in the data names a clas
 the registered classes, and the classes their hints name, are ever built.
 Sets are stored in a canonical order (text and ints sorted, other items by their JSON
 text), so the same state gives the same JSON in every process.
+
+The registry's parts: `shapes` (what is stored of each class, and how it is built),
+`encoding` (objects into payloads), `decoding` (upcasting, checking and building) and
+`converters` (JSON values back into the types their hints name).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
-import operator
 import reprlib
-import types
-import typing
 from collections.abc import Callable
-from datetime import date, datetime, time
-from decimal import Decimal
-from enum import Enum
 from typing import Any, NamedTuple, TypeVar, overload
-from uuid import UUID
 
-from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType, callable_name, short_repr
-from pybondi.persistence.serialization.shapes import (
-    PARSERS,
-    Build,
-    Convert,
-    NotBuilt,
-    Shape,
-    State,
-    Unsupported,
-    collection,
-    fixed_tuple,
-    is_pydantic,
-    make_shape,
-    mapping,
-    not_loadable,
-    register_as,
-    state_of,
-    type_name,
-    untyped,
-)
+from pybondi.persistence.serialization.decoding import Decoder, Upcaster
+from pybondi.persistence.serialization.encoding import Encoder, not_json
+from pybondi.persistence.serialization.shapes import Build, Shape, State, is_pydantic, make_shape
 
 __all__ = ["Registry", "Serialized"]
 
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 C = TypeVar("C", bound=type)
 U = TypeVar("U", bound=Upcaster)
 
 # One encoder for every dumps: json.dumps with separators= would build a new one per call.
 # allow_nan=False: NaN and Infinity are not JSON, and other readers refuse them.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# The order of a set's items; NaN is allowed here, and refused by dumps, naming its field.
-_ORDER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_INT = {int}
-_NATIVE = frozenset({str, int, float, bool, type(None)})
-_SEQUENCES = (list, tuple, set, frozenset)
-_SETS = (set, frozenset)
-_NOT_NESTED = (Aggregate, Root)
-_isoformat = operator.methodcaller("isoformat")
-_AS_TEXT: dict[type, Convert] = {datetime: _isoformat, date: _isoformat, time: _isoformat}
-_AS_TEXT |= {UUID: str, Decimal: str}
-# Enum comes first, since a str or int Enum is also a str or an int.
-_BY_BASE: tuple[tuple[type, Convert], ...] = (
-    (Enum, operator.attrgetter("value")),
-    *((native, native) for native in (str, int, float)),
-    *_AS_TEXT.items(),
-)
-_SUPPORTED = (
-    "use JSON-native values, datetime, date, time, UUID, Decimal, Enum, tuples, sets, "
-    "dataclasses or pydantic models, or register its class"
-)
 
 
 # A named tuple, not a frozen dataclass: as immutable, and built in half the time, once per
@@ -145,6 +102,8 @@ class Registry:
         self._by_class: dict[type, Shape] = {}
         self._nested: dict[type, Shape] = {}  # unregistered dataclasses and models
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._decoder = Decoder(self._shape_of, self._by_class, self._upcasters)
+        self._encoder = Encoder(self._shape_of, self._decoder.converters)
 
     @overload
     def register(
@@ -226,11 +185,11 @@ class Registry:
     def dumps(self, obj: object) -> Serialized:
         """Store a registered object as compact JSON text, with its name and version."""
         shape = self._registered(type(obj))
-        payload = self._encode(shape, obj)
+        payload = self._encoder.encode(shape, obj)
         try:
             data = _JSON.encode(payload)
         except ValueError as exc:  # a NaN or an infinity: encode leaves floats as they are
-            raise _not_json(shape, payload, exc) from exc
+            raise not_json(shape, payload, exc) from exc
         return Serialized(shape.name, shape.version, data)
 
     def loads(self, name: str, version: int, data: str | bytes, *, id: Any = None) -> Any:
@@ -250,31 +209,21 @@ class Registry:
         except RecursionError as exc:
             raise _too_deep(shape, version, data, exc) from None
         try:
-            return self._decode(shape, version, payload, id, owned=True)
+            return self._decoder.decode(shape, version, payload, id, owned=True)
         except RecursionError as exc:
             raise _too_deep(shape, version, data, exc) from None
 
     def encode(self, obj: object) -> dict[str, Any]:
         """The JSON-able payload of a registered object, without its name and version."""
-        return self._encode(self._registered(type(obj)), obj)
+        return self._encoder.encode(self._registered(type(obj)), obj)
 
     def decode(self, name: str, version: int, payload: dict[str, Any], *, id: Any = None) -> Any:
         """Build an object from the payload `encode` produced; see `loads`."""
         shape = self._named(name)
         try:
-            return self._decode(shape, version, payload, id, owned=False)
+            return self._decoder.decode(shape, version, payload, id, owned=False)
         except RecursionError as exc:
             raise _too_deep(shape, version, payload, exc) from None
-
-    def _decode(self, shape: Shape, version: int, payload: Any, id: Any, owned: bool) -> Any:
-        """Upcast and build; `owned` says the payload is ours (fresh from json.loads)."""
-        name = shape.name
-        if not isinstance(payload, dict):
-            raise SerializationError(
-                f"Cannot load {name!r} version {version}: the data must be a JSON object, "
-                f"got {short_repr(payload)}. Pass what dumps() or encode() produced."
-            )
-        return self._build(shape, self._upcast(shape, version, payload, owned), id)
 
     def name_of(self, cls_or_instance: object) -> str:
         """The name a class, or the class of an instance, is registered under."""
@@ -365,244 +314,6 @@ class Registry:
             shape = self._nested[cls] = make_shape(cls, cls.__qualname__, 1)
         return shape
 
-    def _encode(self, shape: Shape, obj: object) -> dict[str, Any]:
-        try:
-            return self._fields_of(shape, obj)
-        except Unsupported as exc:
-            where = f"field {'.'.join(reversed(exc.path))!r} of " if exc.path else ""
-            raise SerializationError(f"Cannot encode {where}{shape.label}: {exc.why}.") from None
-
-    def _fields_of(self, shape: Shape, obj: Any) -> dict[str, Any]:
-        kind = shape.kind
-        if kind == "pydantic":
-            try:
-                dumped: dict[str, Any] = obj.model_dump(
-                    mode="json", exclude={"root"} if shape.aggregate else None
-                )
-            except ValueError as exc:
-                raise SerializationError(f"Cannot encode {shape.label}: {exc}") from exc
-            return dumped
-        stated = False  # a state dict from state= or __getstate__, checked below
-        if kind == "dataclass":
-            items = [(name, getattr(obj, name)) for name in shape.stored]
-        else:
-            if kind == "plain":
-                if (attributes := getattr(obj, "__dict__", None)) is None:
-                    raise Unsupported(
-                        f"it has no __dict__ to read fields from; make it a dataclass, or say "
-                        f"how it is stored: {register_as(type(obj))}"
-                    )
-                if not shape.open and not attributes.keys() <= shape.loadable:
-                    raise not_loadable(shape, attributes)
-            else:
-                attributes, stated = state_of(shape, obj), True
-            items = [(n, v) for n, v in attributes.items() if not (shape.aggregate and n == "root")]
-        encoded = {}
-        for name, value in items:
-            try:
-                encoded[name] = value if type(value) in _NATIVE else self._value(value)
-            except Unsupported as exc:
-                exc.path.append(name)
-                raise
-        if stated:
-            self._check_untyped(shape, items, encoded)
-        return encoded
-
-    def _check_untyped(
-        self, shape: Shape, items: list[tuple[str, Any]], encoded: dict[str, Any]
-    ) -> None:
-        """Refuse a field that would load back as another type, for want of a type hint."""
-        converters = self._converters(shape)
-        for name, value in items:
-            stored = encoded[name]
-            if (
-                name not in converters
-                and stored is not value
-                and (type(stored) is not type(value) or stored != value)
-            ):
-                exc = untyped(shape, name, value, stored)
-                exc.path.append(name)
-                raise exc
-
-    def _value(self, value: Any) -> Any:
-        kind = type(value)
-        if kind in _NATIVE:
-            return value
-        if kind in _AS_TEXT:
-            return _AS_TEXT[kind](value)
-        if isinstance(value, _SEQUENCES):
-            items = [item if type(item) in _NATIVE else self._value(item) for item in value]
-            return _sorted(items) if isinstance(value, _SETS) else items
-        if isinstance(value, dict):
-            return {self._key(k): self._value(v) for k, v in value.items()}
-        if isinstance(value, _NOT_NESTED):
-            raise Unsupported(
-                f"{short_repr(value)} is an aggregate or a root, which is not stored inside "
-                f"another object; store its id instead"
-            )
-        for base, encode in _BY_BASE:  # subclasses, such as Enums and datetime subclasses
-            if isinstance(value, base):
-                return self._value(encode(value))
-        if (shape := self._shape_of(kind)) is not None:
-            return self._fields_of(shape, value)
-        how = ""
-        if getattr(value, "__dict__", None) is not None and not callable(value):  # yours
-            how = (
-                f" (registry.register({kind.__name__}, name=...), with state= and build= if "
-                f"its __init__ does not take its attributes by name)"
-            )
-        raise Unsupported(
-            f"a {kind.__name__} value is not supported ({short_repr(value)}); {_SUPPORTED}{how}"
-        )
-
-    def _key(self, key: Any) -> str:
-        # JSON keys are text: a key must be text, or something stored as text (UUID, date...).
-        encoded = key if type(key) is str else self._value(key)
-        if not isinstance(encoded, str):
-            raise Unsupported(
-                f"the dict key {short_repr(key)} is not text; JSON object keys are strings, so use "
-                f"str keys, or UUID, date or str Enum keys, which are stored as text"
-            )
-        return encoded
-
-    def _upcast(
-        self, shape: Shape, version: int, payload: dict[str, Any], owned: bool
-    ) -> dict[str, Any]:
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise SerializationError(
-                f"Cannot load {shape.name!r}: version must be an int >= 1, got "
-                f"{short_repr(version)}. Pass the version that dumps() stored."
-            )
-        if version > shape.version:
-            raise SerializationError(
-                f"Cannot load {shape.name!r} version {version}: it was stored by newer code; "
-                f"this registry has {shape.cls.__name__} at version {shape.version}. Upgrade "
-                f"this code before loading that data."
-            )
-        if version < shape.version and not owned:
-            # Upcasters may edit it in place, nested lists and dicts too: never the caller's.
-            payload = copy.deepcopy(payload)
-        for step in range(version, shape.version):
-            upcaster = self._upcasters.get((shape.name, step))
-            if upcaster is None:
-                raise SerializationError(
-                    f"Cannot upcast {shape.name!r} from version {version} to {shape.version}: "
-                    f"no upcaster from version {step} to {step + 1}. Register one with "
-                    f"@registry.upcaster({shape.name!r}, from_version={step})."
-                )
-            payload = _run_upcaster(upcaster, shape.name, step, payload)
-        return payload
-
-    def _build(self, shape: Shape, payload: Any, id: Any) -> Any:
-        if not isinstance(payload, dict):
-            raise SerializationError(
-                f"Cannot build {shape.label}: its data must be a JSON object, got "
-                f"{short_repr(payload)}."
-            )
-        if shape.aggregate and id is None:
-            raise SerializationError(
-                f"Cannot build {shape.label} without its id: it is an aggregate, whose root "
-                f"is not part of the stored data. Pass it: loads(..., id=...)."
-            )
-        if shape.kind == "pydantic":
-            try:
-                return shape.construct(payload, id)
-            except ValueError as exc:  # pydantic's ValidationError is a ValueError
-                raise _unfit(shape, payload, str(exc)) from exc
-        self._check_fields(shape, payload)
-        values = self._convert(shape, payload)
-        try:
-            return shape.construct(values, id)
-        except NotBuilt as exc:
-            advice = "build= must return the object it rebuilt."
-            raise _unfit(shape, payload, str(exc), advice) from None
-        except RecursionError:
-            raise
-        except Exception as exc:  # the class's own code, or build=, refused the data
-            problem = f"{shape.builder} raised {type(exc).__name__}: {exc}"
-            raise _unfit(shape, payload, problem) from exc
-
-    def _check_fields(self, shape: Shape, payload: dict[str, Any]) -> None:
-        problems = []
-        if missing := sorted(shape.required.difference(payload)):
-            problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
-        if not shape.open and (unknown := [key for key in payload if key not in shape.stored]):
-            problems.append(f"unknown field(s) {short_repr(unknown, 80)[1:-1]}")
-        if problems:
-            advice = (
-                f"If the stored data has an older shape, convert it with an upcaster, "
-                f"@registry.upcaster({shape.name!r}, from_version=...), or give new fields "
-                f"defaults."
-            )
-            raise _unfit(shape, payload, " and ".join(problems), advice)
-
-    def _convert(self, shape: Shape, payload: dict[str, Any]) -> dict[str, Any]:
-        values = dict(payload)
-        for field, (expected, convert) in self._converters(shape).items():
-            if field in values:
-                try:
-                    values[field] = convert(values[field])
-                except (TypeError, ValueError, ArithmeticError) as exc:
-                    problem = (
-                        f"field {field!r} holds {short_repr(values[field], 60)}, which is not "
-                        f"a valid {expected} ({exc})"
-                    )
-                    advice = "Fix the data, or convert it in an upcaster."
-                    raise _unfit(shape, payload, problem, advice) from exc
-        return values
-
-    def _converters(self, shape: Shape) -> dict[str, tuple[str, Convert]]:
-        # Built on first decode, not at registration, so that hints may name classes
-        # defined after the decorated one.
-        if shape.converters is None:
-            try:
-                hints = typing.get_type_hints(shape.hinted)
-            except Exception as exc:
-                # Hints that do not resolve (a class local to a function, under postponed
-                # annotations) leave every value as JSON gives it.
-                hints, shape.unresolved = {}, f"{type(exc).__name__}: {exc}"
-            # An open shape (**kwargs, __setstate__) takes any field: each hint counts.
-            shape.converters = {
-                field: (type_name(hint), convert)
-                for field, hint in hints.items()
-                if (field in shape.stored or (shape.open and field != "return"))
-                and (convert := self._converter(hint)) is not None
-            }
-        return shape.converters
-
-    def _converter(self, hint: Any) -> Convert | None:
-        """How to rebuild a value of type `hint` from JSON; None when JSON gives it as is."""
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin is None and isinstance(hint, type):
-            return self._class_converter(hint)
-        if origin is typing.Union or origin is types.UnionType:
-            rest = [arg for arg in args if arg is not type(None)]
-            inner = self._converter(rest[0]) if len(rest) == 1 else None
-            return None if inner is None else lambda value: None if value is None else inner(value)
-        if origin in (list, set, frozenset) or (origin is tuple and args[1:] == (...,)):
-            return collection(origin, self._converter(args[0]) if args else None)
-        if origin is tuple:
-            return fixed_tuple([self._converter(arg) for arg in args])
-        if origin is dict and len(args) == 2:
-            # JSON object keys are always text: str keys need no check, and dict[str, Any]
-            # then needs no copy.
-            keys = None if args[0] is str else self._converter(args[0])
-            return mapping(keys, self._converter(args[1]))
-        return None  # Any, Literal, unions of several types...: the JSON value as is
-
-    def _class_converter(self, cls: type) -> Convert | None:
-        if cls in PARSERS:
-            return PARSERS[cls]
-        if issubclass(cls, Enum):
-            return cls
-        if cls in (tuple, set, frozenset):
-            return collection(cls, None)
-        # Classes named by the code's own hints, never by the data, so this builds only
-        # what the registered class declares.
-        if cls in self._by_class or dataclasses.is_dataclass(cls) or is_pydantic(cls):
-            return lambda value: self._build(typing.cast(Shape, self._shape_of(cls)), value, None)
-        return None
-
 
 def _class_of(cls_or_instance: object) -> type:
     return cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
@@ -614,81 +325,12 @@ def _check_version(version: object, what: str) -> None:
         raise error(f"{what} must be an int >= 1, got {short_repr(version)}.")
 
 
-def _unfit(shape: Shape, payload: Any, problem: str, advice: str = "") -> SerializationError:
-    return SerializationError(
-        f"Cannot build {shape.label}: {problem}; payload {short_repr(payload)}. {advice}".rstrip()
-    )
-
-
 def _late_upcaster(name: str, steps: list[int], shape: Shape, fn: object) -> ValueError:
     return ValueError(
         f"Upcaster {callable_name(fn)} upgrades {name!r} from version {steps[0]}, but "
         f"{shape.cls.__name__} is registered at version {shape.version}: an upcaster "
         f"upgrades an older version, so from_version must be below {shape.version}. Raise "
         f"the version in registry.register(...) or fix from_version."
-    )
-
-
-def _run_upcaster(
-    upcaster: Upcaster, name: str, step: int, payload: dict[str, Any]
-) -> dict[str, Any]:
-    try:
-        result = upcaster(payload)
-    except Exception as exc:
-        raise SerializationError(
-            f"Upcaster {callable_name(upcaster)} failed to upgrade {name!r} from version "
-            f"{step} to {step + 1} ({exc!r}) on payload {short_repr(payload)}. Fix the upcaster."
-        ) from exc
-    if not isinstance(result, dict):
-        raise SerializationError(
-            f"Upcaster {callable_name(upcaster)} returned {short_repr(result)} for {name!r} "
-            f"version {step}; an upcaster must return the upgraded payload dict."
-        )
-    return result
-
-
-def _sorted(items: list[Any]) -> list[Any]:
-    # A set iterates in hash order, which changes from one process to the next: stored in
-    # an order of their own, the same set always gives the same JSON, and a repository
-    # sees no change where there is none. Text alone, or ints alone, sort as they are
-    # (equal ones are the same JSON); anything else (frozen dataclasses, mixed types, sets
-    # inside sets) by its JSON text: a total order, where equal keys are written the same.
-    if items:
-        kind = type(items[0])
-        if kind is str:
-            try:
-                "".join(items)  # only text joins: the cheapest test that every item is text
-            except TypeError:
-                pass
-            else:
-                return sorted(items)
-        elif kind is int and set(map(type, items)) == _INT:
-            return sorted(items)
-    return sorted(items, key=_ORDER.encode)
-
-
-def _non_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
-    """The first NaN or infinity in a payload, with the keys that lead to it."""
-    if type(value) is float:
-        return None if math.isfinite(value) else (path, value)
-    if isinstance(value, dict):
-        found = (_non_finite(item, (*path, str(key))) for key, item in value.items())
-    elif isinstance(value, list):  # no index in the path: paths name fields, as in encode's
-        found = (_non_finite(item, path) for item in value)
-    else:
-        return None
-    return next((where for where in found if where is not None), None)
-
-
-def _not_json(shape: Shape, payload: dict[str, Any], exc: ValueError) -> SerializationError:
-    found = _non_finite(payload)
-    if found is None:
-        return SerializationError(f"Cannot encode {shape.label}: {exc}.")
-    path, value = found
-    return SerializationError(
-        f"Cannot encode field {'.'.join(path)!r} of {shape.label}: {value!r} is not valid "
-        f"JSON, which has no NaN or infinity; store None for a missing number, or a Decimal, "
-        f"which is stored as text."
     )
 
 
