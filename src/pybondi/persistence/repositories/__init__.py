@@ -23,11 +23,9 @@ the logic is written once. On `rollback()` the identity map is emptied, so that 
 `get` reads the stored state again.
 """
 
-from pybondi.persistence.repositories.base import (
-    EventSourcedRepository,
-    StateRepository,
-    StoreRepository,
-    TableRepository,
-)
+from pybondi.persistence.repositories.base import StoreRepository
+from pybondi.persistence.repositories.eventsourced import EventSourcedRepository
+from pybondi.persistence.repositories.state import StateRepository
+from pybondi.persistence.repositories.table import TableRepository
 
 __all__ = ["EventSourcedRepository", "StateRepository", "StoreRepository", "TableRepository"]
