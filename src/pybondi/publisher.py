@@ -323,7 +323,8 @@ class Publisher(BufferedPublisher, Overridable):
         if route is None:
             what, handlers = f"a subscriber of {topic!r}", self.subscribers.get(topic, ())
             invokers = tuple(
-                compile_sync(h, self._overrides, what=what, instead=_SYNC_INSTEAD) for h in handlers
+                compile_sync(handler, self._overrides, what=what, instead=_SYNC_INSTEAD)
+                for handler in handlers
             )
             route = self._routes[topic] = (invokers, tuple(h.name for h in handlers))
         return route

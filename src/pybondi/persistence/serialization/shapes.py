@@ -1,11 +1,7 @@
-"""What the registry does with each class, and how JSON values become typed ones again.
+"""What the registry does with each class: its `Shape`, worked out once, at registration.
 
-A `Shape` is worked out once per class, when it is registered: which fields are stored,
-which are required, how the class is built. The converters turn a JSON value back into
-the type a hint names (datetime, UUID, list[int], ...), raising TypeError or ValueError
-for a value that does not fit; the registry turns those into `SerializationError`.
-Reading the state of a class stored its own way (`state_of`) lives here too, with the
-words of the errors about a class's shape.
+A shape says which fields are stored, which are required, and how the class is built
+again from them (a closure per shape, made once, so that loading does no dispatch).
 
 How a class is stored and rebuilt, by kind:
 - "pydantic": `model_dump(mode="json")` and `model_validate`.
@@ -20,39 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 import typing
 from collections.abc import Callable, Mapping
-from datetime import date, datetime, time
-from decimal import Decimal
 from typing import Any, Literal
-from uuid import UUID
 
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import callable_name, short_repr
+from pybondi.persistence.serialization.converters import Convert
 
 __all__ = [
-    "PARSERS",
     "Build",
     "Construct",
-    "Convert",
     "NotBuilt",
     "Shape",
     "State",
-    "Unsupported",
-    "collection",
-    "fixed_tuple",
+    "has_state_protocol",
     "is_pydantic",
     "make_shape",
-    "mapping",
-    "not_loadable",
-    "register_as",
-    "state_of",
-    "type_name",
-    "untyped",
 ]
 
-Convert = Callable[[Any], Any]
 State = Callable[[Any], Mapping[str, Any]]  # state=: what to store of an instance
 Build = Callable[..., Any]  # build=: rebuilds an instance from its stored fields
 Construct = Callable[[dict[str, Any], Any], Any]  # an instance from its fields and its id
@@ -94,6 +76,7 @@ class Shape:
 
     @property
     def label(self) -> str:
+        """The class and its registered name, as error messages name them."""
         return f"{self.cls.__name__} ({self.name!r})"
 
     @property
@@ -117,6 +100,7 @@ class Shape:
 
 
 def is_pydantic(cls: type) -> bool:
+    """Whether `cls` is a pydantic v2 model."""
     # Duck-typed, so that pydantic stays an optional dependency.
     return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")
 
@@ -128,6 +112,7 @@ def make_shape(
     state: State | None = None,
     build: Build | None = None,
 ) -> Shape:
+    """Work out how `cls` is stored and rebuilt; raise TypeError if `state=`/`build=` are wrong."""
     aggregate = issubclass(cls, Aggregate)
     if state is not None or build is not None:
         return _custom_shape(cls, name, version, aggregate, state=state, build=build)
@@ -136,23 +121,23 @@ def make_shape(
     if dataclasses.is_dataclass(cls):
         every = dataclasses.fields(cls)
         # An aggregate's root is never stored: repositories keep its id apart.
-        stored = [f for f in every if not (aggregate and f.name == "root")]
+        stored = [field for field in every if not (aggregate and field.name == "root")]
         return Shape(
             cls,
             name,
             version,
             "dataclass",
             aggregate,
-            fields=tuple(f.name for f in stored if f.init),
-            late=tuple(f.name for f in stored if not f.init),
+            fields=tuple(field.name for field in stored if field.init),
+            late=tuple(field.name for field in stored if not field.init),
             required=frozenset(
-                f.name
-                for f in stored
-                if f.init
-                and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING
+                field.name
+                for field in stored
+                if field.init
+                and field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
             ),
-            root_init=aggregate and any(f.name == "root" and f.init for f in every),
+            root_init=aggregate and any(field.name == "root" and field.init for field in every),
         )
     if has_state_protocol(cls):
         return Shape(cls, name, version, "setstate", aggregate, open=True)
@@ -346,186 +331,3 @@ _CONSTRUCTORS: dict[str, Callable[[Shape], Construct]] = {
     "custom": _custom,
     "plain": _plain,
 }
-
-
-def text(parse: Callable[[str], Any]) -> Convert:
-    def convert(value: Any) -> Any:
-        if not isinstance(value, str):
-            raise TypeError(f"expected text, got {type(value).__name__}")
-        return parse(value)
-
-    return convert
-
-
-def decimal(value: Any) -> Decimal:
-    # Stored as text; a JSON number is accepted too, through str() so that 0.1 stays 0.1.
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise TypeError(f"expected text or a number, got {type(value).__name__}")
-    return Decimal(str(value))
-
-
-def native(kind: type) -> Convert:
-    # JSON gives these types exactly, so one type() test is the fast path.
-    article = "an" if kind is int else "a"
-
-    def convert(value: Any) -> Any:
-        if type(value) is kind:
-            return value
-        # bool is an int to Python, but true is no number, so it is refused for int and float.
-        if isinstance(value, kind) and type(value) is not bool:
-            return value  # a subclass, such as a str Enum member in a payload given to decode()
-        if kind is float and type(value) is int:
-            return float(value)  # JSON has one number type: other writers store 2.0 as 2
-        raise TypeError(f"expected {article} {kind.__name__}, got {type(value).__name__}")
-
-    return convert
-
-
-PARSERS: dict[type, Convert] = {kind: native(kind) for kind in (str, int, float, bool)}
-PARSERS |= {
-    datetime: text(datetime.fromisoformat),
-    date: text(date.fromisoformat),
-    time: text(time.fromisoformat),
-    UUID: text(UUID),
-    Decimal: decimal,
-}
-
-
-def expect(value: Any, kind: type, what: str) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"expected a JSON {what}, got {short_repr(value, 60)}")
-
-
-def collection(kind: type, inner: Convert | None) -> Convert | None:
-    if kind is list and inner is None:
-        return None  # JSON already gives a list
-
-    def convert(value: Any) -> Any:
-        expect(value, list, "list")
-        return kind(value if inner is None else map(inner, value))
-
-    return convert
-
-
-def fixed_tuple(inner: list[Convert | None]) -> Convert:
-    def convert(value: Any) -> Any:
-        expect(value, list, "list")
-        if len(value) != len(inner):
-            raise ValueError(f"expected {len(inner)} items, got {len(value)}")
-        return tuple(v if c is None else c(v) for c, v in zip(inner, value, strict=True))
-
-    return convert
-
-
-def mapping(keys: Convert | None, values: Convert | None) -> Convert | None:
-    if keys is None and values is None:
-        return None
-
-    def convert(value: Any) -> Any:
-        expect(value, dict, "object")
-        return {
-            k if keys is None else keys(k): v if values is None else values(v)
-            for k, v in value.items()
-        }
-
-    return convert
-
-
-def type_name(hint: Any) -> str:
-    # "tuple[int, decimal.Decimal]" reads better as "tuple[int, Decimal]".
-    return hint.__name__ if isinstance(hint, type) else re.sub(r"[\w.]+\.(\w+)", r"\1", str(hint))
-
-
-class Unsupported(Exception):
-    """A value encode cannot store; each enclosing field adds its name on the way up."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why, self.path = why, list[str]()
-
-
-def not_loadable(shape: Shape, attributes: dict[str, Any]) -> Unsupported:
-    """Attributes of a plain class that its __init__ would not take back."""
-    extra = sorted(attributes.keys() - shape.loadable)
-    cls = shape.cls.__name__
-    return Unsupported(
-        f"{cls} has attribute(s) {short_repr(extra, 80)[1:-1]} that its __init__ does not "
-        f"take by those names (it takes {_takes(shape)}), so they could be stored but never "
-        f"loaded back; say how a {cls} is stored and rebuilt: {register_as(shape.cls)}, or "
-        f"define __getstate__ and __setstate__ on {cls}; or make them __init__ parameters, "
-        f"or make {cls} a dataclass"
-    )
-
-
-def _takes(shape: Shape) -> str:
-    """What an __init__ or build= takes, said so that the id parameter stands apart."""
-    fields = ", ".join(shape.fields) or "no field"
-    if not shape.aggregate:
-        return fields
-    # Loading calls build(id, **fields): the first parameter is not a stored field.
-    named = f" ({shape.late[0]!r})" if shape.late else ""
-    return f"the root id first{named}, then {fields}"
-
-
-def register_as(cls: type) -> str:
-    """How to say at registration how a class is stored and rebuilt."""
-    name = cls.__name__
-    return (
-        f"registry.register({name}, name=..., state=..., build=...), where state(obj) returns "
-        f"a dict of what to store and build(**fields) rebuilds a {name} from it"
-    )
-
-
-def state_of(shape: Shape, obj: Any) -> Mapping[str, Any]:
-    """The fields `state=` or `__getstate__` gives, checked against what builds it back."""
-    cls = shape.cls.__name__
-    if shape.kind == "custom":
-        source = f"{callable_name(shape.state)}()"
-        state = typing.cast(State, shape.state)(obj)
-    else:
-        source = f"{cls}.__getstate__()"
-        state = obj.__getstate__() or {}  # object's own gives None for no attributes
-    if not isinstance(state, Mapping):
-        raise Unsupported(
-            f"{source} returned {short_repr(state, 60)}; it must return a dict of the fields "
-            f"to store, by name"
-        )
-    if names := [key for key in state if type(key) is not str]:
-        raise Unsupported(
-            f"{source} returned the field name {short_repr(names[0], 60)}; fields are named "
-            f"by text (str), as JSON object keys are"
-        )
-    if shape.kind == "custom":
-        problems = []
-        if not shape.open and (unknown := [key for key in state if key not in shape.loadable]):
-            problems.append(
-                f"field(s) {short_repr(unknown, 80)[1:-1]} that {shape.builder} does not take"
-            )
-        if missing := sorted(shape.required.difference(state)):
-            problems.append(f"no {', '.join(map(repr, missing))}, which {shape.builder} needs")
-        if problems:
-            raise Unsupported(
-                f"{source} returned {' and '.join(problems)} ({shape.builder} takes "
-                f"{_takes(shape)}); make the keys state= returns the parameter names of build="
-            )
-    return state
-
-
-def untyped(shape: Shape, name: str, value: Any, stored: Any) -> Unsupported:
-    """A field of a state that would load back as another type, for want of a hint."""
-    generic = isinstance(value, (list, tuple, set, frozenset, dict))
-    hint = type(value).__name__ + ("[...]" if generic else "")
-    if shape.unresolved:
-        hinted = callable_name(shape.build) if shape.kind == "custom" else shape.cls.__name__
-        where = f"the type hints of {hinted} do not resolve ({shape.unresolved})"
-        fix = "define the classes they name where the hints can see them (at module level)"
-    elif shape.kind == "custom":
-        where = f"{shape.builder} has no type hint for {name!r} that says what to build"
-        fix = f"annotate that parameter of {callable_name(shape.build)} ({name}: {hint})"
-    else:
-        where = f"{shape.cls.__name__} has no annotation for {name!r} that says what to build"
-        fix = f"annotate it in the class body ({name}: {hint})"
-    return Unsupported(
-        f"{short_repr(value, 60)} would load back as a {type(stored).__name__}, since {where}; "
-        f"{fix}"
-    )
