@@ -36,13 +36,7 @@ SOURCE = Path(pybondi.__file__).parent
 LONGEST = 500
 
 # module -> why it may be longer than LONGEST lines.
-LONG_MODULES: dict[str, str] = {
-    "pybondi.session": (
-        "one concept, the unit of work: its decisions, then its sync and async drivers side "
-        "by side (httpx's Client and AsyncClient), on purpose, so that the twins are read and "
-        "changed together; apart from them, it is only a few error helpers"
-    ),
-}
+LONG_MODULES: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

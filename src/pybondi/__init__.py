@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pybondi import _lazy
 from pybondi.aggregate import Aggregate, Entity, Factory, Root
 from pybondi.callbacks import Callback, Callbacks
+from pybondi.current import current_connection, current_session
 from pybondi.depends import Depends
 from pybondi.events import Added, Commited, Committed, RolledBack
 from pybondi.exceptions import (
@@ -40,7 +41,7 @@ from pybondi.exceptions import (
 from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, Message, Publisher
 from pybondi.repository import Repository
-from pybondi.session import Session, current_connection, current_session
+from pybondi.session import Session
 
 if TYPE_CHECKING:  # what __getattr__ imports on first use, for type checkers
     from pybondi.messaging.consumer import Consumer as Consumer

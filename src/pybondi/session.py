@@ -17,48 +17,48 @@ An exception in the block drops what is still queued, dispatches `RolledBack` fo
 aggregate, rolls back the repository and the publisher, closes, and propagates. So does
 a failure while committing, before the publisher's turn: no message leaves.
 
-Every decision (what is queued, what is announced, which state allows what, how cleanup
-failures are reported) lives in the shared helpers at the top of `Session`. The sync
-and async drivers below them sit side by side and differ only in calling or awaiting
-the I/O steps, in the shape of httpx's `Client` and `AsyncClient`. (A generator-driven
-protocol was tried first; it cost the session benchmark four times its target.)
+Every decision (what is queued, what is announced, which state allows what) lives in
+`pybondi._unitofwork.UnitOfWork`, its base. The sync and async drivers here sit side by
+side and differ only in calling or awaiting the I/O steps, in the shape of httpx's
+`Client` and `AsyncClient`. (A generator-driven protocol was tried first; it cost the
+session benchmark four times its target.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
-from pybondi.aggregate import Aggregate
-from pybondi.depends import async_twin
-from pybondi.events import Added, AggregateEvent, Committed, RolledBack
+from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
+
+# pybondi 1.2.1's session module had these names (it imported them for its own use), and
+# code that imported them from here keeps working.
+from pybondi.aggregate import Aggregate  # noqa: F401
+from pybondi.events import Added, Committed, RolledBack  # noqa: F401
 from pybondi.exceptions import (
-    MessageLimitExceeded,
-    SessionError,
     report_failures,
     short_repr,
 )
-from pybondi.messagebus import Command, Event, Messagebus
-from pybondi.persistence.store import Connected
-from pybondi.publisher import BasePublisher, Publisher
-from pybondi.repository import Repository
+from pybondi.messagebus import (
+    Command,
+    Event,
+    Messagebus,  # noqa: F401
+)
+from pybondi.publisher import Publisher  # noqa: F401
+from pybondi.repository import Repository  # noqa: F401
 
 if TYPE_CHECKING:
-    from pybondi.persistence.store import Transaction
+    pass
 
-__all__ = ["Session", "current_connection", "current_session"]
+__all__ = ["Session"]
 
 logger = logging.getLogger("pybondi.session")
 
 T = TypeVar("T")
-
-_NEW, _ACTIVE, _CLOSED = "new", "active", "closed"
 
 _INSTEAD = "`async with Session(...)`"
 
@@ -68,7 +68,7 @@ _PUBLISHER_ROLLED_BACK = (
 )
 
 
-class Session:
+class Session(UnitOfWork):
     """A unit of work: dispatches messages and commits or rolls back as one.
 
     Args:
@@ -93,141 +93,7 @@ class Session:
     handlers and hooks; the `a`-prefixed twins (and `async with`) accept both.
     """
 
-    __slots__ = (
-        "_announced",
-        "_budget",
-        "_draining",
-        "_given",
-        "_on_commit",
-        "_owned",
-        "_publishing",
-        "_state",
-        "_token",
-        "max_messages",
-        "messagebus",
-        "publisher",
-        "queue",
-        "repository",
-        "transaction",
-    )
-
-    def __init__(
-        self,
-        messagebus: Messagebus | None = None,
-        repository: Repository[Any] | None = None,
-        publisher: BasePublisher | None = None,
-        *,
-        transaction: Transaction[Any] | None = None,
-        max_messages: int = 10_000,
-    ) -> None:
-        self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
-        self.repository: Repository[Any] = _slot("repository", repository, Repository, Repository)
-        self.publisher: BasePublisher = _slot("publisher", publisher, BasePublisher, Publisher)
-        if max_messages < 1:
-            raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
-        self.max_messages = max_messages
-        self.queue: deque[Command | Event] = deque()
-        self._announced = 0  # how many aggregates of the identity map got their `Added`
-        self._draining = False
-        self._budget = max_messages  # what the drain under way may still dispatch
-        self._publishing: object | None = None  # what publisher.begin() returned
-        self._given = transaction
-        self.transaction = transaction
-        self._owned: Transaction[Any] | None = None  # given, and not held by the repository
-        self._on_commit: list[Callable[[], Any]] = []
-        self._token: Token[Session | None] | None = None  # current_session's, while open
-        self._state = _NEW
-
-    # Decisions, shared by both drivers (no I/O here) ------------------------------------
-
-    def add(self, aggregate: Aggregate) -> None:
-        """Take an aggregate into the session and queue `Added(aggregate)` for it.
-
-        Aggregates that reach the repository another way (`repository.get(id)`, or
-        `repository.add` in a handler) get their `Added` too, before their own events.
-        Adding the same object twice is a no-op.
-        """
-        if self._state is not _ACTIVE:
-            self.begin()
-        self.repository.add(aggregate)
-        self._welcome()
-
-    def _welcome(self) -> None:
-        """Queue `Added` for the aggregates new to the repository since last time."""
-        aggregates = self.repository.aggregates
-        if len(aggregates) != self._announced:
-            # The identity map only grows during a unit of work, in insertion order.
-            if self.messagebus.listens(Added):
-                self.queue.extend(map(Added, list(aggregates.values())[self._announced :]))
-            self._announced = len(aggregates)
-
-    def _announce(self, event_type: type[AggregateEvent[Any]]) -> bool:
-        """Queue `event_type` for each aggregate, if anyone listens; tell if it did."""
-        if not self.messagebus.listens(event_type):
-            return False
-        self.queue.extend(map(event_type, self.repository.aggregates.values()))
-        return True
-
-    def _rolled_back_events(self) -> list[RolledBack[Any]]:
-        if not self.messagebus.listens(RolledBack):
-            return []
-        return [RolledBack(aggregate) for aggregate in self.repository.aggregates.values()]
-
-    def _forget_pending(self) -> None:
-        self.queue.clear()
-        self._announced = len(self.repository.aggregates)
-        for aggregate in self.repository.aggregates.values():
-            aggregate.root.events.clear()
-
-    def _next(self) -> Command | Event | None:
-        """The next message to dispatch, or None once there is none: both drains use it.
-
-        First the aggregates new to the identity map get their `Added`, and what each
-        aggregate published joins the queue (and its repository's record); then the run's
-        budget is checked.
-        """
-        aggregates, queue = self.repository.aggregates, self.queue
-        if len(aggregates) != self._announced:
-            self._welcome()
-        for aggregate in aggregates.values():
-            if events := aggregate.root.events:
-                queue.extend(events)
-                self.repository.record(aggregate, events)
-                events.clear()
-        if not queue:
-            return None
-        self._budget -= 1
-        if self._budget < 0:
-            raise MessageLimitExceeded(self.max_messages, queue[0])
-        return queue.popleft()
-
-    def _claim(self) -> None:
-        """Check that the session may begin, and take its repository."""
-        if self._state is _CLOSED:
-            raise SessionError(
-                "This session is closed; open a new Session for the next unit of work."
-            )
-        if self._state is _ACTIVE:
-            raise SessionError("This session has already begun; sessions do not nest.")
-        self.repository.claim(self)
-        self._state = _ACTIVE
-        self._token = _current.set(self)
-
-    def _joined(self) -> Transaction[Any] | None:
-        """The unit of work's transaction, once the repository began: given, or its own."""
-        given, held = self._given, self.repository.transaction
-        self._owned = given if held is not given else None
-        self.transaction = held if held is not None else given
-        return self.transaction
-
-    def _owns_publisher(self) -> bool:
-        """Whether `publish` still writes to the transaction this session began."""
-        return self._publishing is None or self.publisher.current() is self._publishing
-
-    def _check_publisher(self) -> None:
-        """Refuse to go on while another session has taken the publisher over."""
-        if not self._owns_publisher():
-            raise _publisher_taken_over()
+    __slots__ = ()
 
     # The sync driver --------------------------------------------------------------------
 
@@ -281,7 +147,7 @@ class Session:
         """
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
         self.queue.append(command)
@@ -292,30 +158,12 @@ class Session:
 
         Returns what a command's handler returned, as `execute` does (None for an event).
         """
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
         message = _message(message)
         self.queue.append(message)
         return self._drain(message)
-
-    def on_commit(self, action: Callable[[], Any]) -> None:
-        """Call `action()` once the unit of work has committed, and only then.
-
-        For what must not happen unless the unit of work did (an e-mail, a cache
-        eviction): never on a rollback or a commit that failed. Actions run in the order
-        given, after the repository and the publisher committed (the outbox too); on the
-        async path an `async def` action is awaited. One that raises does not keep the
-        others from running; the first failure is raised after them, with a note that
-        the unit of work had committed. Nothing retries an action: for what must happen
-        at least once, publish a message through the outbox and act in its consumer.
-        """
-        if not callable(action):
-            raise TypeError(
-                f"session.on_commit() takes a function to call after the commit, got "
-                f"{short_repr(action)}; wrap a call in a lambda: on_commit(lambda: ...)."
-            )
-        self._on_commit.append(action)
 
     def enqueue(self, message: Command | Event) -> None:
         """Deprecated since 2.0 (pybondi 1.2.1's name): queue a message without handling it.
@@ -340,7 +188,7 @@ class Session:
             "Session.dispatch(message) in place of enqueue(message) and run()",
             "execute(), dispatch() and commit() run the queue",
         )
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
         self._drain()
@@ -351,7 +199,7 @@ class Session:
         Finish the queue, send `Committed` for each aggregate, then commit the repository
         and the publisher. A failure before the publisher's turn rolls back and propagates.
         """
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         try:
             self._check_publisher()
@@ -383,7 +231,7 @@ class Session:
         that one failing handler does not keep the others from restoring their
         aggregate), then roll back the repository and the publisher.
         """
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._rollback(None)
 
@@ -402,7 +250,7 @@ class Session:
         if self._owns_publisher():
             failures += _attempt(self.publisher.rollback)
         else:
-            failures.append(_publisher_taken_over())
+            failures.append(publisher_taken_over())
         report_failures(failures, cause)
 
     def close(self) -> None:
@@ -410,8 +258,8 @@ class Session:
         self._close(None)
 
     def _close(self, cause: BaseException | None) -> None:
-        if self._state is not _CLOSED:
-            self._state = _CLOSED
+        if self._state is not CLOSED:
+            self._state = CLOSED
             try:
                 failures = _attempt(self.repository.close, self._close_given, self.publisher.close)
             finally:
@@ -419,16 +267,6 @@ class Session:
                 self._leave()
             if failures:
                 report_failures(failures, cause)
-
-    def _leave(self) -> None:
-        """No longer the current session (the enclosing one, if any, is again)."""
-        token, self._token = self._token, None
-        if token is None:
-            return
-        try:
-            _current.reset(token)
-        except ValueError:  # closed in another context than it began in: that one ends
-            _current.set(None)
 
     def _close_given(self) -> None:
         if self._owned is not None:
@@ -491,7 +329,7 @@ class Session:
 
     async def adispatch(self, message: Command | Event) -> Any:
         """`dispatch`, awaiting async handlers."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         self._check_publisher()
         message = _message(message)
@@ -500,7 +338,7 @@ class Session:
 
     async def acommit(self) -> None:
         """`commit` for the async path."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         try:
             self._check_publisher()
@@ -525,7 +363,7 @@ class Session:
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         await self._arollback(None)
 
@@ -544,7 +382,7 @@ class Session:
         if self._owns_publisher():
             failures += await _aattempt(self.publisher.arollback)
         else:
-            failures.append(_publisher_taken_over())
+            failures.append(publisher_taken_over())
         report_failures(failures, cause)
 
     async def aclose(self) -> None:
@@ -552,8 +390,8 @@ class Session:
         await self._aclose(None)
 
     async def _aclose(self, cause: BaseException | None) -> None:
-        if self._state is not _CLOSED:
-            self._state = _CLOSED
+        if self._state is not CLOSED:
+            self._state = CLOSED
             try:
                 failures = await _aattempt(
                     self.repository.aclose, self._aclose_given, self.publisher.aclose
@@ -583,68 +421,11 @@ class Session:
             raise
         await self._aclose(exc)
 
-    def __repr__(self) -> str:
-        return (
-            f"<Session {self._state}: {len(self.repository.aggregates)} aggregate(s), "
-            f"{len(self.queue)} queued>"
-        )
-
 
 if TYPE_CHECKING:
     Commited = Committed
 else:  # pybondi 1.2.1's session module had it, imported from events: warn who uses it
     __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
-
-
-_current: ContextVar[Session | None] = ContextVar("pybondi.session.current", default=None)
-
-
-def current_session() -> Session:
-    """The open session of this thread or task: use it as `Depends(current_session)`.
-
-    Whichever opened it (a web request, a worker, a script): its `repository`, its
-    `publisher`, its store `transaction`, and `on_commit`. Sessions opened inside another
-    one's block are current until they close. Outside any open session, `SessionError`.
-    """
-    session = _current.get()
-    if session is None:
-        raise SessionError(
-            "No session is open in this thread or task: current_session() is the session "
-            "a handler runs in. Call it from a handler (Depends(current_session)), or "
-            "inside a `with Session(...)` or `async with Session(...)` block."
-        )
-    return session
-
-
-async def _acurrent_connection() -> Any:
-    return await _connected(current_session()).awriting_connection()
-
-
-@async_twin(_acurrent_connection)
-def current_connection() -> Any:
-    """The SQLAlchemy connection of the current session's transaction: `Depends(...)` it.
-
-    A `Connection` in a sync session, an `AsyncConnection` (to await) in an async one,
-    its writes begun: what a handler writes through it (a read model, a view) commits
-    with the unit of work's aggregates, or rolls back with them, on SQLite, PostgreSQL
-    and MariaDB alike. A session whose store keeps no SQL connection (the memory store,
-    an in-memory repository) raises `SessionError`.
-    """
-    return _connected(current_session()).writing_connection()
-
-
-def _connected(session: Session) -> Connected:
-    transaction = session.transaction
-    if not isinstance(transaction, Connected):
-        where = (
-            "no store" if transaction is None else f"a store without SQL ({transaction.store!r})"
-        )
-        raise SessionError(
-            f"current_connection() is the SQL connection of the session's transaction, and "
-            f"this session has {where}. Give the session a repository on a SQLStore, or "
-            f"keep what the handlers write in the repository's aggregates instead."
-        )
-    return transaction
 
 
 def _committed(failures: list[BaseException]) -> None:
@@ -684,20 +465,6 @@ async def _aattempt(*steps: Callable[[], Awaitable[object]]) -> list[BaseExcepti
     return failures
 
 
-def _slot(name: str, value: T | None, expected: type, default: Callable[[], T]) -> T:
-    if value is None:
-        return default()
-    # The exact default class is checked first: isinstance on an ABC is slow, and a
-    # session is built per unit of work.
-    if type(value) is not default and not isinstance(value, expected):
-        raise TypeError(
-            f"Session() argument {name!r} expects a {expected.__module__}.{expected.__name__}, "
-            f"got {type(value).__name__}: {short_repr(value)}. The order is "
-            f"Session(messagebus, repository, publisher)."
-        )
-    return value
-
-
 def _not_a_command(command: object) -> TypeError:
     return TypeError(
         f"Session.execute() takes a Command, got {type(command).__name__}: "
@@ -712,11 +479,3 @@ def _message(message: object) -> Command | Event:
             f"{short_repr(message)}."
         )
     return message
-
-
-def _publisher_taken_over() -> SessionError:
-    return SessionError(
-        "Another session began on the same publisher, on this thread or task, after this "
-        "one, and is still open: messages published now would join its transaction. Close "
-        "the inner session before using this one again."
-    )

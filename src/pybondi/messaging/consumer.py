@@ -29,13 +29,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
+from pybondi.current import current_session
 from pybondi.depends import DependencyOverrides
 from pybondi.exceptions import InvalidHandler, short_repr
 from pybondi.messagebus import Messagebus
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
 from pybondi.persistence.serialization import Registry
 from pybondi.publisher import Message, Publisher
-from pybondi.session import current_session
 
 if TYPE_CHECKING:
     from pybondi.persistence.store import MessagingStore
