@@ -59,11 +59,11 @@ from typing import Any, ClassVar, cast
 
 import pybondi
 from pybondi import Event, Message
-from pybondi.brokers import Broker, BrokerPublisher, connect
-from pybondi.outbox import Outbox
-from pybondi.relay import Relay
-from pybondi.serialization import Registry
-from pybondi.stores import SQLStore
+from pybondi.messaging.brokers import Broker, BrokerPublisher, connect
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.relay import Relay
+from pybondi.persistence import SQLStore
+from pybondi.persistence.serialization import Registry
 
 # Each client is optional: a missing one skips its broker (or B2), naming the extra.
 try:

@@ -60,9 +60,9 @@ from sqlalchemy.engine import Engine
 
 import pybondi
 from pybondi import Aggregate, Event, Messagebus, Root, Session
-from pybondi.repositories import EventSourcedRepository, StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import Record, Records, SQLStore, StoredEvent
+from pybondi.persistence import Record, Records, SQLStore, StoredEvent
+from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
+from pybondi.persistence.serialization import Registry
 
 try:
     import psycopg

@@ -68,17 +68,17 @@ import sqlalchemy as sa
 
 import pybondi
 from pybondi import Aggregate, Depends, Event, Message, Messagebus, Root, Session
-from pybondi.brokers import Broker, connect
-from pybondi.brokers.base import DEFAULT_GROUP
-from pybondi.consumer import Consumer, Retry, current_session
-from pybondi.envelope import Envelope
 from pybondi.exceptions import NotFound
-from pybondi.outbox import Outbox
-from pybondi.repositories import StateRepository, StoreRepository
-from pybondi.serialization import Registry
-from pybondi.stores import SQLStore, Store
-from pybondi.stores.base import Records
-from pybondi.worker import Worker
+from pybondi.messaging.brokers import Broker, connect
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.worker import Worker
+from pybondi.persistence import SQLStore, Store
+from pybondi.persistence.records import Records
+from pybondi.persistence.repositories import StateRepository, StoreRepository
+from pybondi.persistence.serialization import Registry
 
 # Each client is optional: a missing one skips its broker (PostgreSQL: everything).
 try:
@@ -500,7 +500,7 @@ class NATSTarget(Target):
     name = "nats"
 
     def stream(self, topic: str) -> str:
-        from pybondi.brokers.nats import NATSBroker  # noqa: PLC0415 - with the nats extra
+        from pybondi.messaging.brokers.nats import NATSBroker  # noqa: PLC0415 - with the nats extra
 
         broker = self.adapter()
         assert isinstance(broker, NATSBroker)

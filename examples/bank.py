@@ -31,9 +31,9 @@ from pybondi import (
     Session,
 )
 from pybondi.exceptions import NotFound
-from pybondi.repositories import StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import SQLStore
+from pybondi.persistence import SQLStore
+from pybondi.persistence.repositories import StateRepository
+from pybondi.persistence.serialization import Registry
 
 # Messages: what we ask for (commands) and what happened (events) ------------------------
 

@@ -19,7 +19,7 @@ from datetime import date
 from typing import Any, Optional
 
 from pybondi import Aggregate, Event, Root
-from pybondi.serialization import Registry
+from pybondi.persistence.serialization import Registry
 
 
 @dataclass(frozen=True)

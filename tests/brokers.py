@@ -44,9 +44,9 @@ from pamqp.commands import Basic, Channel, Confirm, Connection
 from redis.typing import EncodableT, FieldT
 
 from pybondi import Message
-from pybondi.brokers import Broker, connect
-from pybondi.brokers.base import DEFAULT_GROUP, Delivery, Subscription
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers import Broker, connect
+from pybondi.messaging.brokers.base import DEFAULT_GROUP, Delivery, Subscription
+from pybondi.messaging.envelope import Envelope
 from tests.backends import unavailable
 
 T = TypeVar("T")
@@ -463,7 +463,7 @@ class RabbitMQKit(BrokerKit):
             await channel.queue_delete(self.prefix + topic)
 
     async def cleanup(self) -> None:
-        from pybondi.brokers.rabbitmq import RabbitMQSubscription
+        from pybondi.messaging.brokers.rabbitmq import RabbitMQSubscription
 
         connection = self._connection()
         names = [*(self.prefix + topic for topic in self.topics), *self.other_queues]
@@ -532,7 +532,7 @@ class NATSKit(BrokerKit):
 
     def stream(self, topic: str) -> str:
         """The stream name the adapter uses for a topic."""
-        from pybondi.brokers.nats import NATSBroker
+        from pybondi.messaging.brokers.nats import NATSBroker
 
         if self.namer is None:
             self.namer = self.make()

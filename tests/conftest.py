@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pybondi import Command, Event, Messagebus, Publisher, Session
-from pybondi.stores import SQLStore, Store
+from pybondi.persistence import SQLStore, Store
 from tests.backends import BACKENDS, SQL_BACKENDS, Backend
 from tests.brokers import KITS, BrokerKit
 
@@ -31,11 +31,11 @@ class SyncDriver:
         with session:
             yield session
 
-    def execute(self, session: Session, command: Command) -> None:
-        session.execute(command)
+    def execute(self, session: Session, command: Command) -> Any:
+        return session.execute(command)
 
-    def dispatch(self, session: Session, message: Command | Event) -> None:
-        session.dispatch(message)
+    def dispatch(self, session: Session, message: Command | Event) -> Any:
+        return session.dispatch(message)
 
     def commit(self, session: Session) -> None:
         session.commit()
@@ -76,11 +76,11 @@ class AsyncDriver:
             raise
         self.runner.run(session.__aexit__(None, None, None))
 
-    def execute(self, session: Session, command: Command) -> None:
-        self.runner.run(session.aexecute(command))
+    def execute(self, session: Session, command: Command) -> Any:
+        return self.runner.run(session.aexecute(command))
 
-    def dispatch(self, session: Session, message: Command | Event) -> None:
-        self.runner.run(session.adispatch(message))
+    def dispatch(self, session: Session, message: Command | Event) -> Any:
+        return self.runner.run(session.adispatch(message))
 
     def commit(self, session: Session) -> None:
         self.runner.run(session.acommit())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pybondi import Aggregate, Event, Root
-from pybondi.serialization import Registry
+from pybondi.persistence.serialization import Registry
 
 
 @dataclass

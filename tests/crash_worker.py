@@ -34,11 +34,11 @@ from typing import Any, cast
 
 from pybondi import Depends, Message, Root, Session
 from pybondi.cli import main
-from pybondi.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
-from pybondi.repositories import StoreRepository
-from pybondi.stores import SQLStore
-from pybondi.stores.base import Records
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.persistence import SQLStore
+from pybondi.persistence.records import Records
+from pybondi.persistence.repositories import StoreRepository
 from tests.workers import Counted, Tally, registry, tallies
 
 TOPIC = os.environ.get("PYBONDI_CRASH_TOPIC", "counted.unset")
@@ -74,7 +74,7 @@ async def count(message: Message[Counted], session: Session = Depends(current_se
         tally = Tally(Root(key))
         repository.add(tally)
     tally.numbers.append(n)
-    store = repository.storage
+    store = repository.transaction.store if repository.transaction else None
     assert isinstance(store, SQLStore) and repository.transaction is not None
     insert = f"INSERT INTO {effects_table(store)} (n, key, message_id, pid) VALUES (%s, %s, %s, %s)"
     values = (n, key, message.id, os.getpid())
@@ -105,8 +105,8 @@ def fork_workers(arguments: list[str]) -> int:
 
 def _load(arguments: list[str]) -> None:
     """Import what the command will: the consumer, the worker, the driver, the client."""
-    import pybondi.worker  # noqa: F401
-    from pybondi.brokers import connect
+    import pybondi.messaging.worker  # noqa: F401
+    from pybondi.messaging.brokers import connect
 
     importlib.import_module(__spec__.name if __spec__ else "tests.crash_worker")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pybondi import Aggregate, Event, Messagebus, Root, Session
-from pybondi.repositories import StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import MemoryStore, Record, Records, SQLStore, Store
+from pybondi.persistence import MemoryStore, Record, Records, SQLStore, Store
+from pybondi.persistence.repositories import StateRepository
+from pybondi.persistence.serialization import Registry
 
 
 class Colour(Enum):

@@ -22,8 +22,8 @@ from types import FrameType
 import sqlalchemy as sa
 
 from pybondi import Message, Messagebus, Session
-from pybondi.outbox import Outbox
-from pybondi.stores import SQLStore
+from pybondi.messaging.outbox import Outbox
+from pybondi.persistence import SQLStore
 
 
 def main() -> int:

@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Message, Session
-from pybondi.brokers import Broker
-from pybondi.envelope import Envelope
-from pybondi.outbox import Outbox
-from pybondi.relay import Relay
-from pybondi.stores import SQLStore, Store
+from pybondi.messaging.brokers import Broker
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.relay import Relay
+from pybondi.persistence import SQLStore, Store
 from tests.backends import Backend
 from tests.brokers import BrokerKit
 
@@ -237,7 +237,7 @@ class RelayRig:
         transaction = await self.store.abegin()
         try:
             await transaction.arun(
-                lambda records: records.claim(  # type: ignore[attr-defined]
+                lambda records: records.outbox.claim(
                     topic, owner, now=now, until=now + timedelta(seconds=seconds), limit=1
                 )
             )

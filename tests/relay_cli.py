@@ -3,7 +3,7 @@
     python tests/relay_cli.py '{"prefix": "pybondi_ab12_"}' relay --store ... --broker ...
     python tests/relay_cli.py '{"prefix": "pybondi_ab12_"}' --fork relay --store ...
 
-The first argument is a JSON object of options for `pybondi.brokers.connect`; the rest
+The first argument is a JSON object of options for `pybondi.messaging.brokers.connect`; the rest
 is the `pybondi` command line, run by `pybondi.cli.main` as `python -m pybondi` runs it.
 The tests need the options because `pybondi relay` names streams, queues and exchanges
 with the adapters' defaults, while a test's broker kit reads and deletes only names of
@@ -26,11 +26,11 @@ import sys
 import traceback
 from typing import Any
 
-import pybondi.brokers
-from pybondi.brokers import Broker
+import pybondi.messaging.brokers
 from pybondi.cli import main
+from pybondi.messaging.brokers import Broker
 
-_connect = pybondi.brokers.connect
+_connect = pybondi.messaging.brokers.connect
 
 
 def connect(url: str, **options: Any) -> Broker:
@@ -55,8 +55,8 @@ def fork_relays(arguments: list[str]) -> int:
 
 def _load(arguments: list[str]) -> None:
     """Import what the command will: the relay, the store's driver, the broker's client."""
-    import pybondi.relay  # noqa: F401
-    from pybondi.stores.sql import SQLStore
+    import pybondi.messaging.relay  # noqa: F401
+    from pybondi.persistence.sql import SQLStore
 
     def option(name: str) -> str:
         return arguments[arguments.index(name) + 1]
@@ -82,8 +82,8 @@ def _relay(arguments: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # The command imports `connect` from pybondi.brokers when it starts the relay.
-    pybondi.brokers.connect = connect
+    # The command imports `connect` from pybondi.messaging.brokers when it starts the relay.
+    pybondi.messaging.brokers.connect = connect
     if sys.argv[2] == "--fork":
         sys.exit(fork_relays(sys.argv[3:]))
     sys.exit(main(sys.argv[2:]))

@@ -10,9 +10,9 @@ from datetime import date
 import pytest
 
 from pybondi import Messagebus, Session
-from pybondi.repositories import EventSourcedRepository, StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import MemoryStore, Records, Store
+from pybondi.persistence import MemoryStore, Records, Store
+from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
+from pybondi.persistence.serialization import Registry
 from tests.allocation import (
     Batch,
     OrderLine,

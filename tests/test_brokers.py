@@ -16,10 +16,10 @@ from decimal import Decimal
 import pytest
 
 from pybondi import AsyncRequired, Command, Message, Messagebus, Repository, Session
-from pybondi.brokers import Broker, BrokerPublisher, connect
-from pybondi.envelope import JSON_TYPE, Envelope
 from pybondi.exceptions import PublishError
-from pybondi.serialization import Registry
+from pybondi.messaging.brokers import Broker, BrokerPublisher, connect
+from pybondi.messaging.envelope import JSON_TYPE, Envelope
+from pybondi.persistence.serialization import Registry
 from pybondi.tracing import handling
 from tests.brokers import BrokerKit, on_broker
 
@@ -396,9 +396,9 @@ def test_a_missing_client_names_the_extra_to_install(client: str, url: str, extr
     script = f"""
 import sys
 sys.modules[{client!r}] = None
-import pybondi, pybondi.envelope, pybondi.tracing, pybondi.brokers
+import pybondi, pybondi.messaging.envelope, pybondi.tracing, pybondi.messaging.brokers
 try:
-    pybondi.brokers.connect({url!r})
+    pybondi.messaging.brokers.connect({url!r})
 except ImportError as error:
     print(type(error).__name__, error)
 """

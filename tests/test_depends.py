@@ -8,6 +8,11 @@ from typing import Annotated, Any
 import fast_depends
 import pytest
 
+try:  # a dev dependency, for the web example; the core's tests run without it
+    import fastapi
+except ModuleNotFoundError:  # pragma: no cover - depends on the installation
+    fastapi = None  # type: ignore[assignment]
+
 import pybondi
 from pybondi import AsyncRequired, Event, InvalidHandler, Messagebus, Publisher
 from pybondi.messagebus import Depends
@@ -312,3 +317,28 @@ def test_generator_handlers_are_refused_at_registration() -> None:
 
     with pytest.raises(InvalidHandler, match="generator function: its body would never run"):
         Messagebus().on(Ping)(handler)
+
+
+# FastAPI's markers ---------------------------------------------------------------------
+
+
+def get_number() -> int:
+    return 1
+
+
+@pytest.mark.skipif(fastapi is None, reason="FastAPI is not installed (pybondi[dev] has it)")
+def test_fastapis_depends_in_a_handler_is_refused_at_registration() -> None:
+    assert fastapi is not None
+    bus = Messagebus()
+    with pytest.raises(InvalidHandler, match=r"Parameter 'number' .* FastAPI's Depends") as default:
+
+        @bus.on(Ping)
+        def as_default(event: Ping, number: int = fastapi.Depends(get_number)) -> None: ...
+
+    assert "from pybondi import Depends" in str(default.value)
+    with pytest.raises(InvalidHandler, match="FastAPI's Security"):
+
+        @bus.on(Ping)
+        def in_annotated(
+            event: Ping, number: Annotated[int, fastapi.Security(get_number)]
+        ) -> None: ...

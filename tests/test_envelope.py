@@ -10,9 +10,9 @@ from uuid import UUID
 import pytest
 
 from pybondi import Event, Message
-from pybondi.envelope import JSON_TYPE, Envelope
 from pybondi.exceptions import SerializationError, UnknownMessageType
-from pybondi.serialization import Registry
+from pybondi.messaging.envelope import JSON_TYPE, Envelope
+from pybondi.persistence.serialization import Registry
 
 
 @dataclass(frozen=True)

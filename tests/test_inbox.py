@@ -20,12 +20,12 @@ from typing import Any, TypeVar, cast
 import pytest
 import sqlalchemy as sa
 
-from pybondi.deadletters import DeadLetter, DeadLetters
-from pybondi.envelope import Envelope
-from pybondi.stores import MemoryStore, SQLStore
-from pybondi.stores._sqlinbox import InboxStatements, bounded_id
-from pybondi.stores._sqlrecords import SQLRecords
-from tests.backends import Backend
+from pybondi.messaging.deadletters import DeadLetter, DeadLetters
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence import SQLStore
+from pybondi.persistence.records import bounded_id, id_problem
+from pybondi.persistence.sql.records import SQLRecords
+from tests.backends import AggregatesOnly, Backend
 from tests.conftest import AsyncDriver, Driver
 from tests.outboxes import outbox_rows
 
@@ -53,7 +53,7 @@ def transact(store: SQLStore, work: Callable[[SQLRecords], T], *, commit: bool =
 
 
 def handled(store: SQLStore, message_id: str, group: str = GROUP) -> bool:
-    return transact(store, lambda records: records.is_handled(group, message_id))
+    return transact(store, lambda records: records.inbox.has(group, message_id))
 
 
 def dead_letter(store: SQLStore, message: Envelope, group: str = GROUP, error: str = "no") -> int:
@@ -66,12 +66,12 @@ def give_up(
     store: SQLStore, message: Envelope, group: str = GROUP, error: str = "no"
 ) -> int | None:
     """The dead letter's id, or None if the group's inbox had the message already."""
-    return transact(store, lambda records: records.dead_letter(group, message, error, 5))
+    return transact(store, lambda records: records.dead_letters.add(group, message, error, 5))
 
 
 def stored_dead_letters(store: SQLStore) -> list[dict[str, Any]]:
     """The dead_letters table as stored, read around pybondi."""
-    table = store.statements.inbox.dead_letters
+    table = store.statements.dead_letters.dead_letters
     assert isinstance(store.engine, sa.Engine)
     with store.engine.connect() as connection:
         rows = connection.execute(sa.select(table).order_by(table.c.id)).mappings()
@@ -157,16 +157,16 @@ def test_record_handled_is_true_once_per_group_and_message(driver: Driver, table
     message = envelope()
 
     def twice(records: SQLRecords) -> list[bool]:
-        return [records.record_handled(GROUP, message), records.record_handled(GROUP, message)]
+        return [records.inbox.claim(GROUP, message), records.inbox.claim(GROUP, message)]
 
     def run(work: Callable[[SQLRecords], T]) -> T:
         return run_on(driver, tables.store, work)
 
     assert run(twice) == [True, False]  # the duplicate in the same transaction too
-    assert run(lambda records: records.record_handled(GROUP, message)) is False
-    assert run(lambda records: records.is_handled(GROUP, message.id)) is True
-    assert run(lambda records: records.record_handled("audit", message)) is True
-    assert run(lambda records: records.is_handled("other", message.id)) is False
+    assert run(lambda records: records.inbox.claim(GROUP, message)) is False
+    assert run(lambda records: records.inbox.has(GROUP, message.id)) is True
+    assert run(lambda records: records.inbox.claim("audit", message)) is True
+    assert run(lambda records: records.inbox.has("other", message.id)) is False
     assert handled(tables.reader, message.id) and handled(tables.reader, message.id, "audit")
 
 
@@ -174,7 +174,7 @@ def test_a_rolled_back_record_is_gone(store: SQLStore) -> None:
     message = envelope()
 
     def record(records: SQLRecords) -> tuple[bool, bool]:
-        return records.record_handled(GROUP, message), records.is_handled(GROUP, message.id)
+        return records.inbox.claim(GROUP, message), records.inbox.has(GROUP, message.id)
 
     assert transact(store, record, commit=False) == (True, True)
     assert not handled(store, message.id)
@@ -193,12 +193,12 @@ def test_a_concurrent_record_of_the_same_message_waits_for_the_first(
 
     def second() -> None:
         try:
-            got.append(transact(store, lambda records: records.record_handled(GROUP, message)))
+            got.append(transact(store, lambda records: records.inbox.claim(GROUP, message)))
         except BaseException as error:
             got.append(error)
 
     try:
-        assert first.run(lambda records: cast(SQLRecords, records).record_handled(GROUP, message))
+        assert first.run(lambda records: records.inbox.claim(GROUP, message))
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(WAITING)
@@ -213,8 +213,8 @@ def test_a_concurrent_record_of_the_same_message_waits_for_the_first(
 
 def test_purge_inbox_deletes_the_rows_handled_before(store: SQLStore) -> None:
     old, new = envelope(), envelope()
-    transact(store, lambda records: records.record_handled(GROUP, old))
-    transact(store, lambda records: records.record_handled(GROUP, new))
+    transact(store, lambda records: records.inbox.claim(GROUP, old))
+    transact(store, lambda records: records.inbox.claim(GROUP, new))
     inbox = store.statements.inbox.inbox
     assert isinstance(store.engine, sa.Engine)
     with store.engine.begin() as connection:
@@ -223,9 +223,9 @@ def test_purge_inbox_deletes_the_rows_handled_before(store: SQLStore) -> None:
             inbox.update().where(inbox.c.message_id == old.id).values(handled_at=two_days_ago)
         )
     day_ago = datetime.now(UTC) - timedelta(days=1)
-    assert transact(store, lambda records: records.purge_inbox(day_ago)) == 1
+    assert transact(store, lambda records: records.inbox.purge(day_ago)) == 1
     assert not handled(store, old.id) and handled(store, new.id)
-    assert transact(store, lambda records: records.purge_inbox(day_ago)) == 0
+    assert transact(store, lambda records: records.inbox.purge(day_ago)) == 0
 
 
 # Dead letters ----------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_a_dead_letter_keeps_everything_and_records_the_message(store: SQLStore)
     assert row["id"] == id
     assert json.loads(row["headers"]) == message.headers
     assert row["body"] == '{"a":1}\ufffd\ufffd'  # not UTF-8, and a NUL: replaced
-    letter = transact(store, lambda records: records.dead_letter_by_id(id))
+    letter = transact(store, lambda records: records.dead_letters.get(id))
     assert letter == DeadLetter(
         id=id,
         group=GROUP,
@@ -260,8 +260,8 @@ def test_a_dead_letter_keeps_everything_and_records_the_message(store: SQLStore)
     assert before - timedelta(seconds=1) <= letter.failed_at <= after + timedelta(seconds=1)
     # The message is in the group's inbox: a redelivery is skipped.
     assert handled(store, message.id)
-    assert transact(store, lambda records: records.record_handled(GROUP, message)) is False
-    assert transact(store, lambda records: records.dead_letter_by_id(id + 1)) is None
+    assert transact(store, lambda records: records.inbox.claim(GROUP, message)) is False
+    assert transact(store, lambda records: records.dead_letters.get(id + 1)) is None
 
 
 def test_dead_letters_written_through_sqlalchemys_execution(store: SQLStore) -> None:
@@ -272,13 +272,13 @@ def test_dead_letters_written_through_sqlalchemys_execution(store: SQLStore) -> 
     messages = [envelope(), envelope()]
     ids = [dead_letter(store, message) for message in messages]
     assert ids[1] > ids[0] and [row["id"] for row in stored_dead_letters(store)] == ids
-    assert transact(store, lambda records: records.record_handled(GROUP, messages[0])) is False
+    assert transact(store, lambda records: records.inbox.claim(GROUP, messages[0])) is False
     assert any("dead_letters" in statement for statement in statements)
 
 
 def test_a_message_already_in_the_inbox_is_not_dead_lettered(store: SQLStore) -> None:
     handled_elsewhere, given_up_on = envelope(), envelope()
-    transact(store, lambda records: records.record_handled(GROUP, handled_elsewhere))
+    transact(store, lambda records: records.inbox.claim(GROUP, handled_elsewhere))
     assert give_up(store, handled_elsewhere) is None  # another worker committed it
     first = dead_letter(store, given_up_on)
     assert give_up(store, given_up_on) is None  # delivered twice, dead-lettered once
@@ -288,7 +288,8 @@ def test_a_message_already_in_the_inbox_is_not_dead_lettered(store: SQLStore) ->
 def unread(store: SQLStore, message: Envelope, group: str = GROUP) -> int | None:
     """Dead-letter a message that could not be read: without claiming its inbox row."""
     return transact(
-        store, lambda records: records.dead_letter(group, message, "Unreadable", 1, claim=False)
+        store,
+        lambda records: records.dead_letters.add(group, message, "Unreadable", 1, claim=False),
     )
 
 
@@ -296,14 +297,14 @@ def test_an_unreadable_message_is_dead_lettered_without_its_inbox_row(store: SQL
     bad = envelope(body=b"{not json")
     first = unread(store, bad)
     assert first is not None and not handled(store, bad.id)
-    letter = transact(store, lambda records: records.dead_letter_by_id(first))
+    letter = transact(store, lambda records: records.dead_letters.get(first))
     assert letter is not None and not letter.holds_inbox
     assert unread(store, bad) is None  # the same bad message again: no second letter
     # The same id with another body is another message; the group handles it (and
     # then a copy of it is a duplicate, not a dead letter).
     other = unread(store, envelope(bad.id, body=b"{NOT JSON"))  # compared case by case
     assert other is not None and other > first
-    assert transact(store, lambda records: records.record_handled(GROUP, bad)) is True
+    assert transact(store, lambda records: records.inbox.claim(GROUP, bad)) is True
     assert unread(store, envelope(bad.id, body=b"[")) is None
     assert [row["id"] for row in stored_dead_letters(store)] == [first, other]
     assert unread(store, bad, group="audit") is not None  # each group its own
@@ -324,9 +325,7 @@ def test_a_concurrent_dead_letter_of_the_same_unreadable_message_waits_and_write
 
     try:
         assert first.run(
-            lambda records: cast(SQLRecords, records).dead_letter(
-                GROUP, bad, "Unreadable", 1, claim=False
-            )
+            lambda records: records.dead_letters.add(GROUP, bad, "Unreadable", 1, claim=False)
         )
         thread = threading.Thread(target=second)
         thread.start()
@@ -351,16 +350,16 @@ def test_a_concurrent_dead_letter_of_the_same_unreadable_message_waits_and_write
 def test_an_id_the_inbox_cannot_keep_is_dead_lettered_shortened(
     store: SQLStore, unfit: str, problem: str
 ) -> None:
-    assert problem in (InboxStatements.id_problem(unfit) or "")
+    assert problem in (id_problem(unfit) or "")
     message = Envelope("bank.deposits", unfit, {"message-type": "json"}, b"{}")
     with pytest.raises(ValueError, match=problem):
-        transact(store, lambda records: records.record_handled(GROUP, message))
+        transact(store, lambda records: records.inbox.claim(GROUP, message))
     id = unread(store, message)
     assert id is not None and unread(store, message) is None
-    letter = transact(store, lambda records: records.dead_letter_by_id(id))
+    letter = transact(store, lambda records: records.dead_letters.get(id))
     assert letter is not None
     assert letter.message_id == bounded_id(unfit) != unfit
-    assert InboxStatements.id_problem(letter.message_id) is None
+    assert id_problem(letter.message_id) is None
     assert letter.headers == {"message-type": "json", "message-id": unfit}
 
 
@@ -373,7 +372,7 @@ def test_long_ids_that_start_alike_stay_apart_when_shortened() -> None:
 
 def test_a_rolled_back_dead_letter_is_gone(store: SQLStore) -> None:
     message = envelope()
-    transact(store, lambda records: records.dead_letter(GROUP, message, "no", 1), commit=False)
+    transact(store, lambda records: records.dead_letters.add(GROUP, message, "no", 1), commit=False)
     assert stored_dead_letters(store) == [] and not handled(store, message.id)
 
 
@@ -385,7 +384,8 @@ def test_dead_letters_filter_and_page(store: SQLStore) -> None:
 
     def listed(**filters: Any) -> list[int]:
         return [
-            letter.id for letter in transact(store, lambda records: records.dead_letters(**filters))
+            letter.id
+            for letter in transact(store, lambda records: records.dead_letters.page(**filters))
         ]
 
     assert listed() == made == sorted(made)
@@ -404,7 +404,9 @@ def test_replay_moves_dead_letters_to_the_outbox(store: SQLStore) -> None:
     kept_id, replayed_id = dead_letter(store, kept), dead_letter(store, replayed)
     before = datetime.now(UTC)
 
-    result = transact(store, lambda records: records.replay([replayed_id, replayed_id, 999_999]))
+    result = transact(
+        store, lambda records: records.dead_letters.replay([replayed_id, replayed_id, 999_999])
+    )
 
     assert [letter.id for letter in result] == [replayed_id]
     assert result[0].message_id == replayed.id
@@ -423,7 +425,7 @@ def test_replay_moves_dead_letters_to_the_outbox(store: SQLStore) -> None:
     assert [row["id"] for row in stored_dead_letters(store)] == [kept_id]
     assert handled(store, kept.id)
     # Replayed already: nothing left to replay.
-    assert transact(store, lambda records: records.replay([replayed_id])) == []
+    assert transact(store, lambda records: records.dead_letters.replay([replayed_id])) == []
     assert len(outbox_rows(store)) == 1
 
 
@@ -434,9 +436,9 @@ def test_replaying_an_unreadable_message_leaves_the_inbox_row_of_its_corrected_t
     letter = unread(store, bad)
     assert letter is not None
     corrected = envelope(bad.id, body=b"{}")  # resent, fixed, and handled since
-    assert transact(store, lambda records: records.record_handled(GROUP, corrected)) is True
+    assert transact(store, lambda records: records.inbox.claim(GROUP, corrected)) is True
 
-    [replayed] = transact(store, lambda records: records.replay([letter]))
+    [replayed] = transact(store, lambda records: records.dead_letters.replay([letter]))
 
     assert not replayed.holds_inbox
     assert handled(store, bad.id)  # the corrected message stays handled: no second effect
@@ -445,7 +447,9 @@ def test_replaying_an_unreadable_message_leaves_the_inbox_row_of_its_corrected_t
 def test_a_rolled_back_replay_changes_nothing(store: SQLStore) -> None:
     message = envelope()
     id = dead_letter(store, message)
-    assert len(transact(store, lambda records: records.replay([id]), commit=False)) == 1
+    assert (
+        len(transact(store, lambda records: records.dead_letters.replay([id]), commit=False)) == 1
+    )
     assert outbox_rows(store) == []
     assert handled(store, message.id)
     assert [row["id"] for row in stored_dead_letters(store)] == [id]
@@ -458,12 +462,12 @@ def test_a_concurrent_replay_of_the_same_dead_letter_replays_it_once(store: SQLS
 
     def second() -> None:
         try:
-            got.append(transact(store, lambda records: records.replay([id])))
+            got.append(transact(store, lambda records: records.dead_letters.replay([id])))
         except BaseException as error:
             got.append(error)
 
     try:
-        assert len(first.run(lambda records: cast(SQLRecords, records).replay([id]))) == 1
+        assert len(first.run(lambda records: records.dead_letters.replay([id]))) == 1
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(WAITING)
@@ -479,10 +483,13 @@ def test_a_concurrent_replay_of_the_same_dead_letter_replays_it_once(store: SQLS
 def test_discard_deletes_dead_letters_and_keeps_the_inbox_rows(store: SQLStore) -> None:
     messages = [envelope(), envelope(), envelope()]
     ids = [dead_letter(store, message) for message in messages]
-    assert transact(store, lambda records: records.discard([ids[0], ids[2], ids[2], -1])) == 2
+    assert (
+        transact(store, lambda records: records.dead_letters.discard([ids[0], ids[2], ids[2], -1]))
+        == 2
+    )
     assert [row["id"] for row in stored_dead_letters(store)] == [ids[1]]
     assert all(handled(store, message.id) for message in messages)
-    assert transact(store, lambda records: records.discard([ids[0]])) == 0
+    assert transact(store, lambda records: records.dead_letters.discard([ids[0]])) == 0
     assert outbox_rows(store) == []
 
 
@@ -494,7 +501,7 @@ def test_dead_letters_api(driver: Driver, tables: Tables) -> None:
     messages = [envelope(topic="t1"), envelope(topic="t2"), envelope(topic="t1")]
 
     def dead_letter_of(message: Envelope) -> Callable[[SQLRecords], int | None]:
-        return lambda records: records.dead_letter(GROUP, message, "e", 2)
+        return lambda records: records.dead_letters.add(GROUP, message, "e", 2)
 
     made = [run_on(driver, tables.store, dead_letter_of(message)) for message in messages]
     ids = [id for id in made if id is not None]
@@ -519,6 +526,6 @@ def test_dead_letters_api(driver: Driver, tables: Tables) -> None:
     assert handled(tables.reader, messages[0].id)
 
 
-def test_dead_letters_need_a_sql_store() -> None:
-    with pytest.raises(TypeError, match="SQLStore"):
-        DeadLetters(MemoryStore())
+def test_dead_letters_need_a_store_that_keeps_them() -> None:
+    with pytest.raises(TypeError, match="SQLStore or a MemoryStore"):
+        DeadLetters(AggregatesOnly())  # type: ignore[arg-type]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from pybondi import Command, Message, Messagebus
-from pybondi.consumer import Consumer, Retry
-from pybondi.serialization import Registry
+from pybondi.messaging.consumer import Consumer, Retry
+from pybondi.persistence.serialization import Registry
 from tests.backends import Backend
 from tests.brokers import BrokerKit
 from tests.workers import WorkerRig, eventually

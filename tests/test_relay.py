@@ -27,17 +27,17 @@ from typing import Any, cast
 import pytest
 
 from pybondi import Message, Session
-from pybondi.brokers.redis import RedisBroker
-from pybondi.envelope import Envelope
 from pybondi.exceptions import PublishError
-from pybondi.outbox import Outbox
-from pybondi.relay import Relay
-from pybondi.stores import MemoryStore, SQLStore
-from tests.backends import Backend
+from pybondi.messaging.brokers.redis import RedisBroker
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.relay import Relay
+from pybondi.persistence import SQLStore
+from tests.backends import AggregatesOnly, Backend
 from tests.brokers import KITS, BrokerKit, RedisKit
 from tests.outboxes import Counting, Dying, RelayRig, Slow, aoutbox_rows, eventually, ids
 
-LOGGER = "pybondi.relay"
+LOGGER = "pybondi.messaging.relay"
 
 
 @pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis)])
@@ -407,7 +407,7 @@ def test_an_idle_topic_s_head_and_cursor_go_and_a_topic_used_again_starts_anew(
         # waits for the head it holds, and then finds it moved.
         writing = await rig.store.abegin()
         envelope = Envelope.seal(busy, Message({"n": 2}))
-        await writing.arun(lambda records: records.enqueue([envelope]))  # type: ignore[attr-defined]
+        await writing.arun(lambda records: records.outbox.enqueue([envelope]))
         purge = asyncio.ensure_future(forget(purging))  # rows purged; `idle` forgotten
         await asyncio.sleep(0.5)
         await writing.acommit()
@@ -476,10 +476,10 @@ def test_a_stop_as_run_starts_is_not_lost(rig: RelayRig) -> None:
     rig.run(scenario())
 
 
-def test_a_relay_needs_a_sql_store_and_a_positive_batch_size(tmp_path: Path) -> None:
-    store, broker = MemoryStore(), RedisBroker("redis://127.0.0.1:6379")
-    with pytest.raises(TypeError, match="SQL database") as refused:
-        Relay(store, broker)
+def test_a_relay_needs_an_outbox_and_a_positive_batch_size(tmp_path: Path) -> None:
+    store, broker = AggregatesOnly(), RedisBroker("redis://127.0.0.1:6379")
+    with pytest.raises(TypeError, match="keeps no outbox") as refused:
+        Relay(store, broker)  # type: ignore[arg-type]
     assert repr(store) in str(refused.value)
     sql = SQLStore(f"sqlite:///{tmp_path / 'outbox.db'}")
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):

@@ -47,8 +47,8 @@ import nats.js.api
 import pytest
 import sqlalchemy as sa
 
-from pybondi.envelope import Envelope
-from pybondi.stores import SQLStore
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence import SQLStore
 from tests.backends import Backend
 from tests.brokers import BrokerKit, NATSKit, RabbitMQKit
 

@@ -31,10 +31,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from pybondi import Message, Messagebus, Session
-from pybondi.brokers import connect
-from pybondi.outbox import Outbox
-from pybondi.relay import Relay
-from pybondi.stores import SQLStore
+from pybondi.messaging.brokers import connect
+from pybondi.messaging.outbox import Outbox
+from pybondi.messaging.relay import Relay
+from pybondi.persistence import SQLStore
 from tests.backends import Backend
 from tests.brokers import BrokerKit
 from tests.proxy import Proxy
@@ -86,7 +86,7 @@ def test_the_relay_retries_through_an_outage_then_catches_up_losing_nothing(
     caplog: pytest.LogCaptureFixture,
     record_property: Any,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pybondi.relay")
+    caplog.set_level(logging.WARNING, logger="pybondi.messaging.relay")
     backend, prefix = backends["postgres"], f"o{uuid.uuid4().hex[:8]}_"
     store, astore = backend.store(prefix=prefix), backend.store(asynchronous=True, prefix=prefix)
     assert isinstance(store, SQLStore) and isinstance(astore, SQLStore)
@@ -148,7 +148,7 @@ def test_the_relay_retries_through_an_outage_then_catches_up_losing_nothing(
     retries = [
         record
         for record in caplog.records
-        if record.name == "pybondi.relay"
+        if record.name == "pybondi.messaging.relay"
         and "retrying" in record.getMessage()
         and times["cut"] <= record.created <= times["restore"]
     ]

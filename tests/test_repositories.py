@@ -14,9 +14,13 @@ import pytest
 
 from pybondi import Aggregate, Event, Messagebus, Root, Session
 from pybondi.exceptions import ConcurrencyError, NotFound, SerializationError, UnknownMessageType
-from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
-from pybondi.serialization import Registry
-from pybondi.stores import Record, Snapshot, SQLStore, Store, StoredEvent
+from pybondi.persistence import Record, Snapshot, SQLStore, Store, StoredEvent
+from pybondi.persistence.repositories import (
+    EventSourcedRepository,
+    StateRepository,
+    StoreRepository,
+)
+from pybondi.persistence.serialization import Registry
 from tests import hash_seeds
 from tests.backends import Backend
 from tests.conftest import Driver

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pybondi._redact import redact, scrub
-from pybondi.brokers import check_url, connect
-from pybondi.stores import SQLStore
+from pybondi.messaging.brokers import check_url, connect
+from pybondi.persistence import SQLStore
 
 ROOT = Path(__file__).parent.parent
 SECRET = "S3cretXyz"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pybondi import Aggregate, Command, Event, Root
 from pybondi.exceptions import SerializationError, UnknownMessageType
-from pybondi.serialization import Registry, Serialized
+from pybondi.persistence.serialization import Registry, Serialized
 from tests import hash_seeds
 
 ACCOUNT = UUID("12345678-1234-5678-1234-567812345678")
@@ -297,7 +297,7 @@ def test_pydantic_models_and_registered_plain_classes_nest_in_dataclasses(
 def test_the_module_docstring_example_runs() -> None:
     import textwrap
 
-    from pybondi import serialization
+    from pybondi.persistence import serialization
 
     doc = serialization.__doc__ or ""
     example = doc[doc.index("    registry = Registry()") : doc.index("Registered classes")]

@@ -40,8 +40,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Messagebus, Root, Session
-from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
-from pybondi.stores import SQLStore
+from pybondi.persistence import SQLStore
+from pybondi.persistence.repositories import (
+    EventSourcedRepository,
+    StateRepository,
+    StoreRepository,
+)
 from tests.backends import Backend, unavailable
 from tests.counters import Counter, registry
 

@@ -41,9 +41,13 @@ import pytest
 
 from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import ConcurrencyError, NotFound
-from pybondi.repositories import EventSourcedRepository, StateRepository, StoreRepository
-from pybondi.serialization import Registry
-from pybondi.stores import SQLStore, Store, StoredEvent
+from pybondi.persistence import SQLStore, Store, StoredEvent
+from pybondi.persistence.repositories import (
+    EventSourcedRepository,
+    StateRepository,
+    StoreRepository,
+)
+from pybondi.persistence.serialization import Registry
 from tests.backends import Backend
 from tests.counters import Counter, registry
 

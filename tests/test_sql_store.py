@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import MissingDependency, SessionError
-from pybondi.repositories import StateRepository
-from pybondi.stores import SQLStore, Store
+from pybondi.persistence import SQLStore, Store
+from pybondi.persistence.repositories import StateRepository
 from tests.backends import Backend
 from tests.conftest import Driver
 from tests.test_repositories import Account, registry
@@ -123,7 +123,7 @@ def test_a_missing_driver_of_an_extra_names_the_extra() -> None:
     script = """
 import sys
 sys.modules["psycopg"] = None
-from pybondi.stores import SQLStore
+from pybondi.persistence import SQLStore
 try:
     SQLStore("postgresql://localhost/test")
 except ImportError as error:
@@ -203,11 +203,12 @@ def test_pybondi_works_without_sqlalchemy_and_says_which_extra_to_install() -> N
     script = """
 import sys
 sys.modules["sqlalchemy"] = None
-import pybondi, pybondi.stores, pybondi.repositories, pybondi.serialization
-from pybondi.stores import MemoryStore
+import pybondi, pybondi.persistence
+import pybondi.persistence.repositories, pybondi.persistence.serialization
+from pybondi.persistence import MemoryStore
 MemoryStore()
 try:
-    from pybondi.stores import SQLStore
+    from pybondi.persistence import SQLStore
 except ImportError as error:
     print(type(error).__name__, error)
 """

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from pybondi.exceptions import MissingDependency
-from pybondi.stores import SQLStore
+from pybondi.persistence import SQLStore
 from tests.backends import Backend, unavailable
 from tests.conftest import Driver
 

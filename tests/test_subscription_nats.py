@@ -14,11 +14,11 @@ from functools import partial
 
 import pytest
 
-import pybondi.brokers.nats
+import pybondi.messaging.brokers.nats.subscription
 from pybondi import Message
-from pybondi.brokers.base import Delivery
-from pybondi.brokers.nats import NATSBroker, NATSSubscription
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers.base import Delivery
+from pybondi.messaging.brokers.nats import NATSBroker, NATSSubscription
+from pybondi.messaging.envelope import Envelope
 from tests import brokers
 from tests.brokers import NATSKit, ack, envelopes, on_kit, started
 from tests.proxy import Proxy
@@ -363,7 +363,8 @@ async def test_a_deleted_stream_is_declared_again(kit: NATSKit) -> None:
 
     await kit.destroy(topic)  # as an operator may: the consumer goes with it
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pybondi.brokers.nats, "_CHECK_AFTER", 0.0)  # not 10 s: at once
+        # Not 10 s: at once.
+        patch.setattr(pybondi.messaging.brokers.nats.subscription, "_CHECK_AFTER", 0.0)
         with pytest.raises(ConnectionError, match="is gone.*declares it again"):
             for _ in range(5):  # a fetch that brought nothing makes the check
                 assert await subscription.receive(10, wait=0.2) == []

@@ -17,10 +17,10 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from pybondi.brokers.base import DEFAULT_GROUP
-from pybondi.brokers.rabbitmq import ATTEMPT_HEADER, RabbitMQBroker, RabbitMQSubscription
-from pybondi.envelope import Envelope
 from pybondi.exceptions import PublishError
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.messaging.brokers.rabbitmq import ATTEMPT_HEADER, RabbitMQBroker, RabbitMQSubscription
+from pybondi.messaging.envelope import Envelope
 from tests import brokers
 from tests.brokers import RabbitMQKit, on_kit, started, take
 from tests.proxy import Proxy

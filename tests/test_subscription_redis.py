@@ -18,9 +18,9 @@ import redis
 import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
-from pybondi.brokers.base import DEFAULT_GROUP
-from pybondi.brokers.redis import RedisBroker
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.messaging.brokers.redis import RedisBroker
+from pybondi.messaging.envelope import Envelope
 from tests import brokers
 from tests.brokers import RedisKit, envelopes, on_kit, started
 from tests.proxy import Proxy

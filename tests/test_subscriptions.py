@@ -6,7 +6,7 @@ tests/test_subscription_<broker>.py.
 
 from __future__ import annotations
 
-from pybondi.brokers.rabbitmq import RabbitMQBroker
+from pybondi.messaging.brokers.rabbitmq import RabbitMQBroker
 from tests.brokers import BrokerKit, RabbitMQKit, on_broker, take
 
 

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import ConcurrencyError, NotFound
-from pybondi.repositories import TableRepository
-from pybondi.stores import MemoryStore, SQLStore, Store
+from pybondi.persistence import MemoryStore, SQLStore, Store
+from pybondi.persistence.repositories import TableRepository
 from tests.conftest import Driver
 from tests.test_repositories import Account, log, registry
 

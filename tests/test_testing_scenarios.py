@@ -30,10 +30,10 @@ from pybondi import (
     Root,
     Session,
 )
-from pybondi.consumer import current_session
-from pybondi.repositories import EventSourcedRepository, StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import MemoryStore
+from pybondi.messaging.consumer import current_session
+from pybondi.persistence import MemoryStore
+from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
+from pybondi.persistence.serialization import Registry
 from pybondi.testing import Scenario
 
 # The domain -----------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 from pybondi import Depends, Message, Messagebus, Root, Session
-from pybondi.brokers.rabbitmq import RabbitMQBroker
-from pybondi.consumer import Consumer, Retry, current_session
-from pybondi.deadletters import DeadLetters
-from pybondi.envelope import Envelope
 from pybondi.exceptions import NotFound
-from pybondi.relay import Relay
+from pybondi.messaging.brokers.rabbitmq import RabbitMQBroker
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.messaging.deadletters import DeadLetters
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.relay import Relay
 from pybondi.tracing import TracingFilter
 from tests.backends import Backend
 from tests.brokers import BrokerKit, RabbitMQKit
@@ -523,8 +523,9 @@ def test_a_replayed_dead_letter_is_skipped_by_the_groups_that_handled_it(
         await eventually(handled, what="the audit group handled the message")
         # The billing group gave up on the same message, and its dead letter is replayed.
         letter = await rig.store.atransact(
-            lambda records: records.dead_letter("billing", sent, "RuntimeError: bug", 5)  # type: ignore[attr-defined]
+            lambda records: records.dead_letters.add("billing", sent, "RuntimeError: bug", 5)
         )
+        assert letter is not None
         await DeadLetters(rig.store).replay([letter])
         await Relay(rig.store, rig.kit.make()).run_once()
 
@@ -673,11 +674,11 @@ def test_messages_whose_ids_are_too_long_are_dead_lettered_at_once(rig: WorkerRi
 def test_a_failure_to_dead_letter_other_than_an_outage_is_logged_once_and_acked(
     rig: WorkerRig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, "pybondi.worker")
+    caplog.set_level(logging.ERROR, "pybondi.messaging.worker")
 
     async def test() -> None:
         topic = rig.kit.topic()
-        dead_letters = rig.store.statements.inbox.dead_letters
+        dead_letters = rig.store.statements.dead_letters.dead_letters
         await rig.drop(dead_letters)  # dead-lettering now fails, with the database up
         not_json = Envelope.seal(topic, Message(Counted("k", 1)), registry)
         not_json.body = b"{not json"

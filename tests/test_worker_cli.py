@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pybondi.envelope import Envelope
+from pybondi.messaging.envelope import Envelope
 from pybondi.publisher import Message
 from tests.backends import Backend
 from tests.brokers import RedisKit
@@ -119,7 +119,10 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize(
     ("target", "problem"),
     [
-        ("tests.worker_app:not_a_consumer", "object is neither a pybondi.consumer.Consumer"),
+        (
+            "tests.worker_app:not_a_consumer",
+            "object is neither a pybondi.messaging.Consumer",
+        ),
         ("tests.worker_app:bus", "a Messagebus needs the topics"),
         ("tests.worker_app:nothing", "AttributeError"),
         ("tests.no_such_module:consumer", "cannot load tests.no_such_module:consumer"),
@@ -242,7 +245,7 @@ def envelope_of(topic: str, id: str) -> Envelope:
 
 def dead_letter(envelope: Envelope, error: str, attempts: int, records: Any) -> int:
     """What a worker writes when it gives up on a message of the group `billing`."""
-    return int(records.dead_letter("billing", envelope, error, attempts))
+    return int(records.dead_letters.add("billing", envelope, error, attempts))
 
 
 def test_the_dead_letters_command_refuses_a_store_it_cannot_reach_at_once() -> None:

@@ -49,9 +49,9 @@ import pytest
 import sqlalchemy as sa
 
 from pybondi import Message
-from pybondi.brokers.base import DEFAULT_GROUP
-from pybondi.envelope import Envelope
-from pybondi.stores import SQLStore
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
+from pybondi.messaging.envelope import Envelope
+from pybondi.persistence import SQLStore
 from tests.backends import Backend
 from tests.brokers import BrokerKit, RabbitMQKit
 from tests.crash_worker import RETRY, effects_table
@@ -164,7 +164,7 @@ def test_workers_killed_at_random_handle_each_message_exactly_once(
         effect_rows = _rows(store, f"SELECT n, key, message_id, pid FROM {effects}")
         inbox = store.statements.inbox.inbox
         inbox_rows = _rows(store, sa.select(inbox.c.consumer_group, inbox.c.message_id))
-        dead = store.statements.inbox.dead_letters
+        dead = store.statements.dead_letters.dead_letters
         dead_letters = _rows(store, sa.select(dead.c.message_id, dead.c.error))
     finally:
         for slot in slots:

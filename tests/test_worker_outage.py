@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from pybondi import Depends, Message, Root, Session
-from pybondi.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
-from pybondi.stores import SQLStore
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.persistence import SQLStore
 from tests.backends import POSTGRES_URL, Backend
 from tests.brokers import BrokerKit
 from tests.proxy import Proxy

@@ -17,9 +17,9 @@ import pytest
 from redis.typing import EncodableT, FieldT
 
 from pybondi import Depends, Message, Session
-from pybondi.brokers.rabbitmq import ATTEMPT_HEADER
-from pybondi.consumer import Consumer, Retry, current_session
-from pybondi.envelope import Envelope
+from pybondi.messaging.brokers.rabbitmq import ATTEMPT_HEADER
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.messaging.envelope import Envelope
 from tests.backends import Backend
 from tests.brokers import BrokerKit, NATSKit, RabbitMQKit, RedisKit
 from tests.workers import Counted, WorkerRig, eventually, registry

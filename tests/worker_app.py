@@ -10,8 +10,8 @@ import logging
 import os
 
 from pybondi import Depends, Message, Messagebus, Root, Session
-from pybondi.consumer import Consumer, Retry, current_session
 from pybondi.exceptions import NotFound
+from pybondi.messaging.consumer import Consumer, Retry, current_session
 from tests.workers import Counted, Tally, registry, tallies
 
 logger = logging.getLogger("tests.worker_app")

@@ -20,13 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Aggregate, Event, Message, Root
-from pybondi.consumer import Consumer, Retry
-from pybondi.deadletters import DeadLetter, DeadLetters
-from pybondi.envelope import Envelope
-from pybondi.repositories import StateRepository
-from pybondi.serialization import Registry
-from pybondi.stores import SQLStore, Store
-from pybondi.worker import Worker
+from pybondi.messaging.consumer import Consumer, Retry
+from pybondi.messaging.deadletters import DeadLetter, DeadLetters
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.worker import Worker
+from pybondi.persistence import SQLStore, Store
+from pybondi.persistence.repositories import StateRepository
+from pybondi.persistence.serialization import Registry
 from tests.backends import Backend
 from tests.brokers import BrokerKit
 

@@ -14,10 +14,12 @@ Classes keep the module that defines them as `__module__` (`pybondi.session.Sess
 a public module too), so that `inspect.getsource` and tools built on it find them.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pybondi import _lazy
 from pybondi.aggregate import Aggregate, Entity, Factory, Root
 from pybondi.callbacks import Callback, Callbacks
+from pybondi.current import current_connection, current_session
 from pybondi.depends import Depends
 from pybondi.events import Added, Commited, Committed, RolledBack
 from pybondi.exceptions import (
@@ -42,17 +44,17 @@ from pybondi.repository import Repository
 from pybondi.session import Session
 
 if TYPE_CHECKING:  # what __getattr__ imports on first use, for type checkers
-    from pybondi.consumer import Consumer as Consumer
-    from pybondi.consumer import Retry as Retry
-    from pybondi.outbox import Outbox as Outbox
-    from pybondi.relay import Relay as Relay
-    from pybondi.repositories import EventSourcedRepository as EventSourcedRepository
-    from pybondi.repositories import StateRepository as StateRepository
-    from pybondi.repositories import TableRepository as TableRepository
-    from pybondi.serialization import Registry as Registry
-    from pybondi.stores.memory import MemoryStore as MemoryStore
-    from pybondi.stores.sql import SQLStore as SQLStore
-    from pybondi.worker import Worker as Worker
+    from pybondi.messaging.consumer import Consumer as Consumer
+    from pybondi.messaging.consumer import Retry as Retry
+    from pybondi.messaging.outbox import Outbox as Outbox
+    from pybondi.messaging.relay import Relay as Relay
+    from pybondi.messaging.worker import Worker as Worker
+    from pybondi.persistence.memory import MemoryStore as MemoryStore
+    from pybondi.persistence.repositories import EventSourcedRepository as EventSourcedRepository
+    from pybondi.persistence.repositories import StateRepository as StateRepository
+    from pybondi.persistence.repositories import TableRepository as TableRepository
+    from pybondi.persistence.serialization import Registry as Registry
+    from pybondi.persistence.sql import SQLStore as SQLStore
 
 __version__ = "2.0.0.dev0"
 
@@ -90,46 +92,25 @@ __all__ = [
     "Session",
     "SessionError",
     "UnknownMessageType",
+    "current_connection",
+    "current_session",
 ]
 
-# name -> (the module that defines it, the package its extra installs, if it needs one)
-_LAZY: dict[str, tuple[str, str | None]] = {
-    "Consumer": ("pybondi.consumer", None),
-    "EventSourcedRepository": ("pybondi.repositories", None),
-    "MemoryStore": ("pybondi.stores.memory", None),
-    "Outbox": ("pybondi.outbox", None),
-    "Registry": ("pybondi.serialization", None),
-    "Relay": ("pybondi.relay", None),
-    "Retry": ("pybondi.consumer", None),
-    "SQLStore": ("pybondi.stores.sql", "sqlalchemy"),
-    "StateRepository": ("pybondi.repositories", None),
-    "TableRepository": ("pybondi.repositories", None),
-    "Worker": ("pybondi.worker", None),
+_LAZY: _lazy.Lazy = {
+    "Consumer": ("pybondi.messaging.consumer", None),
+    "EventSourcedRepository": ("pybondi.persistence.repositories", None),
+    "MemoryStore": ("pybondi.persistence.memory", None),
+    "Outbox": ("pybondi.messaging.outbox", None),
+    "Registry": ("pybondi.persistence.serialization", None),
+    "Relay": ("pybondi.messaging.relay", None),
+    "Retry": ("pybondi.messaging.consumer", None),
+    "SQLStore": ("pybondi.persistence.sql", "sqlalchemy"),
+    "StateRepository": ("pybondi.persistence.repositories", None),
+    "TableRepository": ("pybondi.persistence.repositories", None),
+    "Worker": ("pybondi.messaging.worker", None),
 }
 
 if not TYPE_CHECKING:  # hidden from type checkers, which would type any name as Any
+    __getattr__, __dir__ = _lazy.exports(__name__, globals(), _LAZY)
 
-    def __getattr__(name: str) -> Any:
-        """Import a lazy name's module on first use (its module raises MissingDependency)."""
-        if name not in _LAZY:
-            raise AttributeError(f"module 'pybondi' has no attribute {name!r}")
-        import importlib  # noqa: PLC0415 - only lazy names need it
-
-        value = getattr(importlib.import_module(_LAZY[name][0]), name)
-        globals()[name] = value  # later lookups find it without __getattr__
-        return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the lazy ones, but those whose extra is missing.
-
-    `help(pybondi)` and `inspect.getmembers` get every name `dir` lists: leaving those
-    out keeps both working on an installation without the extras.
-    """
-    from importlib.util import find_spec  # noqa: PLC0415
-
-    lazy = {name for name, (_, needs) in _LAZY.items() if needs is None or find_spec(needs)}
-    return sorted(set(globals()) | lazy)
-
-
-del TYPE_CHECKING, Any  # dir(pybondi) lists pybondi's names only
+del TYPE_CHECKING  # dir(pybondi) lists pybondi's names only

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from fast_depends import Depends
 from fast_depends.dependencies import Dependant
@@ -38,11 +38,13 @@ __all__ = [
     "Depends",
     "Handler",
     "Overridable",
+    "async_twin",
     "compile_async",
     "compile_sync",
 ]
 
 AnyCallable = Callable[..., Any]
+F = TypeVar("F", bound=AnyCallable)
 
 
 class Kind(Enum):
@@ -131,7 +133,8 @@ def signature_of(call: AnyCallable) -> inspect.Signature:
     # missed, so that is an error.
     signature = inspect.signature(call)
     for parameter in signature.parameters.values():
-        if isinstance(parameter.annotation, str) and "Depends(" in parameter.annotation:
+        annotation = parameter.annotation
+        if isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation):
             raise InvalidHandler(
                 f"Cannot evaluate the annotation of {parameter.name!r} in "
                 f"{callable_name(call)}: {parameter.annotation!r}. Define the names it uses "
@@ -148,6 +151,23 @@ def marker_of(parameter: inspect.Parameter) -> Dependant | None:
         for extra in get_args(parameter.annotation)[1:]:
             if isinstance(extra, Dependant):
                 return extra
+    return None
+
+
+def foreign_marker(parameter: inspect.Parameter) -> str | None:
+    """The name of FastAPI's marker on a parameter (`Depends`, `Security`), if it has one.
+
+    FastAPI's `Depends` looks like pybondi's but is not fast-depends' marker: as a default
+    it would reach the handler as the argument itself. Told by its module, so that
+    FastAPI need not be installed.
+    """
+    extras = (
+        get_args(parameter.annotation)[1:] if get_origin(parameter.annotation) is Annotated else ()
+    )
+    for value in (parameter.default, *extras):
+        kind = type(value)
+        if kind.__module__.startswith("fastapi.") and kind.__name__ in ("Depends", "Security"):
+            return kind.__name__
     return None
 
 
@@ -170,6 +190,12 @@ def inspect_callee(call: AnyCallable, *, takes_message: bool) -> Callee:
     for parameter in parameters:
         if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
+        if foreign := foreign_marker(parameter):
+            raise InvalidHandler(
+                f"Parameter {parameter.name!r} of {role} {callable_name(call)} has FastAPI's "
+                f"{foreign}(...), which pybondi does not read: the handler would get the marker "
+                f"itself as the value. Use pybondi's: `from pybondi import Depends`."
+            )
         marker = marker_of(parameter)
         if marker is not None:
             if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
@@ -273,11 +299,32 @@ class Step:
     arguments: tuple[tuple[str, int], ...]
 
 
-class Planner:
-    """Flattens a handler's dependency graph into steps, applying overrides and caching."""
+def async_twin(twin: AnyCallable) -> Callable[[F], F]:
+    """Mark a sync dependency with the `async def` one the async path uses instead.
 
-    def __init__(self, overrides: Mapping[AnyCallable, AnyCallable]) -> None:
+    For a dependency that needs I/O on async stores only (`pybondi.current_connection`):
+    one name in `Depends(...)`, whatever the session. An override replaces both.
+    """
+
+    def mark(function: F) -> F:
+        function.__pybondi_async_twin__ = twin  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
+class Planner:
+    """Flattens a handler's dependency graph into steps, applying overrides and caching.
+
+    On the async path (`asynchronous`), a dependency marked with `async_twin` is planned
+    as its twin.
+    """
+
+    def __init__(
+        self, overrides: Mapping[AnyCallable, AnyCallable], asynchronous: bool = False
+    ) -> None:
         self.overrides = overrides
+        self.asynchronous = asynchronous
         self.steps: list[Step] = []
         self.cached: dict[AnyCallable, int] = {}
         self.resolving: list[AnyCallable] = []
@@ -293,6 +340,8 @@ class Planner:
             chain = " -> ".join(map(callable_name, [*self.resolving, original]))
             raise InvalidHandler(f"Dependency cycle: {chain}.")
         call = self.overrides.get(original, original)
+        if self.asynchronous:
+            call = getattr(call, "__pybondi_async_twin__", call)
         self.resolving.append(original)
         callee = inspect_callee(call, takes_message=False)
         arguments = self.arguments(callee)
@@ -309,10 +358,10 @@ class Planner:
 
 
 def plan(
-    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable]
+    handler: Handler, overrides: Mapping[AnyCallable, AnyCallable], asynchronous: bool = False
 ) -> tuple[tuple[Step, ...], tuple[tuple[str, int], ...]]:
     """The steps that compute a handler's dependencies, and the keywords it receives."""
-    planner = Planner(overrides)
+    planner = Planner(overrides, asynchronous)
     arguments = planner.arguments(handler.callee)
     return tuple(planner.steps), arguments
 
@@ -401,7 +450,7 @@ def compile_async(
     A handler whose whole plan is sync keeps the sync invoker, so the async path pays for
     a coroutine only where the user wrote one.
     """
-    steps, arguments = plan(handler, overrides)
+    steps, arguments = plan(handler, overrides, asynchronous=True)
     if not handler.callee.kind.is_async and not any(step.kind.is_async for step in steps):
         return compile_sync(handler, overrides, what="", instead=""), False
     if not steps:

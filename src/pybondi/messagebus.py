@@ -221,8 +221,11 @@ class Messagebus(Overridable):
         registrations = self._event_handlers(type(_checked(message)))
         what, overrides = f"a handler of {type(message).__name__}", self._overrides
         invokers = tuple(
-            _guarded(compile_sync(r.handler, overrides, what=what, instead=_SYNC_INSTEAD), r.guard)
-            for r in registrations
+            _guarded(
+                compile_sync(registration.handler, overrides, what=what, instead=_SYNC_INSTEAD),
+                registration.guard,
+            )
+            for registration in registrations
         )
         return self._event_route(invokers, tuple(r.handler.name for r in registrations))
 
@@ -235,7 +238,8 @@ class Messagebus(Overridable):
             return invoke if awaited else _as_coroutine(invoke)
         registrations = self._event_handlers(type(_checked(message)))
         compiled = tuple(
-            _aguarded(*compile_async(r.handler, self._overrides), r.guard) for r in registrations
+            _aguarded(*compile_async(registration.handler, self._overrides), registration.guard)
+            for registration in registrations
         )
         return self._aevent_route(compiled, tuple(r.handler.name for r in registrations))
 

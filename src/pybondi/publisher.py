@@ -48,6 +48,9 @@ from pybondi.depends import (
 from pybondi.exceptions import DeliveryError, InvalidHandler, SessionError, short_repr
 from pybondi.tracing import Handling, _handled, trace
 
+if TYPE_CHECKING:
+    from pybondi.persistence.store import Transaction
+
 __all__ = ["BasePublisher", "BufferedPublisher", "Depends", "Message", "Publisher"]
 
 T = TypeVar("T")
@@ -106,18 +109,19 @@ class BasePublisher(ABC):
         """The handle of the transaction `publish` writes to now, if the publisher has one."""
         return None
 
-    def join(self, repository: object) -> None:
-        """Called by the session once both began, with its repository; does nothing here.
+    def join(self, transaction: Transaction[Any] | None) -> None:
+        """Called by the session once it began, with its store transaction; nothing here.
 
-        A publisher that writes into the repository's transaction (the outbox) takes
-        the transaction now.
+        `transaction` is the unit of work's transaction on a store (None when its
+        repository keeps aggregates in memory). A publisher that writes in it (the
+        outbox) takes it now, so that its writes commit, or roll back, with the rest.
         """
 
     def prepare(self) -> Awaitable[None] | None:
-        """Called by the session just before the repository commits; does nothing here.
+        """Called by the session just before the transaction commits; does nothing here.
 
-        A publisher that writes into the repository's transaction (the outbox) does it
-        now, so that its writes commit, or roll back, with the aggregates.
+        A publisher that writes in the session's transaction (the outbox) does it now,
+        so that its writes commit, or roll back, with the aggregates.
         """
         return None
 
@@ -319,7 +323,8 @@ class Publisher(BufferedPublisher, Overridable):
         if route is None:
             what, handlers = f"a subscriber of {topic!r}", self.subscribers.get(topic, ())
             invokers = tuple(
-                compile_sync(h, self._overrides, what=what, instead=_SYNC_INSTEAD) for h in handlers
+                compile_sync(handler, self._overrides, what=what, instead=_SYNC_INSTEAD)
+                for handler in handlers
             )
             route = self._routes[topic] = (invokers, tuple(h.name for h in handlers))
         return route

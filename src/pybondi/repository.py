@@ -7,6 +7,8 @@ Subclass `Repository` and override what your storage needs:
 - `load(id)`: return the stored aggregate, or None if there is none; used by `get(id)`.
 - `begin()` / `close()`: open and release whatever a unit of work needs.
 - `record(aggregate, events)`: see the events the session takes from each root.
+- `join(transaction)`: write in a store transaction the session was given (store
+  repositories do; the in-memory one has none to write in).
 
 Each hook may be written `async def`; then use the repository through the async path
 (`async with Session(...)`, `await repository.acommit()`). The base class keeps
@@ -18,12 +20,15 @@ A repository serves one session at a time: its identity map is that unit of work
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Iterator
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import NotFound, SessionError, report_failures, short_repr
 from pybondi.messages import Event
+
+if TYPE_CHECKING:
+    from pybondi.persistence.store import Transaction
 
 __all__ = ["Repository"]
 
@@ -33,7 +38,16 @@ A = TypeVar("A", bound=Aggregate)
 
 
 class Repository(Generic[A]):
-    """Stores and restores aggregates, keeping one object per id (the identity map)."""
+    """Stores and restores aggregates, keeping one object per id (the identity map).
+
+    Attributes:
+        aggregates: the identity map, by id.
+        transaction: the store transaction this repository reads and writes in during a
+            unit of work, if it keeps aggregates in a store (None here); the session's
+            publisher (the outbox) joins it.
+    """
+
+    transaction: Transaction[Any] | None = None
 
     def __init__(self) -> None:
         self.aggregates: dict[Any, A] = {}
@@ -52,6 +66,13 @@ class Repository(Generic[A]):
 
     def begin(self) -> Awaitable[None] | None:
         """Start a unit of work. Override to open a connection or a transaction."""
+
+    def join(self, transaction: Transaction[Any]) -> None:
+        """Read and write in `transaction`, given to the session, for the next unit of work.
+
+        The in-memory repository keeps its aggregates in no store: it has nothing to
+        write there, and the session commits the transaction itself.
+        """
 
     def record(self, aggregate: A, events: Iterable[Event]) -> None:
         """Take note of events an aggregate published, as the session dispatches them.

@@ -17,42 +17,48 @@ An exception in the block drops what is still queued, dispatches `RolledBack` fo
 aggregate, rolls back the repository and the publisher, closes, and propagates. So does
 a failure while committing, before the publisher's turn: no message leaves.
 
-Every decision (what is queued, what is announced, which state allows what, how cleanup
-failures are reported) lives in the shared helpers at the top of `Session`. The sync
-and async drivers below them sit side by side and differ only in calling or awaiting
-the I/O steps, in the shape of httpx's `Client` and `AsyncClient`. (A generator-driven
-protocol was tried first; it cost the session benchmark four times its target.)
+Every decision (what is queued, what is announced, which state allows what) lives in
+`pybondi._unitofwork.UnitOfWork`, its base. The sync and async drivers here sit side by
+side and differ only in calling or awaiting the I/O steps, in the shape of httpx's
+`Client` and `AsyncClient`. (A generator-driven protocol was tried first; it cost the
+session benchmark four times its target.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pybondi._awaiting import refuse_awaitable
+from pybondi._awaiting import maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
-from pybondi.aggregate import Aggregate
-from pybondi.events import Added, AggregateEvent, Committed, RolledBack
+from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
+
+# pybondi 1.2.1's session module had these names (it imported them for its own use), and
+# code that imported them from here keeps working.
+from pybondi.aggregate import Aggregate  # noqa: F401
+from pybondi.events import Added, Committed, RolledBack  # noqa: F401
 from pybondi.exceptions import (
-    MessageLimitExceeded,
-    SessionError,
     report_failures,
     short_repr,
 )
-from pybondi.messagebus import Command, Event, Messagebus
-from pybondi.publisher import BasePublisher, Publisher
-from pybondi.repository import Repository
+from pybondi.messagebus import (
+    Command,
+    Event,
+    Messagebus,  # noqa: F401
+)
+from pybondi.publisher import Publisher  # noqa: F401
+from pybondi.repository import Repository  # noqa: F401
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["Session"]
 
 logger = logging.getLogger("pybondi.session")
 
 T = TypeVar("T")
-
-_NEW, _ACTIVE, _CLOSED = "new", "active", "closed"
 
 _INSTEAD = "`async with Session(...)`"
 
@@ -62,7 +68,7 @@ _PUBLISHER_ROLLED_BACK = (
 )
 
 
-class Session:
+class Session(UnitOfWork):
     """A unit of work: dispatches messages and commits or rolls back as one.
 
     Args:
@@ -70,129 +76,24 @@ class Session:
         repository: holds this unit of work's aggregates; a new in-memory `Repository`
             if omitted. A repository serves one open session at a time.
         publisher: sends messages out on commit; a new in-memory `Publisher` if omitted.
+        transaction: a store transaction, already begun, for the unit of work (a worker
+            gives one it claimed a message in). The repository joins it (a store
+            repository on the same store reads and writes in it), and the session
+            commits, rolls back and closes it. Without it, a store repository opens its
+            own.
         max_messages: how many messages one run may dispatch before the session decides
             a chain of events is not going to end and raises `MessageLimitExceeded`.
+
+    Attributes:
+        transaction: the unit of work's store transaction, once begun: the one given, or
+            the store repository's; None when the repository keeps aggregates in memory.
+            The publisher joins it (the outbox writes its messages in it).
 
     Use one session per unit of work, on one thread or task. The sync methods need sync
     handlers and hooks; the `a`-prefixed twins (and `async with`) accept both.
     """
 
-    __slots__ = (
-        "_announced",
-        "_budget",
-        "_draining",
-        "_state",
-        "_transaction",
-        "max_messages",
-        "messagebus",
-        "publisher",
-        "queue",
-        "repository",
-    )
-
-    def __init__(
-        self,
-        messagebus: Messagebus | None = None,
-        repository: Repository[Any] | None = None,
-        publisher: BasePublisher | None = None,
-        *,
-        max_messages: int = 10_000,
-    ) -> None:
-        self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
-        self.repository: Repository[Any] = _slot("repository", repository, Repository, Repository)
-        self.publisher: BasePublisher = _slot("publisher", publisher, BasePublisher, Publisher)
-        if max_messages < 1:
-            raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
-        self.max_messages = max_messages
-        self.queue: deque[Command | Event] = deque()
-        self._announced = 0  # how many aggregates of the identity map got their `Added`
-        self._draining = False
-        self._budget = max_messages  # what the drain under way may still dispatch
-        self._transaction: object | None = None  # what publisher.begin() returned
-        self._state = _NEW
-
-    # Decisions, shared by both drivers (no I/O here) ------------------------------------
-
-    def add(self, aggregate: Aggregate) -> None:
-        """Take an aggregate into the session and queue `Added(aggregate)` for it.
-
-        Aggregates that reach the repository another way (`repository.get(id)`, or
-        `repository.add` in a handler) get their `Added` too, before their own events.
-        Adding the same object twice is a no-op.
-        """
-        if self._state is not _ACTIVE:
-            self.begin()
-        self.repository.add(aggregate)
-        self._welcome()
-
-    def _welcome(self) -> None:
-        """Queue `Added` for the aggregates new to the repository since last time."""
-        aggregates = self.repository.aggregates
-        if len(aggregates) != self._announced:
-            # The identity map only grows during a unit of work, in insertion order.
-            if self.messagebus.listens(Added):
-                self.queue.extend(map(Added, list(aggregates.values())[self._announced :]))
-            self._announced = len(aggregates)
-
-    def _announce(self, event_type: type[AggregateEvent[Any]]) -> bool:
-        """Queue `event_type` for each aggregate, if anyone listens; tell if it did."""
-        if not self.messagebus.listens(event_type):
-            return False
-        self.queue.extend(map(event_type, self.repository.aggregates.values()))
-        return True
-
-    def _rolled_back_events(self) -> list[RolledBack[Any]]:
-        if not self.messagebus.listens(RolledBack):
-            return []
-        return [RolledBack(aggregate) for aggregate in self.repository.aggregates.values()]
-
-    def _forget_pending(self) -> None:
-        self.queue.clear()
-        self._announced = len(self.repository.aggregates)
-        for aggregate in self.repository.aggregates.values():
-            aggregate.root.events.clear()
-
-    def _next(self) -> Command | Event | None:
-        """The next message to dispatch, or None once there is none: both drains use it.
-
-        First the aggregates new to the identity map get their `Added`, and what each
-        aggregate published joins the queue (and its repository's record); then the run's
-        budget is checked.
-        """
-        aggregates, queue = self.repository.aggregates, self.queue
-        if len(aggregates) != self._announced:
-            self._welcome()
-        for aggregate in aggregates.values():
-            if events := aggregate.root.events:
-                queue.extend(events)
-                self.repository.record(aggregate, events)
-                events.clear()
-        if not queue:
-            return None
-        self._budget -= 1
-        if self._budget < 0:
-            raise MessageLimitExceeded(self.max_messages, queue[0])
-        return queue.popleft()
-
-    def _claim(self) -> None:
-        """Check that the session may begin, and take its repository."""
-        if self._state is _CLOSED:
-            raise SessionError(
-                "This session is closed; open a new Session for the next unit of work."
-            )
-        if self._state is _ACTIVE:
-            raise SessionError("This session has already begun; sessions do not nest.")
-        self.repository.claim(self)
-        self._state = _ACTIVE
-
-    def _owns_publisher(self) -> bool:
-        """Whether `publish` still writes to the transaction this session began."""
-        return self._transaction is None or self.publisher.current() is self._transaction
-
-    def _check_publisher(self) -> None:
-        """Refuse to go on while another session has taken the publisher over."""
-        if not self._owns_publisher():
-            raise _publisher_taken_over()
+    __slots__ = ()
 
     # The sync driver --------------------------------------------------------------------
 
@@ -203,13 +104,15 @@ class Session:
         """
         self._claim()
         try:
+            if self._given is not None:
+                self.repository.join(self._given)
             # A hook that returns something may be an async one, called here by mistake.
             if (started := self.repository.begin()) is not None:
                 refuse_awaitable(started, self.repository.begin, _INSTEAD)
-            if (transaction := self.publisher.begin()) is not None:
-                refuse_awaitable(transaction, self.publisher.begin, _INSTEAD)
-            self._transaction = transaction
-            self.publisher.join(self.repository)
+            if (publishing := self.publisher.begin()) is not None:
+                refuse_awaitable(publishing, self.publisher.begin, _INSTEAD)
+            self._publishing = publishing
+            self.publisher.join(self._joined())
         except BaseException as error:
             self._close(error)
             raise
@@ -217,37 +120,50 @@ class Session:
 
     __enter__ = begin
 
-    def _drain(self) -> None:
+    def _drain(self, target: object = None) -> Any:
         # After each message: welcome new aggregates, queue what they published, go on.
         # A handler that dispatches through the session only queues: the drain under way
-        # reaches its message, and the budget covers the whole chain.
+        # reaches its message, and the budget covers the whole chain. What the handler of
+        # `target` returned is returned.
         if self._draining:
-            return
-        handle = self.messagebus.handle
+            return None
+        handle, result = self.messagebus.handle, None
         self._budget, self._draining = self.max_messages, True
         try:
             while (message := self._next()) is not None:
-                handle(message)
+                if message is target:
+                    result = handle(message)
+                else:
+                    handle(message)
         finally:
             self._draining = False
+        return result
 
-    def execute(self, command: Command) -> None:
-        """Handle a command now, and every event it causes."""
+    def execute(self, command: Command) -> Any:
+        """Handle a command now, and every event it causes; return what its handler returned.
+
+        Called by a handler while the session dispatches, the command only joins the
+        queue (the dispatch under way reaches it), and this returns None.
+        """
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
         self.queue.append(command)
-        self._drain()
+        return self._drain(command)
 
-    def dispatch(self, message: Command | Event) -> None:
-        """Handle a command or an event now, and every event it causes."""
-        if self._state is not _ACTIVE:
+    def dispatch(self, message: Command | Event) -> Any:
+        """Handle a command or an event now, and every event it causes.
+
+        Returns what a command's handler returned, as `execute` does (None for an event).
+        """
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
-        self.queue.append(_message(message))
-        self._drain()
+        message = _message(message)
+        self.queue.append(message)
+        return self._drain(message)
 
     def enqueue(self, message: Command | Event) -> None:
         """Deprecated since 2.0 (pybondi 1.2.1's name): queue a message without handling it.
@@ -272,7 +188,7 @@ class Session:
             "Session.dispatch(message) in place of enqueue(message) and run()",
             "execute(), dispatch() and commit() run the queue",
         )
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
         self._drain()
@@ -283,7 +199,7 @@ class Session:
         Finish the queue, send `Committed` for each aggregate, then commit the repository
         and the publisher. A failure before the publisher's turn rolls back and propagates.
         """
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         try:
             self._check_publisher()
@@ -293,6 +209,8 @@ class Session:
             if (prepared := self.publisher.prepare()) is not None:
                 refuse_awaitable(prepared, self.publisher.prepare, _INSTEAD)
             self.repository.commit()
+            if self._owned is not None:
+                self._owned.commit()
         except BaseException as error:
             self._rollback(error)
             raise
@@ -303,6 +221,8 @@ class Session:
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(_attempt(self.publisher.rollback), error)
             raise
+        actions, self._on_commit = self._on_commit, []
+        _committed(_attempt(*actions))
 
     def rollback(self) -> None:
         """Roll back the unit of work.
@@ -311,23 +231,26 @@ class Session:
         that one failing handler does not keep the others from restoring their
         aggregate), then roll back the repository and the publisher.
         """
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             self.begin()
         self._rollback(None)
 
     def _rollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
+        self._on_commit.clear()
         failures = []
         for rolled_back in self._rolled_back_events():
             self.queue.append(rolled_back)
             failures += _attempt(self._drain)
             self._forget_pending()
         failures += _attempt(self.repository.rollback)
+        if self._owned is not None:
+            failures += _attempt(self._owned.rollback)
         self._announced = len(self.repository.aggregates)  # a store may forget them all
         if self._owns_publisher():
             failures += _attempt(self.publisher.rollback)
         else:
-            failures.append(_publisher_taken_over())
+            failures.append(publisher_taken_over())
         report_failures(failures, cause)
 
     def close(self) -> None:
@@ -335,14 +258,19 @@ class Session:
         self._close(None)
 
     def _close(self, cause: BaseException | None) -> None:
-        if self._state is not _CLOSED:
-            self._state = _CLOSED
+        if self._state is not CLOSED:
+            self._state = CLOSED
             try:
-                failures = _attempt(self.repository.close, self.publisher.close)
+                failures = _attempt(self.repository.close, self._close_given, self.publisher.close)
             finally:
                 self.repository.release()
+                self._leave()
             if failures:
                 report_failures(failures, cause)
+
+    def _close_given(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
 
     def __exit__(
         self,
@@ -366,9 +294,11 @@ class Session:
         """`begin` for the async path."""
         self._claim()
         try:
+            if self._given is not None:
+                self.repository.join(self._given)
             await self.repository.abegin()
-            self._transaction = await self.publisher.abegin()
-            self.publisher.join(self.repository)
+            self._publishing = await self.publisher.abegin()
+            self.publisher.join(self._joined())
         except BaseException as error:
             await self._aclose(error)
             raise
@@ -376,34 +306,39 @@ class Session:
 
     __aenter__ = abegin
 
-    async def _adrain(self) -> None:
+    async def _adrain(self, target: object = None) -> Any:
         if self._draining:
-            return
-        ahandle = self.messagebus.ahandle
+            return None
+        ahandle, result = self.messagebus.ahandle, None
         self._budget, self._draining = self.max_messages, True
         try:
             while (message := self._next()) is not None:
-                await ahandle(message)
+                if message is target:
+                    result = await ahandle(message)
+                else:
+                    await ahandle(message)
         finally:
             self._draining = False
+        return result
 
-    async def aexecute(self, command: Command) -> None:
+    async def aexecute(self, command: Command) -> Any:
         """`execute`, awaiting async handlers."""
         if not isinstance(command, Command):
             raise _not_a_command(command)
-        await self.adispatch(command)
+        return await self.adispatch(command)
 
-    async def adispatch(self, message: Command | Event) -> None:
+    async def adispatch(self, message: Command | Event) -> Any:
         """`dispatch`, awaiting async handlers."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         self._check_publisher()
-        self.queue.append(_message(message))
-        await self._adrain()
+        message = _message(message)
+        self.queue.append(message)
+        return await self._adrain(message)
 
     async def acommit(self) -> None:
         """`commit` for the async path."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         try:
             self._check_publisher()
@@ -412,6 +347,8 @@ class Session:
                 await self._adrain()
             await self.publisher.aprepare()
             await self.repository.acommit()
+            if self._owned is not None:
+                await self._owned.acommit()
         except BaseException as error:
             await self._arollback(error)
             raise
@@ -421,26 +358,31 @@ class Session:
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(await _aattempt(self.publisher.arollback), error)
             raise
+        actions, self._on_commit = self._on_commit, []
+        _committed(await _aattempt(*map(_awaited, actions)))
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
-        if self._state is not _ACTIVE:
+        if self._state is not ACTIVE:
             await self.abegin()
         await self._arollback(None)
 
     async def _arollback(self, cause: BaseException | None) -> None:
         self._forget_pending()
+        self._on_commit.clear()
         failures = []
         for rolled_back in self._rolled_back_events():
             self.queue.append(rolled_back)
             failures += await _aattempt(self._adrain)
             self._forget_pending()
         failures += await _aattempt(self.repository.arollback)
+        if self._owned is not None:
+            failures += await _aattempt(self._owned.arollback)
         self._announced = len(self.repository.aggregates)
         if self._owns_publisher():
             failures += await _aattempt(self.publisher.arollback)
         else:
-            failures.append(_publisher_taken_over())
+            failures.append(publisher_taken_over())
         report_failures(failures, cause)
 
     async def aclose(self) -> None:
@@ -448,13 +390,20 @@ class Session:
         await self._aclose(None)
 
     async def _aclose(self, cause: BaseException | None) -> None:
-        if self._state is not _CLOSED:
-            self._state = _CLOSED
+        if self._state is not CLOSED:
+            self._state = CLOSED
             try:
-                failures = await _aattempt(self.repository.aclose, self.publisher.aclose)
+                failures = await _aattempt(
+                    self.repository.aclose, self._aclose_given, self.publisher.aclose
+                )
             finally:
                 self.repository.release()
+                self._leave()
             report_failures(failures, cause)
+
+    async def _aclose_given(self) -> None:
+        if self._owned is not None:
+            await self._owned.aclose()
 
     async def __aexit__(
         self,
@@ -472,17 +421,25 @@ class Session:
             raise
         await self._aclose(exc)
 
-    def __repr__(self) -> str:
-        return (
-            f"<Session {self._state}: {len(self.repository.aggregates)} aggregate(s), "
-            f"{len(self.queue)} queued>"
-        )
-
 
 if TYPE_CHECKING:
     Commited = Committed
 else:  # pybondi 1.2.1's session module had it, imported from events: warn who uses it
     __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
+
+
+def _committed(failures: list[BaseException]) -> None:
+    """Raise the first failure of the `on_commit` actions, saying the commit happened."""
+    for failure in failures:
+        failure.add_note("The unit of work had committed: this on_commit action failed after.")
+    report_failures(failures)
+
+
+def _awaited(action: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        await maybe_await(action())
+
+    return run
 
 
 def _attempt(*steps: Callable[[], object]) -> list[BaseException]:
@@ -508,20 +465,6 @@ async def _aattempt(*steps: Callable[[], Awaitable[object]]) -> list[BaseExcepti
     return failures
 
 
-def _slot(name: str, value: T | None, expected: type, default: Callable[[], T]) -> T:
-    if value is None:
-        return default()
-    # The exact default class is checked first: isinstance on an ABC is slow, and a
-    # session is built per unit of work.
-    if type(value) is not default and not isinstance(value, expected):
-        raise TypeError(
-            f"Session() argument {name!r} expects a {expected.__module__}.{expected.__name__}, "
-            f"got {type(value).__name__}: {short_repr(value)}. The order is "
-            f"Session(messagebus, repository, publisher)."
-        )
-    return value
-
-
 def _not_a_command(command: object) -> TypeError:
     return TypeError(
         f"Session.execute() takes a Command, got {type(command).__name__}: "
@@ -536,11 +479,3 @@ def _message(message: object) -> Command | Event:
             f"{short_repr(message)}."
         )
     return message
-
-
-def _publisher_taken_over() -> SessionError:
-    return SessionError(
-        "Another session began on the same publisher, on this thread or task, after this "
-        "one, and is still open: messages published now would join its transaction. Close "
-        "the inner session before using this one again."
-    )

@@ -8,10 +8,10 @@
 `relay` sends the outbox's committed rows to the broker until SIGTERM or Ctrl-C, then
 finishes the batch under way, gives its leases back and exits 0.
 
-`worker` handles the messages of a `pybondi.consumer.Consumer` (see `pybondi.worker`),
-or those of `--topic`s dispatched to a `Messagebus`, until SIGTERM or Ctrl-C, then
-finishes the messages under way and exits 0. With `--workers N` it starts N worker
-processes, restarts one that dies, and passes them SIGTERM.
+`worker` handles the messages of a `pybondi.messaging.Consumer` (see
+`pybondi.messaging.worker`), or those of `--topic`s dispatched to a `Messagebus`, until
+SIGTERM or Ctrl-C, then finishes the messages under way and exits 0. With `--workers N`
+it starts N worker processes, restarts one that dies, and passes them SIGTERM.
 
 `dead-letters` lists, shows, replays (through the outbox: run a relay) or discards the
 messages workers gave up on.

@@ -43,7 +43,7 @@ def add_parser(commands: Any) -> None:
 
 async def run(arguments: argparse.Namespace) -> int:
     """Carry out the dead-letters action asked for; return the exit status."""
-    from pybondi.deadletters import DeadLetters  # noqa: PLC0415
+    from pybondi.messaging.deadletters import DeadLetters  # noqa: PLC0415
 
     store = open_store(arguments)
     if store is None:

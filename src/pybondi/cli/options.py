@@ -92,7 +92,7 @@ def target(text: str) -> Any:
 
 
 def broker_url(url: str) -> str:
-    from pybondi.brokers import check_url  # noqa: PLC0415 - only the relay needs it
+    from pybondi.messaging.brokers import check_url  # noqa: PLC0415 - only the relay needs it
 
     try:
         check_url(url)

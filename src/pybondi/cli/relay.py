@@ -57,8 +57,8 @@ def add_parser(commands: Any) -> None:
 async def run(arguments: argparse.Namespace) -> int:
     """Relay until SIGTERM or Ctrl-C; return the exit status."""
     signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
-    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
-    from pybondi.relay import Relay  # noqa: PLC0415
+    from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.messaging.relay import Relay  # noqa: PLC0415
 
     store = open_store(arguments)
     if store is None:

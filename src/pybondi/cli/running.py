@@ -15,7 +15,7 @@ from pybondi._redact import redact, scrub
 if TYPE_CHECKING:
     import argparse
 
-    from pybondi.stores.sql import SQLStore
+    from pybondi.persistence.sql import SQLStore
 
 __all__ = ["Signals", "open_store", "refuse", "running", "tables_ready"]
 
@@ -39,7 +39,7 @@ def open_store(
     import sqlalchemy as sa  # noqa: PLC0415 - the store brings it
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
-    from pybondi.stores.sql import SQLStore  # noqa: PLC0415
+    from pybondi.persistence.sql import SQLStore  # noqa: PLC0415
 
     try:
         pooled = connections and sa.make_url(arguments.store).get_backend_name() != "sqlite"

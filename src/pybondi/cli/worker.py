@@ -8,7 +8,6 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pybondi.brokers.base import DEFAULT_GROUP
 from pybondi.cli.options import (
     above_0,
     at_least_0,
@@ -20,9 +19,10 @@ from pybondi.cli.options import (
 )
 from pybondi.cli.running import Signals, open_store, refuse, tables_ready
 from pybondi.cli.supervisor import Supervisor
+from pybondi.messaging.brokers.base import DEFAULT_GROUP
 
 if TYPE_CHECKING:
-    from pybondi.consumer import Consumer
+    from pybondi.messaging.consumer import Consumer
 
 __all__ = ["add_parser", "run"]
 
@@ -90,8 +90,8 @@ def run(arguments: argparse.Namespace, argv: list[str]) -> int:
 
 async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
     signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
-    from pybondi.brokers import connect  # noqa: PLC0415 - each needs its extra
-    from pybondi.worker import Worker  # noqa: PLC0415
+    from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
+    from pybondi.messaging.worker import Worker  # noqa: PLC0415
 
     # A connection per message under way, one for the bookkeeping, one to spare.
     connections = consumer.in_flight + 2
@@ -129,9 +129,9 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
 
 def _consumer(arguments: argparse.Namespace) -> Consumer:
     """The consumer to run: the target, or one that dispatches `--topic`s to a bus."""
-    from pybondi.consumer import Consumer  # noqa: PLC0415
     from pybondi.messagebus import Messagebus  # noqa: PLC0415
-    from pybondi.serialization import Registry  # noqa: PLC0415
+    from pybondi.messaging.consumer import Consumer  # noqa: PLC0415
+    from pybondi.persistence.serialization import Registry  # noqa: PLC0415
 
     target, registry = arguments.consumer, arguments.registry
     if registry is not None and not isinstance(registry, Registry):
@@ -148,7 +148,7 @@ def _consumer(arguments: argparse.Namespace) -> Consumer:
         target.registry = registry or target.registry
     else:
         raise ValueError(
-            f"{type(target).__name__} is neither a pybondi.consumer.Consumer nor a Messagebus"
+            f"{type(target).__name__} is neither a pybondi.messaging.Consumer nor a Messagebus"
         )
     if arguments.topic:
         target.dispatch(*arguments.topic)

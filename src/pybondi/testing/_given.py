@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 from pybondi.aggregate import Aggregate, Root
 from pybondi.exceptions import callable_name, short_repr
 from pybondi.messagebus import Event
-from pybondi.repositories import EventSourcedRepository, StoreRepository
+from pybondi.persistence.repositories import EventSourcedRepository, StoreRepository
 from pybondi.repository import Repository
 from pybondi.session import Session
 

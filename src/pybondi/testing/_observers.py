@@ -7,13 +7,16 @@ the user's objects do.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pybondi.events import Added, Committed, RolledBack
 from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, BufferedPublisher, Message
 from pybondi.repository import Repository
 from pybondi.session import Session
+
+if TYPE_CHECKING:
+    from pybondi.persistence.store import Transaction
 
 __all__ = ["RecordingBus", "WatchedPublisher", "WhenSession"]
 
@@ -80,9 +83,9 @@ class WatchedPublisher(BasePublisher):
         """The transaction the user's publisher writes to."""
         return self.inner.current()
 
-    def join(self, repository: object) -> None:
-        """Let the user's publisher join the repository's transaction."""
-        self.inner.join(repository)
+    def join(self, transaction: Transaction[Any] | None) -> None:
+        """Let the user's publisher join the session's store transaction."""
+        self.inner.join(transaction)
 
     def prepare(self) -> Any:
         """Let the user's publisher prepare for the commit."""

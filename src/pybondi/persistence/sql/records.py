@@ -1,0 +1,212 @@
+"""A SQL store's transaction: the reads and writes of aggregates, and of messaging."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pybondi.exceptions import ConcurrencyError
+from pybondi.persistence.records import (
+    MessagingRecords,
+    Record,
+    Snapshot,
+    StoredEvent,
+    TableRecords,
+)
+from pybondi.persistence.sql.deadletters import SQLDeadLetters
+from pybondi.persistence.sql.executor import Executor
+from pybondi.persistence.sql.inbox import SQLInbox
+from pybondi.persistence.sql.outbox import SQLOutbox
+from pybondi.persistence.sql.query import STREAM_LENGTH
+from pybondi.persistence.sql.statements import Statements
+
+if TYPE_CHECKING:
+    from pybondi.persistence.sql.store import SQLTransaction
+
+__all__ = ["SQLRecords"]
+
+
+class SQLRecords(MessagingRecords, TableRecords):
+    """Reads and writes in one transaction, with statements compiled once per store.
+
+    Statements go through an `Executor` (see `sql.executor`: straight to the driver's
+    cursor when nothing listens to the engine). The outbox's, inbox's and dead letters'
+    reads and writes are parts of their own, made when first used.
+    """
+
+    def __init__(
+        self, statements: Statements, connection: Connection, transaction: SQLTransaction
+    ) -> None:
+        self._statements = statements
+        self._connection = connection
+        self._executor = Executor(statements, connection, transaction)
+
+    def close(self) -> None:
+        """Close the cursor, if one was opened."""
+        self._executor.close()
+
+    @cached_property
+    def outbox(self) -> SQLOutbox:
+        """The outbox's reads and writes, in this transaction."""
+        return SQLOutbox(self._executor)
+
+    @cached_property
+    def inbox(self) -> SQLInbox:
+        """The inbox's reads and writes, in this transaction."""
+        return SQLInbox(self._executor)
+
+    @cached_property
+    def dead_letters(self) -> SQLDeadLetters:
+        """The dead letters' reads and writes, in this transaction."""
+        return SQLDeadLetters(self._executor, self.inbox, self.outbox)
+
+    def begin_writes(self) -> None:
+        """Begin this transaction's writes now (SQLite: BEGIN IMMEDIATE), if not yet."""
+        self._executor.writing()
+
+    def ping(self) -> None:
+        """SELECT 1: it returns once the database answers."""
+        self._executor.execute(self._statements.ping, {}).fetchone()
+
+    def read(self, stream: str) -> Record | None:
+        """SELECT the aggregate's row."""
+        row = self._executor.execute(self._statements.read, {"s": stream}).fetchone()
+        return None if row is None else Record(stream, *row)
+
+    def read_row(self, table: sa.Table, key: str, id: Any) -> Mapping[str, Any] | None:
+        """SELECT a row of the application's own table."""
+        statement = self._statements.for_table(table, key, "").read
+        row = self._connection.execute(statement, {"id": id}).mappings().first()
+        return None if row is None else dict(row)
+
+    def write_row(
+        self,
+        table: sa.Table,
+        values: Mapping[str, Any],
+        key: str,
+        *,
+        version_column: str,
+        version: int,
+        expected: int,
+    ) -> None:
+        """INSERT or version-checked UPDATE of a row of the application's own table."""
+        self._executor.writing()
+        statements = self._statements.for_table(table, key, version_column)
+        row = {**values, version_column: version}
+        duplicate: sa.exc.IntegrityError | None = None
+        try:
+            if expected == 0:
+                written = self._connection.execute(statements.insert, row).rowcount
+            else:
+                where = {"pybondi_id": values[key], "pybondi_expected": expected}
+                written = self._connection.execute(statements.update, {**row, **where}).rowcount
+        except sa.exc.IntegrityError as error:
+            if not self._statements.is_duplicate(error):
+                raise
+            written, duplicate = 0, error
+        if written != 1:
+            actual = self._connection.execute(statements.version, {"id": values[key]}).scalar()
+            if duplicate is not None and actual is None:
+                raise duplicate  # another unique column, not the id: not a version conflict
+            raise ConcurrencyError(f"{table.name} {values[key]!r}", expected, actual)
+
+    def write(self, record: Record, expected: int) -> None:
+        """INSERT a new row, or UPDATE the row still at `expected`; else ConcurrencyError."""
+        statements, stream = self._statements, record.stream
+        if len(stream) > STREAM_LENGTH:
+            raise ValueError(
+                f"Stream names are at most {STREAM_LENGTH} characters; {stream[:40]!r}... has "
+                f"{len(stream)}. Use a shorter aggregate id or registered name."
+            )
+        self._executor.writing()
+        values = {
+            "s": stream,
+            "v": record.version,
+            "t": record.schema,
+            "d": record.data,
+            "e": expected,
+        }
+        if self._executor.written(
+            statements.insert if expected == 0 else statements.update, values
+        ):
+            return
+        # A current (locking) read: under REPEATABLE READ a plain SELECT would show the
+        # version this transaction started from, not the one that beat it.
+        row = self._executor.execute(statements.current_version, {"s": stream}).fetchone()
+        raise ConcurrencyError(stream, expected, None if row is None else row[0])
+
+    def append(self, events: Sequence[StoredEvent]) -> None:
+        """Take the next positions from the log row (locking it until commit), then INSERT."""
+        if not events:
+            return
+        self._executor.writing()
+        statements = self._statements
+        first = self._advance(len(events)) - len(events) + 1
+        timestamp = statements.timestamp_in
+        rows = [
+            {
+                "position": first + offset,
+                "stream": event.stream,
+                "version": event.version,
+                "type": event.type,
+                "type_version": event.schema,
+                "data": event.data,
+                "recorded_at": timestamp(event.recorded_at.astimezone(UTC).replace(tzinfo=None)),
+            }
+            for offset, event in enumerate(events)
+        ]
+        if len(rows) == 1:
+            self._executor.execute(statements.append, rows[0])
+        else:
+            self._executor.execute_many(statements.append, rows)
+
+    def _advance(self, count: int) -> int:
+        """Move the log's head by `count` positions, locking it; return the last one taken."""
+        statements = self._statements
+        if statements.lock_head is None:
+            return int(self._executor.execute(statements.advance_head, {"n": count}).fetchone()[0])
+        last = int(self._executor.execute(statements.lock_head, {}).fetchone()[0]) + count
+        self._executor.execute(statements.move_head, {"p": last})
+        return last
+
+    def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:
+        """SELECT the stream's events after a version."""
+        rows = self._executor.execute(
+            self._statements.read_stream, {"s": stream, "a": after}
+        ).fetchall()
+        return self._stored_events(rows)
+
+    def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """SELECT the log after a position."""
+        rows = self._executor.execute(
+            self._statements.read_log, {"a": after, "l": limit}
+        ).fetchall()
+        return self._stored_events(rows)
+
+    def _stored_events(self, rows: list[tuple[Any, ...]]) -> list[StoredEvent]:
+        timestamp = self._statements.timestamp_out
+        return [
+            StoredEvent(stream, version, type, schema, data, position, timestamp(at))
+            for position, stream, version, type, schema, data, at in rows
+        ]
+
+    def read_snapshot(self, stream: str) -> Snapshot | None:
+        """SELECT the stream's snapshot."""
+        row = self._executor.execute(self._statements.read_snapshot, {"s": stream}).fetchone()
+        return None if row is None else Snapshot(stream, *row)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """INSERT or replace the stream's snapshot."""
+        self._executor.writing()
+        values = {
+            "stream": snapshot.stream,
+            "version": snapshot.version,
+            "type_version": snapshot.schema,
+            "data": snapshot.data,
+        }
+        self._executor.execute(self._statements.write_snapshot, values)

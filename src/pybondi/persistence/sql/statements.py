@@ -1,0 +1,199 @@
+"""A SQL store's tables, and its statements compiled once for one dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pybondi.persistence.sql.deadletters import DeadLetterStatements
+from pybondi.persistence.sql.inbox import InboxStatements
+from pybondi.persistence.sql.outbox import OutboxStatements
+from pybondi.persistence.sql.query import (
+    NAME,
+    TEXT,
+    TIMESTAMP,
+    Query,
+    insert_ignoring_duplicates,
+    is_duplicate,
+    unchanged,
+    upsert,
+)
+
+__all__ = ["Statements", "TableStatements"]
+
+
+class TableStatements:
+    """The statements on one application table, built once."""
+
+    def __init__(self, table: sa.Table, key: str, version: str, dialect: sa.Dialect) -> None:
+        id_column = table.c[key]
+        self.read = sa.select(table).where(id_column == sa.bindparam("id"))
+        if not version:
+            return
+        version_column = table.c[version]
+        self.version = (
+            sa.select(version_column)
+            .where(id_column == sa.bindparam("id"))
+            .with_for_update(read=True)
+        )
+        self.insert = insert_ignoring_duplicates(dialect, table).execution_options(
+            preserve_rowcount=True
+        )
+        self.update = table.update().where(
+            id_column == sa.bindparam("pybondi_id"),
+            version_column == sa.bindparam("pybondi_expected"),
+        )
+
+
+class Statements:
+    """The tables and every statement on them, built once for one dialect.
+
+    The outbox's are in `outbox` (see `sql.outbox`), the inbox's in `inbox` (`sql.inbox`),
+    the dead letters' in `dead_letters` (`sql.deadletters`).
+    """
+
+    def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
+        text, timestamp, stream = TEXT, TIMESTAMP, NAME
+        self.aggregates = aggregates = sa.Table(
+            f"{prefix}aggregates",
+            metadata,
+            sa.Column("stream", stream, primary_key=True),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text),
+        )
+        self.events = events = sa.Table(
+            f"{prefix}events",
+            metadata,
+            sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("stream", stream, nullable=False),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type", stream, nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text, nullable=False),
+            sa.Column("recorded_at", timestamp, nullable=False),
+            sa.UniqueConstraint("stream", "version", name=f"{prefix}events_stream_version"),
+        )
+        self.log = sa.Table(
+            f"{prefix}log",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("position", sa.BigInteger, nullable=False),
+        )
+        self.snapshots = snapshots = sa.Table(
+            f"{prefix}snapshots",
+            metadata,
+            sa.Column("stream", stream, primary_key=True),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("type_version", sa.Integer, nullable=False),
+            sa.Column("data", text, nullable=False),
+        )
+        self.dialect = dialect
+        self.driver_error: type[Exception] = dialect.loaded_dbapi.Error
+        self.begin_writes = (
+            Query(sa.text("BEGIN IMMEDIATE"), dialect) if dialect.name == "sqlite" else None
+        )
+        # What the driver takes and gives for a timestamp: SQLAlchemy's own conversions
+        # (SQLite keeps timestamps as text), applied by hand since pybondi bypasses them.
+        stored_at = events.c.recorded_at.type.dialect_impl(dialect)
+        self.timestamp_in: Callable[[datetime], Any] = (
+            stored_at.bind_processor(dialect) or unchanged
+        )
+        to_datetime: Callable[[Any], Any] = stored_at.result_processor(dialect, None) or unchanged
+        self.timestamp_out: Callable[[Any], datetime] = lambda value: to_datetime(value).replace(
+            tzinfo=UTC
+        )
+
+        def compiled(statement: Any) -> Query:
+            return Query(statement, dialect)
+
+        param = sa.bindparam
+        stream_is = aggregates.c.stream == param("s")
+        self.read = compiled(
+            sa.select(aggregates.c.version, aggregates.c.type_version, aggregates.c.data).where(
+                stream_is
+            )
+        )
+        self.current_version = compiled(
+            sa.select(aggregates.c.version).where(stream_is).with_for_update(read=True)
+        )
+        self.insert = compiled(
+            insert_ignoring_duplicates(dialect, aggregates).values(
+                stream=param("s"), version=param("v"), type_version=param("t"), data=param("d")
+            )
+        )
+        self.update = compiled(
+            aggregates.update()
+            .where(stream_is, aggregates.c.version == param("e"))
+            .values(version=param("v"), type_version=param("t"), data=param("d"))
+        )
+        self.append = compiled(events.insert())
+        self.read_stream = compiled(
+            sa.select(events)
+            .where(events.c.stream == param("s"), events.c.version > param("a"))
+            .order_by(events.c.version)
+        )
+        self.read_log = compiled(
+            sa.select(events)
+            .where(events.c.position > param("a"))
+            .order_by(events.c.position)
+            .limit(param("l"))
+        )
+        self.read_snapshot = compiled(
+            sa.select(snapshots.c.version, snapshots.c.type_version, snapshots.c.data).where(
+                snapshots.c.stream == param("s")
+            )
+        )
+        self.write_snapshot = compiled(
+            upsert(dialect, snapshots, ["version", "type_version", "data"])
+        )
+        # The log's head moves in one statement where UPDATE..RETURNING exists; MariaDB
+        # locks the row with SELECT..FOR UPDATE first, then moves it.
+        log, head = self.log, self.log.c.id == 1
+        self.advance_head = compiled(
+            log.update()
+            .where(head)
+            .values(position=log.c.position + param("n"))
+            .returning(log.c.position)
+        )
+        self.lock_head: Query | None = None
+        if not dialect.update_returning:
+            self.lock_head = compiled(sa.select(log.c.position).where(head).with_for_update())
+            self.move_head = compiled(log.update().where(head).values(position=param("p")))
+        self.tables: dict[tuple[sa.Table, str, str], TableStatements] = {}
+        self.ping = compiled(sa.select(sa.literal(1)))
+        self.outbox = OutboxStatements(dialect, metadata, prefix)
+        self.inbox = InboxStatements(dialect, metadata, prefix)
+        self.dead_letters = DeadLetterStatements(dialect, metadata, prefix)
+
+    def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
+        """The statements on an application table, built at first use."""
+        found = self.tables.get((table, key, version))
+        if found is None:
+            found = self.tables[table, key, version] = TableStatements(
+                table, key, version, self.dialect
+            )
+        return found
+
+    def is_duplicate(self, error: sa.exc.IntegrityError) -> bool:
+        """Whether an INSERT failed only because its row exists; see `query.is_duplicate`."""
+        return is_duplicate(self.dialect, error)
+
+    def create(self, connection: Connection) -> None:
+        """Create what is missing, and the log's one row, even with others doing the same."""
+        for table in self.aggregates.metadata.sorted_tables:
+            connection.execute(sa.schema.CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                connection.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+        if connection.execute(sa.select(self.log.c.id)).first() is None:
+            try:
+                connection.execute(
+                    insert_ignoring_duplicates(self.dialect, self.log).values(id=1, position=0)
+                )
+            except sa.exc.IntegrityError as error:
+                if not self.is_duplicate(error):
+                    raise
