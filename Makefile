@@ -12,12 +12,18 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # and run once, on the main Python.
 EXTRA_PYTHONS := 3.12 3.13
 
-.PHONY: demo test check lint typecheck pytest pytest-extra bench clean
+# The core's own tests also run where only pybondi and pytest are installed, as a user of
+# the core alone has it: test modules that need an extra are left out there (see
+# tests/conftest.py), and everything else must pass.
+CORE_VENV := .venv-core
+CORE_STAMP := $(CORE_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test check lint typecheck pytest pytest-core pytest-extra bench clean
 
 demo: $(STAMP)
 	$(VENV)/bin/python examples/bank.py bank.db  # run it twice: the state persists
 
-test: check pytest pytest-extra
+test: check pytest pytest-core pytest-extra
 
 check: lint typecheck
 
@@ -30,6 +36,17 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+pytest-core: $(CORE_STAMP)
+	$(CORE_VENV)/bin/python -m pytest -m 'not stress' -p no:cacheprovider
+
+$(CORE_STAMP): pyproject.toml
+	@echo "== Installing pybondi alone, and pytest, into $(CORE_VENV) ($(PYTHON))"
+	rm -rf $(CORE_VENV)
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install --quiet -e . 'pytest>=8'
+	touch $@
 
 pytest-extra:
 	@for version in $(EXTRA_PYTHONS); do \
@@ -59,4 +76,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf .venv .venv-3.* .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-3.* .venv-core .mypy_cache .ruff_cache .pytest_cache
