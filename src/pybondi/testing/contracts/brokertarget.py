@@ -193,7 +193,7 @@ async def ack(deliveries: Sequence[Delivery]) -> None:
         await delivery.ack()
 
 
-def skip_unless(can: bool, reason: str) -> None:
-    """Skip the test, giving `reason`, unless the target `can`."""
-    if not can:
-        pytest.skip(reason)
+def skip_unless(target: BrokerTarget, capability: str, reason: str) -> None:
+    """Skip the test unless the target has `capability`, saying which and why."""
+    if not getattr(target, capability):
+        pytest.skip(f"{type(target).__name__}.{capability} is False: {reason}")
