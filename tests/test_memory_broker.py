@@ -1,7 +1,8 @@
 """What only the in-process broker does: its clock, `pending()`, shared names, threads.
 
 What every broker does is the contract suite's (tests/test_broker_contract.py), which
-runs on this one too. At the end, a worker consumes from it into a SQLite store.
+runs on this one too; tests/test_worker_memory.py runs a worker on it. This module needs
+pybondi and pytest only: no broker client, no database driver.
 """
 
 from __future__ import annotations
@@ -9,28 +10,29 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from pybondi import Depends, Message, Root, Session
-from pybondi.exceptions import NotFound, PublishError
+from pybondi import Message
+from pybondi.exceptions import PublishError
 from pybondi.messaging.brokers import MemoryBroker, connect
 from pybondi.messaging.brokers.base import Delivery
 from pybondi.messaging.brokers.memory import ManualClock, Pending, forget, shared
-from pybondi.messaging.consumer import Retry, current_session
 from pybondi.messaging.envelope import Envelope
-from tests.backends import Backend
-from tests.brokers import MemoryKit, envelopes
-from tests.workers import Counted, Tally, WorkerRig, eventually
 
 START = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def run(test: Coroutine[Any, Any, None]) -> None:
     asyncio.run(test)
+
+
+def envelopes(topic: str, count: int) -> list[Envelope]:
+    """`count` messages for `topic`: payloads {"n": 0}, {"n": 1}..."""
+    return [Envelope.seal(topic, Message({"n": n})) for n in range(count)]
 
 
 @pytest.fixture
@@ -252,69 +254,3 @@ def test_a_receive_on_another_thread_s_loop_is_woken_by_a_send(broker: MemoryBro
     consumer.join(5.0)
     assert not consumer.is_alive()  # woken, not after 30 s
     assert [delivery.envelope for delivery in got] == [sent]
-
-
-# A worker on the memory broker ------------------------------------------------------------
-
-
-@pytest.fixture
-def rig(backends: dict[str, Backend]) -> Iterator[WorkerRig]:
-    kit = MemoryKit(clock=ManualClock())
-    kit.start()
-    try:
-        rig = WorkerRig(backends["sqlite"], kit)
-        try:
-            yield rig
-        finally:
-            rig.close()
-    finally:
-        kit.close()
-
-
-@pytest.mark.sqlite
-def test_a_worker_consumes_from_the_memory_broker(rig: WorkerRig) -> None:
-    failures = {"k1": 1}  # the first try of k1's message fails
-
-    consumer = rig.consumer(retry=Retry(attempts=3, delay=300))
-    topic = rig.kit.topic()
-
-    @consumer.subscribe(topic)
-    async def count(message: Message[Counted], session: Session = Depends(current_session)):
-        key = message.payload.key
-        if failures.get(key):
-            failures[key] -= 1
-            raise RuntimeError(f"{key} fails once")
-        try:
-            tally = await session.repository.aget(key)
-        except NotFound:
-            tally = Tally(Root(key))
-            session.repository.add(tally)
-        tally.numbers.append(message.payload.n)
-
-    async def test() -> None:
-        assert isinstance(rig.kit, MemoryKit)
-        broker, clock = rig.kit.shared(), rig.kit.clock
-        assert isinstance(clock, ManualClock)
-        await rig.send(topic, *(Counted(f"k{n % 3}", n) for n in range(9)))
-        worker = rig.worker(consumer)
-        task = rig.start(worker)
-
-        async def settled() -> bool:
-            return broker.pending([topic], consumer.group) == Pending(0, 0, 1, 300.0)
-
-        await eventually(settled, what="everything settled but the retry")
-        assert (worker.handled, worker.retried) == (8, 1)
-        clock.advance(300)  # k1's first message waits 300 s on the broker's clock, not ours
-
-        async def done() -> bool:
-            return broker.pending([topic], consumer.group) == Pending(0, 0, 0, None)
-
-        await eventually(done, what="the retry handled")
-        await rig.stop(worker, task)
-        numbers = await rig.numbers()
-        assert sorted(n for values in numbers.values() for n in values) == list(range(9))
-        assert numbers["k1"] == [4, 7, 1]  # the retried message last
-        assert (worker.handled, worker.retried, worker.dead_lettered) == (9, 1, 0)
-        assert len(await rig.inbox()) == 9
-
-    rig.run(test())
