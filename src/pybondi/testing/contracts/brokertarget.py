@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ RETRY_DELAYS = (0.5, 3.0)
 """The delays, in seconds, the suite retries with (to clean up RabbitMQ-style delay queues)."""
 
 
-class BrokerTarget:
+class BrokerTarget(ABC):
     """The adapter under test, and what the suite should expect of it.
 
     Override `broker()`; the other methods have defaults. The flags say what the broker
@@ -63,11 +64,9 @@ class BrokerTarget:
         self.prefix = f"contract_{uuid.uuid4().hex[:12]}_"
         self._topics = 0
 
+    @abstractmethod
     def broker(self) -> Broker:
         """A new adapter, for this test alone; the suite closes it with `aclose()`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must override broker() to return the adapter under test."
-        )
 
     def topic(self, name: str = "orders") -> str:
         """A topic no other test uses; the suite asks for several in some tests."""
