@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -254,3 +256,19 @@ def test_a_receive_on_another_thread_s_loop_is_woken_by_a_send(broker: MemoryBro
     consumer.join(5.0)
     assert not consumer.is_alive()  # woken, not after 30 s
     assert [delivery.envelope for delivery in got] == [sent]
+
+
+def test_neither_the_memory_broker_nor_the_contract_suite_needs_a_broker_client() -> None:
+    # A fresh interpreter where no broker client nor database driver can be imported.
+    script = """
+import sys
+for name in ("redis", "aio_pika", "aiormq", "nats", "sqlalchemy"):
+    sys.modules[name] = None
+import pybondi.testing.contracts.brokers
+from pybondi.messaging.brokers import connect
+print(type(connect("memory://orders")).__name__)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout) == (0, "MemoryBroker\n"), result.stderr
