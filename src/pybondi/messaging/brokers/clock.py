@@ -36,7 +36,7 @@ class Clock:
         """Seconds that never go back: the scale of due times."""
         return time.monotonic()
 
-    def utcnow(self) -> datetime:
+    def now(self) -> datetime:
         """The date and time now, in UTC: the timestamp of a message sent now."""
         return datetime.now(UTC)
 
@@ -66,13 +66,13 @@ class ManualClock(Clock):
         self._watchers: list[Callable[[], Callable[[], None] | None]] = []
 
     def __repr__(self) -> str:
-        return f"<ManualClock at {self.utcnow().isoformat()} (+{self._elapsed:g} s)>"
+        return f"<ManualClock at {self.now().isoformat()} (+{self._elapsed:g} s)>"
 
     def monotonic(self) -> float:
         """The seconds advanced since the clock was made."""
         return self._elapsed
 
-    def utcnow(self) -> datetime:
+    def now(self) -> datetime:
         """`start` plus the seconds advanced."""
         return self._start + timedelta(seconds=self._elapsed)
 

@@ -182,7 +182,7 @@ class MemoryBroker(Broker):
                 # Like a Redis entry id: the broker's own id of a message that has none.
                 id = envelope.id or f"{envelope.topic}/{len(log) + 1}"
                 copy = Envelope(envelope.topic, id, dict(envelope.headers), envelope.body)
-                log.append(_Kept(copy, self.clock.utcnow(), next(self._count)))
+                log.append(_Kept(copy, self.clock.now(), next(self._count)))
             self._wake_all()
 
     async def asend(self, envelopes: Sequence[Envelope]) -> None:
