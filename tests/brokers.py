@@ -1,4 +1,4 @@
-"""The brokers the contract suite runs on: real Redis, RabbitMQ and NATS JetStream.
+"""The brokers the tests run on: real Redis, RabbitMQ and NATS JetStream, and memory.
 
 A kit makes broker adapters with names of the test's own (a stream prefix, an
 exchange), hands out unique topics, reads back what reached the broker through the
@@ -12,6 +12,11 @@ adapters and the test share one event loop; `@on_broker` runs an `async def` tes
 
 The consumer side: `kit.subscribe()` hands out subscriptions, closed with the kit;
 `take()` receives until enough deliveries came, `envelopes()` makes messages to send.
+
+`MemoryKit` is the in-process broker (pybondi.messaging.brokers.memory) as a kit: not in
+`KITS`, which the worker and relay tests run on, but in `WITH_MEMORY`, where a test module
+takes it (tests/test_brokers.py, tests/test_broker_contract.py). It cannot be made to
+fail: the tests that need a broker that fails skip on it, saying so (`can_fail`).
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ import nats.js.errors
 import pamqp.body
 import pamqp.frame
 import pamqp.header
+import pytest
 import redis
 import redis.asyncio
 from pamqp.commands import Basic, Channel, Confirm, Connection
 from redis.typing import EncodableT, FieldT
 
 from pybondi import Message
-from pybondi.messaging.brokers import Broker, connect
+from pybondi.messaging.brokers import Broker, connect, memory
 from pybondi.messaging.brokers.base import DEFAULT_GROUP, Delivery, Subscription
+from pybondi.messaging.brokers.clock import Clock, ManualClock
 from pybondi.messaging.envelope import Envelope
+from pybondi.testing.contracts.brokers import RETRY_DELAYS
 from tests.backends import unavailable
 
 T = TypeVar("T")
@@ -87,6 +95,7 @@ class BrokerKit(ABC):
     dead_url: ClassVar[str]  # nothing listens there: connecting is refused at once
     impatient: ClassVar[dict[str, Any]] = {"timeout": 1.0}  # options to give up in a second
     sync: ClassVar[bool] = False  # the adapter has a sync client (`send`, `commit()`)
+    can_fail: ClassVar[bool] = True  # it can be made to refuse messages, or be out of reach
 
     def __init__(self) -> None:
         self.url = os.environ.get(self.env, self.default_url)
@@ -132,6 +141,10 @@ class BrokerKit(ABC):
         topic = f"{name}.{self.id}-{len(self.topics)}"
         self.topics.append(topic)
         return topic
+
+    async def elapse(self, seconds: float) -> None:
+        """Let `seconds` pass for the broker (real time: sleep)."""
+        await asyncio.sleep(seconds)
 
     async def read(self, topic: str, count: int, timeout: float = 10.0) -> list[Envelope]:
         """The unread messages of `topic`, once there are `count` or `timeout` passed."""
@@ -470,6 +483,13 @@ class RabbitMQKit(BrokerKit):
         for subscription in self.subscribed:  # a group's queues, besides the topics' own
             assert isinstance(subscription, RabbitMQSubscription)
             names += [name for name in subscription.queues if name not in names]
+            # The delay queues of the contract suite's retries (each expires by itself a
+            # minute after its last use; deleting a queue that is not there is no error).
+            names += [
+                f"{name}#retry#{round(delay * 1000)}"
+                for name in subscription.queues
+                for delay in RETRY_DELAYS
+            ]
         for name in names:
             async with await connection.channel() as channel:
                 await channel.queue_delete(name)
@@ -630,7 +650,93 @@ class NATSKit(BrokerKit):
             await client.close()
 
 
+class MemoryKit(BrokerKit):
+    """The in-process broker: a `memory://` broker of the test's own, read with `messages()`.
+
+    Every adapter the kit makes is that one shared broker, as every adapter of a real
+    kit reaches one server. On a `ManualClock`, `elapse()` advances it.
+    """
+
+    name = "memory"
+    env = "PYBONDI_MEMORY_URL"  # unused: each kit names its own broker
+    default_url = "memory://"
+    dead_url = "memory://"  # unused: the memory broker cannot be out of reach
+    sync = True
+    can_fail = False
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__()
+        self.url = f"memory://pybondi_{self.id}"
+        self.clock = clock
+        self.taken: dict[str, int] = {}  # how many messages of each topic were read
+
+    def options(self) -> dict[str, Any]:
+        return {} if self.clock is None else {"clock": self.clock}
+
+    def shared(self) -> memory.MemoryBroker:
+        """The kit's broker: what every adapter it makes is."""
+        return memory.shared(self.url, **self.options())
+
+    async def elapse(self, seconds: float) -> None:
+        if not isinstance(self.clock, ManualClock):
+            return await super().elapse(seconds)
+        self.clock.advance(seconds)
+        await asyncio.sleep(0)  # the receives it woke up run first
+
+    def unreachable(self, error: Exception) -> bool:
+        return False
+
+    async def open(self) -> None:
+        self.shared()
+
+    def connected(self) -> bool:
+        return True
+
+    async def take(self, topic: str) -> list[Envelope]:
+        kept = self.shared().messages(topic)[self.taken.get(topic, 0) :]
+        self.taken[topic] = self.taken.get(topic, 0) + len(kept)
+        return kept
+
+    async def publish_bare(self, topic: str, body: bytes) -> str:
+        broker = self.shared()
+        await broker.asend([Envelope(topic, "", {}, body)])
+        return broker.messages(topic)[-1].id  # the broker's own: topic/number
+
+    async def publish_as_is(self, topic: str, headers: Mapping[str, str], body: bytes) -> None:
+        envelope = Envelope(topic, headers.get("message-id", ""), dict(headers), body)
+        await self.shared().asend([envelope])
+
+    async def undeliverable(self) -> tuple[Broker, str, str]:
+        pytest.skip(CANNOT_FAIL)
+
+    async def repair(self, topic: str) -> None:
+        pytest.skip(CANNOT_FAIL)
+
+    async def destroy(self, topic: str) -> None:
+        pytest.skip(CANNOT_FAIL)
+
+    async def cleanup(self) -> None:
+        memory.forget(self.url)
+
+    async def disconnect(self) -> None:
+        pass
+
+
+CANNOT_FAIL = (
+    "memory: an in-process broker is always there and keeps every message; it cannot "
+    "refuse one, lose a destination or be out of reach"
+)
+
+
+def needs_failures(kit: BrokerKit) -> None:
+    """Skip the test, saying why, on a broker that cannot be made to fail (memory)."""
+    if not kit.can_fail:
+        pytest.skip(CANNOT_FAIL)
+
+
 KITS: dict[str, type[BrokerKit]] = {"redis": RedisKit, "rabbitmq": RabbitMQKit, "nats": NATSKit}
+WITH_MEMORY: dict[str, type[BrokerKit]] = {"memory": MemoryKit, **KITS}
+"""Every kit: the in-process broker first, then the real servers."""
 
 K = TypeVar("K", bound=BrokerKit)
 

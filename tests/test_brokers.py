@@ -1,7 +1,9 @@
-"""The broker contract, run on real Redis, RabbitMQ and NATS JetStream.
+"""Sending to brokers, on the in-process one and on real Redis, RabbitMQ and NATS JetStream.
 
 Every check reads back with the broker's own client (see tests/brokers.py): a send is
 confirmed only if the message is then there to read, headers and body intact, in order.
+The in-process broker cannot be made to fail: the tests of failures skip on it, saying so.
+What subscriptions do is the contract suite's (tests/test_broker_contract.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,9 +24,20 @@ from pybondi.messaging.brokers import Broker, BrokerPublisher, connect
 from pybondi.messaging.envelope import JSON_TYPE, Envelope
 from pybondi.persistence.serialization import Registry
 from pybondi.tracing import handling
-from tests.brokers import BrokerKit, on_broker
+from tests.brokers import WITH_MEMORY, BrokerKit, needs_failures, on_broker, started
 
 registry = Registry()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=() if name == "memory" else getattr(pytest.mark, name))
+        for name in WITH_MEMORY
+    ]
+)
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerKit]:
+    """Each broker: in this process, then the real servers (conftest's has those only)."""
+    yield from started(WITH_MEMORY[request.param])
 
 
 @registry.register(name="tests.Shipped", version=2)
@@ -280,6 +294,7 @@ async def check_resent(
 
 @on_broker
 async def test_unconfirmed_messages_raise_and_stay_buffered(broker: BrokerKit) -> None:
+    needs_failures(broker)
     adapter, good, bad = await broker.undeliverable()
     publisher, ids = buffered(adapter, good, bad)
 
@@ -298,6 +313,7 @@ async def test_unconfirmed_messages_raise_and_stay_buffered(broker: BrokerKit) -
 
 
 def test_a_sync_commit_keeps_what_was_not_confirmed(broker: BrokerKit) -> None:
+    needs_failures(broker)
     adapter, good, bad = broker.run(broker.undeliverable())
     publisher, ids = buffered(adapter, good, bad)
 
@@ -349,6 +365,7 @@ async def test_concurrent_sends_on_one_adapter_keep_each_order(broker: BrokerKit
 
 @on_broker
 async def test_an_unreachable_server_is_a_publish_error(broker: BrokerKit) -> None:
+    needs_failures(broker)
     adapter, topic = broker.make(broker.dead_url, **broker.impatient), broker.topic()
     sent = [envelope(topic, 1), envelope(topic, 2)]
 
@@ -362,6 +379,7 @@ async def test_an_unreachable_server_is_a_publish_error(broker: BrokerKit) -> No
 
 @on_broker
 async def test_a_retry_succeeds_after_the_destination_was_deleted(broker: BrokerKit) -> None:
+    needs_failures(broker)
     adapter, topic = broker.make(), broker.topic()
     await adapter.asend([envelope(topic, "first")])
     await broker.destroy(topic)  # an operator (or an expiry policy) deletes the queue/stream
@@ -378,7 +396,7 @@ async def test_a_retry_succeeds_after_the_destination_was_deleted(broker: Broker
 def test_an_unknown_scheme_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="foo") as raised:
         connect("foo://somewhere")
-    for scheme in ("redis", "rediss", "amqp", "amqps", "nats", "tls"):
+    for scheme in ("redis", "rediss", "amqp", "amqps", "nats", "tls", "memory"):
         assert scheme in str(raised.value)
 
 

@@ -1,5 +1,6 @@
-"""The consumer side of the NATS JetStream adapter, on the real server.
+"""The consumer side of the NATS JetStream adapter, on the real server: what only it does.
 
+What every broker does is the contract suite's (tests/test_broker_contract.py).
 Messages are sent with the adapter (or, when they must lack pybondi's headers, with the
 kit's raw client) and received through `NATSBroker.subscribe`; the consumers the
 subscriptions made are checked with the raw client. The kit deletes every stream of the
@@ -16,8 +17,7 @@ import pytest
 
 import pybondi.messaging.brokers.nats.subscription
 from pybondi import Message
-from pybondi.messaging.brokers.base import Delivery
-from pybondi.messaging.brokers.nats import NATSBroker, NATSSubscription
+from pybondi.messaging.brokers.nats import NATSBroker
 from pybondi.messaging.envelope import Envelope
 from tests import brokers
 from tests.brokers import NATSKit, ack, envelopes, on_kit, started
@@ -137,88 +137,6 @@ async def test_a_subscription_made_before_any_message_declares_what_it_needs(
 
 
 @on_kit
-async def test_the_consumers_of_a_group_share_the_messages(kit: NATSKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 20)
-    await broker.asend(sent)
-    first = kit.subscribe(broker, [topic], "billing", "c1")
-    second = kit.subscribe(adapter(kit), [topic], "billing", "c2")
-
-    handled: dict[NATSSubscription, list[str]] = {first: [], second: []}
-    deadline = time.monotonic() + 5
-    while sum(map(len, handled.values())) < len(sent) and time.monotonic() < deadline:
-        for subscription, ids in handled.items():
-            for delivery in await subscription.receive(5, wait=0.1):
-                ids.append(delivery.envelope.id)
-                await delivery.ack()
-
-    assert handled[first] and handled[second]  # both had a share
-    everything = handled[first] + handled[second]
-    assert sorted(everything) == sorted(envelope.id for envelope in sent)  # each once
-    assert await first.receive(10, wait=0.2) == []
-    assert await second.receive(10, wait=0.2) == []
-
-    # Another group gets every message, from the oldest, its consumer of its own.
-    other = kit.subscribe(broker, [topic], "audit")
-    got = await take(other, len(sent))
-    assert [delivery.envelope for delivery in got] == sent
-    assert [delivery.attempt for delivery in got] == [1] * len(sent)
-    await ack(got)
-    assert other.consumers[topic][1] == "audit"
-
-
-@on_kit
-async def test_what_a_closed_subscription_held_comes_back_after_redeliver_after(
-    kit: NATSKit,
-) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 3)
-    await broker.asend(sent)
-    gone = kit.subscribe(broker, [topic], "billing", "c1", redeliver_after=1.0)
-    held = await gone.receive(3, wait=2.0)
-    delivered = time.monotonic()
-    assert [delivery.envelope for delivery in held] == sent
-    await gone.close()  # crashed, as far as the group knows: nothing acknowledged
-
-    other = kit.subscribe(broker, [topic], "billing", "c2", redeliver_after=1.0)
-    assert await other.receive(10, wait=0.5) == []  # not yet
-    back = await take(other, 3)
-    assert time.monotonic() - delivered >= 0.9
-    assert [delivery.envelope for delivery in back] == sent
-    assert [delivery.attempt for delivery in back] == [2, 2, 2]
-    await ack(back)
-    assert await other.receive(10, wait=1.5) == []  # acknowledged for good
-
-
-@on_kit
-async def test_a_retry_comes_back_after_its_delay(kit: NATSKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    [sent] = envelopes(topic, 1)
-    await broker.asend([sent])
-    # The delay outlasts redeliver_after: JetStream waits for the delay all the same.
-    # (A second, not less: on a loaded machine a shorter ack_wait can expire between a
-    # delivery and its NAK, and JetStream then counts the deliveries from 1 again.)
-    subscription = kit.subscribe(broker, [topic], redeliver_after=1.0)
-    [first] = await subscription.receive(10, wait=2.0)
-    assert first.attempt == 1
-
-    retried = time.monotonic()
-    await first.retry(1.8)
-    assert await subscription.receive(10, wait=1.4) == []
-    [again] = await take(subscription, 1)
-    assert time.monotonic() - retried >= 1.8
-    assert (again.envelope, again.attempt) == (sent, 2)
-
-    await again.retry(0)  # no delay: at once
-    [third] = await subscription.receive(10, wait=1.0)
-    # JetStream's own count: 3, though nats-server 2.9 now and then (5 % of the runs on a
-    # loaded machine) reports a redelivery this quick as the first.
-    assert third.envelope == sent and third.attempt in (3, 1)
-    await third.ack()
-    assert await subscription.receive(10, wait=0.7) == []
-
-
-@on_kit
 async def test_a_replayed_message_is_not_dropped_as_a_duplicate(kit: NATSKit) -> None:
     broker, topic = adapter(kit), kit.topic()
     [sent] = envelopes(topic, 1)
@@ -234,57 +152,6 @@ async def test_a_replayed_message_is_not_dropped_as_a_duplicate(kit: NATSKit) ->
     got = await take(subscription, 3, timeout=1.0)
     assert [delivery.envelope for delivery in got] == [sent, replayed]
     await ack(got)
-
-
-@on_kit
-async def test_receive_keeps_to_its_limit_across_topics(kit: NATSKit) -> None:
-    broker, one, two = adapter(kit), kit.topic("one"), kit.topic("two")
-    sent = envelopes(one, 6) + envelopes(two, 6)
-    await broker.asend(sent)
-    subscription = kit.subscribe(broker, [one, two])
-
-    # The limit is dealt out: two each. A receive returns once a fetch brought something,
-    # and what the other one brings comes with the next (the worker's free slots).
-    first = await subscription.receive(4, wait=2.0)
-    assert len(first) in (2, 4)
-    first += await subscription.receive(4 - len(first), wait=2.0)
-    assert sorted(delivery.envelope.topic for delivery in first) == [one, one, two, two]
-    got = list(first)
-    deadline = time.monotonic() + 5
-    while len(got) < len(sent) and time.monotonic() < deadline:
-        batch = await subscription.receive(1, wait=0.5)
-        assert len(batch) <= 1
-        got += batch
-    assert sorted(delivery.envelope.id for delivery in got) == sorted(e.id for e in sent)
-    for topic in (one, two):  # in order within a topic
-        mine = [delivery.envelope for delivery in got if delivery.envelope.topic == topic]
-        assert mine == [envelope for envelope in sent if envelope.topic == topic]
-    await ack(got)
-    assert await subscription.receive(0, wait=0.1) == []
-
-
-@on_kit
-async def test_a_quiet_topic_does_not_hold_up_a_busy_one(kit: NATSKit) -> None:
-    broker, busy, quiet = adapter(kit), kit.topic("busy"), kit.topic("quiet")
-    sent = envelopes(busy, 30)
-    await broker.asend(sent)
-    subscription = kit.subscribe(broker, [busy, quiet])
-
-    got: list[Delivery] = []
-    started = time.monotonic()
-    while len(got) < len(sent):
-        batch = await subscription.receive(4, wait=5.0)  # the quiet topic's fetch waits 5 s
-        assert batch and len(batch) <= 4
-        await ack(batch)  # handled: the next limit is 4 again
-        got += batch
-    assert time.monotonic() - started < 2.0
-    assert [delivery.envelope for delivery in got] == sent
-
-    [late] = envelopes(quiet, 1)
-    await broker.asend([late])
-    [delivery] = await subscription.receive(4, wait=2.0)
-    assert delivery.envelope == late
-    await delivery.ack()
 
 
 @on_kit

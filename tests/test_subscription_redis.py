@@ -1,7 +1,8 @@
-"""The consumer side of the Redis Streams adapter, on the real server.
+"""The consumer side of the Redis Streams adapter, on the real server: what only it does.
 
-Messages are sent with the adapter (or, when they must be malformed, with the kit's raw
-client) and received through `RedisBroker.subscribe`; what stays in Redis (retry streams,
+What every broker does is the contract suite's (tests/test_broker_contract.py). Messages
+are sent with the adapter (or, when they must be malformed, with the kit's raw client)
+and received through `RedisBroker.subscribe`; what stays in Redis (retry streams,
 delayed sets) is checked with the raw client. The kit deletes every key of the test's
 prefix afterwards, retry streams and delayed sets included.
 """
@@ -48,100 +49,6 @@ def raw(kit: RedisKit) -> redis.asyncio.Redis:
     return kit.client
 
 
-# Receiving --------------------------------------------------------------------------
-
-
-@on_kit
-async def test_receives_what_was_sent(kit: RedisKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 3, tenant="acme", city="Zürich")
-    await broker.asend(sent)  # before the group exists: a new group starts at the oldest
-    subscription = kit.subscribe(broker, [topic])
-
-    got = await subscription.receive(10, wait=1.0)
-
-    assert [delivery.envelope for delivery in got] == sent
-    assert [(delivery.attempt, delivery.problem) for delivery in got] == [(1, None)] * 3
-    for delivery in got:
-        await delivery.ack()
-
-    # A receive waiting for messages returns as soon as one comes.
-    waiting = asyncio.create_task(subscription.receive(10, wait=5.0))
-    await asyncio.sleep(0.1)
-    [late] = envelopes(topic, 1)
-    sent_at = time.monotonic()
-    await broker.asend([late])
-    [delivery] = await waiting
-    assert delivery.envelope == late
-    assert time.monotonic() - sent_at < 1.0
-    await delivery.ack()
-
-    # Acknowledged: not even a consumer taking over the silent ones gets them again.
-    other = kit.subscribe(broker, [topic], consumer="c2", redeliver_after=0.1)
-    await asyncio.sleep(0.2)
-    assert await other.receive(10, wait=0.2) == []
-    assert await subscription.receive(10, wait=0) == []
-    assert await raw(kit).xlen(kit.prefix + topic) == 4  # topic streams are never trimmed
-
-
-@on_kit
-async def test_consumers_of_a_group_share_the_messages(kit: RedisKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 20)
-    await broker.asend(sent)
-    consumers = {name: kit.subscribe(broker, [topic], consumer=name) for name in ("a", "b")}
-    seen: dict[str, list[str]] = {"a": [], "b": []}
-
-    deadline = time.monotonic() + 3
-    while sum(map(len, seen.values())) < 20 and time.monotonic() < deadline:
-        for name, subscription in consumers.items():
-            for delivery in await subscription.receive(3, wait=0.1):
-                seen[name].append(delivery.envelope.id)
-                await delivery.ack()
-
-    assert sorted(seen["a"] + seen["b"]) == sorted(item.id for item in sent)  # each once
-    assert seen["a"]
-    assert seen["b"]
-    for subscription in consumers.values():
-        assert await subscription.receive(10, wait=0) == []
-
-
-@on_kit
-async def test_each_group_gets_every_message(kit: RedisKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 5)
-    await broker.asend(sent)
-
-    for group in ("billing", "shipping"):
-        subscription = kit.subscribe(broker, [topic], group)
-        got = await take(subscription, 5)
-        assert [delivery.envelope for delivery in got] == sent
-        for delivery in got:
-            await delivery.ack()
-        assert await subscription.receive(10, wait=0) == []
-
-
-@on_kit
-async def test_limit_and_in_flight_are_never_exceeded(kit: RedisKit) -> None:
-    broker, first, second = adapter(kit), kit.topic(), kit.topic()
-    sent = envelopes(first, 5) + envelopes(second, 5)
-    await broker.asend(sent)
-    subscription = kit.subscribe(broker, [first, second])
-
-    # XREADGROUP's COUNT holds per stream: the adapter shares `limit` among the four
-    # streams (two topics, two retry streams), and never hands out more than `limit`.
-    batches = [await subscription.receive(3, wait=0.5) for _ in range(6)]
-
-    assert all(1 <= len(batch) <= 3 for batch in batches[:5]), batches
-    got = [delivery.envelope for batch in batches for delivery in batch]
-    assert sorted(got, key=lambda item: item.id) == sorted(sent, key=lambda item: item.id)
-    assert await subscription.receive(0, wait=1.0) == []
-
-    small = kit.subscribe(broker, [first], "small", in_flight=2)
-    held = [await small.receive(10, wait=1.0) for _ in range(4)]
-    assert all(1 <= len(batch) <= 2 for batch in held)  # in_flight bounds the limit
-
-
 @on_kit
 async def test_a_delivery_kept_too_long_comes_back_through_takeover(kit: RedisKit) -> None:
     broker, first, second = adapter(kit), kit.topic(), kit.topic()
@@ -161,76 +68,38 @@ async def test_a_delivery_kept_too_long_comes_back_through_takeover(kit: RedisKi
     assert await subscription.receive(10, wait=0.3) == []
 
 
-# Redelivery and retries -------------------------------------------------------------
+# Takeovers and retries ---------------------------------------------------------------
 
 
 @on_kit
-async def test_messages_of_a_silent_consumer_go_to_another(kit: RedisKit) -> None:
+async def test_retries_wait_in_redis_and_go_once_acknowledged(kit: RedisKit) -> None:
     broker, topic = adapter(kit), kit.topic()
-    sent = envelopes(topic, 3)
-    await broker.asend(sent)
-    first = kit.subscribe(broker, [topic], consumer="first", redeliver_after=0.3)
-    second = kit.subscribe(broker, [topic], consumer="second", redeliver_after=0.3)
-
-    read_at = time.monotonic()
-    held = await first.receive(10, wait=1.0)
-    assert len(held) == 3
-    await held[0].ack()
-    await first.close()  # the other two stay pending, held by `first`
-    assert await second.receive(10, wait=0.1) == []  # not before redeliver_after
-
-    back = await take(second, 2)
-
-    assert time.monotonic() - read_at >= 0.3
-    assert [delivery.envelope for delivery in back] == sent[1:]
-    assert [delivery.attempt for delivery in back] == [2, 2]  # the takeover counts
-    for delivery in back:
-        await delivery.ack()
-    await asyncio.sleep(0.4)
-    assert await second.receive(10, wait=0.1) == []
-
-
-@on_kit
-async def test_a_retry_comes_back_after_its_delay_to_its_group_only(kit: RedisKit) -> None:
-    broker, topic = adapter(kit), kit.topic()
-    # Any bytes as the body, and twice the same message: both must come back.
+    # Twice the same message, any bytes as the body: each retry is one of its own.
     odd = Envelope(topic, "m-1", {"message-id": "m-1", "city": "Zürich"}, bytes(range(256)))
     await broker.asend([odd, odd])
-    mine = kit.subscribe(broker, [topic], "mine", consumer="a")
-    theirs = kit.subscribe(broker, [topic], "theirs", consumer="b")
+    subscription = kit.subscribe(broker, [topic], "mine")
     retries, delayed = (f"{kit.prefix}{topic}#{kind}#mine" for kind in ("retry", "delayed"))
 
-    got = await mine.receive(10, wait=1.0)
-    assert [delivery.attempt for delivery in got] == [1, 1]
+    got = await take(subscription, 2)
     retried_at = time.monotonic()
     for delivery in got:
         await delivery.retry(0.5)
-    assert await raw(kit).zcard(delayed) == 2
-    await mine.close()  # the retries are in Redis, not in the subscription
+    assert await raw(kit).zcard(delayed) == 2  # durable: in the group's delayed set
+    back = await take(subscription, 2)
 
-    again = kit.subscribe(broker, [topic], "mine", consumer="c")
-    assert await again.receive(10, wait=0.2) == []  # not before the delay
-    back = await take(again, 2)
-
-    assert 0.5 <= time.monotonic() - retried_at < 1.5  # a real delay, not much longer
-    assert [delivery.envelope for delivery in back] == [odd, odd]
-    assert [(delivery.attempt, delivery.problem) for delivery in back] == [(2, None)] * 2
+    assert 0.5 <= time.monotonic() - retried_at < 1.5  # moved once due, not much later
+    assert [(delivery.envelope, delivery.attempt) for delivery in back] == [(odd, 2)] * 2
+    assert await raw(kit).xlen(retries) == 2  # due: in the group's retry stream
     await back[0].ack()
     await back[1].retry(0.1)
-    [third] = await take(again, 1)
+    [third] = await take(subscription, 1)
     assert (third.envelope, third.attempt) == (odd, 3)
     await third.ack()
 
-    # Acknowledged retries are deleted; the topic's stream keeps its entries.
+    # Acknowledged retries are deleted; the topic's stream keeps its entries, for every group.
     assert await raw(kit).xlen(retries) == 0
     assert await raw(kit).zcard(delayed) == 0
     assert await raw(kit).xlen(kit.prefix + topic) == 2
-    # The other group got each entry once, and none of the retries.
-    other = await take(theirs, 2)
-    assert [(delivery.envelope, delivery.attempt) for delivery in other] == [(odd, 1)] * 2
-    for delivery in other:
-        await delivery.ack()
-    assert await theirs.receive(10, wait=0.3) == []
 
 
 # Broken entries and broken connections ------------------------------------------------

@@ -1,11 +1,13 @@
-"""Broker adapters: Redis Streams, RabbitMQ and NATS JetStream, each behind its extra.
+"""Broker adapters: Redis Streams, RabbitMQ, NATS JetStream, and one in this process.
 
     broker = connect("redis://localhost:6379")        # pip install 'pybondi[redis]'
     broker = connect("amqp://guest:guest@localhost/") # pip install 'pybondi[rabbitmq]'
     broker = connect("nats://localhost:4222")         # pip install 'pybondi[nats]'
+    broker = connect("memory://orders")               # this process's broker "orders"
 
 Each module imports its client only when used; a missing client raises
-`MissingDependency`, naming the extra to install.
+`MissingDependency`, naming the extra to install. `memory://` needs none: every call
+with the same name gives the same `MemoryBroker` (pybondi.messaging.brokers.memory).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any
 
 from pybondi._redact import redact
 from pybondi.messaging.brokers.base import Broker, BrokerPublisher
+from pybondi.messaging.brokers.memory import MemoryBroker
 
-__all__ = ["Broker", "BrokerPublisher", "check_url", "connect"]
+__all__ = ["Broker", "BrokerPublisher", "MemoryBroker", "check_url", "connect"]
 
-# URL scheme -> (module, class)
+# URL scheme -> (module, class or factory taking the URL and the options)
 _ADAPTERS = {
+    "memory": ("memory", "shared"),
     "redis": ("redis", "RedisBroker"),
     "rediss": ("redis", "RedisBroker"),
     "amqp": ("rabbitmq", "RabbitMQBroker"),
@@ -30,9 +34,11 @@ _ADAPTERS = {
 
 
 def connect(url: str, **options: Any) -> Broker:
-    """The broker adapter for a URL: `redis://`, `amqp://` or `nats://` (and TLS forms).
+    """The broker adapter for a URL: `redis://`, `amqp://`, `nats://` (TLS too), `memory://`.
 
     `options` go to the adapter's constructor. The connection opens at the first send.
+    `memory://name` gives the process's in-process broker of that name (`options` may
+    give its `clock` the first time); see `pybondi.messaging.brokers.memory.shared`.
     """
     module, name = _ADAPTERS[check_url(url)]
     # The adapter raises MissingDependency, naming the extra, when its client is missing.
@@ -47,7 +53,7 @@ def check_url(url: str) -> str:
     if not separator or scheme.lower() not in _ADAPTERS:
         raise ValueError(
             f"No broker adapter for {redact(url)!r}: pybondi knows {', '.join(sorted(_ADAPTERS))} "
-            f"URLs, as in redis://localhost:6379, amqp://guest:guest@localhost:5672/ or "
-            f"nats://localhost:4222."
+            f"URLs, as in redis://localhost:6379, amqp://guest:guest@localhost:5672/, "
+            f"nats://localhost:4222 or memory://orders."
         )
     return scheme.lower()

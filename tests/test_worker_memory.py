@@ -1,0 +1,85 @@
+"""A worker (pybondi.messaging.worker) consuming from the in-process broker into SQLite.
+
+The broker runs on a `ManualClock`: a retry 300 s on is due when the test advances it,
+with no real waiting; `MemoryBroker.pending()` tells when everything is settled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pybondi import Depends, Message, Root, Session
+from pybondi.exceptions import NotFound
+from pybondi.messaging.brokers.memory import ManualClock, Pending
+from pybondi.messaging.consumer import Retry, current_session
+from tests.backends import Backend
+from tests.brokers import MemoryKit
+from tests.workers import Counted, Tally, WorkerRig, eventually
+
+pytestmark = pytest.mark.sqlite
+
+
+@pytest.fixture
+def rig(backends: dict[str, Backend]) -> Iterator[WorkerRig]:
+    kit = MemoryKit(clock=ManualClock())
+    kit.start()
+    try:
+        rig = WorkerRig(backends["sqlite"], kit)
+        try:
+            yield rig
+        finally:
+            rig.close()
+    finally:
+        kit.close()
+
+
+def test_a_worker_consumes_from_the_memory_broker(rig: WorkerRig) -> None:
+    failing = {1}  # the first try of message 1 (of k1) fails
+
+    consumer = rig.consumer(retry=Retry(attempts=3, delay=300))
+    topic = rig.kit.topic()
+
+    @consumer.subscribe(topic)
+    async def count(message: Message[Counted], session: Session = Depends(current_session)):
+        key, n = message.payload.key, message.payload.n
+        if n in failing:
+            failing.remove(n)
+            raise RuntimeError(f"message {n} fails once")
+        try:
+            tally = await session.repository.aget(key)
+        except NotFound:
+            tally = Tally(Root(key))
+            session.repository.add(tally)
+        tally.numbers.append(message.payload.n)
+
+    async def test() -> None:
+        assert isinstance(rig.kit, MemoryKit)
+        broker, clock = rig.kit.shared(), rig.kit.clock
+        assert isinstance(clock, ManualClock)
+        await rig.send(topic, *(Counted(f"k{n % 3}", n) for n in range(9)))
+        worker = rig.worker(consumer)
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            pending = broker.pending([topic], consumer.group)
+            return pending == Pending(0, 0, 1, 300.0) and worker.handled == 8
+
+        await eventually(settled, what="everything settled but the retry")
+        assert worker.retried == 1
+        clock.advance(300)  # message 1 waits 300 s on the broker's clock, not ours
+
+        async def done() -> bool:
+            pending = broker.pending([topic], consumer.group)
+            return pending == Pending(0, 0, 0, None) and worker.handled == 9
+
+        await eventually(done, what="the retry handled")
+        await rig.stop(worker, task)
+        numbers = await rig.numbers()
+        assert sorted(n for values in numbers.values() for n in values) == list(range(9))
+        assert numbers["k1"][-1] == 1  # the retried message last
+        assert (worker.handled, worker.retried, worker.dead_lettered) == (9, 1, 0)
+        assert len(await rig.inbox()) == 9
+
+    rig.run(test())
