@@ -41,12 +41,7 @@ CAPABILITIES: dict[str, dict[str, bool]] = {
 
 # Where an adapter of ours does not keep the contract yet: each an expected failure
 # (strict: once the adapter is fixed, the test passes and the entry must go).
-GAPS: dict[tuple[str, str], str] = {
-    ("nats", "test_no_receive_returns_more_than_in_flight"): (
-        "NATSSubscription.receive does not cap `limit` at `in_flight` (the worker never asks "
-        "for more, but the contract bounds each receive); fix: limit = min(limit, in_flight)"
-    ),
-}
+GAPS: dict[tuple[str, str], str] = {}
 
 
 class KitTarget(BrokerTarget):

@@ -58,6 +58,10 @@ MODULES = [
     "pybondi.cli",
     "pybondi.testing",
     "pybondi.testing.scenarios",
+    "pybondi.testing.contracts.brokers",
+    "pybondi.testing.contracts.brokertarget",
+    "pybondi.messaging.brokers.memory",
+    "pybondi.messaging.brokers.clock",
 ]
 
 

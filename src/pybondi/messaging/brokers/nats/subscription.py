@@ -106,6 +106,7 @@ class NATSSubscription(Subscription):
         Raises `ConnectionError` when the broker cannot be reached or refuses the
         streams or consumers; the next call connects and binds again.
         """
+        limit = min(limit, self.in_flight)  # the contract: never more than in flight
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         try:
