@@ -1,18 +1,103 @@
-"""Shared fixtures: each behaviour is written once and run through both drivers."""
+"""Shared fixtures: each behaviour is written once and run through both drivers.
+
+Nothing here imports an extra (SQLAlchemy, a broker client): the core's tests also run
+where only pybondi and pytest are installed (`make pytest-core`). There, the test modules
+that need an extra are left out of the collection (`needs`), and said so in the header.
+"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import cache
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pybondi import Command, Event, Messagebus, Publisher, Session
-from pybondi.persistence import SQLStore, Store
-from tests.backends import BACKENDS, SQL_BACKENDS, Backend
-from tests.brokers import KITS, BrokerKit
+
+if TYPE_CHECKING:
+    from pybondi.persistence import Store
+    from tests.backends import Backend
+    from tests.brokers import BrokerKit
+
+BACKENDS = ["memory", "sqlite", "postgres", "mariadb"]
+SQL_BACKENDS = ["sqlite", "postgres", "mariadb"]
+BROKERS = ["redis", "rabbitmq", "nats"]
+
+# What a test module may import that an extra installs: package -> the extra.
+EXTRAS = {
+    "sqlalchemy": "sqlite",
+    "aiosqlite": "sqlite",
+    "psycopg": "postgres",
+    "pymysql": "mariadb",
+    "aiomysql": "mariadb",
+    "redis": "redis",
+    "aio_pika": "rabbitmq",
+    "nats": "nats",
+    "pydantic": "pydantic",
+    "fastapi": "dev",
+    "httpx": "dev",
+}
+# pybondi's modules and names that import one of them.
+NEEDING = {
+    "pybondi.persistence.sql": "sqlalchemy",
+    "pybondi.messaging.brokers.redis": "redis",
+    "pybondi.messaging.brokers.rabbitmq": "aio_pika",
+    "pybondi.messaging.brokers.nats": "nats",
+    "SQLStore": "sqlalchemy",
+}
+TESTS = Path(__file__).parent
+
+
+@cache
+def needs(module: Path) -> frozenset[str]:
+    """The packages of extras a test module imports, itself or through tests' helpers."""
+    found: set[str] = set()
+    # Only the module's own top-level imports: those inside functions, under
+    # TYPE_CHECKING or in a try that tolerates their absence are for when it is there.
+    for node in ast.parse(module.read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(alias.name for alias in node.names)]
+        else:
+            continue
+        for name in names:
+            top = name.partition(".")[0]
+            if top in EXTRAS:
+                found.add(top)
+            found.update(package for prefix, package in NEEDING.items() if name.startswith(prefix))
+            if name.startswith("tests.") and (helper := TESTS / f"{name[6:]}.py").exists():
+                found |= needs(helper)
+    return frozenset(found)
+
+
+def missing(module: Path) -> set[str]:
+    return {package for package in needs(module) if find_spec(package) is None}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Leave out the test modules whose extras are not installed (the core's venv)."""
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return bool(missing(collection_path)) or None
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    left_out = {path.name: missing(path) for path in sorted(TESTS.glob("test_*.py"))}
+    left_out = {name: packages for name, packages in left_out.items() if packages}
+    if not left_out:
+        return None
+    extras = sorted({EXTRAS[package] for packages in left_out.values() for package in packages})
+    return (
+        f"left out {len(left_out)} test modules whose extras are not installed "
+        f"({', '.join(extras)}): {', '.join(left_out)}"
+    )
 
 
 class SyncDriver:
@@ -112,6 +197,8 @@ def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
 @pytest.fixture(scope="session")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Backend]]:
     """One namespace per backend for the whole run, made when first needed."""
+    from tests.backends import Backend
+
     made: dict[str, Backend] = {}
     tmp = tmp_path_factory.mktemp("stores")
 
@@ -160,10 +247,11 @@ def sql_store(sql_backend: Backend, driver: Driver) -> Iterator[Store]:
 
 def _store(backend: Backend, driver: Driver) -> Iterator[Store]:
     made = backend.store(asynchronous=driver.name == "async")
-    if isinstance(made, SQLStore):
+    sql = backend.name != "memory"  # a SQLStore, whose module needs SQLAlchemy
+    if sql:
         driver.io(made, "create_tables")
     yield made
-    if isinstance(made, SQLStore):
+    if sql:
         # An async engine's connections belong to the driver's loop: dispose of them there.
         driver.io(made, "dispose")
 
@@ -171,9 +259,11 @@ def _store(backend: Backend, driver: Driver) -> Iterator[Store]:
 # Brokers -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=_backend_params(list(KITS)))
+@pytest.fixture(params=_backend_params(BROKERS))
 def broker(request: pytest.FixtureRequest) -> Iterator[BrokerKit]:
     """Each real broker (Redis, RabbitMQ, NATS), with names of this test's own, removed after."""
+    from tests.brokers import KITS
+
     kit = KITS[request.param]()
     try:
         kit.start()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    find_spec("sqlalchemy") is None,
+    reason="the bank example keeps its accounts in SQLite: pip install 'pybondi[sqlite]'",
+)
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "bank.py"
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import re
 import sys
 import types
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.skipif(
+    find_spec("sqlalchemy") is None,
+    reason="the README's examples use SQLStore: pip install 'pybondi[sqlite]'",
+)
 
 README = Path(__file__).parent.parent / "README.md"
 
