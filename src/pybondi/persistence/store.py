@@ -76,7 +76,14 @@ class Transaction(ABC, Generic[R_co]):
 
 
 class Store(ABC, Generic[R_co]):
-    """Where aggregates and events are kept. `is_async` stores need the async path."""
+    """Where aggregates and events are kept.
+
+    Attributes:
+        is_async: whether async code uses the store on the event loop, through its
+            transactions' `a` methods (an async SQL store, which needs them; the memory
+            store, which never blocks). Otherwise async code runs its work in a thread
+            (`atransact`, a worker's sessions), as a sync SQL store would block the loop.
+    """
 
     is_async: bool = False
 

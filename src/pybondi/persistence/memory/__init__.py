@@ -3,7 +3,8 @@
 It keeps the same promises as the SQL stores (versions checked, positions without gaps,
 all of a transaction or nothing), in a process's memory, for as long as the store lives.
 A transaction sees what was committed plus its own writes; its writes become visible to
-others at commit, all at once, under a lock.
+others at commit, all at once, under a lock. It keeps an outbox, an inbox and dead letters
+too (`messaging`): a relay and a worker run on it as on a SQL store.
 """
 
 from __future__ import annotations
@@ -11,19 +12,32 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import TypeVar
 
 from pybondi.exceptions import ConcurrencyError, SessionError
-from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent
-from pybondi.persistence.store import Store, Transaction
+from pybondi.persistence.memory.messaging import (
+    Change,
+    MemoryDeadLetters,
+    MemoryInbox,
+    MemoryOutbox,
+    MessagingState,
+)
+from pybondi.persistence.records import MessagingRecords, Record, Snapshot, StoredEvent
+from pybondi.persistence.store import MessagingStore, Transaction
 
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
 
 
-class MemoryStore(Store["MemoryTransaction"]):
-    """Keeps records, events and snapshots in dictionaries; thread-safe."""
+class MemoryStore(MessagingStore):
+    """Keeps records, events, snapshots and messages in dictionaries; thread-safe.
+
+    Sync and async code use it alike: nothing in it blocks (`is_async`).
+    """
+
+    is_async = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -31,13 +45,14 @@ class MemoryStore(Store["MemoryTransaction"]):
         self.streams: dict[str, list[StoredEvent]] = {}
         self.log: list[StoredEvent] = []
         self.snapshots: dict[str, Snapshot] = {}
+        self.messaging = MessagingState()
 
     def begin(self) -> MemoryTransaction:
         """Open a transaction."""
         return MemoryTransaction(self)
 
 
-class MemoryTransaction(Transaction["MemoryTransaction"], Records):
+class MemoryTransaction(Transaction["MemoryTransaction"], MessagingRecords):
     """Buffers writes and applies them at commit, after checking every version again."""
 
     def __init__(self, store: MemoryStore) -> None:
@@ -49,6 +64,24 @@ class MemoryTransaction(Transaction["MemoryTransaction"], Records):
         self.writes: dict[str, tuple[Record, int]] = {}
         self.appended: list[StoredEvent] = []
         self.snapshots: dict[str, Snapshot] = {}
+        self.changes: list[Change] = []
+        for part in ("outbox", "inbox", "dead_letters"):  # made anew, when next used
+            self.__dict__.pop(part, None)
+
+    @cached_property
+    def outbox(self) -> MemoryOutbox:
+        """The outbox's reads and writes, in this transaction."""
+        return MemoryOutbox(self)
+
+    @cached_property
+    def inbox(self) -> MemoryInbox:
+        """The inbox's reads and writes, in this transaction."""
+        return MemoryInbox(self)
+
+    @cached_property
+    def dead_letters(self) -> MemoryDeadLetters:
+        """The dead letters' reads and writes, in this transaction."""
+        return MemoryDeadLetters(self, self.inbox, self.outbox)
 
     # Transaction ------------------------------------------------------------------------
 
@@ -68,12 +101,16 @@ class MemoryTransaction(Transaction["MemoryTransaction"], Records):
         with store.lock:
             for record, expected in self.writes.values():
                 self._check(store.records.get(record.stream), record.stream, expected)
+            for change in self.changes:
+                change.check()
             store.records.update((stream, record) for stream, (record, _) in self.writes.items())
             for event in self.appended:
                 stored = dataclasses.replace(event, position=len(store.log) + 1)
                 store.log.append(stored)
                 store.streams.setdefault(event.stream, []).append(stored)
             store.snapshots.update(self.snapshots)
+            for change in self.changes:
+                change.apply()
         self._clear()
 
     def rollback(self) -> None:
