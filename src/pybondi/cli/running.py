@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from pybondi._redact import redact, scrub
+from pybondi.messaging.backoff import backoff
 
 if TYPE_CHECKING:
     import argparse
@@ -81,7 +82,7 @@ async def tables_ready(store: SQLStore, create: bool, wait: bool = True) -> bool
             if not wait:
                 refuse(f"cannot reach {store!r}: {first_line}")
                 return False
-            delay = min(30.0, 0.5 * 2**attempt)
+            delay = backoff(attempt + 1, first=0.5, longest=30.0)
             logger.warning("Cannot reach the store (%s); retrying in %.1f s", first_line, delay)
             await asyncio.sleep(delay)
     if missing:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+from pybondi.messaging.backoff import backoff
+
 __all__ = ["Supervisor"]
 
 logger = logging.getLogger("pybondi.cli")
@@ -59,7 +61,7 @@ class Supervisor:
                 else:
                     lived = time.monotonic() - started
                     failures[index] = 0 if lived > _STABLE else failures[index] + 1
-                    delay = min(30.0, 0.5 * 2 ** min(failures[index], 10))
+                    delay = backoff(failures[index], first=1.0, longest=30.0)
                     delay = delay if failures[index] else 0.0
                     logger.warning(
                         "Worker process %d exited with %d; restarting it in %.1f s",

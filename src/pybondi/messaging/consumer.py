@@ -33,6 +33,7 @@ from pybondi.current import current_session
 from pybondi.depends import DependencyOverrides
 from pybondi.exceptions import InvalidHandler, short_repr
 from pybondi.messagebus import Messagebus
+from pybondi.messaging.backoff import backoff
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
 from pybondi.persistence.serialization import Registry
 from pybondi.publisher import Message, Publisher
@@ -86,7 +87,7 @@ class Retry:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after attempt number `attempt` (1, 2, ...) failed."""
-        return float(min(self.max_delay, self.delay * self.factor ** min(attempt - 1, 64)))
+        return backoff(attempt, first=self.delay, longest=self.max_delay, factor=self.factor)
 
 
 class Consumer:

@@ -50,6 +50,7 @@ from functools import partial
 from typing import TypeVar
 
 from pybondi.exceptions import PublishError
+from pybondi.messaging.backoff import backoff
 from pybondi.messaging.brokers.base import Broker
 from pybondi.messaging.envelope import Envelope
 from pybondi.persistence.records import MessagingRecords, OutboxRecords
@@ -343,8 +344,8 @@ class Relay:
         return max(self._stop_by - time.monotonic(), 0.05)
 
     def _backoff(self, failures: int) -> float:
-        """Exponential backoff with full jitter: up to 0.1 s, 0.2 s, 0.4 s... max_backoff."""
-        return random.uniform(0, min(self.max_backoff, 0.1 * 2 ** min(failures - 1, 30)))
+        """Up to 0.1 s, 0.2 s, 0.4 s... max_backoff, with jitter."""
+        return backoff(failures, first=0.1, longest=self.max_backoff, jitter=True)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 import uuid
@@ -22,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pybondi.exceptions import AsyncRequired, SessionError, short_repr
+from pybondi.messaging.backoff import backoff
 from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
 from pybondi.messaging.consumer import Consumer
 from pybondi.messaging.worker.reading import Unreadable, describe, key_of, read
@@ -185,7 +185,7 @@ class Worker:
                     raise  # a wrong option or name: it would fail every time
                 except Exception as error:  # the broker, unreachable: the adapter reconnects
                     failures += 1
-                    delay = random.uniform(0, min(30.0, 0.2 * 2 ** min(failures, 20)))
+                    delay = backoff(failures, first=0.4, longest=30.0, jitter=True)
                     logger.warning(
                         "Worker %s cannot receive from %r (%s); retrying in %.1f s",
                         self.name, self.broker, describe(error), delay,
