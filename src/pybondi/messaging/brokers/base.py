@@ -23,9 +23,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self
+
+from typing_extensions import TypeVar
 
 from pybondi._redact import redact
 from pybondi.exceptions import AsyncRequired, PublishError
@@ -33,14 +36,58 @@ from pybondi.messaging.envelope import Envelope
 from pybondi.persistence.serialization import Registry
 from pybondi.publisher import BufferedPublisher, Message
 
-__all__ = ["DEFAULT_GROUP", "Broker", "BrokerPublisher", "Delivery", "Subscription"]
+__all__ = [
+    "DEFAULT_GROUP",
+    "Broker",
+    "BrokerPublisher",
+    "Delivery",
+    "Subscription",
+    "SubscriptionTerms",
+]
+
+S_co = TypeVar("S_co", bound="Subscription", default="Subscription", covariant=True)
 
 DEFAULT_GROUP = "pybondi"
 """The consumer group of workers that name none. On RabbitMQ it consumes the topic's own
 queue, the one the publisher declares so that nothing is lost before a consumer exists."""
 
 
-class Broker(ABC):
+@dataclass(frozen=True)
+class SubscriptionTerms:
+    """What `Broker.subscribe` was asked for, checked: see its arguments."""
+
+    topics: tuple[str, ...]
+    group: str
+    consumer: str
+    in_flight: int
+    redeliver_after: float
+
+    @classmethod
+    def checked(
+        cls,
+        topics: Sequence[str],
+        group: str,
+        consumer: str,
+        in_flight: int,
+        redeliver_after: float,
+    ) -> SubscriptionTerms:
+        """The terms, or a ValueError that says which argument is wrong."""
+        if isinstance(topics, str) or not topics:
+            raise ValueError(f"Subscribe to a list of topics, as in ['orders'], not {topics!r}.")
+        if not group or not consumer:
+            raise ValueError(
+                f"A group and a consumer name are needed, got {group!r}, {consumer!r}."
+            )
+        if in_flight < 1 or not redeliver_after > 0:
+            raise ValueError(
+                f"in_flight must be 1 or more and redeliver_after positive, got {in_flight!r} "
+                f"and {redeliver_after!r}."
+            )
+        unique = tuple(dict.fromkeys(topics))  # a topic named twice is consumed once
+        return cls(unique, group, consumer, in_flight, redeliver_after)
+
+
+class Broker(ABC, Generic[S_co]):
     """A connection to a broker that sends envelopes and waits for its confirmation.
 
     Adapters connect at the first send and reconnect after a failure, so a caller that
@@ -78,7 +125,7 @@ class Broker(ABC):
         consumer: str,
         in_flight: int = 16,
         redeliver_after: float = 60.0,
-    ) -> Subscription:
+    ) -> S_co:
         """The share of `group` in the messages of `topics`; see `Subscription`.
 
         Args:
@@ -92,6 +139,12 @@ class Broker(ABC):
             redeliver_after: seconds after which a message held by a consumer that went
                 silent (crashed, hung, disconnected) goes to another consumer.
         """
+        return self._subscription(
+            SubscriptionTerms.checked(topics, group, consumer, in_flight, redeliver_after)
+        )
+
+    def _subscription(self, terms: SubscriptionTerms) -> S_co:
+        """The adapter's subscription on `terms`, which `subscribe` checked."""
         raise NotImplementedError(f"{type(self).__name__} cannot consume messages yet.")
 
     async def aclose(self) -> None:
@@ -234,7 +287,17 @@ class Subscription(ABC):
 
     Messages of a consumer that went silent come back to the group's other consumers
     after `redeliver_after`; retried messages come back when their delay is over.
+
+    Attributes:
+        topics, group, consumer, in_flight, redeliver_after: as subscribed.
     """
+
+    def __init__(self, terms: SubscriptionTerms) -> None:
+        self.topics = terms.topics
+        self.group = terms.group
+        self.consumer = terms.consumer
+        self.in_flight = terms.in_flight
+        self.redeliver_after = terms.redeliver_after
 
     @abstractmethod
     async def receive(self, limit: int, wait: float) -> list[Delivery]:

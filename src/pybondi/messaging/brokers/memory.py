@@ -43,7 +43,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from pybondi.exceptions import short_repr
-from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
+from pybondi.messaging.brokers.base import Broker, Delivery, Subscription, SubscriptionTerms
 from pybondi.messaging.brokers.clock import Clock, ManualClock
 from pybondi.messaging.envelope import Envelope
 
@@ -147,7 +147,7 @@ class _Lane:
         return min(dues, default=None)
 
 
-class MemoryBroker(Broker):
+class MemoryBroker(Broker["MemorySubscription"]):
     """Keeps messages in this process and hands them to subscriptions; see the module doc.
 
     Args:
@@ -189,45 +189,15 @@ class MemoryBroker(Broker):
         """`send`: nothing to wait for."""
         self.send(envelopes)
 
-    def subscribe(
-        self,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> MemorySubscription:
-        """The share of `group` in the messages of `topics`; see `Broker.subscribe`.
-
-        `in_flight` bounds what the subscription holds unacknowledged, not only each
-        receive. `redeliver_after` is in seconds of the broker's clock.
-        """
-        if isinstance(topics, str) or not topics:
-            raise ValueError(f"Subscribe to a list of topics, as in ['orders'], not {topics!r}.")
-        if not group or not consumer:
-            raise ValueError(
-                f"A group and a consumer name are needed, got {group!r}, {consumer!r}."
-            )
-        if in_flight < 1 or not redeliver_after > 0:
-            raise ValueError(
-                f"in_flight must be 1 or more and redeliver_after positive, got {in_flight!r} "
-                f"and {redeliver_after!r}."
-            )
+    def _subscription(self, terms: SubscriptionTerms) -> MemorySubscription:
         with self._lock:
             lanes = []
-            for topic in dict.fromkeys(topics):
-                if (topic, group) not in self._lanes:
-                    self._lanes[topic, group] = _Lane(self._topics.setdefault(topic, []))
-                lanes.append(self._lanes[topic, group])
-        return MemorySubscription(
-            self,
-            lanes,
-            group,
-            consumer=consumer,
-            in_flight=in_flight,
-            redeliver_after=redeliver_after,
-        )
+            for topic in terms.topics:
+                if (topic, terms.group) not in self._lanes:
+                    lane = _Lane(self._topics.setdefault(topic, []))
+                    self._lanes[topic, terms.group] = lane
+                lanes.append(self._lanes[topic, terms.group])
+        return MemorySubscription(self, lanes, terms)
 
     def messages(self, topic: str) -> list[Envelope]:
         """Every message kept for `topic`, in the order sent (copies): what was published."""
@@ -280,26 +250,17 @@ class MemoryBroker(Broker):
 class MemorySubscription(Subscription):
     """A consumer's share of a group's messages on a `MemoryBroker`; see the module doc.
 
+    `in_flight` bounds what the subscription holds unacknowledged, not only each
+    receive. `redeliver_after` is in seconds of the broker's clock.
+
     `close()` puts what it held back to the group at once, at attempt + 1; a closed
     subscription cannot receive again, and its deliveries can no longer be settled
     (`ConnectionError`, as on RabbitMQ).
     """
 
-    def __init__(
-        self,
-        broker: MemoryBroker,
-        lanes: list[_Lane],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int,
-        redeliver_after: float,
-    ) -> None:
+    def __init__(self, broker: MemoryBroker, lanes: list[_Lane], terms: SubscriptionTerms) -> None:
+        super().__init__(terms)
         self.broker = broker
-        self.group = group
-        self.consumer = consumer
-        self.in_flight = in_flight
-        self.redeliver_after = redeliver_after
         self._lanes = lanes
         self._holding: set[_Item] = set()
         self._closed = False

@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pybondi.exceptions import MissingDependency
-from pybondi.messaging.brokers.base import Broker
+from pybondi.messaging.brokers.base import Broker, SubscriptionTerms
 from pybondi.messaging.envelope import Envelope
 
 try:
@@ -85,7 +85,7 @@ _REFUSALS = (
 )
 
 
-class NATSBroker(Broker):
+class NATSBroker(Broker[NATSSubscription]):
     """Sends envelopes to NATS JetStream, each topic a subject; see the module docstring.
 
     Args:
@@ -125,29 +125,8 @@ class NATSBroker(Broker):
         """The name of the stream `declare_streams` creates for a topic."""
         return self.prefix + NOT_IN_STREAM_NAMES.sub("_", topic)
 
-    def subscribe(
-        self,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> NATSSubscription:
-        """The share of `group` in the messages of `topics`; see `Broker.subscribe`.
-
-        The subscription connects at its first `receive`, on a connection of its own made
-        with the broker's options (named `{group}/{consumer}` unless they name it), and
-        declares the topics' streams and the group's consumers on them.
-        """
-        return NATSSubscription(
-            self,
-            topics,
-            group,
-            consumer=consumer,
-            in_flight=in_flight,
-            redeliver_after=redeliver_after,
-        )
+    def _subscription(self, terms: SubscriptionTerms) -> NATSSubscription:
+        return NATSSubscription(self, terms)
 
     async def asend(self, envelopes: Sequence[Envelope]) -> None:
         """Publish every envelope, pipelined and in order; each must be acked by JetStream.

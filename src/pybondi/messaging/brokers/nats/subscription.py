@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import nats.errors
@@ -17,7 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
-from pybondi.messaging.brokers.base import Delivery, Subscription
+from pybondi.messaging.brokers.base import Delivery, Subscription, SubscriptionTerms
 from pybondi.messaging.brokers.nats.connection import Link, close_connection
 from pybondi.messaging.brokers.nats.pull import Pull, status_of
 from pybondi.messaging.brokers.nats.streams import (
@@ -51,37 +50,23 @@ class NATSSubscription(Subscription):
     """A consumer group's share of some topics, pulled from JetStream durable consumers.
 
     Made by `NATSBroker.subscribe`; see the package docstring. One task receives at a
-    time; deliveries may be acknowledged or retried from any task.
+    time; deliveries may be acknowledged or retried from any task. It connects at its
+    first `receive`, on a connection of its own made with the broker's options (named
+    `{group}/{consumer}` unless they name it), and declares the topics' streams and the
+    group's consumers on them.
 
     Attributes:
         consumers: the durable consumer of each topic, as (stream, name), once bound.
     """
 
-    def __init__(
-        self,
-        broker: NATSBroker,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int,
-        redeliver_after: float,
-    ) -> None:
-        if isinstance(topics, str) or not topics:
-            raise ValueError(f"Subscribe to a list of topics, not {topics!r}.")
-        if not NOT_IN_STREAM_NAMES.sub("", group):
-            raise ValueError(f"A consumer group needs a name, not {group!r}.")
-        if in_flight < 1 or redeliver_after <= 0:
-            raise ValueError(
-                f"in_flight must be 1 or more and redeliver_after positive, not "
-                f"{in_flight!r} and {redeliver_after!r}."
+    def __init__(self, broker: NATSBroker, terms: SubscriptionTerms) -> None:
+        if not NOT_IN_STREAM_NAMES.sub("", terms.group):
+            raise ValueError(  # JetStream names take none of these characters
+                f"A consumer group needs a name with more than '.', '*', '>', '/', '\\' and "
+                f"white space in it, not {terms.group!r}."
             )
+        super().__init__(terms)
         self.broker = broker
-        self.topics = list(dict.fromkeys(topics))
-        self.group = group
-        self.consumer = consumer
-        self.in_flight = in_flight
-        self.redeliver_after = redeliver_after
         self.consumers: dict[str, tuple[str, str]] = {}
         self._link: Link | None = None
         self._pulls: list[Pull] = []

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pybondi.exceptions import MissingDependency
-from pybondi.messaging.brokers.base import DEFAULT_GROUP, Broker
+from pybondi.messaging.brokers.base import DEFAULT_GROUP, Broker, SubscriptionTerms
 from pybondi.messaging.envelope import Envelope
 
 try:
@@ -79,7 +79,7 @@ __all__ = ["ATTEMPT_HEADER", "RabbitMQBroker", "RabbitMQDelivery", "RabbitMQSubs
 logger = logging.getLogger(__name__)
 
 
-class RabbitMQBroker(Broker):
+class RabbitMQBroker(Broker[RabbitMQSubscription]):
     """Sends envelopes to a RabbitMQ topic exchange, each confirmed by the broker's ack.
 
     Args:
@@ -131,24 +131,8 @@ class RabbitMQBroker(Broker):
         queue = self.queue(topic)
         return queue if group == DEFAULT_GROUP else f"{queue}#{group}"
 
-    def subscribe(
-        self,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> RabbitMQSubscription:
-        """The share of `group` in the messages of `topics`; see `RabbitMQSubscription`."""
-        return RabbitMQSubscription(
-            self,
-            topics,
-            group,
-            consumer=consumer,
-            in_flight=in_flight,
-            redeliver_after=redeliver_after,
-        )
+    def _subscription(self, terms: SubscriptionTerms) -> RabbitMQSubscription:
+        return RabbitMQSubscription(self, terms)
 
     async def asend(self, envelopes: Sequence[Envelope]) -> None:
         """Publish every envelope, then wait for all the acks; see the module docstring.

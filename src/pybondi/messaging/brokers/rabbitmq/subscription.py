@@ -12,7 +12,6 @@ import functools
 import logging
 import math
 import uuid
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,7 +21,7 @@ import aio_pika.exceptions
 import aiormq
 
 from pybondi.exceptions import short_repr
-from pybondi.messaging.brokers.base import Delivery, Subscription
+from pybondi.messaging.brokers.base import Delivery, Subscription, SubscriptionTerms
 from pybondi.messaging.brokers.rabbitmq.headers import (
     ATTEMPT_HEADER,
     copy_message,
@@ -72,32 +71,16 @@ class RabbitMQSubscription(Subscription):
     `declare_queues=False`).
     """
 
-    def __init__(
-        self,
-        broker: RabbitMQBroker,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> None:
-        if not topics:
-            raise ValueError("Subscribe to at least one topic.")
-        if any("*" in topic or "#" in topic for topic in topics):
+    def __init__(self, broker: RabbitMQBroker, terms: SubscriptionTerms) -> None:
+        if any("*" in topic or "#" in topic for topic in terms.topics):
             # As binding keys they would be patterns, whose messages have other topics.
-            raise ValueError(f"Subscribe to topics, not patterns: {list(topics)!r}.")
-        if not group or "#" in group:
+            raise ValueError(f"Subscribe to topics, not patterns: {list(terms.topics)!r}.")
+        if "#" in terms.group:
             # A `#` could make a group's queue the name of another group's delay queue.
-            raise ValueError(f"Invalid consumer group {group!r}: name it without '#'.")
-        if in_flight < 1:
-            raise ValueError(f"in_flight must be at least 1, not {in_flight!r}.")
+            raise ValueError(f"Invalid consumer group {terms.group!r}: name it without '#'.")
+        super().__init__(terms)
         self.broker = broker
-        self.group = group
-        self.consumer = consumer
-        self.in_flight = in_flight
-        self.redeliver_after = redeliver_after
-        self.queues = {broker.group_queue(topic, group): topic for topic in topics}
+        self.queues = {broker.group_queue(topic, self.group): topic for topic in self.topics}
         """The queue consumed for each topic: {queue name: topic}."""
         self._link: _Link | None = None
         self._closed = False

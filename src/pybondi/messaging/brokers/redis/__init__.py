@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pybondi.exceptions import MissingDependency
-from pybondi.messaging.brokers.base import Broker
+from pybondi.messaging.brokers.base import Broker, SubscriptionTerms
 from pybondi.messaging.envelope import Envelope
 
 try:
@@ -44,7 +44,7 @@ from pybondi.messaging.brokers.redis.subscription import RedisDelivery, RedisSub
 __all__ = ["RedisBroker", "RedisDelivery", "RedisSubscription"]
 
 
-class RedisBroker(Broker):
+class RedisBroker(Broker[RedisSubscription]):
     """Sends envelopes to Redis Streams, one stream per topic.
 
     Args:
@@ -110,28 +110,8 @@ class RedisBroker(Broker):
                 reason = result if isinstance(result, Exception) else "no entry id"
                 raise self._unconfirmed(envelopes, index, reason)
 
-    def subscribe(
-        self,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> RedisSubscription:
-        """The share of `group` in the messages of `topics`; see `Broker.subscribe`.
-
-        The subscription has a client of its own (on the same URL and options), which
-        connects at the first `receive`.
-        """
-        return RedisSubscription(
-            self,
-            topics,
-            group,
-            consumer=consumer,
-            in_flight=in_flight,
-            redeliver_after=redeliver_after,
-        )
+    def _subscription(self, terms: SubscriptionTerms) -> RedisSubscription:
+        return RedisSubscription(self, terms)
 
     def close(self) -> None:
         """Close the sync client's connections."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple, cast
@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from pybondi.exceptions import short_repr
-from pybondi.messaging.brokers.base import Delivery, Subscription
+from pybondi.messaging.brokers.base import Delivery, Subscription, SubscriptionTerms
 from pybondi.messaging.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -76,6 +76,9 @@ class _Source(NamedTuple):
 class RedisSubscription(Subscription):
     """A consumer group's share of some topics' streams; see the package docstring.
 
+    It has a client of its own (on the broker's URL and options), which connects at the
+    first `receive`.
+
     Each `receive` first moves the group's due retries to its retry streams (at most
     every quarter of a second, or when the next one is due), and every
     `redeliver_after / 4` seconds takes over, with XAUTOCLAIM, the entries that other
@@ -88,34 +91,11 @@ class RedisSubscription(Subscription):
     it comes back through XAUTOCLAIM.
     """
 
-    def __init__(
-        self,
-        broker: RedisBroker,
-        topics: Sequence[str],
-        group: str,
-        *,
-        consumer: str,
-        in_flight: int = 16,
-        redeliver_after: float = 60.0,
-    ) -> None:
-        if isinstance(topics, str) or not topics:
-            raise ValueError(f"Subscribe to a list of topics, as in ['orders'], not {topics!r}.")
-        if not group or not consumer:
-            raise ValueError(
-                f"A group and a consumer name are needed, got {group!r}, {consumer!r}."
-            )
-        if in_flight < 1 or redeliver_after <= 0:
-            raise ValueError(
-                f"in_flight must be 1 or more and redeliver_after positive, got {in_flight} "
-                f"and {redeliver_after}."
-            )
+    def __init__(self, broker: RedisBroker, terms: SubscriptionTerms) -> None:
+        super().__init__(terms)
         self.url = broker.url
-        self.topics = tuple(dict.fromkeys(topics))
-        self.group = group
-        self.consumer = consumer
-        self.in_flight = in_flight
-        self.redeliver_after = redeliver_after
-        self._name = f"{group}/{consumer} on {broker!r}"
+        group, in_flight = self.group, self.in_flight
+        self._name = f"{group}/{self.consumer} on {broker!r}"
         # The parsing below expects RESP2's bytes, in redis-py's classic shapes.
         options = {**broker.client_options, "decode_responses": False, "protocol": 2}
         # Every delivery in flight may ack, retry or extend at once, next to a receive.
