@@ -71,6 +71,23 @@ def log_level(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def service_arguments(parser: argparse.ArgumentParser, *, grace: float, stops: str) -> None:
+    """What every long-running command takes: `--grace`, `--create-tables`, `--log-level`.
+
+    `stops` says what a stop waits for, within the grace.
+    """
+    parser.add_argument(
+        "--grace",
+        type=at_least_0,
+        default=grace,
+        help=f"seconds {stops} (default {grace:g})",
+    )
+    parser.add_argument(
+        "--create-tables", action="store_true", help="create the store's tables if missing"
+    )
+    log_level(parser)
+
+
 def target(text: str) -> Any:
     """The object named `module:attribute`, imported from the current directory too."""
     module_name, colon, attribute = text.partition(":")

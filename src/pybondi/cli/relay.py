@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pybondi.cli.options import (
     above_0,
     at_least_0,
     broker_arguments,
-    log_level,
     positive,
+    service_arguments,
     store_arguments,
 )
-from pybondi.cli.running import Signals, open_store, tables_ready
+from pybondi.cli.running import serve
+
+if TYPE_CHECKING:
+    from pybondi.messaging.relay import Relay
+    from pybondi.persistence.sql import SQLStore
 
 __all__ = ["add_parser", "run"]
 
@@ -42,31 +46,19 @@ def add_parser(commands: Any) -> None:
     relay.add_argument(
         "--retention", type=at_least_0, default=24.0, help="hours to keep sent rows (default 24)"
     )
-    relay.add_argument(
-        "--grace",
-        type=at_least_0,
-        default=10.0,
-        help="seconds within which a stop is over, the batch under way included (default 10)",
+    service_arguments(
+        relay, grace=10.0, stops="within which a stop is over, the batch under way included"
     )
-    relay.add_argument(
-        "--create-tables", action="store_true", help="create the store's tables if missing"
-    )
-    log_level(relay)
 
 
 async def run(arguments: argparse.Namespace) -> int:
     """Relay until SIGTERM or Ctrl-C; return the exit status."""
-    signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
-    from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
-    from pybondi.messaging.relay import Relay  # noqa: PLC0415
 
-    store = open_store(arguments)
-    if store is None:
-        return 2
-    try:
-        if not await signals.unless_stopped(tables_ready(store, arguments.create_tables)):
-            return 0 if signals.received else 2
-        relay = Relay(
+    def relay(store: SQLStore) -> Relay:
+        from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
+        from pybondi.messaging.relay import Relay  # noqa: PLC0415
+
+        return Relay(
             store,
             connect(arguments.broker, **dict(arguments.broker_option)),
             batch_size=arguments.batch_size,
@@ -75,10 +67,8 @@ async def run(arguments: argparse.Namespace) -> int:
             retention=timedelta(hours=arguments.retention),
             grace=arguments.grace,
         )
-        signals.forward(relay.stop)
-        logger.info("Relay %s started: %r", relay.name, relay)
-        await relay.run()
-        logger.info("Relay %s stopped after sending %d message(s)", relay.name, relay.sent)
-        return 0
-    finally:
-        await store.adispose()
+
+    def stopped(relay: Relay) -> str:
+        return f"Relay {relay.name} stopped after sending {relay.sent} message(s)"
+
+    return await serve(arguments, relay, stopped)

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pybondi._redact import redact, scrub
 from pybondi.messaging.backoff import backoff
@@ -18,11 +18,59 @@ if TYPE_CHECKING:
 
     from pybondi.persistence.sql import SQLStore
 
-__all__ = ["Signals", "open_store", "refuse", "running", "tables_ready"]
+__all__ = ["Service", "Signals", "open_store", "refuse", "running", "serve", "tables_ready"]
 
 logger = logging.getLogger("pybondi.cli")
 
 T = TypeVar("T")
+
+
+class Service(Protocol):
+    """What a long-running command runs: a relay, a worker, a projection."""
+
+    async def run(self) -> None:
+        """Work until `stop()`."""
+
+    def stop(self) -> None:
+        """Finish what is under way (within a grace), then return from `run`."""
+
+
+S = TypeVar("S", bound=Service)
+
+
+async def serve(
+    arguments: argparse.Namespace,
+    build: Callable[[SQLStore], S],
+    stopped: Callable[[S], str],
+    *,
+    asynchronous: bool = True,
+    connections: int | None = None,
+) -> int:
+    """Run the service `build` makes on the store of `--store`, until SIGTERM or Ctrl-C.
+
+    The store is waited for (and its tables made with `--create-tables`) first; a wrong
+    option or name (a TypeError or ValueError) is refused. `stopped` says what the
+    service did, for the log. Returns the exit status.
+    """
+    signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
+    store = open_store(arguments, asynchronous=asynchronous, connections=connections)
+    if store is None:
+        return 2
+    try:
+        if not await signals.unless_stopped(tables_ready(store, arguments.create_tables)):
+            return 0 if signals.received else 2
+        try:
+            service = build(store)
+            signals.forward(service.stop)
+            logger.info("%s started: %r", type(service).__name__, service)
+            await service.run()
+        except (TypeError, ValueError) as error:  # a wrong option, group or topic name
+            return refuse(f"{type(error).__name__}: {error}")
+        logger.info("%s", stopped(service))
+        return 0
+    finally:
+        await store.adispose()
+
 
 running = ["pybondi"]
 """The command under way, last, for error messages."""

@@ -10,19 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from pybondi.cli.options import (
     above_0,
-    at_least_0,
     broker_arguments,
-    log_level,
     positive,
+    service_arguments,
     store_arguments,
     target,
 )
-from pybondi.cli.running import Signals, open_store, refuse, tables_ready
+from pybondi.cli.running import refuse, serve
 from pybondi.cli.supervisor import Supervisor
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from pybondi.messaging.consumer import Consumer
+    from pybondi.messaging.worker import Worker
+    from pybondi.persistence.sql import SQLStore
 
 __all__ = ["add_parser", "run"]
 
@@ -58,21 +59,12 @@ def add_parser(commands: Any) -> None:
         help="sync sessions, each in a thread (for sync handlers that use repository.get)",
     )
     worker.add_argument(
-        "--grace",
-        type=at_least_0,
-        default=30.0,
-        help="seconds a stop waits for the messages under way (default 30)",
-    )
-    worker.add_argument(
         "--redeliver-after",
         type=above_0,
         default=60.0,
         help="seconds after which the messages of a silent worker go to another (default 60)",
     )
-    worker.add_argument(
-        "--create-tables", action="store_true", help="create the store's tables if missing"
-    )
-    log_level(worker)
+    service_arguments(worker, grace=30.0, stops="a stop waits for the messages under way")
 
 
 def run(arguments: argparse.Namespace, argv: list[str]) -> int:
@@ -89,42 +81,29 @@ def run(arguments: argparse.Namespace, argv: list[str]) -> int:
 
 
 async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
-    signals = Signals()  # first: a SIGTERM while the store is awaited ends the wait
-    from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
-    from pybondi.messaging.worker import Worker  # noqa: PLC0415
+    def worker(store: SQLStore) -> Worker:
+        from pybondi.messaging.brokers import connect  # noqa: PLC0415 - each needs its extra
+        from pybondi.messaging.worker import Worker  # noqa: PLC0415
+
+        return Worker(
+            consumer,
+            connect(arguments.broker, **dict(arguments.broker_option)),
+            store,
+            redeliver_after=arguments.redeliver_after,
+            grace=arguments.grace,
+        )
+
+    def stopped(worker: Worker) -> str:
+        return (
+            f"Worker {worker.name} stopped: {worker.handled} handled, {worker.skipped} skipped "
+            f"(handled already), {worker.retried} retried, {worker.dead_lettered} dead-lettered"
+        )
 
     # A connection per message under way, one for the bookkeeping, one to spare.
     connections = consumer.in_flight + 2
-    store = open_store(arguments, asynchronous=not arguments.sync, connections=connections)
-    if store is None:
-        return 2
-    try:
-        if not await signals.unless_stopped(tables_ready(store, arguments.create_tables)):
-            return 0 if signals.received else 2
-        try:
-            worker = Worker(
-                consumer,
-                connect(arguments.broker, **dict(arguments.broker_option)),
-                store,
-                redeliver_after=arguments.redeliver_after,
-                grace=arguments.grace,
-            )
-        except (TypeError, ValueError) as error:
-            return refuse(str(error))
-        signals.forward(worker.stop)
-        logger.info("Worker started: %r", worker)
-        try:
-            await worker.run()
-        except (TypeError, ValueError) as error:  # a wrong option, group or topic name
-            return refuse(f"{type(error).__name__}: {error}")
-        logger.info(
-            "Worker %s stopped: %d handled, %d skipped (handled already), %d retried, "
-            "%d dead-lettered",
-            worker.name, worker.handled, worker.skipped, worker.retried, worker.dead_lettered,
-        )  # fmt: skip
-        return 0
-    finally:
-        await store.adispose()
+    return await serve(
+        arguments, worker, stopped, asynchronous=not arguments.sync, connections=connections
+    )
 
 
 def _consumer(arguments: argparse.Namespace) -> Consumer:
