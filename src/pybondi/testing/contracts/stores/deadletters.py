@@ -66,7 +66,9 @@ class DeadLetterContract(ContractPart):
     @contract("messaging")
     def test_a_dead_letter_keeps_the_message_and_takes_its_inbox_row(self, case: Case) -> None:
         """A letter keeps the message (its body as text) and the error; redeliveries skip it."""
-        message = Envelope("orders", "m-1", {"message-type": "json", "x-é": "ü"}, b'{"a":1}\xff\x00')
+        message = Envelope(
+            "orders", "m-1", {"message-type": "json", "x-é": "ü"}, b'{"a":1}\xff\x00'
+        )
         before = datetime.now(UTC)
         id = case.run(
             lambda records: records.dead_letters.add(GROUP, message, "ValueError: bad\nTrace", 5)

@@ -42,7 +42,11 @@ class InboxContract(ContractPart):
 
         def twice(records: MessagingRecords) -> list[bool]:
             first = records.inbox.claim(GROUP, message)
-            return [first, records.inbox.has(GROUP, message.id), records.inbox.claim(GROUP, message)]
+            return [
+                first,
+                records.inbox.has(GROUP, message.id),
+                records.inbox.claim(GROUP, message),
+            ]
 
         assert handled(case, message.id) is False
         assert case.run(twice) == [True, True, False]

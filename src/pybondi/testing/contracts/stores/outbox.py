@@ -32,7 +32,9 @@ def claim(
     )
 
 
-def confirm(case: Case, topic: str, owner: str, after: int, last: int, seconds: float = 0) -> bool:
+def confirm(
+    case: Case, topic: str, owner: str, *, after: int, last: int, seconds: float = 0
+) -> bool:
     """`outbox.confirm` at `at(seconds)`, the lease extended for `LEASE`."""
     now = at(seconds)
     return bool(
@@ -195,4 +197,3 @@ class OutboxContract(ContractPart):
         enqueue(case, again)
         assert claim(case, "a", "relay-2", 11) == (0, [again])
         assert confirm(case, "a", "relay-2", after=0, last=1, seconds=11)
-

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pybondi.exceptions import ConcurrencyError, SessionError
-from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent
+from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent, TableRecords
 from pybondi.testing.contracts.stores.target import Case, ContractPart, contract, event
 
 __all__ = ["RecordsContract"]
@@ -20,6 +20,12 @@ __all__ = ["RecordsContract"]
 def positioned(events: list[StoredEvent], first: int) -> list[StoredEvent]:
     """The events as the log keeps them: at positions from `first` on."""
     return [dataclasses.replace(each, position=first + n) for n, each in enumerate(events)]
+
+
+def rows(records: Records) -> TableRecords:
+    """The records, which read and write table rows (`keeps_table_rows`)."""
+    assert isinstance(records, TableRecords), f"{records!r} are not TableRecords"
+    return records
 
 
 def assert_conflict(error: object, stream: str, expected: int, actual: int | None) -> None:
@@ -54,7 +60,7 @@ class RecordsContract(ContractPart):
 
     @contract()
     def test_a_write_checks_the_version_it_expects(self, case: Case) -> None:
-        """A write expects the stored version; a stale one fails, naming both, and writes nothing."""
+        """A write expects the stored version; a stale one fails, naming both, writing nothing."""
         stream = "bank.Account-a-1"
         case.run(lambda records: records.write(Record(stream, 1, 1, '"first"'), 0))
         case.run(lambda records: records.write(Record(stream, 2, 1, '"second"'), 1))
@@ -166,7 +172,9 @@ class RecordsContract(ContractPart):
         read = case.run(lambda records: (records.read("y"), records.read("x")))
         assert read[0] == Record("y", 2, 1, '"first"' if first_won else '"second"')
         assert read[1] == (Record("x", 1, 1, '"first"') if first_won else None)
-        won = [event("x", 1), event("y", 2, '"first"')] if first_won else [event("y", 2, '"second"')]
+        won = (
+            [event("x", 1), event("y", 2, '"first"')] if first_won else [event("y", 2, '"second"')]
+        )
         assert case.read_log() == positioned(won, 1)
         snapshot = case.run(lambda records: records.read_snapshot("x"))
         assert snapshot == (Snapshot("x", 1, 1, '"first"') if first_won else None)
@@ -214,7 +222,7 @@ class RecordsContract(ContractPart):
         table = case.wait(case.target.table(case.store))
 
         def write(name: str, version: int, expected: int, id: str = "r-1") -> Any:
-            return lambda records: records.write_row(
+            return lambda records: rows(records).write_row(
                 table,
                 {"id": id, "name": name},
                 "id",
@@ -224,7 +232,7 @@ class RecordsContract(ContractPart):
             )
 
         def read(id: str = "r-1") -> Any:
-            row = case.run(lambda records: records.read_row(table, "id", id))
+            row = case.run(lambda records: rows(records).read_row(table, "id", id))
             return None if row is None else dict(row)
 
         case.run(write("ada", 1, 0))

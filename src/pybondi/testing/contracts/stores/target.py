@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from pybondi.messaging.envelope import Envelope
-from pybondi.persistence.records import StoredEvent
+from pybondi.persistence.records import MessagingRecords, StoredEvent
 from pybondi.persistence.store import Store, Transaction
 
 __all__ = [
@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Work = Callable[[Any], T]  # a function of a transaction's records
+# A function of a transaction's records; a store without messaging gets `Records` alone.
+Work = Callable[[MessagingRecords], T]
 Outcome = Any  # what a transaction's work returned, or the exception it raised
 
 WAITING = 0.3
@@ -130,7 +131,7 @@ class Case:
         self.runner = asyncio.Runner()
         self.threads = ThreadPoolExecutor(1, thread_name_prefix="store-contract")
         try:
-            self.store = self.wait(target.store(self.asynchronous))
+            self.store: Store[Any] = self.wait(target.store(self.asynchronous))
         except BaseException:  # a skip too: what was made for the store goes
             self.threads.shutdown()
             self.runner.close()
@@ -270,7 +271,9 @@ class Pending:
 
     def done(self) -> bool:
         """Whether the work has ended (its transaction committed, or failed)."""
-        return self.task.done() if self.task is not None else bool(self.future and self.future.done())
+        return (
+            self.task.done() if self.task is not None else bool(self.future and self.future.done())
+        )
 
     def outcome(self, timeout: float = 30.0) -> Outcome:
         """What the work returned, or the exception it raised, once it ends."""
