@@ -51,6 +51,8 @@ WAITING = 0.3
 CAPABILITIES = {
     "messaging": "the store keeps no outbox, inbox nor dead letters",
     "keeps_table_rows": "the store does not keep rows of the application's own tables",
+    "runs_sync": "the store's transactions do not run work through run() and commit()",
+    "runs_async": "the store's transactions do not run work through arun() and acommit()",
 }
 
 
@@ -180,8 +182,8 @@ class Case:
         whenever the test waits on the loop: in `pause`, and in every later step.
         """
         if self.asynchronous:
-            return Pending(self, task=self.runner.get_loop().create_task(self._alone(work)))
-        return Pending(self, future=self.threads.submit(self.run, work))
+            return Pending(self, self.runner.get_loop().create_task(self._alone(work)))
+        return Pending(self, self.threads.submit(self.run, work))
 
     async def _alone(self, work: Work[T]) -> T:
         transaction = await self.store.abegin()
@@ -256,32 +258,22 @@ class Begun:
 
 
 class Pending:
-    """Work started with `Case.concurrently`: a thread's future, or a task."""
+    """Work started with `Case.concurrently`: a thread's future (sync), or a task (async)."""
 
-    def __init__(
-        self,
-        case: Case,
-        *,
-        future: Future[Any] | None = None,
-        task: asyncio.Task[Any] | None = None,
-    ) -> None:
+    def __init__(self, case: Case, running: Future[Any] | asyncio.Task[Any]) -> None:
         self.case = case
-        self.future = future
-        self.task = task
+        self.running = running
 
     def done(self) -> bool:
         """Whether the work has ended (its transaction committed, or failed)."""
-        return (
-            self.task.done() if self.task is not None else bool(self.future and self.future.done())
-        )
+        return self.running.done()
 
     def outcome(self, timeout: float = 30.0) -> Outcome:
         """What the work returned, or the exception it raised, once it ends."""
         try:
-            if self.task is not None:
-                return self.case.wait(asyncio.wait_for(self.task, timeout))
-            assert self.future is not None
-            return self.future.result(timeout)
+            if isinstance(self.running, asyncio.Task):
+                return self.case.wait(asyncio.wait_for(self.running, timeout))
+            return self.running.result(timeout)
         except Exception as error:
             return error
 
@@ -304,15 +296,13 @@ def contract(*needs: str) -> Callable[[Callable[[Any, Case], None]], Any]:
 
     def make(body: Callable[[Any, Case], None]) -> Callable[[Any, StoreTarget, str], None]:
         def test(self: Any, store_target: StoreTarget, store_driver: str) -> None:
-            for capability in needs:
+            runs = "runs_async" if store_driver == "async" else "runs_sync"
+            for capability in (*needs, runs):
                 if not getattr(store_target, capability):
                     pytest.skip(
                         f"{type(store_target).__name__}.{capability} is False: "
                         f"{CAPABILITIES[capability]}"
                     )
-            runs = "runs_async" if store_driver == "async" else "runs_sync"
-            if not getattr(store_target, runs):
-                pytest.skip(f"{type(store_target).__name__}.{runs} is False")
             case = Case(store_target, "async" if store_driver == "async" else "sync")
             try:
                 body(self, case)
