@@ -86,6 +86,7 @@ class OutboxContract(ContractPart):
         enqueue(case, second)
         fresh = envelope("new", 2)
         enqueue(case, fresh)
+        assert pending(case) == ["a", "new"]  # the relay finds the new topic
 
         assert claim(case, "a", "relay-1") == (0, [first, second])
         assert confirm(case, "a", "relay-1", after=0, last=2)  # seq 1 and 2: no gap

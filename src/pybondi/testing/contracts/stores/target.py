@@ -10,11 +10,11 @@ the test's own, as `async with` and `await` would.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -179,7 +179,7 @@ class Case:
         """Start `work` in a committed transaction of its own, beside this test's code.
 
         On a thread (sync), or in a task on the test's event loop (async), which runs
-        whenever the test waits on the loop: in `pause`, and in every later step.
+        whenever the test waits on the loop: in `Pending.settle`, and in later steps.
         """
         if self.asynchronous:
             return Pending(self, self.runner.get_loop().create_task(self._alone(work)))
@@ -194,27 +194,20 @@ class Case:
         finally:
             await transaction.aclose()
 
-    def pause(self) -> None:
-        """Give what runs concurrently `WAITING` seconds."""
-        if self.asynchronous:
-            self.wait(asyncio.sleep(WAITING))
-        else:
-            time.sleep(WAITING)
-
     def interleave(
         self, first: Work[Any], second: Work[Any], *, end: Literal["commit", "rollback"] = "commit"
     ) -> Interleaved:
         """Run `first` in a transaction left open, and `second` in one of its own meanwhile.
 
-        After a pause, the first ends (`end`); what each gave is returned, or what it
-        raised (the first's end included), and whether the second was done before.
+        Once the second is done, or `WAITING` seconds passed, the first ends (`end`).
+        Returns what each gave, or raised (the first's end included), and whether the
+        second was done before the first ended.
         """
         transaction = self.begin()
         try:
             first_outcome: Outcome = transaction.run(first)
             pending = self.concurrently(second)
-            self.pause()
-            second_first = pending.done()
+            second_first = pending.settle(WAITING)
             try:
                 transaction.commit() if end == "commit" else transaction.rollback()
             except Exception as error:
@@ -264,8 +257,12 @@ class Pending:
         self.case = case
         self.running = running
 
-    def done(self) -> bool:
-        """Whether the work has ended (its transaction committed, or failed)."""
+    def settle(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the work to end; whether it has (committed, or failed)."""
+        if isinstance(self.running, asyncio.Task):
+            self.case.wait(asyncio.wait([self.running], timeout=seconds))
+        else:
+            wait_for_futures([self.running], timeout=seconds)
         return self.running.done()
 
     def outcome(self, timeout: float = 30.0) -> Outcome:
