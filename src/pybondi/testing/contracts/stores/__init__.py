@@ -41,11 +41,18 @@ where the contract is about waiting: a transaction that must wait for another is
 
 from __future__ import annotations
 
-from pybondi.testing.contracts.stores.deadletters import DeadLetterContract
-from pybondi.testing.contracts.stores.inbox import InboxContract
-from pybondi.testing.contracts.stores.outbox import OutboxContract
-from pybondi.testing.contracts.stores.records import RecordsContract
-from pybondi.testing.contracts.stores.target import WAITING, Case, StoreTarget
+import pytest
+
+# So that a failing check shows the values it compared, as in your own test modules.
+pytest.register_assert_rewrite(
+    *(f"{__name__}.{part}" for part in ("deadletters", "inbox", "outbox", "records", "target"))
+)
+
+from pybondi.testing.contracts.stores.deadletters import DeadLetterContract  # noqa: E402
+from pybondi.testing.contracts.stores.inbox import InboxContract  # noqa: E402
+from pybondi.testing.contracts.stores.outbox import OutboxContract  # noqa: E402
+from pybondi.testing.contracts.stores.records import RecordsContract  # noqa: E402
+from pybondi.testing.contracts.stores.target import WAITING, Case, StoreTarget  # noqa: E402
 
 __all__ = [
     "WAITING",
