@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 
 from pybondi.exceptions import ConcurrencyError, SessionError
-from pybondi.persistence.records import Record, Records, Snapshot, StoredEvent, TableRecords
-from pybondi.testing.contracts.stores.target import Case, ContractPart, contract, event
+from pybondi.persistence.records import (
+    MessagingRecords,
+    Record,
+    Records,
+    Snapshot,
+    StoredEvent,
+    TableRecords,
+)
+from pybondi.testing.contracts.stores.target import Case, ContractPart, contract, envelope, event
 
 __all__ = ["RecordsContract"]
 
@@ -155,10 +162,18 @@ class RecordsContract(ContractPart):
         """
         case.run(lambda records: records.write(Record("y", 1, 1, '"start"'), 0))
 
+        message, handled, given_up = envelope("t", 1), envelope("t", 2), envelope("t", 3)
+        messaging = case.target.messaging
+
         def first(records: Records) -> None:
             records.write(Record("x", 1, 1, '"first"'), 0)
             records.append([event("x", 1), event("y", 2, '"first"')])
             records.write_snapshot(Snapshot("x", 1, 1, '"first"'))
+            if messaging:  # a store's messaging goes with its records
+                assert isinstance(records, MessagingRecords)
+                records.outbox.enqueue([message])
+                records.inbox.claim("billing", handled)
+                records.dead_letters.add("billing", given_up, "error", 1)
             records.write(Record("y", 2, 1, '"first"'), 1)
 
         def second(records: Records) -> None:
@@ -178,6 +193,16 @@ class RecordsContract(ContractPart):
         assert case.read_log() == positioned(won, 1)
         snapshot = case.run(lambda records: records.read_snapshot("x"))
         assert snapshot == (Snapshot("x", 1, 1, '"first"') if first_won else None)
+        if messaging:
+
+            def kept(records: MessagingRecords) -> list[object]:
+                return [
+                    records.outbox.pending_topics(),
+                    records.inbox.has("billing", handled.id),
+                    len(records.dead_letters.page()),
+                ]
+
+            assert case.run(kept) == ([["t"], True, 1] if first_won else [[], False, 0])
 
     @contract()
     def test_a_rollback_drops_every_write_and_the_transaction_goes_on(self, case: Case) -> None:
