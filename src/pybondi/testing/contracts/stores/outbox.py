@@ -37,11 +37,9 @@ def confirm(
 ) -> bool:
     """`outbox.confirm` at `at(seconds)`, the lease extended for `LEASE`."""
     now = at(seconds)
-    return bool(
-        case.run(
-            lambda records: records.outbox.confirm(
-                topic, owner, after=after, last=last, now=now, until=now + LEASE
-            )
+    return case.run(
+        lambda records: records.outbox.confirm(
+            topic, owner, after=after, last=last, now=now, until=now + LEASE
         )
     )
 
@@ -119,9 +117,7 @@ class OutboxContract(ContractPart):
         assert claim(case, "t", "relay-1", 5, limit=2) == (0, messages[:2])  # its own: renewed
 
         def renew(topic: str, owner: str, seconds: float) -> bool:
-            return bool(
-                case.run(lambda records: records.outbox.renew(topic, owner, until=at(seconds)))
-            )
+            return case.run(lambda records: records.outbox.renew(topic, owner, until=at(seconds)))
 
         assert renew("t", "relay-1", 60)
         assert not renew("t", "relay-2", 60) and not renew("other", "relay-1", 60)
@@ -165,7 +161,7 @@ class OutboxContract(ContractPart):
         assert confirm(case, "t", "relay-1", after=0, last=2, seconds=10)
 
         def purge(seconds: float) -> int:
-            return int(case.run(lambda records: records.outbox.purge(at(seconds))))
+            return case.run(lambda records: records.outbox.purge(at(seconds)))
 
         assert purge(10) == 0  # sent at 10: not before it
         assert purge(11) == 2
@@ -183,7 +179,7 @@ class OutboxContract(ContractPart):
 
         def forget(seconds: float, limit: int = 100) -> int:
             now = at(seconds)
-            return int(case.run(lambda records: records.outbox.forget_idle_topics(now, limit)))
+            return case.run(lambda records: records.outbox.forget_idle_topics(now, limit))
 
         assert forget(10) == 0  # sent, but not purged yet
         assert case.run(lambda records: records.outbox.purge(at(1))) == 2
