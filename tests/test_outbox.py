@@ -2,7 +2,8 @@
 
 Every test runs on SQLite, PostgreSQL and MariaDB, sync and async, and reads what the
 outbox wrote through a second store on the same tables (another connection pool), never
-through the outbox itself.
+through the outbox itself. How a store numbers a topic's messages, and its leases, are
+the store contract's (tests/test_store_contract.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pybondi.persistence.serialization import Registry
 from pybondi.tracing import handling
 from tests.backends import AggregatesOnly, Backend
 from tests.conftest import AsyncDriver, Driver, SyncDriver
-from tests.outboxes import OutboxRow, cursors, outbox_rows, seqs
+from tests.outboxes import OutboxRow, outbox_rows, seqs
 
 # The domain -----------------------------------------------------------------------------
 
@@ -217,26 +218,6 @@ def test_a_version_conflict_leaves_no_outbox_row(driver: Driver, tables: Tables)
     assert str(bank.published[1].id) not in {r.message_id for r in rows}
 
 
-def test_a_topic_whose_first_writer_rolled_back_still_reaches_the_relay(
-    driver: Driver, tables: Tables
-) -> None:
-    bank = Bank(tables.store)
-    first, other = bank.repository(), bank.repository()
-    with pytest.raises(ConcurrencyError), driver.session(bank.session(first)) as unit:
-        account = Account(Root("b-1"), "bob")
-        unit.add(account)
-        account.deposit(100)  # the topic's first rows, written at commit, then rolled back
-        with driver.session(bank.session(other)) as rival:
-            rival.add(Account(Root("b-1"), "bob"))  # commits first, publishing nothing
-
-    with driver.session(bank.session()) as unit:
-        driver.io(unit.repository, "get", "b-1").deposit(5)
-
-    assert seqs(tables.rows(), "deposits.b-1") == [1]
-    # The relay's cursor for the topic exists, so the relay sees the row as pending.
-    assert cursors(tables.reader)["deposits.b-1"].sent == 0
-
-
 def test_a_session_that_raises_leaves_no_outbox_row(driver: Driver, tables: Tables) -> None:
     bank = Bank(tables.store)
     with (
@@ -252,75 +233,6 @@ def test_a_session_that_raises_leaves_no_outbox_row(driver: Driver, tables: Tabl
     assert sorted(m.payload["amount"] for m in bank.published) == [10, 20]
     assert tables.rows() == []
     assert tables.aggregates() == []
-
-
-def test_seq_numbers_per_topic_have_no_gaps_with_failed_sessions_between(
-    driver: Driver, tables: Tables
-) -> None:
-    bank = Bank(tables.store)
-    with driver.session(bank.session()) as unit:
-        unit.add(Account(Root("a"), "ada"))
-        unit.add(Account(Root("b"), "bob"))
-    committed: dict[str, list[int]] = {"deposits.a": [], "deposits.b": []}
-
-    for amount in range(1, 13):
-        id, topic = "ab"[amount % 2], f"deposits.{'ab'[amount % 2]}"
-        if amount % 3 == 0:
-            # Fails before the outbox writes anything.
-            with pytest.raises(RuntimeError), driver.session(bank.session()) as unit:
-                driver.io(unit.repository, "get", id).deposit(amount)
-                raise RuntimeError("rolled back")
-        elif amount % 4 == 0:
-            # Fails after the outbox wrote (and numbered) its rows: a concurrent writer
-            # got there first, and the version check fails the commit.
-            slow, fast = bank.repository(), bank.repository()
-            with pytest.raises(ConcurrencyError), driver.session(bank.session(slow)):
-                driver.io(slow, "get", id).deposit(amount)
-                with driver.session(bank.session(fast)):
-                    driver.io(fast, "get", id).deposit(1000 + amount)
-            committed[topic].append(1000 + amount)
-        else:
-            with driver.session(bank.session()) as unit:
-                driver.io(unit.repository, "get", id).deposit(amount)
-            committed[topic].append(amount)
-
-    rows = tables.rows()
-    for topic, expected in committed.items():
-        assert amounts(rows, topic) == expected
-        assert seqs(rows, topic) == list(range(1, len(expected) + 1))
-    assert {r.topic for r in rows} == set(committed)
-
-
-def test_one_session_numbers_each_topic_on_its_own(driver: Driver, tables: Tables) -> None:
-    bank = Bank(tables.store)
-    bank.publishes = lambda event: [
-        (topic, {"account": event.account, "amount": event.amount})
-        for topic in ("zebra", "alpha", "zebra")  # not in sorted order, one twice
-    ]
-    for amount in (1, 2):
-        with driver.session(bank.session()) as unit:
-            account = Account(Root(f"a-{amount}"), "ada")
-            unit.add(account)
-            account.deposit(amount)
-
-    rows = tables.rows()
-    assert [(r.topic, r.seq) for r in rows] == [
-        ("alpha", 1),
-        ("alpha", 2),
-        ("zebra", 1),
-        ("zebra", 2),
-        ("zebra", 3),
-        ("zebra", 4),
-    ]
-    assert amounts(rows, "zebra") == [1, 1, 2, 2]
-    # Within a topic, rows keep the order the messages were published in.
-    published = [str(m.id) for m in bank.published]
-    assert [r.message_id for r in rows if r.topic == "zebra"] == [
-        published[0],
-        published[2],
-        published[3],
-        published[5],
-    ]
 
 
 @pytest.mark.parametrize("driver", [SyncDriver], ids=["sync"], indirect=True)
