@@ -63,6 +63,12 @@ MODULES = [
     "pybondi.testing.scenarios",
     "pybondi.testing.contracts.brokers",
     "pybondi.testing.contracts.brokertarget",
+    "pybondi.testing.contracts.stores",
+    "pybondi.testing.contracts.stores.target",
+    "pybondi.testing.contracts.stores.records",
+    "pybondi.testing.contracts.stores.outbox",
+    "pybondi.testing.contracts.stores.inbox",
+    "pybondi.testing.contracts.stores.deadletters",
     "pybondi.messaging.brokers.memory",
     "pybondi.messaging.brokers.clock",
 ]

@@ -22,14 +22,7 @@ from tests.backends import Backend
 
 # Where a store of ours does not keep the contract yet: each an expected failure
 # (strict: once the store is fixed, the test passes and the entry must go).
-CLOSED = (
-    "SQLTransaction.run/arun on a closed transaction raise SQLAlchemy's "
-    "ResourceClosedError, not pybondi's SessionError"
-)
-GAPS: dict[tuple[str, str], str] = {
-    (backend, "test_a_closed_transaction_refuses_work"): CLOSED
-    for backend in ("sqlite", "postgres", "mariadb")
-}
+GAPS: dict[tuple[str, str], str] = {}
 
 
 class BackendTarget(StoreTarget):

@@ -268,9 +268,12 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         self.connection = connection
         self.aconnection = aconnection
         self.writing = False  # whether the writes' explicit BEGIN (SQLite) was sent
+        self.closed = False
 
     def run(self, work: Callable[[SQLRecords], T]) -> T:
         """Call `work` with records on this transaction's connection."""
+        if self.closed:
+            raise _closed()
         if self.connection is None:
             raise SessionError(
                 "This store is async: use the async path (`async with Session(...)`, "
@@ -280,6 +283,8 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
 
     async def arun(self, work: Callable[[SQLRecords], T]) -> T:
         """Run `work` on the async connection, without blocking the event loop."""
+        if self.closed:
+            raise _closed()
         if self.aconnection is None:
             raise SessionError(
                 "This store is sync: use the sync path (`with Session(...)`, "
@@ -330,6 +335,7 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
 
     def close(self) -> None:
         """Give the connection back to the pool, rolling back what was not committed."""
+        self.closed = True
         if self.connection is not None:
             self.connection.close()
 
@@ -351,10 +357,15 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
 
     async def aclose(self) -> None:
         """`close`, awaited."""
+        self.closed = True
         if self.aconnection is not None:
             await self.aconnection.close()
         else:
             self.close()
+
+
+def _closed() -> SessionError:
+    return SessionError("This transaction is closed; begin a new one.")
 
 
 def _create_engine(
