@@ -48,6 +48,9 @@ from pybondi import (
     Repository,
     Root,
     Session,
+    SQLStore,
+    current_connection,
+    current_session,
 )
 
 AnyCall = Callable[[Any], Any]
@@ -197,6 +200,14 @@ def on_ping_with_clock(event: Ping, clock: int = Depends(real_clock)) -> Ping:
     return event
 
 
+def on_ping_in_session(event: Ping, session: Session = Depends(current_session)) -> Ping:
+    return event
+
+
+def on_ping_with_connection(event: Ping, connection: Any = Depends(current_connection)) -> Ping:
+    return event
+
+
 def on_ask(command: Ask) -> Ask:
     return command
 
@@ -236,6 +247,24 @@ def overridden_bus() -> Messagebus:
     bus.on(Ping)(on_ping_with_clock)
     bus.dependency_overrides[real_clock] = fake_clock
     return bus
+
+
+def bus_of(handler: Callable[[Ping], Ping]) -> Messagebus:
+    bus = Messagebus()
+    bus.on(Ping)(handler)
+    return bus
+
+
+def open_session() -> Session:
+    """A session on an in-memory SQLite store, left open for the whole run.
+
+    It is the current session of every workload (asyncio.run's task copies this context),
+    for the handlers that take `Depends(current_session)` or `Depends(current_connection)`.
+    """
+    store = SQLStore("sqlite://")
+    session = Session(Messagebus(), transaction=store.begin())
+    session.__enter__()
+    return session
 
 
 def command_bus() -> Messagebus:
@@ -307,6 +336,20 @@ def sync_workloads() -> list[Workload]:
             Ping(),
             12,
             expected=((on_ping_with_clock, 1), (fake_clock, 1), (real_clock, 0)),
+        ),
+        Workload(
+            "W2s event -> 1 handler, Depends(current_session)",
+            bus_of(on_ping_in_session).handle,
+            Ping(),
+            12,
+            expected=((on_ping_in_session, 1), (current_session, 1)),
+        ),
+        Workload(
+            "W2c event -> 1 handler, Depends(current_connection)",
+            bus_of(on_ping_with_connection).handle,
+            Ping(),
+            12,
+            expected=((on_ping_with_connection, 1), (current_connection, 1)),
         ),
         Workload(
             "W3 command -> its handler", command_bus().handle, Ask(), 6, expected=((on_ask, 1),)
@@ -449,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     print("\n".join(header(settings)), flush=True)
     floor = Workload("floor: echo(x)", echo, object())
+    open_session()
     workloads = [*sync_workloads(), *async_workloads()]
     for workload in workloads:
         check(workload)

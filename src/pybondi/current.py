@@ -14,7 +14,7 @@ bus-wide override is needed.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pybondi.depends import async_twin
 from pybondi.exceptions import SessionError
@@ -62,9 +62,18 @@ def current_connection() -> Any:
     return _connected(current_session()).writing_connection()
 
 
+_CONNECTED: dict[type, bool] = {}
+"""Whether a kind of transaction is `Connected`: isinstance against an ABC, on every
+`current_connection`, would cost as much as resolving the dependency."""
+
+
 def _connected(session: Session) -> Connected:
     transaction = session.transaction
-    if not isinstance(transaction, Connected):
+    kind = type(transaction)
+    connected = _CONNECTED.get(kind)
+    if connected is None:
+        connected = _CONNECTED[kind] = isinstance(transaction, Connected)
+    if not connected:
         where = (
             "no store" if transaction is None else f"a store without SQL ({transaction.store!r})"
         )
@@ -73,4 +82,4 @@ def _connected(session: Session) -> Connected:
             f"this session has {where}. Give the session a repository on a SQLStore, or "
             f"keep what the handlers write in the repository's aggregates instead."
         )
-    return transaction
+    return cast("Connected", transaction)  # isinstance said so, once for its type

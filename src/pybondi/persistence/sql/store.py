@@ -298,13 +298,15 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         Its writes begin here (SQLite: BEGIN IMMEDIATE, as pybondi's own do), so that
         what the application writes commits, or rolls back, with the unit of work.
         """
-        self.run(_begin_writes)
+        if not self.writing or self.closed:  # a handler per event asks: begin once
+            self.run(_begin_writes)
         assert self.connection is not None  # run() said otherwise
         return self.connection
 
     async def awriting_connection(self) -> AsyncConnection:
         """`writing_connection` of an async store: the `AsyncConnection`."""
-        await self.arun(_begin_writes)
+        if not self.writing or self.closed:
+            await self.arun(_begin_writes)
         assert self.aconnection is not None
         return self.aconnection
 
