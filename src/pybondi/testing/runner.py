@@ -127,14 +127,13 @@ class InProcessRunner:
         for consumer in consumers:
             if not isinstance(consumer, Consumer):
                 raise TypeError(
-                    f"drain() takes the Consumers whose workers to run, got "
-                    f"{short_repr(consumer)}."
+                    f"drain() takes the Consumers whose workers to run, got {short_repr(consumer)}."
                 )
         workers = [
             Worker(consumer, self.broker, self.store, name=f"runner-{index}", grace=_GRACE)
             for index, consumer in enumerate(consumers, start=1)
         ]
-        tasks = [asyncio.ensure_future(worker.run()) for worker in workers]
+        tasks = [asyncio.create_task(worker.run()) for worker in workers]
         try:
             async with asyncio.timeout(self.timeout):
                 sent, advanced, delayed = await self._rounds(workers, tasks, advance)
@@ -160,7 +159,7 @@ class InProcessRunner:
         )
 
     async def _rounds(
-        self, workers: list[Worker], tasks: list[asyncio.Future[None]], advance: bool
+        self, workers: list[Worker], tasks: list[asyncio.Task[None]], advance: bool
     ) -> tuple[int, float, int]:
         """Relay, let the workers finish, again until neither has anything; see `adrain`.
 
@@ -173,7 +172,8 @@ class InProcessRunner:
                 sent += more
                 continue
             delayed = sum(each.delayed for each in pending)
-            due = min((each.next_due for each in pending if each.next_due is not None), default=None)
+            dues = [each.next_due for each in pending if each.next_due is not None]
+            due = min(dues, default=None)
             if due is None or not advance:
                 return sent, advanced, delayed
             clock = self.broker.clock
@@ -191,9 +191,7 @@ class InProcessRunner:
             sent += more
         return sent
 
-    async def _idle(
-        self, workers: list[Worker], tasks: list[asyncio.Future[None]]
-    ) -> list[Pending]:
+    async def _idle(self, workers: list[Worker], tasks: list[asyncio.Task[None]]) -> list[Pending]:
         """Wait until no group has a message ready or under way; what each has left.
 
         A message is acknowledged or retried only once its session committed (or its
@@ -230,7 +228,7 @@ class InProcessRunner:
         )
 
 
-async def _stop(workers: list[Worker], tasks: list[asyncio.Future[None]]) -> list[BaseException]:
+async def _stop(workers: list[Worker], tasks: list[asyncio.Task[None]]) -> list[BaseException]:
     """Stop the workers and wait for them; the errors they ended with."""
     for worker in workers:
         worker.stop()
