@@ -43,7 +43,7 @@ __all__ = ["Drained", "InProcessRunner"]
 logger = logging.getLogger("pybondi.testing.runner")
 
 _POLL = 0.001  # seconds between two looks at the broker while the workers are busy
-_GRACE = 1.0  # seconds a worker stopped on an error gives its messages before cancelling
+_GRACE = 0.5  # seconds a worker stopped on an error gives its messages before cancelling
 
 
 @dataclass(frozen=True, slots=True)
