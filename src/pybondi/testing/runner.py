@@ -135,14 +135,14 @@ class InProcessRunner:
         ]
         tasks = [asyncio.create_task(worker.run()) for worker in workers]
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout) as deadline:
                 sent, advanced, delayed = await self._rounds(workers, tasks, advance)
-        except TimeoutError:
-            left = self._timed_out(consumers)  # before the stop gives the messages back
+        except BaseException as error:
+            expired = isinstance(error, TimeoutError) and deadline.expired()
+            left = self._timed_out(consumers) if expired else ""  # before the stop
             await _stop(workers, tasks)
-            raise TimeoutError(left) from None
-        except BaseException:
-            await _stop(workers, tasks)
+            if expired:
+                raise TimeoutError(left) from None
             raise
         finally:
             await self.store.atransact(self._release)
