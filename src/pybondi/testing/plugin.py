@@ -14,8 +14,8 @@ pytest loads it wherever pybondi is installed (the `pytest11` entry point `pybon
     def test_a_deposit_is_mailed(memory_store, pybondi_runner):
         with Session(bus, StateRepository(memory_store, Account, registry),
                      Outbox(memory_store, registry)) as session:
-            session.execute(Deposit("erin", 5))
-        assert pybondi_runner.drain(notifications).handled == 1
+            session.execute(Deposit("erin", 5))     # Deposited: to the outbox
+        assert pybondi_runner.drain(mails).handled == 1
 
 A fixture of the same name in your conftest.py replaces one of these, and the others
 then use yours: a `memory_store` returning `SQLStore("sqlite:///...")` has the runner

@@ -4,7 +4,7 @@
     with Session(bus, StateRepository(runner.store, Account, registry),
                  Outbox(runner.store, registry)) as session:
         session.execute(Deposit("erin", 5))     # a message in the outbox
-    drained = runner.drain(billing)             # relayed, handled, retried, dead-lettered
+    drained = runner.drain(mails)               # relayed, handled, retried, dead-lettered
     assert drained.handled == 1
 
 `drain(*consumers)` (`await adrain(...)` in async code) does what a relay and a worker
