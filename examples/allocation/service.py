@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import date
 from functools import partial
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from examples.allocation import views
 from examples.allocation.domain import (
     Allocated,
@@ -20,8 +22,6 @@ from examples.allocation.domain import (
     OrderLine,
     Product,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from pybondi import (
     Command,
     Depends,
