@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -490,3 +491,26 @@ def test_concurrent_requests_each_have_their_own_session_and_lose_no_update(
         assert len(orders) == successes and set(orders.values()) == {1}
 
     deployment.run(scenario())
+
+
+# The README's section shows this example's code: it must stay the example's ---------------
+
+ROOT = Path(__file__).parent.parent
+SECTION = "### In a web application"
+
+
+def test_the_readme_shows_the_example_as_it_is() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.find(f"\n{SECTION}\n")
+    if start < 0:
+        pytest.skip(f"README.md has no section {SECTION!r} (yet) to compare with the example")
+    following = re.compile(r"^#{2,3} ", flags=re.MULTILINE).search(readme, start + len(SECTION) + 2)
+    section = readme[start : following.start() if following else len(readme)]
+    excerpts = re.findall(r"^```py\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    assert excerpts, f"the README's {SECTION!r} shows none of the example's code"
+    sources = [path.read_text() for path in sorted((ROOT / "examples" / "allocation").glob("*.py"))]
+    for excerpt in excerpts:
+        assert any(excerpt in source for source in sources), (
+            f"README.md's {SECTION!r} shows code that examples/allocation does not have "
+            f"(copy it from there again):\n{excerpt}"
+        )

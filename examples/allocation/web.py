@@ -16,6 +16,11 @@ from contextlib import asynccontextmanager
 from datetime import date
 from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from examples.allocation import views
 from examples.allocation.domain import OutOfStock
 from examples.allocation.service import (
@@ -26,11 +31,6 @@ from examples.allocation.service import (
     NotAllocated,
     unit_of_work,
 )
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from pybondi import ConcurrencyError, NotFound, Session
 from pybondi.persistence import SQLStore
 
