@@ -455,9 +455,8 @@ def _take_over_sqlite_transactions(engine: Engine, journal_mode: str | None) -> 
     version check then runs on the latest committed state, as on the other databases.
     A file database gets `journal_mode` on each connection (an in-memory one has none).
     """
-    in_file = engine.url.database not in (None, "", ":memory:") and not (
-        engine.url.query.get("mode") == "memory"
-    )
+    url = engine.url
+    in_file = url.database not in (None, "", ":memory:") and url.query.get("mode") != "memory"
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
