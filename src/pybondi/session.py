@@ -261,7 +261,7 @@ class Session(UnitOfWork):
     def _close(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
-            steps = (self.repository.close, self.publisher.close)
+            steps: tuple[Callable[[], object], ...] = (self.repository.close, self.publisher.close)
             if self._owned is not None:
                 steps = (self.repository.close, self._owned.close, self.publisher.close)
             try:
@@ -393,6 +393,7 @@ class Session(UnitOfWork):
     async def _aclose(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
+            steps: tuple[Callable[[], Awaitable[object]], ...]
             steps = (self.repository.aclose, self.publisher.aclose)
             if self._owned is not None:
                 steps = (self.repository.aclose, self._owned.aclose, self.publisher.aclose)
