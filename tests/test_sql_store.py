@@ -284,3 +284,32 @@ def test_your_own_transactions_on_a_sqlite_store_s_engine_roll_back(tmp_path: An
     with engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT count(*) FROM notes").scalar() == 0
     store.dispose()
+
+
+def journal_mode(store: SQLStore) -> str:
+    engine = store.engine
+    assert isinstance(engine, sa.Engine)
+    with engine.connect() as connection:
+        return str(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
+
+
+@pytest.mark.sqlite
+def test_sqlite_files_are_in_wal_mode_unless_told_otherwise(tmp_path: Any) -> None:
+    made = {
+        mode: SQLStore(f"sqlite:///{tmp_path / f'{mode}.db'}", sqlite_journal_mode=mode)
+        for mode in ("wal", "delete")
+    }
+    made["default"] = SQLStore(f"sqlite:///{tmp_path / 'default.db'}")
+    made["memory"] = SQLStore("sqlite://")  # an in-memory database has no journal file
+    try:
+        modes = {name: journal_mode(store) for name, store in made.items()}
+    finally:
+        for store in made.values():
+            store.dispose()
+    assert modes == {"wal": "wal", "delete": "delete", "default": "wal", "memory": "memory"}
+
+
+@pytest.mark.sqlite
+def test_an_sqlite_journal_mode_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(ValueError, match="'fast' is no SQLite journal mode: use one of 'wal'"):
+        SQLStore("sqlite://", sqlite_journal_mode="fast")

@@ -171,7 +171,8 @@ class UnitOfWork:
 
     def _check_publisher(self) -> None:
         """Refuse to go on while another session has taken the publisher over."""
-        if not self._owns_publisher():
+        publishing = self._publishing
+        if publishing is not None and self.publisher.current() is not publishing:
             raise publisher_taken_over()
 
     def on_commit(self, action: Callable[[], Any]) -> None:

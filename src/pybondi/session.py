@@ -221,8 +221,9 @@ class Session(UnitOfWork):
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(_attempt(self.publisher.rollback), error)
             raise
-        actions, self._on_commit = self._on_commit, []
-        _committed(_attempt(*actions))
+        if self._on_commit:
+            actions, self._on_commit = self._on_commit, []
+            _committed(_attempt(*actions))
 
     def rollback(self) -> None:
         """Roll back the unit of work.
@@ -260,17 +261,16 @@ class Session(UnitOfWork):
     def _close(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
+            steps: tuple[Callable[[], object], ...] = (self.repository.close, self.publisher.close)
+            if self._owned is not None:
+                steps = (self.repository.close, self._owned.close, self.publisher.close)
             try:
-                failures = _attempt(self.repository.close, self._close_given, self.publisher.close)
+                failures = _attempt(*steps)
             finally:
                 self.repository.release()
                 self._leave()
             if failures:
                 report_failures(failures, cause)
-
-    def _close_given(self) -> None:
-        if self._owned is not None:
-            self._owned.close()
 
     def __exit__(
         self,
@@ -358,8 +358,9 @@ class Session(UnitOfWork):
             error.add_note(_PUBLISHER_ROLLED_BACK)
             report_failures(await _aattempt(self.publisher.arollback), error)
             raise
-        actions, self._on_commit = self._on_commit, []
-        _committed(await _aattempt(*map(_awaited, actions)))
+        if self._on_commit:
+            actions, self._on_commit = self._on_commit, []
+            _committed(await _aattempt(*map(_awaited, actions)))
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
@@ -392,18 +393,17 @@ class Session(UnitOfWork):
     async def _aclose(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
+            steps: tuple[Callable[[], Awaitable[object]], ...]
+            steps = (self.repository.aclose, self.publisher.aclose)
+            if self._owned is not None:
+                steps = (self.repository.aclose, self._owned.aclose, self.publisher.aclose)
             try:
-                failures = await _aattempt(
-                    self.repository.aclose, self._aclose_given, self.publisher.aclose
-                )
+                failures = await _aattempt(*steps)
             finally:
                 self.repository.release()
                 self._leave()
-            report_failures(failures, cause)
-
-    async def _aclose_given(self) -> None:
-        if self._owned is not None:
-            await self._owned.aclose()
+            if failures:
+                report_failures(failures, cause)
 
     async def __aexit__(
         self,

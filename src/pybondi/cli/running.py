@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pybondi._redact import redact, scrub
 from pybondi.messaging.backoff import backoff
@@ -92,12 +92,13 @@ def open_store(
 
     try:
         pooled = connections and sa.make_url(arguments.store).get_backend_name() != "sqlite"
+        pool: dict[str, Any] = {"pool_size": connections, "max_overflow": 0} if pooled else {}
         return SQLStore(
             arguments.store,
             asynchronous=asynchronous,
             schema=arguments.schema,
             prefix=arguments.prefix,
-            **({"pool_size": connections, "max_overflow": 0} if pooled else {}),
+            **pool,
         )
     except (ImportError, ValueError, SQLAlchemyError) as error:  # MissingDependency, a bad URL
         driver = "an async driver" if asynchronous else "a driver"

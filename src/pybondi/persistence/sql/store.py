@@ -91,6 +91,12 @@ class SQLStore(MessagingStore):
         asynchronous: for a URL, build an async engine (for `async with Session(...)`).
         schema: the database schema (PostgreSQL) or database (MariaDB) of the tables.
         prefix: the tables' name prefix.
+        sqlite_journal_mode: the journal of a SQLite file, set on each connection:
+            "wal" (the default) lets readers go on while one writes, and makes a commit
+            one write to the log; with SQLite's default `synchronous=FULL`, kept, a
+            commit that returned survives a power cut, as on PostgreSQL. "delete" (or
+            another of SQLite's modes) for a file that must stay in it, such as one on a
+            network file system, where WAL does not work; None leaves the file's own.
         engine_options: passed to `create_engine` / `create_async_engine` with a URL.
     """
 
@@ -101,6 +107,7 @@ class SQLStore(MessagingStore):
         asynchronous: bool = False,
         schema: str | None = None,
         prefix: str = "pybondi_",
+        sqlite_journal_mode: str | None = "wal",
         **engine_options: Any,
     ) -> None:
         made = isinstance(engine, str | sa.URL)
@@ -118,7 +125,7 @@ class SQLStore(MessagingStore):
                     f"your engine {sync_engine.url} behaves elsewhere: pass its URL instead "
                     f"(and engine options as keywords), as in SQLStore('{sync_engine.url}')."
                 )
-            _take_over_sqlite_transactions(sync_engine)
+            _take_over_sqlite_transactions(sync_engine, _journal_mode(sqlite_journal_mode))
         if not made:
             _check_engine(sync_engine)
         self.metadata = sa.MetaData(schema=schema)
@@ -427,18 +434,39 @@ def _check_engine(engine: Engine) -> None:
         )
 
 
-def _take_over_sqlite_transactions(engine: Engine) -> None:
+_JOURNAL_MODES = ("wal", "delete", "truncate", "persist", "memory", "off")
+
+
+def _journal_mode(mode: str | None) -> str | None:
+    if mode is not None and mode.lower() not in _JOURNAL_MODES:
+        raise ValueError(
+            f"sqlite_journal_mode={mode!r} is no SQLite journal mode: use one of "
+            f"{', '.join(map(repr, _JOURNAL_MODES))}, or None to leave the file's own."
+        )
+    return mode and mode.lower()
+
+
+def _take_over_sqlite_transactions(engine: Engine, journal_mode: str | None) -> None:
     """Let pybondi, not Python's sqlite3 module, decide when SQLite transactions begin.
 
     Reads run outside a transaction: an open read transaction would keep every other
     connection from committing (or, in WAL mode, fail this one's first write). Writes
     begin with BEGIN IMMEDIATE, which waits for the database's one writer slot; the
     version check then runs on the latest committed state, as on the other databases.
+    A file database gets `journal_mode` on each connection (an in-memory one has none).
     """
+    url = engine.url
+    in_file = url.database not in (None, "", ":memory:") and url.query.get("mode") != "memory"
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        if in_file and journal_mode is not None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA journal_mode={journal_mode}")  # one of _JOURNAL_MODES
+            finally:
+                cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def _begin_for_others(connection: Connection) -> None:
