@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from pybondi.persistence.sql.deadletters import DeadLetterStatements
 from pybondi.persistence.sql.inbox import InboxStatements
 from pybondi.persistence.sql.outbox import OutboxStatements
+from pybondi.persistence.sql.projections import ProjectionStatements
 from pybondi.persistence.sql.query import (
     NAME,
     TEXT,
@@ -169,6 +170,7 @@ class Statements:
         self.outbox = OutboxStatements(dialect, metadata, prefix)
         self.inbox = InboxStatements(dialect, metadata, prefix)
         self.dead_letters = DeadLetterStatements(dialect, metadata, prefix)
+        self.projections = ProjectionStatements(dialect, metadata, prefix, self.log)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""
