@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pybondi._annotations import is_function
+from pybondi._annotations import is_function, message_types
 from pybondi.exceptions import InvalidHandler, SessionError, callable_name
 from pybondi.messagebus import Event, Messagebus
 from pybondi.persistence.records import StoredEvent, id_problem
@@ -115,17 +115,22 @@ class Projection:
         events that are), since only registered events are decoded from the log.
         """
         if len(event_types) == 1 and is_function(event_types[0]):
-            function = event_types[0]
-            self.messagebus.on(function)
-            self._check_registered(function)
-            return function
+            return self._on((), event_types[0])
+        return lambda function: self._on(event_types, function)
 
-        def decorate(function: F) -> F:
-            self.messagebus.on(*event_types)(function)
-            self._check_registered(function)
-            return function
-
-        return decorate
+    def _on(self, event_types: tuple[Any, ...], function: F) -> F:
+        # Checked before anything is registered: a refused handler leaves no trace.
+        for event_type, _ in message_types(event_types, Event, function, "on"):
+            if event_type not in self.registry and not event_type.__subclasses__():
+                raise InvalidHandler(
+                    f"Projection {self.name!r} cannot handle {event_type.__name__} "
+                    f"({callable_name(function)}): its registry does not know it, so it "
+                    f"would never be decoded from the log. Register it with "
+                    f"registry.register({event_type.__name__}, name=...)."
+                )
+        self.messagebus.on(*event_types)(function)
+        self._handled.clear()
+        return function
 
     def reset(self, function: F) -> F:
         """Register the decorated function as the projection's reset hook.
@@ -155,18 +160,6 @@ class Projection:
     def decode(self, stored: StoredEvent) -> Any:
         """The event a stored one holds, upcast to its registered version."""
         return self.registry.loads(stored.type, stored.schema, stored.data)
-
-    def _check_registered(self, function: Callable[..., Any]) -> None:
-        self._handled.clear()
-        for event_type in self.messagebus.event_handlers:
-            registered = event_type in self.registry or event_type is ProjectionReset
-            if not registered and not event_type.__subclasses__():
-                raise InvalidHandler(
-                    f"Projection {self.name!r} has a handler of {event_type.__name__} "
-                    f"({callable_name(function)}), which its registry does not know: it "
-                    f"would never be decoded from the log. Register it with "
-                    f"registry.register({event_type.__name__}, name=...)."
-                )
 
 
 def current(stored: StoredEvent | None) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pybondi.exceptions import PybondiError, short_repr
+from pybondi.exceptions import PybondiError
 from pybondi.messaging.backoff import backoff
 from pybondi.persistence.records import StoredEvent
 
@@ -40,7 +40,7 @@ class ProjectionFailed(PybondiError, RuntimeError):
             f"Projection {projection!r} stopped at position {event.position - 1}: its handlers "
             f"failed {attempts} times in a row on the event at position {event.position} "
             f"({event.type} version {event.schema} of {event.stream}, version "
-            f"{event.version}): {type(error).__name__}: {short_repr(str(error), 200)}. A "
+            f"{event.version}): {type(error).__name__}: {str(error)[:200]}. A "
             f"projection does not skip events: fix the handler (or the data, or the "
             f"registry's upcaster) and start it again; it goes on from position "
             f"{event.position - 1}."

@@ -219,7 +219,7 @@ class ProjectionRunner:
         while True:
             try:
                 moved = self.run_once()
-            except ProjectionHeld:
+            except (ProjectionHeld, ProjectionFailed):
                 raise
             except Exception:
                 time.sleep(self.retry_in)
@@ -297,7 +297,7 @@ class ProjectionRunner:
         while True:
             try:
                 moved = await self.arun_once()
-            except ProjectionHeld:
+            except (ProjectionHeld, ProjectionFailed):
                 raise
             except Exception:
                 await asyncio.sleep(self.retry_in)
@@ -440,8 +440,7 @@ class ProjectionRunner:
 
     async def _shutdown(self) -> None:
         """Give the lease back within what is left of the budget; it expires anyway."""
-        if self.progress.position is None:
-            return
+        position = self.progress.position
         try:
             async with asyncio.timeout(self._left()):
                 await self.arelease()
@@ -451,7 +450,7 @@ class ProjectionRunner:
             )
         logger.info(
             "Projection %s stopped at position %s (%s): %d event(s) handled",
-            self.projection.name, self.progress.position, self.name, self.handled,
+            self.projection.name, position, self.name, self.handled,
         )  # fmt: skip
 
     def _left(self) -> float:
