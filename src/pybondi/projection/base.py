@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pybondi._annotations import is_function, message_types
 from pybondi.exceptions import InvalidHandler, SessionError, callable_name
@@ -106,6 +106,11 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"<Projection {self.name}>"
+
+    @overload
+    def on(self, *event_types: type[Event]) -> Callable[[F], F]: ...
+    @overload
+    def on(self, handler: F, /) -> F: ...
 
     def on(self, *event_types: Any) -> Any:
         """Register the decorated function as a handler of these event types.
