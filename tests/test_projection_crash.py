@@ -25,13 +25,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from subprocess import Popen
+from typing import IO, Any
 
 import pytest
 import sqlalchemy as sa
 
 from tests.backends import Backend
-from tests.projection_cli import WAIT, Setup, stop
+from tests.projection_cli import WAIT, Setup
 
 pytestmark = [pytest.mark.stress, pytest.mark.postgres]
 
@@ -54,30 +55,22 @@ def test_a_projection_killed_50_times_applies_each_event_exactly_once(
     try:
         with log.open("a") as stderr:
             for _ in range(KILLS):
-                before = log.read_text().count(" started: ")
-                process = setup.start(
-                    "tests.projection_app:projection", "--lease", "0.3", "--batch-size", "50",
-                    "--log-level", "info", stderr=stderr,
-                )  # fmt: skip
-                deadline = time.monotonic() + WAIT
-                while log.read_text().count(" started: ") == before:
-                    assert process.poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, "the command did not start"
-                    time.sleep(0.01)
+                process = started_in(setup, log, stderr, "--batch-size", "50")
                 time.sleep(random.uniform(*KILL_AFTER))
                 process.send_signal(signal.SIGKILL)
-                process.wait()
+                process.communicate()  # and its pipes closed
                 landed.append(setup.checkpoint().position if setup.checkpoint() else 0)
-        writer.join()
-        last = setup.start("tests.projection_app:projection", "--lease", "0.3")
-        setup.wait_for(EVENTS, last)
-        status, stderr_text = stop(last)
-        assert status == 0, stderr_text
+            writer.join()
+            last = started_in(setup, log, stderr)
+            setup.wait_for(EVENTS, last)
+            last.send_signal(signal.SIGTERM)
+            last.communicate(timeout=30)
+            assert last.returncode == 0, log.read_text()[-3000:]
+        with setup.store.engine.connect() as connection:  # type: ignore[union-attr]
+            select = sa.select(setup.effects.c.position, setup.effects.c.n)
+            rows = list(connection.execute(select))
     finally:
         setup.store.dispose()
-
-    with setup.store.engine.connect() as connection:  # type: ignore[union-attr]
-        rows = list(connection.execute(sa.select(setup.effects.c.position, setup.effects.c.n)))
     positions = Counter(position for position, _ in rows)
     numbers = Counter(n for _, n in rows)
     assert len(rows) == EVENTS
@@ -90,6 +83,20 @@ def test_a_projection_killed_50_times_applies_each_event_exactly_once(
     )
     print(note)
     record_property("projection_crash", note)
+
+
+def started_in(setup: Setup, log: Path, stderr: IO[str], *options: str) -> Popen[str]:
+    """Start `pybondi project`, logging to `log`, and return once it says it started."""
+    before = log.read_text().count(" started: ")
+    process = setup.start(
+        "tests.projection_app:projection", "--lease", "0.3", *options, stderr=stderr
+    )
+    deadline = time.monotonic() + WAIT
+    while log.read_text().count(" started: ") == before:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.01)
+    return process
 
 
 def write(setup: Setup) -> None:
