@@ -37,6 +37,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from pybondi import Depends, Event, current_connection
-from pybondi.persistence import SQLStore, StoredEvent
+from pybondi.persistence import Records, SQLStore, StoredEvent
 from pybondi.persistence.serialization import Registry
 from pybondi.projection import Projection, ProjectionRunner
 
@@ -85,7 +86,7 @@ def pybondi_run(url: str, schema: str | None, events: int) -> float:
         data = registry.dumps(Deposited(f"account-{n % ACCOUNTS}", 1)).data
         rows.append(StoredEvent(f"account-{n % ACCOUNTS}", n + 1, "bench.Deposited", 1, data))
     for start in range(0, events, 1000):
-        store.transact(lambda records, part=rows[start : start + 1000]: records.append(part))
+        store.transact(partial(append, rows[start : start + 1000]))
     upsert = sa.text(UPSERT.format(table=table, a=":account", b=":amount"))
     projection = Projection(f"balances-{prefix}", registry)
 
@@ -104,6 +105,10 @@ def pybondi_run(url: str, schema: str | None, events: int) -> float:
     return events / elapsed
 
 
+def append(rows: list[StoredEvent], records: Records) -> None:
+    records.append(rows)
+
+
 # eventsourcing --------------------------------------------------------------------------
 
 
@@ -117,7 +122,7 @@ def eventsourcing_run(backend: str, where: str, events: int) -> float:
     name = f"e{uuid.uuid4().hex[:8]}"
 
     Account = account_class()
-    bank_class = type(f"Bank{name}", (application.Application,), {})
+    bank_class: Any = type(f"Bank{name}", (application.Application,), {})
     table = f"{name}_balances"
     if backend == "sqlite":
         base: Any = recorders.SQLiteTrackingRecorder
@@ -161,10 +166,14 @@ def eventsourcing_run(backend: str, where: str, events: int) -> float:
         }
     deposited_topic = utils.get_topic(Account.Deposited)
 
-    class Balances(projection_module.Projection):  # type: ignore[misc]
+    projection_base: Any = projection_module.Projection
+    projection_name = f"balances{name}"
+
+    class Balances(projection_base):  # type: ignore[misc]
+        name = projection_name
         topics = (deposited_topic,)
 
-        @dispatch.singledispatchmethod
+        @dispatch.singledispatchmethod  # type: ignore[untyped-decorator]
         def process_event(self, domain_event: Any, tracking: Any) -> None:
             pass
 
@@ -173,7 +182,6 @@ def eventsourcing_run(backend: str, where: str, events: int) -> float:
 
         process_event.register(Account.Deposited, deposited)
 
-    Balances.name = f"balances{name}"
     bank = bank_class(env=env)
     accounts = [Account() for _ in range(ACCOUNTS)]
     for n in range(events):
@@ -201,11 +209,13 @@ def account_class() -> Any:
     """eventsourcing's aggregate, made once: its event classes are registered by topic."""
     domain = importlib.import_module("eventsourcing.domain")
 
-    class Account(domain.Aggregate):  # type: ignore[misc]
+    aggregate: Any = domain.Aggregate
+
+    class Account(aggregate):  # type: ignore[misc]
         def __init__(self) -> None:
             self.balance = 0
 
-        @domain.event("Deposited")
+        @domain.event("Deposited")  # type: ignore[untyped-decorator]
         def deposit(self, amount: int) -> None:
             self.balance += amount
 

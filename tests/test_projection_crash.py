@@ -40,7 +40,7 @@ KILLS = int(os.environ.get("PYBONDI_PROJECTION_KILLS", "50"))
 EVENTS = 5_000
 KILL_AFTER = (0.0, 0.6)  # seconds after the process said it started
 PER_TRANSACTION = 5
-WRITE_FOR = KILLS * 0.8  # seconds over which the writer spreads the events
+WRITE_FOR = KILLS * 1.0  # seconds over which the writer spreads the events
 
 
 def test_a_projection_killed_50_times_applies_each_event_exactly_once(

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from pybondi.persistence.records import MessagingRecords
@@ -205,7 +206,7 @@ class ProjectionRunner:
 
     def _hold(self, now: datetime) -> None:
         if self.progress.claim_due(now):
-            self.progress.claimed(self.store.transact(lambda r: self._claim(now, r)), now)
+            self.progress.claimed(self.store.transact(partial(self._claim, now)), now)
         if self.progress.position is None:
             raise ProjectionHeld(self.projection.name)
 
@@ -286,7 +287,7 @@ class ProjectionRunner:
 
     async def _ahold(self, now: datetime) -> None:
         if self.progress.claim_due(now):
-            claimed = await self.store.atransact(lambda r: self._claim(now, r))
+            claimed = await self.store.atransact(partial(self._claim, now))
             self.progress.claimed(claimed, now)
         if self.progress.position is None:
             raise ProjectionHeld(self.projection.name)
