@@ -54,7 +54,8 @@ class Statements:
     """The tables and every statement on them, built once for one dialect.
 
     The outbox's are in `outbox` (see `sql.outbox`), the inbox's in `inbox` (`sql.inbox`),
-    the dead letters' in `dead_letters` (`sql.deadletters`).
+    the dead letters' in `dead_letters` (`sql.deadletters`), the projections' checkpoints'
+    in `projections` (`sql.projections`).
     """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
