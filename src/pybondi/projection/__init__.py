@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING
 from pybondi import _lazy
 
 if TYPE_CHECKING:  # what __getattr__ imports on first use, for type checkers
+    from pybondi.exceptions import ProjectionFailed as ProjectionFailed
+    from pybondi.exceptions import ProjectionHeld as ProjectionHeld
     from pybondi.projection.base import Projection as Projection
     from pybondi.projection.base import ProjectionReset as ProjectionReset
     from pybondi.projection.base import stored_event as stored_event
-    from pybondi.projection.progress import ProjectionFailed as ProjectionFailed
-    from pybondi.projection.progress import ProjectionHeld as ProjectionHeld
     from pybondi.projection.runner import ProjectionRunner as ProjectionRunner
 
 __all__ = [
@@ -64,7 +64,7 @@ __all__ = [
 
 _MODULES = {
     "pybondi.projection.base": ["Projection", "ProjectionReset", "stored_event"],
-    "pybondi.projection.progress": ["ProjectionFailed", "ProjectionHeld"],
+    "pybondi.exceptions": ["ProjectionFailed", "ProjectionHeld"],
     "pybondi.projection.runner": ["ProjectionRunner"],
 }
 _LAZY: _lazy.Lazy = {name: (module, None) for module, names in _MODULES.items() for name in names}

@@ -28,10 +28,11 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from pybondi.exceptions import ProjectionFailed, ProjectionHeld
 from pybondi.persistence.records import MessagingRecords
 from pybondi.persistence.store import MessagingStore, Transaction
 from pybondi.projection.base import Projection, ProjectionReset, current, restore
-from pybondi.projection.progress import Batch, Progress, ProjectionFailed, ProjectionHeld
+from pybondi.projection.progress import Batch, Progress
 from pybondi.repository import Repository
 from pybondi.session import Session
 
