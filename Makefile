@@ -18,6 +18,11 @@ EXTRA_PYTHONS := 3.12 3.13
 CORE_VENV := .venv-core
 CORE_STAMP := $(CORE_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
+# The projection benchmark runs eventsourcing's projection runner beside pybondi's: it
+# gets a venv of its own, so that eventsourcing is never a dependency of pybondi's.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
 .PHONY: demo test check lint typecheck pytest pytest-core pytest-extra bench clean
 
 demo: $(STAMP)
@@ -61,11 +66,20 @@ pytest-extra:
 			PYTEST_ARGS="-m 'not stress'" pytest || exit 1; \
 	done
 
-bench: $(STAMP)
+bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
 	$(VENV)/bin/python benchmarks/bench_persistence.py
 	$(VENV)/bin/python benchmarks/bench_brokers.py
 	$(VENV)/bin/python benchmarks/bench_workers.py
+	$(BENCH_VENV)/bin/python benchmarks/bench_projections.py
+
+$(BENCH_STAMP): pyproject.toml
+	@echo "== Installing pybondi and eventsourcing, for bench_projections.py, into $(BENCH_VENV)"
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[sqlite,postgres]' 'eventsourcing[postgres]>=9.5'
+	touch $@
 
 $(STAMP): pyproject.toml
 	@echo "== Installing pybondi and its dev tools into $(VENV) ($(PYTHON))"
@@ -76,4 +90,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf .venv .venv-3.* .venv-core .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-3.* .venv-core .venv-bench .mypy_cache .ruff_cache .pytest_cache

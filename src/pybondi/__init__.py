@@ -5,10 +5,11 @@ with `Depends`; aggregates collect domain events on their `Root`; a `Repository`
 and restores them; a `Session` runs one unit of work and a `Publisher` sends messages
 out when it commits.
 
-The main classes of persistence and messaging are here too (`SQLStore`, `Outbox`,
-`Worker`...), imported on first use: `import pybondi` loads no database driver or broker
-client, and a class whose extra is missing raises `MissingDependency` naming it. They
-are not in `__all__`, so that `from pybondi import *` stays as light.
+The main classes of persistence, messaging and projections are here too (`SQLStore`,
+`Outbox`, `Worker`, `Projection`...), imported on first use: `import pybondi` loads no
+database driver or broker client, and a class whose extra is missing raises
+`MissingDependency` naming it. They are not in `__all__`, so that `from pybondi import *`
+stays as light.
 
 Classes keep the module that defines them as `__module__` (`pybondi.session.Session`,
 a public module too), so that `inspect.getsource` and tools built on it find them.
@@ -32,6 +33,8 @@ from pybondi.exceptions import (
     MessageLimitExceeded,
     MissingDependency,
     NotFound,
+    ProjectionFailed,
+    ProjectionHeld,
     PublishError,
     PybondiError,
     SerializationError,
@@ -55,6 +58,8 @@ if TYPE_CHECKING:  # what __getattr__ imports on first use, for type checkers
     from pybondi.persistence.repositories import TableRepository as TableRepository
     from pybondi.persistence.serialization import Registry as Registry
     from pybondi.persistence.sql import SQLStore as SQLStore
+    from pybondi.projection.base import Projection as Projection
+    from pybondi.projection.runner import ProjectionRunner as ProjectionRunner
 
 __version__ = "2.0.0.dev0"
 
@@ -82,6 +87,8 @@ __all__ = [
     "Messagebus",
     "MissingDependency",
     "NotFound",
+    "ProjectionFailed",
+    "ProjectionHeld",
     "PublishError",
     "Publisher",
     "PybondiError",
@@ -101,6 +108,8 @@ _LAZY: _lazy.Lazy = {
     "EventSourcedRepository": ("pybondi.persistence.repositories", None),
     "MemoryStore": ("pybondi.persistence.memory", None),
     "Outbox": ("pybondi.messaging.outbox", None),
+    "Projection": ("pybondi.projection.base", None),
+    "ProjectionRunner": ("pybondi.projection.runner", None),
     "Registry": ("pybondi.persistence.serialization", None),
     "Relay": ("pybondi.messaging.relay", None),
     "Retry": ("pybondi.messaging.consumer", None),

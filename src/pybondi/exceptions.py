@@ -21,7 +21,10 @@ Builtins are kept as second bases so that `except TypeError` and friends keep wo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pybondi.persistence.records import StoredEvent
 
 __all__ = [
     "AsyncRequired",
@@ -33,6 +36,8 @@ __all__ = [
     "MessageLimitExceeded",
     "MissingDependency",
     "NotFound",
+    "ProjectionFailed",
+    "ProjectionHeld",
     "PublishError",
     "PybondiError",
     "SerializationError",
@@ -226,3 +231,42 @@ def report_failures(failures: list[BaseException], cause: BaseException | None =
 
 
 _cleanup_logger = logging.getLogger("pybondi")
+
+
+class ProjectionFailed(PybondiError, RuntimeError):
+    """A projection's handler failed on one event too many times in a row: it stopped.
+
+    A projection never skips an event: its checkpoint stays before the event, which is
+    handled again when the projection is started again, after a fix.
+
+    Attributes:
+        projection: the projection's name.
+        event: the stored event it failed on.
+        attempts: how many times in a row it failed.
+    """
+
+    def __init__(self, projection: str, event: StoredEvent, attempts: int, error: BaseException):
+        super().__init__(
+            f"Projection {projection!r} stopped at position {event.position - 1}: its handlers "
+            f"failed {attempts} times in a row on the event at position {event.position} "
+            f"({event.type} version {event.schema} of {event.stream}, version "
+            f"{event.version}): {type(error).__name__}: {str(error)[:200]}. A "
+            f"projection does not skip events: fix the handler (or the data, or the "
+            f"registry's upcaster) and start it again; it goes on from position "
+            f"{event.position - 1}."
+        )
+        self.projection = projection
+        self.event = event
+        self.attempts = attempts
+
+
+class ProjectionHeld(PybondiError, RuntimeError):
+    """Another runner holds the projection's lease: one runner works on a projection."""
+
+    def __init__(self, projection: str) -> None:
+        super().__init__(
+            f"Another runner holds projection {projection!r}: one runner at a time works on "
+            f"a projection. Stop it, or wait until its lease expires (a runner that stops "
+            f"gives its lease back at once); ProjectionRunner.run() waits by itself."
+        )
+        self.projection = projection

@@ -4,6 +4,7 @@
     pybondi worker myapp.consumers:consumer --store postgresql://localhost/bank \
         --broker amqp://guest:guest@localhost/ --workers 4
     pybondi dead-letters list --store postgresql://localhost/bank
+    pybondi project myapp.views:balances --store postgresql://localhost/bank
 
 `relay` sends the outbox's committed rows to the broker until SIGTERM or Ctrl-C, then
 finishes the batch under way, gives its leases back and exits 0.
@@ -13,10 +14,14 @@ finishes the batch under way, gives its leases back and exits 0.
 SIGTERM or Ctrl-C, then finishes the messages under way and exits 0. With `--workers N`
 it starts N worker processes, restarts one that dies, and passes them SIGTERM.
 
+`project` keeps projections (`pybondi.projection`) up to date from the store's log, each
+from its checkpoint and with a lease of its own, until SIGTERM or Ctrl-C; it logs their
+lag, and exits 1 if one of them stops on an event that keeps failing.
+
 `dead-letters` lists, shows, replays (through the outbox: run a relay) or discards the
 messages workers gave up on.
 
-Each command is a module of this package (`relay`, `worker`, `deadletters`) with its
+Each command is a module of this package (`relay`, `worker`, `project`, `deadletters`) with its
 options and its run; `supervisor` runs several workers; `options` and `running` hold
 what they share. `--store` and `--broker` default to `$PYBONDI_STORE_URL` and
 `$PYBONDI_BROKER_URL`, which keep passwords out of the process list.
@@ -30,7 +35,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pybondi.cli import deadletters, relay, worker
+from pybondi.cli import deadletters, project, relay, worker
 from pybondi.cli.options import BROKER_URL, STORE_URL
 from pybondi.cli.running import running
 from pybondi.tracing import TracingFilter
@@ -53,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(asyncio.run(relay.run(arguments)))
         if arguments.command == "worker":
             return worker.run(arguments, argv)
+        if arguments.command == "project":
+            return project.run(arguments)
         return int(asyncio.run(deadletters.run(arguments)))
     except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
         return 130
@@ -61,6 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pybondi", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (relay, worker, deadletters):
+    for command in (relay, worker, project, deadletters):
         command.add_parser(commands)
     return parser

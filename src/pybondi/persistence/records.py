@@ -10,13 +10,15 @@ and, for messaging, a store that is a `MessagingStore` keeps:
 
 - the outbox: messages written in a unit of work, which a relay sends (`OutboxRecords`);
 - the inbox: the ids of the messages each consumer group handled (`InboxRecords`);
-- the dead letters: the messages a group gave up on (`DeadLetterRecords`).
+- the dead letters: the messages a group gave up on (`DeadLetterRecords`);
+- the projections' checkpoints and leases (`ProjectionRecords`).
 
 `Records` is what `work` receives inside `transaction.run(work)`: every method is sync,
 and an async store runs the work on its connection without blocking the event loop, so
-that the logic is written once. `MessagingRecords` adds the three messaging parts as
-attributes (`records.outbox`, `records.inbox`, `records.dead_letters`). Each interface
-states the guarantees a backend keeps; `pybondi.testing.contracts` checks them.
+that the logic is written once. `MessagingRecords` adds the messaging parts as
+attributes (`records.outbox`, `records.inbox`, `records.dead_letters`,
+`records.projections`). Each interface states the guarantees a backend keeps;
+`pybondi.testing.contracts` checks them.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ __all__ = [
     "ID_LENGTH",
     "REPLAYED_AT",
     "REPLAYED_FOR",
+    "Checkpoint",
     "DeadLetter",
     "DeadLetterRecords",
     "InboxRecords",
     "MessagingRecords",
     "OutboxRecords",
+    "ProjectionRecords",
     "Record",
     "Records",
     "Snapshot",
@@ -135,6 +139,24 @@ class DeadLetter:
     attempts: int
     failed_at: datetime
     holds_inbox: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a projection is in the log, and which runner holds it.
+
+    Attributes:
+        name: the projection's name.
+        position: the position of the last event of the log the projection handled
+            (0: none yet).
+        owner: the runner holding the projection's lease, if any.
+        lease_until: when that lease expires, in UTC.
+    """
+
+    name: str
+    position: int
+    owner: str | None = None
+    lease_until: datetime | None = None
 
 
 def bounded_id(message_id: str) -> str:
@@ -359,8 +381,63 @@ class DeadLetterRecords(ABC):
         """Delete dead letters; return how many there were. Their inbox rows stay."""
 
 
+class ProjectionRecords(ABC):
+    """Per projection name: a checkpoint in the log, and a lease on it.
+
+    The checkpoint is the position of the last event the projection handled. A runner
+    moves it in the transaction that writes what the events did to the projection's
+    view: committed together, each event's effect happens once, however often a runner
+    dies and another starts over from the checkpoint. The lease lets one runner at a time
+    work on a projection: `advance` moves the checkpoint only for the runner holding the
+    lease, and only from where that runner read it, so that even two runners that both
+    believe they hold it never commit the same events twice. Leases compare the runners'
+    clocks, which must agree to well within a lease.
+    """
+
+    @abstractmethod
+    def get(self, name: str) -> Checkpoint | None:
+        """The projection's checkpoint and lease as committed, or None if it never ran."""
+
+    @abstractmethod
+    def head(self) -> int:
+        """The position of the log's last committed event (0 for an empty log).
+
+        Its difference with a checkpoint is the projection's lag.
+        """
+
+    @abstractmethod
+    def claim(self, name: str, owner: str, *, now: datetime, until: datetime) -> int | None:
+        """Take or renew the projection's lease until `until`; return its checkpoint.
+
+        A projection never seen before starts at 0. None when another runner holds a
+        lease that has not expired at `now`.
+        """
+
+    @abstractmethod
+    def advance(self, name: str, owner: str, *, after: int, to: int, until: datetime) -> bool:
+        """Move the checkpoint from `after` to `to`, and extend the lease until `until`.
+
+        False, and nothing changed, unless `owner` holds the lease and the checkpoint is
+        still at `after`. Two transactions advancing from the same checkpoint never both
+        commit: an SQL store makes the second wait for the first and answer False; the
+        memory store fails the second at commit with `ConcurrencyError`.
+        """
+
+    @abstractmethod
+    def renew(self, name: str, owner: str, *, until: datetime) -> bool:
+        """Extend the lease `owner` holds until `until`; False if it holds none."""
+
+    @abstractmethod
+    def reset(self, name: str, owner: str) -> bool:
+        """Set the checkpoint back to 0 (a rebuild); False unless `owner` holds the lease."""
+
+    @abstractmethod
+    def release(self, name: str, owner: str) -> None:
+        """Give up the lease `owner` holds on the projection, if it holds it."""
+
+
 class MessagingRecords(Records):
-    """Records of a store that also keeps an outbox, an inbox and dead letters."""
+    """Records of a store that also keeps an outbox, an inbox, dead letters, checkpoints."""
 
     @property
     @abstractmethod
@@ -376,3 +453,8 @@ class MessagingRecords(Records):
     @abstractmethod
     def dead_letters(self) -> DeadLetterRecords:
         """The dead letters' reads and writes, in this transaction."""
+
+    @property
+    @abstractmethod
+    def projections(self) -> ProjectionRecords:
+        """The projections' checkpoints and leases, in this transaction."""

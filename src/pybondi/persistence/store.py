@@ -8,7 +8,8 @@ once, and async stores run it on their connection without blocking the event loo
 
 A session's repository and its publisher (the outbox) join one transaction; a worker
 adds the message's inbox row to it. `MessagingStore` is a store whose records also keep
-an outbox, an inbox and dead letters: `MemoryStore` and `SQLStore` are both.
+an outbox, an inbox, dead letters and projections' checkpoints: `MemoryStore` and
+`SQLStore` are both.
 
 Stores and transactions are generic in their records, so that type checkers know what
 `work` receives: `Store[Records]` takes any store, `MessagingStore` one with messaging.
@@ -156,7 +157,7 @@ class Connected(ABC):
 
 
 class MessagingStore(Store[MessagingRecords]):
-    """A store that also keeps an outbox, an inbox and dead letters; see the module doc."""
+    """A store that also keeps an outbox, an inbox, dead letters and checkpoints; see the module."""
 
 
 def _read_log(after: int, limit: int, records: Records) -> list[StoredEvent]:

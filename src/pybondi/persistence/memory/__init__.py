@@ -4,7 +4,8 @@ It keeps the same promises as the SQL stores (versions checked, positions withou
 all of a transaction or nothing), in a process's memory, for as long as the store lives.
 A transaction sees what was committed plus its own writes; its writes become visible to
 others at commit, all at once, under a lock. It keeps an outbox, an inbox and dead letters
-too (`messaging`): a relay and a worker run on it as on a SQL store.
+too (`messaging`): a relay and a worker run on it as on a SQL store; and the projections'
+checkpoints (`projections`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pybondi.persistence.memory.messaging import (
     MemoryOutbox,
     MessagingState,
 )
+from pybondi.persistence.memory.projections import MemoryProjections, ProjectionState
 from pybondi.persistence.records import MessagingRecords, Record, Snapshot, StoredEvent
 from pybondi.persistence.store import MessagingStore, Transaction
 
@@ -46,6 +48,7 @@ class MemoryStore(MessagingStore):
         self.log: list[StoredEvent] = []
         self.snapshots: dict[str, Snapshot] = {}
         self.messaging = MessagingState()
+        self.projections: dict[str, ProjectionState] = {}
 
     def begin(self) -> MemoryTransaction:
         """Open a transaction."""
@@ -65,7 +68,8 @@ class MemoryTransaction(Transaction["MemoryTransaction"], MessagingRecords):
         self.appended: list[StoredEvent] = []
         self.snapshots: dict[str, Snapshot] = {}
         self.changes: list[Change] = []
-        for part in ("outbox", "inbox", "dead_letters"):  # made anew, when next used
+        # The parts are made anew, when next used.
+        for part in ("outbox", "inbox", "dead_letters", "projections"):
             self.__dict__.pop(part, None)
 
     @cached_property
@@ -82,6 +86,11 @@ class MemoryTransaction(Transaction["MemoryTransaction"], MessagingRecords):
     def dead_letters(self) -> MemoryDeadLetters:
         """The dead letters' reads and writes, in this transaction."""
         return MemoryDeadLetters(self, self.inbox, self.outbox)
+
+    @cached_property
+    def projections(self) -> MemoryProjections:
+        """The projections' checkpoints and leases, in this transaction."""
+        return MemoryProjections(self)
 
     # Transaction ------------------------------------------------------------------------
 

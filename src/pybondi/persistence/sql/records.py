@@ -22,6 +22,7 @@ from pybondi.persistence.sql.deadletters import SQLDeadLetters
 from pybondi.persistence.sql.executor import Executor
 from pybondi.persistence.sql.inbox import SQLInbox
 from pybondi.persistence.sql.outbox import SQLOutbox
+from pybondi.persistence.sql.projections import SQLProjections
 from pybondi.persistence.sql.query import STREAM_LENGTH
 from pybondi.persistence.sql.statements import Statements
 
@@ -36,7 +37,8 @@ class SQLRecords(MessagingRecords, TableRecords):
 
     Statements go through an `Executor` (see `sql.executor`: straight to the driver's
     cursor when nothing listens to the engine). The outbox's, inbox's and dead letters'
-    reads and writes are parts of their own, made when first used.
+    reads and writes, and the projections' checkpoints, are parts of their own, made when
+    first used.
     """
 
     def __init__(
@@ -64,6 +66,11 @@ class SQLRecords(MessagingRecords, TableRecords):
     def dead_letters(self) -> SQLDeadLetters:
         """The dead letters' reads and writes, in this transaction."""
         return SQLDeadLetters(self._executor, self.inbox, self.outbox)
+
+    @cached_property
+    def projections(self) -> SQLProjections:
+        """The projections' checkpoints and leases, in this transaction."""
+        return SQLProjections(self._executor)
 
     def begin_writes(self) -> None:
         """Begin this transaction's writes now (SQLite: BEGIN IMMEDIATE), if not yet."""

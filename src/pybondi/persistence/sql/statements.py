@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from pybondi.persistence.sql.deadletters import DeadLetterStatements
 from pybondi.persistence.sql.inbox import InboxStatements
 from pybondi.persistence.sql.outbox import OutboxStatements
+from pybondi.persistence.sql.projections import ProjectionStatements
 from pybondi.persistence.sql.query import (
     NAME,
     TEXT,
@@ -53,7 +54,8 @@ class Statements:
     """The tables and every statement on them, built once for one dialect.
 
     The outbox's are in `outbox` (see `sql.outbox`), the inbox's in `inbox` (`sql.inbox`),
-    the dead letters' in `dead_letters` (`sql.deadletters`).
+    the dead letters' in `dead_letters` (`sql.deadletters`), the projections' checkpoints'
+    in `projections` (`sql.projections`).
     """
 
     def __init__(self, metadata: sa.MetaData, prefix: str, dialect: sa.Dialect) -> None:
@@ -169,6 +171,7 @@ class Statements:
         self.outbox = OutboxStatements(dialect, metadata, prefix)
         self.inbox = InboxStatements(dialect, metadata, prefix)
         self.dead_letters = DeadLetterStatements(dialect, metadata, prefix)
+        self.projections = ProjectionStatements(dialect, metadata, prefix, self.log)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""
