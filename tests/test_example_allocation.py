@@ -1,7 +1,8 @@
 """The web service example (examples/allocation), tested as its authors would: over HTTP.
 
 Requests go through the ASGI app with httpx, on a SQLite file and the memory broker
-(no server), and the relay and the worker run in this process (`InProcessRunner`).
+(no server), and the relay and the worker run in this process (`InProcessRunner`), as
+does the projection (`ProjectionRunner.acatch_up`).
 Under the `postgres` and `redis` markers, 200 concurrent requests run against the real
 servers, each in a session of its own, and the outbox goes through real Redis to two
 workers. FastAPI and httpx come with the `dev` extra: where they are missing (the core's
@@ -25,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from examples.allocation import views
 from examples.allocation.domain import Allocated, Product
+from examples.allocation.projection import projection
 from examples.allocation.service import AddBatch, bus, unit_of_work
 from examples.allocation.web import create_app, open_session
 from examples.allocation.worker import Notifier, consumer, get_notifier
@@ -35,6 +37,7 @@ from pybondi.messaging import Relay, Worker
 from pybondi.messaging.brokers.clock import ManualClock
 from pybondi.messaging.brokers.memory import MemoryBroker
 from pybondi.persistence import SQLStore
+from pybondi.projection import ProjectionRunner
 from pybondi.testing import InProcessRunner
 from tests.backends import POSTGRES_URL, unavailable, unique
 from tests.brokers import RedisKit
@@ -277,6 +280,42 @@ def test_the_worker_notifies_each_committed_allocation_once(
 
 
 @pytest.mark.sqlite
+def test_the_projection_counts_what_the_log_holds_once(
+    runner: asyncio.Runner, sqlite_store: SQLStore
+) -> None:
+    app = create_app(sqlite_store)
+    projector = ProjectionRunner(projection, sqlite_store)
+
+    async def allocated(client: httpx.AsyncClient) -> int:
+        answer = await client.get("/products/LAMP/allocated")
+        return int(answer.json()["allocated"])
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            await add_batch(client, "warehouse", "LAMP", 10)
+            await allocate(client, "o1", "LAMP", 4)
+            await allocate(client, "o2", "LAMP", 9)  # out of stock: no event in the log
+            read_before_another_request_commits(app, sqlite_store)
+            assert (await allocate(client, "o3", "LAMP", 2)).status_code == 409
+            app.dependency_overrides.clear()  # its Allocated never reached the log either
+            await allocate(client, "o4", "LAMP", 5)
+            await client.delete("/allocations/o1")
+            assert await allocated(client) == 0  # the projection has not run yet
+
+            assert await projector.acatch_up() > 0
+            assert await allocated(client) == 5
+            assert await projector.acatch_up() == 0  # nothing twice
+            assert await allocated(client) == 5
+
+            await projector.arebuild()  # the view emptied, the checkpoint back to 0
+            assert await allocated(client) == 0
+            await projector.acatch_up()
+            assert await allocated(client) == 5
+
+    runner.run(scenario())
+
+
+@pytest.mark.sqlite
 def test_the_app_for_uvicorn_opens_the_store_its_environment_names(
     runner: asyncio.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -483,6 +522,11 @@ def test_concurrent_requests_each_have_their_own_session_and_lose_no_update(
                 stored = await product(deployment.store, sku)
                 assert sum(batch.available for batch in stored.batches) == 60 - allocated[sku]
                 assert sum(left.values()) == 60 - allocated[sku]
+            # The projection, from the log, comes to the same.
+            await ProjectionRunner(projection, deployment.store).acatch_up()
+            for sku in SKUS:
+                answer = await client.get(f"/products/{sku}/allocated")
+                assert answer.json() == {"sku": sku, "allocated": allocated[sku]}
             successes = sum(answer.status_code == 201 for answer in answers)
             assert successes > 100  # most orders fit: the test tells something
 

@@ -1,9 +1,11 @@
 """The read model: tables that answer queries, written in each unit of work's transaction.
 
-The handlers in `service.py` write these rows through `current_connection`, the
-connection whose transaction commits the aggregates: a row is there exactly when its
-allocation committed. The queries take any `AsyncConnection`: the session's (a handler
-looking an order up) or a plain one of the store's engine (a GET).
+The handlers in `service.py` write `batches_view` and `allocations_view` through
+`current_connection`, the connection whose transaction commits the aggregates: a row is
+there exactly when its allocation committed. `allocated_view` is the projection's
+(`projection.py`): it follows the event log, a little behind. The queries take any
+`AsyncConnection`: the session's (a handler looking an order up) or a plain one of the
+store's engine (a GET).
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ allocations = sa.Table(
     sa.Column("sku", sa.String(50), nullable=False),
     sa.Column("qty", sa.Integer, nullable=False),
     sa.Column("batchref", sa.String(50), nullable=False, index=True),
+)
+
+allocated = sa.Table(  # kept by projection.py, from the event log
+    "allocated_view",
+    metadata,
+    sa.Column("sku", sa.String(50), primary_key=True),
+    sa.Column("qty", sa.Integer, nullable=False),
 )
 
 stock_cache: dict[str, dict[str, int]] = {}
@@ -79,3 +88,9 @@ async def stock(connection: AsyncConnection, sku: str) -> dict[str, int]:
         .order_by(batches.c.reference)
     )
     return {reference: left for reference, left in await connection.execute(query)}
+
+
+async def allocated_quantity(connection: AsyncConnection, sku: str) -> int:
+    """How much of `sku` is allocated, as far as the projection has come."""
+    query = sa.select(allocated.c.qty).where(allocated.c.sku == sku)
+    return (await connection.execute(query)).scalar_one_or_none() or 0

@@ -114,6 +114,12 @@ async def stock(sku: str, connection: Reading) -> dict[str, int]:
     return left
 
 
+@router.get("/products/{sku}/allocated")
+async def allocated(sku: str, connection: Reading) -> dict[str, Any]:
+    """How much of the product is allocated, from the projection (a little behind)."""
+    return {"sku": sku, "allocated": await views.allocated_quantity(connection, sku)}
+
+
 ERRORS: dict[type[Exception], int] = {
     OutOfStock: 409,
     AlreadyAllocated: 409,
