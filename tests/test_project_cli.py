@@ -31,6 +31,7 @@ def test_the_command_follows_the_log_and_stops_on_sigterm(setup: Setup) -> None:
     status, stderr = stop(process)
     assert status == 0, stderr
     assert "Projection effects caught up at position 50 (lag 0)" in stderr
+    assert "Projections stopped: effects at 50 (50 handled)" in stderr
     assert sorted(row[0] for row in setup.rows()) == list(range(1, 51))
     assert setup.checkpoint().owner is None  # the lease was given back
 

@@ -101,7 +101,7 @@ def run(arguments: argparse.Namespace) -> int:
 
     def stopped(service: Projections) -> str:
         return "Projections stopped: " + ", ".join(
-            f"{runner.projection.name} at {runner.position} ({runner.handled} handled)"
+            f"{runner.projection.name} at {runner.reached} ({runner.handled} handled)"
             for runner in service.runners
         )
 

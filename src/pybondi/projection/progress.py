@@ -50,7 +50,8 @@ class Progress:
         self.attempts = attempts
         self.lease = timedelta(seconds=lease)
         self.max_backoff = max_backoff
-        self.position: int | None = None  # the checkpoint, while this runner holds the lease
+        self._position: int | None = None
+        self.reached: int | None = None  # the last checkpoint this runner knew, kept after
         self.lease_until = datetime.min.replace(tzinfo=UTC)
         self.reading: list[StoredEvent] = []  # the batch under way
         self.asked = batch_size  # how many events the last read asked for
@@ -61,6 +62,17 @@ class Progress:
         self.behind = False  # whether events were handled since the last caught-up
         self.reported_at = time.monotonic()
         self.handled_since = 0
+
+    @property
+    def position(self) -> int | None:
+        """The checkpoint, while this runner holds the lease."""
+        return self._position
+
+    @position.setter
+    def position(self, position: int | None) -> None:
+        self._position = position
+        if position is not None:
+            self.reached = position
 
     # Leases -----------------------------------------------------------------------------
 

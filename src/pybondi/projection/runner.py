@@ -119,6 +119,11 @@ class ProjectionRunner:
         """The checkpoint, as this runner knows it while it holds the lease."""
         return self.progress.position
 
+    @property
+    def reached(self) -> int | None:
+        """The last checkpoint this runner knew, also once it let the lease go."""
+        return self.progress.reached
+
     # The work on the records, written once ----------------------------------------------
 
     def _claim(self, now: datetime, records: MessagingRecords) -> int | None:
