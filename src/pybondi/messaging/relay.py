@@ -38,17 +38,16 @@ document), as every broker limits them anyway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
+from pybondi._stopping import Stopping
 from pybondi.exceptions import PublishError
 from pybondi.messaging.backoff import backoff
 from pybondi.messaging.brokers.base import Broker
@@ -116,8 +115,7 @@ class Relay:
         self.grace = grace
         self.name = name or f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"[-64:]
         self.sent = 0  # messages this relay has had confirmed
-        self._stopping = asyncio.Event()
-        self._stop_by = 0.0  # when a stop must be over (time.monotonic())
+        self._stopping = Stopping()
         self._purged_at: datetime | None = None
         self._held: dict[str, tuple[int, float]] = {}  # topic -> (failures, retry at)
         # What may pass: the broker or the database out of reach, or busy. Anything else
@@ -129,9 +127,7 @@ class Relay:
 
     def stop(self) -> None:
         """Ask `run` to return within `grace` seconds: the batch under way first, if it can."""
-        if not self._stopping.is_set():
-            self._stop_by = time.monotonic() + max(self.grace, _AT_LEAST)
-        self._stopping.set()
+        self._stopping.stop(self.grace)
 
     async def run(self) -> None:
         """Relay until `stop()`; then give the leases back and close the broker."""
@@ -150,10 +146,10 @@ class Relay:
                         "Relay %s: %s: %s; retrying in %.2f s (attempt %d)",
                         self.name, type(error).__name__, error, delay, failures,
                     )  # fmt: skip
-                    await self._pause(delay)
+                    await self._stopping.pause(delay)
                     continue
                 if not sent:
-                    await self._pause(self.idle)
+                    await self._stopping.pause(self.idle)
         finally:
             if not self._stopping.is_set():  # an error ends the run: the same budget
                 self.stop()
@@ -161,31 +157,17 @@ class Relay:
             self._stopping.clear()  # so that run() may be called again
 
     async def _round(self) -> int:
-        """`run_once`, left to finish within the stop's budget once `stop()` is called.
+        """`run_once`, left to finish within the stop's budget once `stop()` is called."""
 
-        The shutdown that follows needs a little of the budget too: the round gets what
-        is left of it but `_SHUTDOWN`.
-        """
-        work = asyncio.ensure_future(self.run_once())
-        stopped = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                await asyncio.wait((work,), timeout=max(self._left() - _SHUTDOWN, 0))
-            if not work.done():
-                logger.warning(
-                    "Relay %s stops without waiting longer for the batch under way (grace "
-                    "%.1f s): the broker may have some of it, and it will be sent again",
-                    self.name, self.grace,
-                )  # fmt: skip
-                work.cancel()
-                # Unlike `await work`, asyncio.wait keeps a cancellation of our own.
-                await asyncio.wait((work,), timeout=self._left())
-                return 0
-            return work.result()
-        finally:
-            stopped.cancel()
-            work.cancel()
+        def overrun() -> None:
+            logger.warning(
+                "Relay %s stops without waiting longer for the batch under way (grace %.1f s): "
+                "the broker may have some of it, and it will be sent again",
+                self.name, self.grace,
+            )  # fmt: skip
+
+        sent = await self._stopping.within_grace(self.run_once(), overrun)
+        return sent or 0
 
     async def run_once(self) -> int:
         """Send what is pending now, topic by topic; return how many messages were sent.
@@ -329,27 +311,19 @@ class Relay:
     async def _shutdown(self) -> None:
         """Give the leases back and close the broker, within what is left of the budget."""
         try:
-            async with asyncio.timeout(self._left() / 2):
+            async with asyncio.timeout(self._stopping.left() / 2):
                 await self._outbox(lambda outbox: outbox.release(self.name))
         except Exception as error:  # the leases expire on their own
             logger.warning("Relay %s could not give its leases back: %r", self.name, error)
         try:
-            async with asyncio.timeout(self._left()):
+            async with asyncio.timeout(self._stopping.left()):
                 await self.broker.aclose()
         except TimeoutError:
             logger.warning("Relay %s could not close %r within its grace", self.name, self.broker)
 
-    def _left(self) -> float:
-        """Seconds left of the stop's budget (a little, at least, for each step)."""
-        return max(self._stop_by - time.monotonic(), 0.05)
-
     def _backoff(self, failures: int) -> float:
         """Up to 0.1 s, 0.2 s, 0.4 s... max_backoff, with jitter."""
         return backoff(failures, first=0.1, longest=self.max_backoff, jitter=True)
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _claim(
         self, topic: str, now: datetime, outbox: OutboxRecords
@@ -372,8 +346,6 @@ class Relay:
 
 
 _BATCHES_PER_VISIT = 10
-_AT_LEAST = 1.0  # seconds a stop takes at most even with less grace: to give leases back
-_SHUTDOWN = 0.5  # seconds of the stop's budget kept for giving leases back, closing
 _STUCK_AFTER = 5
 # Topics failing one after the other in a round: the broker is likely down, not a message.
 _BROKER_DOWN_AFTER = 3

@@ -18,7 +18,6 @@ its grace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -28,6 +27,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from pybondi._stopping import Stopping
 from pybondi.exceptions import ProjectionFailed, ProjectionHeld
 from pybondi.persistence.records import MessagingRecords
 from pybondi.persistence.store import MessagingStore, Transaction
@@ -108,8 +108,7 @@ class ProjectionRunner:
         self.handled = 0  # events this runner's handlers committed
         self.lag: int | None = None  # behind the log's head, when last reported
         self.retry_in = 0.0  # seconds to wait after the last failure
-        self._stopping = asyncio.Event()
-        self._stop_by = 0.0  # when a stop must be over (time.monotonic())
+        self._stopping = Stopping()
 
     def __repr__(self) -> str:
         return f"<ProjectionRunner {self.projection.name} as {self.name} on {self.store!r}>"
@@ -365,9 +364,7 @@ class ProjectionRunner:
 
     def stop(self) -> None:
         """Ask `run` to return within `grace` seconds: the batch under way first, if it can."""
-        if not self._stopping.is_set():
-            self._stop_by = time.monotonic() + max(self.grace, _AT_LEAST)
-        self._stopping.set()
+        self._stopping.stop(self.grace)
 
     async def run(self, *, rebuild: bool = False) -> None:
         """Follow the log until `stop()`, then give the lease back.
@@ -386,6 +383,8 @@ class ProjectionRunner:
                         rebuild = False
                         continue
                     moved = await self._within_grace(self.arun_once())
+                    if moved is None:  # cancelled: the stop's budget ran out
+                        continue
                 except ProjectionHeld:
                     if not waiting:
                         logger.info(
@@ -393,12 +392,12 @@ class ProjectionRunner:
                             self.projection.name, self.name,
                         )  # fmt: skip
                     waiting = True
-                    await self._pause(self.progress.lease.total_seconds() / 3)
+                    await self._stopping.pause(self.progress.lease.total_seconds() / 3)
                     continue
                 except ProjectionFailed:
                     raise
                 except Exception:
-                    await self._pause(self.retry_in)
+                    await self._stopping.pause(self.retry_in)
                     continue
                 if waiting:
                     logger.info(
@@ -410,32 +409,24 @@ class ProjectionRunner:
                 if self.progress.report_due(self.report_every, caught_up):
                     await self._report(caught_up)
                 if caught_up:
-                    await self._pause(self.idle)
+                    await self._stopping.pause(self.idle)
         finally:
             if not self._stopping.is_set():  # an error ends the run: the same budget
                 self.stop()
             await self._shutdown()
             self._stopping.clear()  # so that run() may be called again
 
-    async def _within_grace(self, work: Coroutine[Any, Any, T]) -> T:
+    async def _within_grace(self, work: Coroutine[Any, Any, T]) -> T | None:
         """`work`, left to finish within the stop's budget once `stop()` is called."""
-        task = asyncio.ensure_future(work)
-        stopped = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                await asyncio.wait((task,), timeout=max(self._left() - _SHUTDOWN, 0))
-            if not task.done():
-                logger.warning(
-                    "Projection %s stops without waiting longer for the batch under way "
-                    "(grace %.1f s): it is rolled back, and handled again by the next runner",
-                    self.projection.name, self.grace,
-                )  # fmt: skip
-                task.cancel()
-                await asyncio.wait((task,), timeout=self._left())
-            return task.result()
-        finally:
-            stopped.cancel()
+
+        def overrun() -> None:
+            logger.warning(
+                "Projection %s stops without waiting longer for the batch under way "
+                "(grace %.1f s): it is rolled back, and handled again by the next runner",
+                self.projection.name, self.grace,
+            )  # fmt: skip
+
+        return await self._stopping.within_grace(work, overrun)
 
     async def _report(self, caught_up: bool) -> None:
         try:
@@ -449,7 +440,7 @@ class ProjectionRunner:
         """Give the lease back within what is left of the budget; it expires anyway."""
         position = self.progress.position
         try:
-            async with asyncio.timeout(self._left()):
+            async with asyncio.timeout(self._stopping.left()):
                 await self.arelease()
         except Exception as error:
             logger.warning(
@@ -459,18 +450,6 @@ class ProjectionRunner:
             "Projection %s stopped at position %s (%s): %d event(s) handled",
             self.projection.name, position, self.name, self.handled,
         )  # fmt: skip
-
-    def _left(self) -> float:
-        """Seconds left of the stop's budget (a little, at least, for each step)."""
-        return max(self._stop_by - time.monotonic(), 0.05)
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-
-_AT_LEAST = 1.0  # seconds a stop takes at most even with less grace: to give the lease back
-_SHUTDOWN = 0.5  # seconds of the stop's budget kept for giving the lease back
 
 
 def _now() -> datetime:
