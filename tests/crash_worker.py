@@ -32,12 +32,13 @@ import sys
 import traceback
 from typing import Any, cast
 
-from pybondi import Depends, Message, Root, Session
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pybondi import Depends, Message, Root, Session, current_connection
 from pybondi.cli import main
 from pybondi.exceptions import NotFound
 from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.persistence import SQLStore
-from pybondi.persistence.records import Records
 from pybondi.persistence.repositories import StoreRepository
 from tests.workers import Counted, Tally, registry, tallies
 
@@ -64,7 +65,11 @@ def effects_table(store: SQLStore) -> str:
 
 
 @consumer.subscribe(TOPIC)
-async def count(message: Message[Counted], session: Session = Depends(current_session)) -> None:
+async def count(
+    message: Message[Counted],
+    session: Session = Depends(current_session),
+    connection: AsyncConnection = Depends(current_connection),
+) -> None:
     """Append the number to the key's tally and insert an effect row, in the session."""
     repository = cast(StoreRepository[Tally], session.repository)
     key, n = message.payload.key, message.payload.n
@@ -75,14 +80,9 @@ async def count(message: Message[Counted], session: Session = Depends(current_se
         repository.add(tally)
     tally.numbers.append(n)
     store = repository.transaction.store if repository.transaction else None
-    assert isinstance(store, SQLStore) and repository.transaction is not None
+    assert isinstance(store, SQLStore)
     insert = f"INSERT INTO {effects_table(store)} (n, key, message_id, pid) VALUES (%s, %s, %s, %s)"
-    values = (n, key, message.id, os.getpid())
-
-    def record(records: Records) -> None:
-        records.connection.exec_driver_sql(insert, values)  # type: ignore[attr-defined]
-
-    await repository.transaction.arun(record)
+    await connection.exec_driver_sql(insert, (n, key, message.id, os.getpid()))
 
 
 # The fork server --------------------------------------------------------------------------
