@@ -65,9 +65,19 @@ from time import perf_counter_ns, process_time_ns
 from typing import IO, Any, ClassVar, cast
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 import pybondi
-from pybondi import Aggregate, Depends, Event, Message, Messagebus, Root, Session
+from pybondi import (
+    Aggregate,
+    Depends,
+    Event,
+    Message,
+    Messagebus,
+    Root,
+    Session,
+    current_connection,
+)
 from pybondi.exceptions import NotFound
 from pybondi.messaging.brokers import Broker, connect
 from pybondi.messaging.brokers.base import DEFAULT_GROUP
@@ -76,7 +86,6 @@ from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.outbox import Outbox
 from pybondi.messaging.worker import Worker
 from pybondi.persistence import SQLStore, Store
-from pybondi.persistence.records import Records
 from pybondi.persistence.repositories import StateRepository, StoreRepository
 from pybondi.persistence.serialization import Registry
 
@@ -166,8 +175,7 @@ def make_consumer(
     )
     opened = gate is None
 
-    @consumer.subscribe(topic)
-    async def count(message: Message[Counted], session: Session = Depends(current_session)) -> None:
+    async def count(message: Message[Counted], session: Session) -> None:
         nonlocal opened
         if not opened:
             assert gate is not None
@@ -181,15 +189,26 @@ def make_consumer(
             tally = Tally(Root(key))
             repository.add(tally)
         tally.count += 1
-        if notify is not None:
-            assert repository.transaction is not None
-            values = (notify, str(message.payload.n))
 
-            def notified(records: Records) -> None:
-                connection = records.connection  # type: ignore[attr-defined]
-                connection.exec_driver_sql("SELECT pg_notify(%s, %s)", values)
+    if notify is None:
 
-            await repository.transaction.arun(notified)
+        @consumer.subscribe(topic)
+        async def counted(
+            message: Message[Counted], session: Session = Depends(current_session)
+        ) -> None:
+            await count(message, session)
+
+    else:
+
+        @consumer.subscribe(topic)
+        async def counted_and_notified(
+            message: Message[Counted],
+            session: Session = Depends(current_session),
+            connection: AsyncConnection = Depends(current_connection),
+        ) -> None:
+            await count(message, session)
+            sent = (notify, str(message.payload.n))
+            await connection.exec_driver_sql("SELECT pg_notify(%s, %s)", sent)
 
     return consumer
 
