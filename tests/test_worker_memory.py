@@ -6,7 +6,9 @@ with no real waiting; `MemoryBroker.pending()` tells when everything is settled.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from pybondi import Depends, Message, Root, Session
 from pybondi.exceptions import NotFound
 from pybondi.messaging.brokers.memory import ManualClock, Pending
 from pybondi.messaging.consumer import Retry, current_session
+from pybondi.persistence import SQLStore
 from tests.backends import Backend
 from tests.brokers import MemoryKit
 from tests.workers import Counted, Tally, WorkerRig, eventually
@@ -83,3 +86,30 @@ def test_a_worker_consumes_from_the_memory_broker(rig: WorkerRig) -> None:
         assert len(await rig.inbox()) == 9
 
     rig.run(test())
+
+
+@pytest.mark.parametrize(("pool_size", "warned"), [(4, True), (18, False)])
+def test_a_worker_warns_when_the_stores_pool_keeps_fewer_connections_than_its_messages_in_flight(
+    rig: WorkerRig,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    pool_size: int,
+    warned: bool,
+) -> None:
+    caplog.set_level(logging.WARNING, "pybondi.messaging.worker")
+    store = SQLStore(f"sqlite:///{tmp_path}/pool.db", asynchronous=True, pool_size=pool_size)
+    assert store.connections == pool_size
+    consumer = rig.consumer(in_flight=16)
+
+    @consumer.subscribe(rig.kit.topic())
+    async def nothing(message: Message[Counted]) -> None: ...
+
+    async def test() -> None:
+        await store.acreate_tables()
+        worker = rig.worker(consumer, store=store)
+        await rig.stop(worker, rig.start(worker))
+        await store.adispose()
+
+    rig.run(test())
+    warnings = [r.getMessage() for r in caplog.records if "pool_size=18" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0), warnings

@@ -88,6 +88,15 @@ class Store(ABC, Generic[R_co]):
 
     is_async: bool = False
 
+    @property
+    def connections(self) -> int | None:
+        """How many connections the store keeps open for transactions; None: no such bound.
+
+        A transaction beyond them opens a connection of its own and closes it after,
+        which costs more than the transaction (a worker warns).
+        """
+        return None
+
     @abstractmethod
     def begin(self) -> Transaction[R_co]:
         """Open a transaction for a unit of work."""

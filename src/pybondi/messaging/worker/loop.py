@@ -168,6 +168,7 @@ class Worker:
             in_flight=consumer.in_flight,
             redeliver_after=self.redeliver_after,
         )
+        self._check_pool()
         stopped = asyncio.ensure_future(self._stopping.wait())
         failures = 0
         try:
@@ -282,6 +283,17 @@ class Worker:
             await self._settler.settle(delivery, opened)
         finally:
             heartbeat.cancel()
+
+    def _check_pool(self) -> None:
+        kept, in_flight = self.store.connections, self.consumer.in_flight
+        if kept is not None and kept < in_flight:
+            logger.warning(
+                "Worker %s: the store's pool keeps %d connection(s), for %d messages in "
+                "flight: the others open and close one each, which costs about a third "
+                "of the throughput. Make the store with SQLStore(url, pool_size=%d) "
+                "(pybondi worker does).",
+                self.name, kept, in_flight, in_flight + 2,
+            )  # fmt: skip
 
     def _check_bindings(self) -> None:
         """Refuse, before any message, a topic bound to a type the registry lacks."""

@@ -40,6 +40,7 @@ try:
     import sqlalchemy as sa
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+    from sqlalchemy.pool import QueuePool
 except ModuleNotFoundError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependency("sqlalchemy", "sqlite", "pybondi.persistence.sql") from missing
 
@@ -138,6 +139,13 @@ class SQLStore(MessagingStore):
         if self.prefix != "pybondi_":
             where += f" prefix={self.prefix}"
         return f"<SQLStore {url}{where}{' async' if self.is_async else ''}>"
+
+    @property
+    def connections(self) -> int | None:
+        """The size of the engine's pool (`pool_size=`); None for a pool without one."""
+        engine = self.engine
+        pool = (engine.sync_engine if isinstance(engine, AsyncEngine) else engine).pool
+        return pool.size() if isinstance(pool, QueuePool) else None
 
     # Transactions -----------------------------------------------------------------------
 
