@@ -18,10 +18,16 @@ EXTRA_PYTHONS := 3.12 3.13
 CORE_VENV := .venv-core
 CORE_STAMP := $(CORE_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-# The projection benchmark runs eventsourcing's projection runner beside pybondi's: it
-# gets a venv of its own, so that eventsourcing is never a dependency of pybondi's.
+# The peer benchmarks run other libraries beside pybondi: eventsourcing's projection
+# runner (bench_projections.py), FastStream's subscribers with a psycopg pool
+# (bench_consumers.py). They get one venv of their own, so that neither is ever a
+# dependency of pybondi's.
 BENCH_VENV := .venv-bench
-BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+BENCH_PACKAGES := '.[sqlite,postgres,redis,rabbitmq,nats]' 'eventsourcing[postgres]>=9.5' \
+	'faststream[redis,rabbit,nats]==0.7.8' 'psycopg[binary,pool]'
+# A new list of packages makes a new venv, as a new pyproject.toml does.
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)-$(shell \
+	echo "$(BENCH_PACKAGES)" | cksum | cut -d' ' -f1)
 
 .PHONY: demo test check lint typecheck pytest pytest-core pytest-extra bench clean
 
@@ -72,13 +78,14 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV)/bin/python benchmarks/bench_brokers.py
 	$(VENV)/bin/python benchmarks/bench_workers.py
 	$(BENCH_VENV)/bin/python benchmarks/bench_projections.py
+	$(BENCH_VENV)/bin/python benchmarks/bench_consumers.py
 
 $(BENCH_STAMP): pyproject.toml
-	@echo "== Installing pybondi and eventsourcing, for bench_projections.py, into $(BENCH_VENV)"
+	@echo "== Installing pybondi, eventsourcing and FastStream, for the peer benchmarks, into $(BENCH_VENV)"
 	rm -rf $(BENCH_VENV)
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[sqlite,postgres]' 'eventsourcing[postgres]>=9.5'
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e $(BENCH_PACKAGES)
 	touch $@
 
 $(STAMP): pyproject.toml
