@@ -1,6 +1,6 @@
 """Consumers: pybondi's worker beside a FastStream subscriber with a hand-written handler.
 
-    .venv-bench/bin/python benchmarks/bench_consumers.py                  # about 5 minutes
+    .venv-bench/bin/python benchmarks/bench_consumers.py                  # about 3 minutes
     .venv-bench/bin/python benchmarks/bench_consumers.py --rounds 1 --brokers redis,nats
 
 The peer is what a FastStream 0.7.8 user writes by hand: a subscriber whose handler
@@ -111,7 +111,7 @@ class Settings:
 def settings_for(rounds: int, quick: bool) -> Settings:
     if quick:
         return Settings(500, 100, rounds, 200.0, 1.0, 20, {16: 160, 1: 40})
-    return Settings(3_000, 300, rounds, 200.0, 3.0, 50, {16: 640, 1: 160})
+    return Settings(3_000, 300, rounds, 200.0, 5.0, 50, {16: 640, 1: 160})
 
 
 @dataclass(frozen=True)
@@ -875,7 +875,7 @@ async def run(settings: Settings, names: list[str]) -> Results:
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument(
         "--brokers",
         default=",".join(BROKERS),
