@@ -51,6 +51,7 @@ import sys
 import time
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -120,11 +121,6 @@ class Work:
 
     stores: bool  # pybondi: store one aggregate (the peer always INSERTs its row)
     sleep: float = 0.0  # awaited first
-
-    @property
-    def label(self) -> str:
-        what = "1 aggregate" if self.stores else "inbox only"
-        return f"{what}, await {self.sleep * 1e3:g} ms" if self.sleep else what
 
 
 AGGREGATE = Work(stores=True)
@@ -239,17 +235,21 @@ def fs(module: str) -> Any:
     return importlib.import_module(f"faststream{module}")
 
 
-class Peer:
-    """The FastStream subscriber on one broker, and the psycopg pool its handler uses."""
+class Peer(ABC):
+    """The FastStream subscriber on one broker, and the psycopg pool its handler uses.
+
+    A subclass per broker says how FastStream connects, publishes and subscribes with
+    16 messages in flight there.
+    """
 
     def __init__(self, target: Target, pool: Any, table: str) -> None:
         self.target = target
         self.pool = pool
         self.insert = f"INSERT INTO {table} (key, n) VALUES (%s, %s)"
-        self.queues: list[str] = []  # RabbitMQ's, deleted by `cleanup`
 
+    @abstractmethod
     def broker(self) -> Any:
-        raise NotImplementedError
+        """A new FastStream broker, its per-message logging off."""
 
     def name(self) -> str:
         """A stream, queue or subject of its own, under the run's prefix."""
@@ -258,11 +258,13 @@ class Peer:
     async def declare(self, broker: Any, name: str) -> None:
         """Make the place the backlog waits in (RabbitMQ, NATS)."""
 
+    @abstractmethod
     async def publish(self, broker: Any, name: str, body: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Publish one message of the backlog, as FastStream does, confirmed."""
 
+    @abstractmethod
     def subscribe(self, broker: Any, name: str, in_flight: int) -> Callable[[Any], Any]:
-        raise NotImplementedError
+        """The decorator of a subscriber of `name` with `in_flight` at once."""
 
     def handler(self, work: Work, done: Callable[[int], None]) -> Callable[..., Awaitable[None]]:
         pool, insert, sleep = self.pool, self.insert, work.sleep
@@ -338,6 +340,10 @@ class RedisPeer(Peer):
 
 
 class RabbitMQPeer(Peer):
+    def __init__(self, target: Target, pool: Any, table: str) -> None:
+        super().__init__(target, pool, table)
+        self.queues: list[str] = []  # the target's cleanup knows only pybondi's
+
     def broker(self) -> Any:
         return fs(".rabbit").RabbitBroker(self.target.url, logger=None)
 
