@@ -80,6 +80,27 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_projections.py
 	$(BENCH_VENV)/bin/python benchmarks/bench_consumers.py
 
+# pybondi 1.2.1, the release this project replaces, for bench_core.py's W5L: the same
+# import name as pybondi's, so a venv of its own. 1.2.1 requires Python >= 3.12 (its
+# metadata says `>=3.12,<4.0`) and fast-depends < 3: pyenv's 3.12 first, then PATH.
+BENCH_121_VENV := .venv-bench-121
+BENCH_121_STAMP := $(BENCH_121_VENV)/.installed-pybondi-1.2.1
+
+# bench_core.py finds this venv by its path; without it, W5L runs without its peer.
+bench: $(BENCH_121_STAMP)
+
+$(BENCH_121_STAMP):
+	@echo "== Installing pybondi 1.2.1, for bench_core.py's W5L, into $(BENCH_121_VENV)"
+	rm -rf $(BENCH_121_VENV)
+	python=""; \
+	for candidate in $(HOME)/.pyenv/versions/3.12.*/bin/python3.12 $$(command -v python3.12); do \
+		if "$$candidate" -c "" 2>/dev/null; then python="$$candidate"; break; fi; \
+	done; \
+	if [ -z "$$python" ]; then echo "Python 3.12 not found: pybondi 1.2.1 needs it"; exit 1; fi; \
+	"$$python" -m venv $(BENCH_121_VENV)
+	$(BENCH_121_VENV)/bin/python -m pip install --quiet 'pybondi==1.2.1'
+	touch $@
+
 $(BENCH_STAMP): pyproject.toml
 	@echo "== Installing pybondi, eventsourcing and FastStream, for the peer benchmarks, into $(BENCH_VENV)"
 	rm -rf $(BENCH_VENV)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_core.py           # full run, about 15 s
     python benchmarks/bench_core.py --quick   # smoke test, a few seconds
+    python benchmarks/bench_core.py --pybondi-121 PYTHON  # 1.2.1's venv, for W5L's peer
 
 Every workload is timed with the same loop, `for _ in range(n): call(arg)`, where `call`
 is a local variable (a bound method such as `bus.handle`, or a plain function) and `arg`
@@ -17,6 +18,11 @@ Before timing, each workload runs once under `sys.setprofile` to check that the 
 it is meant to reach run the expected number of times (and that an overridden dependency
 is replaced). The script exits 0 whether or not targets are met, since it is a report;
 it fails only if such a check does.
+
+W5L, the seed README's session with lifecycle handlers, is also timed on pybondi 1.2.1:
+`benchmarks/session_121.py` runs in 1.2.1's own venv (`.venv-bench-121`, made by
+`make bench`; the same import name, and Python 3.12) as a subprocess, asked for each of
+its timings in turn within the same rounds, beside its own interpreter's floor.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import argparse
 import asyncio
 import gc
 import platform
+import statistics
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -38,8 +46,10 @@ from typing import Any
 
 import pybondi
 from pybondi import (
+    Added,
     Aggregate,
     Command,
+    Committed,
     Depends,
     Event,
     Message,
@@ -123,10 +133,14 @@ class Workload:
     units: int = 1
     is_async: bool = False
     expected: tuple[tuple[Callable[..., Any], int], ...] = field(default=())
+    timer: Callable[[int], int] | None = None  # times `number` iterations elsewhere
 
 
 async def time_once(workload: Workload, number: int) -> int:
     """Nanoseconds taken by `number` iterations of the workload."""
+    if workload.timer is not None:
+        return workload.timer(number)
+
     if workload.is_async:
         return await atime_loop(workload.call, workload.arg, number)
     return time_loop(workload.call, workload.arg, number)
@@ -229,9 +243,18 @@ def on_deposited(event: Deposited) -> Deposited:
     return event
 
 
+def on_added(event: Added[Account]) -> Added[Account]:
+    return event
+
+
+def on_committed(event: Committed[Account]) -> Committed[Account]:
+    return event
+
+
 # The workloads --------------------------------------------------------------------------
 
 TOPIC = "accounts"
+LIFECYCLE = "W5L session with Added/Committed handlers"
 BATCH = 100
 SUBSCRIBERS = 2
 
@@ -286,6 +309,26 @@ def session_bus() -> Messagebus:
     bus.register(Deposit)(deposit)
     bus.on(Deposited)(on_deposited)
     return bus
+
+
+def lifecycle_bus() -> Messagebus:
+    """W5L's bus: the seed README's session, with handlers on `Added` and `Committed`."""
+    bus = session_bus()
+    bus.on(Added)(on_added)
+    bus.on(Committed)(on_committed)
+    return bus
+
+
+def lifecycle_unit(bus: Messagebus, publisher: Publisher) -> AnyCall:
+    """One W5L unit, as `session_121.py` runs it on pybondi 1.2.1: a new aggregate each time."""
+
+    def unit(index: int) -> None:
+        account = Account("a-1")
+        with Session(bus, Repository(), publisher) as session:
+            session.add(account)
+            session.execute(Deposit(account))
+
+    return unit
 
 
 def session_unit(bus: Messagebus, publisher: Publisher, account: Account) -> AnyCall:
@@ -365,6 +408,12 @@ def sync_workloads() -> list[Workload]:
             expected=((deposit, 1), (on_deposited, 1)),
         ),
         Workload(
+            LIFECYCLE,
+            lifecycle_unit(lifecycle_bus(), Publisher()),
+            0,
+            expected=((on_added, 1), (deposit, 1), (on_deposited, 1), (on_committed, 1)),
+        ),
+        Workload(
             f"W6 publish+commit, per delivery ({BATCH} msgs x {SUBSCRIBERS} subs)",
             batch,
             messages,
@@ -401,6 +450,79 @@ def async_workloads() -> list[Workload]:
             is_async=True,
             expected=((deposit, 1), (on_deposited, 1)),
         ),
+    ]
+
+
+# pybondi 1.2.1, W5L's peer, in its own venv ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_121 = ROOT / ".venv-bench-121" / "bin" / "python"
+TARGET_121 = 5.0  # W5L: pybondi at least this many times faster than 1.2.1
+
+
+class Peer121:
+    """`session_121.py` under pybondi 1.2.1's interpreter, answering one request at a time."""
+
+    def __init__(self, python: Path) -> None:
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "benchmarks" / "session_121.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",  # so that the pybondi imported is the venv's, never ./src
+        )
+        answer = self.ask("check")
+        if not answer.startswith("ok "):
+            raise SystemExit(f"session_121.py did not start: {answer!r}")
+        self.python, self.version, self.path = answer.split(" ", 3)[1:]
+
+    def ask(self, request: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def timer(self, request: str) -> Callable[[int], int]:
+        return lambda number: int(self.ask(f"{request} {number}"))
+
+    def workloads(self) -> list[Workload]:
+        return [
+            Workload("1.2.1 floor: echo(x)", echo, None, timer=self.timer("floor")),
+            Workload(f"1.2.1 {LIFECYCLE}", echo, None, timer=self.timer("w5l")),
+        ]
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=10)
+
+
+def start_peer(python: Path | None) -> Peer121 | None:
+    """The 1.2.1 subprocess, or None (said why) when its venv is missing."""
+    if python is None or not python.exists():
+        print(
+            f"pybondi 1.2.1: no interpreter at {python or VENV_121}; W5L runs without its "
+            "peer (make .venv-bench-121/.installed-pybondi-1.2.1 makes it)"
+        )
+        return None
+    peer = Peer121(python)
+    print(f"pybondi 1.2.1 on Python {peer.python} from {peer.path} (a subprocess)")
+    return peer
+
+
+def peer_report(
+    ours: list[float], floor: list[float], theirs: list[float], their_floor: list[float]
+) -> list[str]:
+    """W5L against 1.2.1: the speed-ups of the best and the median rounds, raw and per floor."""
+    best = min(theirs) / min(ours)
+    median = statistics.median(theirs) / statistics.median(ours)
+    normalised = (min(theirs) / min(their_floor)) / (min(ours) / min(floor))
+    verdict = "PASS" if best >= TARGET_121 else "under"
+    return [
+        f"W5L vs pybondi 1.2.1 (same rounds): pybondi {min(ours) / 1000:.2f} us, "
+        f"1.2.1 {min(theirs) / 1000:.2f} us (its floor {min(their_floor):.1f} ns)",
+        f"  pybondi is {best:.2f}x faster (best rounds), {median:.2f}x (median rounds), "
+        f"{normalised:.2f}x per each interpreter's floor; target >= {TARGET_121:g}x: {verdict}",
     ]
 
 
@@ -482,21 +604,37 @@ def header(settings: Settings) -> list[str]:
     ]
 
 
-def parse_args(argv: list[str] | None) -> Settings:
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short run, for a smoke test")
-    return QUICK if parser.parse_args(argv).quick else FULL
+    parser.add_argument(
+        "--pybondi-121",
+        type=Path,
+        default=VENV_121,
+        metavar="PYTHON",
+        help="the interpreter of pybondi 1.2.1's venv, for W5L's peer (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    return (QUICK if args.quick else FULL), args.pybondi_121
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+    settings, python_121 = parse_args(argv)
     print("\n".join(header(settings)), flush=True)
+    peer = start_peer(python_121)
     floor = Workload("floor: echo(x)", echo, object())
     open_session()
     workloads = [*sync_workloads(), *async_workloads()]
     for workload in workloads:
         check(workload)
-    floor_times, *times = asyncio.run(rounds([floor, *workloads], settings))
+    peers = peer.workloads() if peer is not None else []
+    try:
+        floor_times, *times = asyncio.run(rounds([floor, *workloads, *peers], settings))
+    finally:
+        if peer is not None:
+            peer.close()
+    peer_times = times[len(workloads) :]
+    times = times[: len(workloads)]
     floor_ns = min(floor_times)
     print(f"floor: bare call echo(x) = {floor_ns:.1f} ns (slowest round {max(floor_times):.1f})\n")
     results = [Result(w, min(t) / w.units) for w, t in zip(workloads, times, strict=True)]
@@ -505,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
         r.workload.name for r in results if status(r.ns / floor_ns, r.workload.target) == "over"
     ]
     print(f"\nover target: {', '.join(over)}" if over else "\nall targets met")
+    if peer_times:
+        ours = times[[w.name for w in workloads].index(LIFECYCLE)]
+        their_floor, theirs = peer_times
+        print("\n" + "\n".join(peer_report(ours, floor_times, theirs, their_floor)))
     return 0
 
 
