@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
+from weakref import WeakSet
 
 from pybondi.aggregate import Aggregate
 from pybondi.exceptions import SerializationError
@@ -133,8 +134,15 @@ class EventSourcedRepository(StoreRepository[A]):
         records.write_snapshot(Snapshot(stream, version, state.version, state.data))
 
 
+# The aggregate types `_check_blank` passed. A repository is often built per unit of
+# work, and `inspect.signature` cost more than the rest of its construction.
+_blank_callable: WeakSet[type[Aggregate]] = WeakSet()
+
+
 def _check_blank(aggregate_type: type[Aggregate]) -> None:
     """Refuse at once an aggregate type that cannot be called with the id alone."""
+    if aggregate_type in _blank_callable:
+        return
     try:
         inspect.signature(aggregate_type).bind("id")
     except ValueError:  # a signature Python cannot read: let the call decide
@@ -147,3 +155,4 @@ def _check_blank(aggregate_type: type[Aggregate]) -> None:
             f"({error}). Pass create=, a function of the id that returns a blank {name}: "
             f"EventSourcedRepository(store, {name}, registry, create=lambda id: {name}(id, ...))."
         ) from None
+    _blank_callable.add(aggregate_type)
