@@ -35,11 +35,36 @@ class Entity:
 
     id: Any
 
+    # Whether a class of the entity defines `id` itself (a slot, a property, a default):
+    # then only `hasattr` tells if it is set. Otherwise the instance's `__dict__` does,
+    # without the AttributeError `hasattr` raises and swallows while an entity is built.
+    _id_in_class = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._id_in_class = any("id" in vars(klass) for klass in cls.__mro__[:-1])
+
     def __init__(self, id: Any) -> None:
-        self.id = id
+        if self._plain():
+            self.__dict__["id"] = id
+        else:
+            self.id = id
+
+    def _plain(self) -> bool:
+        """Whether setting `id` can skip `__setattr__`: it would only store it.
+
+        A Python `__setattr__` costs every attribute set a call (it was most of the cost
+        of building a `Root`); `__init__` stores straight into the instance's dict when
+        no subclass changed how attributes are set and `id` is not set yet.
+        """
+        return (
+            type(self).__setattr__ is Entity.__setattr__
+            and not self._id_in_class
+            and "id" not in self.__dict__
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "id" and hasattr(self, "id"):
+        if name == "id" and ("id" in self.__dict__ or (self._id_in_class and hasattr(self, "id"))):
             raise AttributeError(
                 f"{type(self).__name__}.id is already {self.id!r} and cannot be reassigned: "
                 f"an entity's identity never changes. Create a new entity instead."
@@ -71,8 +96,14 @@ class Root(Entity):
     """
 
     def __init__(self, id: Any) -> None:
-        super().__init__(id)
-        self.events: deque[Event] = deque()
+        self.events: deque[Event]
+        if type(self) is Root and "id" not in self.__dict__:
+            # What Entity.__init__ and __setattr__ would do, without their calls: a root
+            # is built per aggregate, often per unit of work.
+            self.__dict__["id"], self.__dict__["events"] = id, deque()
+        else:
+            super().__init__(id)
+            self.events = deque()
 
     def publish(self, event: Event) -> None:
         """Record a domain event for the session to dispatch."""
