@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import platform
 import statistics
 import subprocess
@@ -464,12 +465,16 @@ class Peer121:
     """`session_121.py` under pybondi 1.2.1's interpreter, answering one request at a time."""
 
     def __init__(self, python: Path) -> None:
+        # The pybondi it imports must be the venv's: never ./src, nor a PYTHONPATH given
+        # to this script. (`absolute`, not `resolve`: a venv's python is a symlink.)
+        environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         self.process = subprocess.Popen(
-            [str(python), str(ROOT / "benchmarks" / "session_121.py")],
+            [str(python.absolute()), str(ROOT / "benchmarks" / "session_121.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            cwd="/",  # so that the pybondi imported is the venv's, never ./src
+            cwd="/",
+            env=environment,
         )
         answer = self.ask("check")
         if not answer.startswith("ok "):
