@@ -212,7 +212,7 @@ class Settings:
     warmup: int
 
 
-FULL = Settings(rounds=7, units=100, warmup=50)
+FULL = Settings(rounds=11, units=200, warmup=100)
 QUICK = Settings(rounds=2, units=20, warmup=10)
 
 

@@ -67,9 +67,22 @@ class UnitOfWork:
         transaction: Transaction[Any] | None = None,
         max_messages: int = 10_000,
     ) -> None:
-        self.messagebus: Messagebus = _slot("messagebus", messagebus, Messagebus, Messagebus)
-        self.repository: Repository[Any] = _slot("repository", repository, Repository, Repository)
-        self.publisher: BasePublisher = _slot("publisher", publisher, BasePublisher, Publisher)
+        # The default classes pass without a call: a session is built per unit of work.
+        self.messagebus: Messagebus = (
+            messagebus
+            if messagebus.__class__ is Messagebus
+            else _slot("messagebus", messagebus, Messagebus, Messagebus)
+        )
+        self.repository: Repository[Any] = (
+            repository
+            if repository.__class__ is Repository
+            else _slot("repository", repository, Repository, Repository)
+        )
+        self.publisher: BasePublisher = (
+            publisher
+            if publisher.__class__ is Publisher
+            else _slot("publisher", publisher, BasePublisher, Publisher)
+        )
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}.")
         self.max_messages = max_messages
