@@ -75,6 +75,7 @@ pytest-extra:
 bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
 	$(VENV)/bin/python benchmarks/bench_persistence.py
+	$(BENCH_VENV)/bin/python benchmarks/bench_eventsourcing.py
 	$(VENV)/bin/python benchmarks/bench_brokers.py
 	$(VENV)/bin/python benchmarks/bench_workers.py
 	$(BENCH_VENV)/bin/python benchmarks/bench_projections.py
