@@ -119,4 +119,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf .venv .venv-3.* .venv-core .venv-bench .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-3.* .venv-core .venv-bench .venv-bench-121 .mypy_cache .ruff_cache .pytest_cache
