@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,11 +87,25 @@ class Backend:
     def teardown(self) -> None:
         """Drop the run's namespace."""
         if self.created and self.name == "postgres":
-            self._admin(f"DROP SCHEMA {self.namespace} CASCADE")
+            self._drop_postgres_schema()
         elif self.created and self.name == "mariadb":
             self._admin(f"DROP DATABASE {self.namespace}")
 
-    def _admin(self, statement: str) -> None:
+    def _drop_postgres_schema(self) -> None:
+        # DROP SCHEMA ... CASCADE locks every object of the schema in one transaction: a
+        # whole run's tables (thousands) overflow PostgreSQL's lock table ("out of shared
+        # memory": max_locks_per_transaction). So the tables go a few at a time first.
+        tables = self._admin(
+            "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = %(schema)s",
+            {"schema": self.namespace},
+        )
+        for start in range(0, len(tables), 50):
+            names = ", ".join(f"{self.namespace}.{name}" for name in tables[start : start + 50])
+            self._admin(f"DROP TABLE IF EXISTS {names} CASCADE")
+        self._admin(f"DROP SCHEMA {self.namespace} CASCADE")
+
+    def _admin(self, statement: str, parameters: dict[str, Any] | None = None) -> list[Any]:
+        """Run one statement in a transaction of its own; the first column of its rows."""
         import sqlalchemy as sa
 
         from pybondi.persistence import SQLStore
@@ -99,7 +114,8 @@ class Backend:
         assert isinstance(store.engine, sa.Engine)
         try:
             with store.engine.begin() as connection:
-                connection.exec_driver_sql(statement)
+                result = connection.exec_driver_sql(statement, parameters)
+                return list(result.scalars()) if result.returns_rows else []
         finally:
             store.dispose()
 
