@@ -171,9 +171,11 @@ def test_the_connection_leaves_autocommit_with_its_transaction(
     assert isinstance(store, SQLStore)
     transaction = driver.io(store, "begin")
     connection = _driver_connection(transaction)
-    driver.io(transaction, "run", claim(message()))
-    assert connection.autocommit is True
-    driver.io(transaction, "close")
+    try:
+        driver.io(transaction, "run", claim(message()))
+        assert connection.autocommit is True
+    finally:
+        driver.io(transaction, "close")
     assert connection.autocommit is False
     assert connection.info.transaction_status.name == "IDLE"
 

@@ -51,11 +51,13 @@ class Executor:
         self.transaction = transaction
         self._cursor: Any = None
         # Anyone watching this connection's statements (cursor or error events, tracing
-        # tools, echo) gets them through SQLAlchemy's own execution, with its context.
+        # tools, echo) gets them through SQLAlchemy's own execution, with its context;
+        # and a commit listener, which expects to run before COMMIT, gets no pipeline.
         dispatch = connection.dispatch
         self.observed = bool(
             dispatch.before_cursor_execute
             or dispatch.after_cursor_execute
+            or dispatch.commit
             or connection.dialect.dispatch.handle_error
             or connection.engine.echo
         )
