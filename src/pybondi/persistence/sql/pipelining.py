@@ -49,7 +49,8 @@ class Pipeline:
     """psycopg's pipeline mode on one transaction's connection, for one run of its work.
 
     `execute` sends a statement and returns the cursor with its answer; `send` (in
-    `commit_after`) sends one whose answer nobody reads, and goes on.
+    `commit_after`) sends one whose answer nobody reads, and goes on. The pipeline is
+    open only while pybondi sends: SQLAlchemy's own statements never meet it.
     """
 
     __slots__ = (
@@ -80,9 +81,9 @@ class Pipeline:
     def execute(self, sql: str, parameters: Any, *, many: bool) -> Any:
         """Send a statement and wait for its answer (with what waits in the pipeline)."""
         if self._open is not None or self.committing:
-            cursor = self.send(sql, parameters, many=many)
+            rows = self.send(sql, parameters, many=many)
             self._call(self._open.sync)
-            return cursor
+            return rows
         with self._pipeline():  # the transaction's first statement, after its BEGIN
             return self.send(sql, parameters, many=many)
 
