@@ -2,7 +2,8 @@
 
 A unit of work opens one `Transaction` with `store.begin()` (or `await store.abegin()`),
 does its reads and writes inside `transaction.run(work)` (or `await
-transaction.arun(work)`), and commits or rolls back. `work` is a plain function that
+transaction.arun(work)`), and commits or rolls back; `transaction.commit_after(work)` runs
+the last writes and commits at once. `work` is a plain function that
 receives the transaction's records (`pybondi.persistence.records`): the logic is written
 once, and async stores run it on their connection without blocking the event loop.
 
@@ -62,6 +63,22 @@ class Transaction(ABC, Generic[R_co]):
     @abstractmethod
     def close(self) -> None:
         """Release the transaction's connection; an uncommitted transaction rolls back."""
+
+    def commit_after(self, work: Callable[[R_co], T]) -> T:
+        """Run `work`, the unit of work's last writes, then commit; return what it returned.
+
+        `run` then `commit`, unless the store can send both at once: an SQL store on
+        PostgreSQL (psycopg) sends the writes and COMMIT in one round trip.
+        """
+        result = self.run(work)
+        self.commit()
+        return result
+
+    async def acommit_after(self, work: Callable[[R_co], T]) -> T:
+        """`commit_after`, awaited."""
+        result = await self.arun(work)
+        await self.acommit()
+        return result
 
     async def acommit(self) -> None:
         """`commit`, awaited."""

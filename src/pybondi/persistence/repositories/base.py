@@ -199,17 +199,11 @@ class StoreRepository(Repository[A]):
 
     def commit(self) -> None:
         """Write every changed aggregate and every new event, then commit; or nothing."""
-        transaction = self._open()
-        saved = transaction.run(self._save)
-        transaction.commit()
-        self._saved(saved)
+        self._saved(self._open().commit_after(self._save))
 
     async def acommit(self) -> None:
         """`commit` for async stores."""
-        transaction = self._open()
-        saved = await transaction.arun(self._save)
-        await transaction.acommit()
-        self._saved(saved)
+        self._saved(await self._open().acommit_after(self._save))
 
     def rollback(self) -> None:
         """Roll the transaction back and forget the aggregates, which may be stale now."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLRecords"]
 
+T = TypeVar("T")
+
 
 class SQLRecords(MessagingRecords, TableRecords):
     """Reads and writes in one transaction, with statements compiled once per store.
@@ -47,6 +49,8 @@ class SQLRecords(MessagingRecords, TableRecords):
         self._statements = statements
         self._connection = connection
         self._executor = Executor(statements, connection, transaction)
+        # The version-checked writes sent ahead of COMMIT: (stream, version expected).
+        self._checked: list[tuple[str, int]] = []
 
     def close(self) -> None:
         """Close the cursor, if one was opened."""
@@ -72,6 +76,32 @@ class SQLRecords(MessagingRecords, TableRecords):
         """The projections' checkpoints and leases, in this transaction."""
         return SQLProjections(self._executor)
 
+    def commit_after(self, work: Callable[[SQLRecords], T]) -> T:
+        """Run `work`; on psycopg, send its writes with COMMIT, in one round trip.
+
+        A version check that failed there aborted the transaction: it is a
+        `ConcurrencyError`, as when the writes are checked one by one.
+        """
+        self._checked.clear()
+        try:
+            return self._executor.commit_after(lambda: work(self))
+        except (sa.exc.IntegrityError, sa.exc.DataError) as error:
+            # A row that exists already, or 1 / count(*) of no row updated.
+            conflict = self._checked and self._conflict()
+            if conflict:
+                raise conflict from error
+            raise
+
+    def _conflict(self) -> ConcurrencyError | None:
+        """The version check that failed in the pipeline, read again after a rollback."""
+        self._executor.rollback()
+        for stream, expected in self._checked:
+            row = self._executor.execute(self._statements.current_version, {"s": stream})
+            actual = (row.fetchone() or (None,))[0]
+            if actual != (expected or None):
+                return ConcurrencyError(stream, expected, actual)
+        return None
+
     def begin_writes(self) -> None:
         """Begin this transaction's writes now (SQLite: BEGIN IMMEDIATE), if not yet."""
         self._executor.writing()
@@ -88,6 +118,7 @@ class SQLRecords(MessagingRecords, TableRecords):
     def read_row(self, table: sa.Table, key: str, id: Any) -> Mapping[str, Any] | None:
         """SELECT a row of the application's own table."""
         statement = self._statements.for_table(table, key, "").read
+        self._executor.settle()
         row = self._connection.execute(statement, {"id": id}).mappings().first()
         return None if row is None else dict(row)
 
@@ -103,6 +134,7 @@ class SQLRecords(MessagingRecords, TableRecords):
     ) -> None:
         """INSERT or version-checked UPDATE of a row of the application's own table."""
         self._executor.writing()
+        self._executor.settle()
         statements = self._statements.for_table(table, key, version_column)
         row = {**values, version_column: version}
         duplicate: sa.exc.IntegrityError | None = None
@@ -138,6 +170,11 @@ class SQLRecords(MessagingRecords, TableRecords):
             "d": record.data,
             "e": expected,
         }
+        if self._executor.pipelined:  # checked in the server: see `sql.pipelining`
+            checked = statements.checked_insert if expected == 0 else statements.checked_update
+            self._executor.send(checked, values)
+            self._checked.append((stream, expected))
+            return
         if self._executor.written(
             statements.insert if expected == 0 else statements.update, values
         ):
@@ -168,9 +205,9 @@ class SQLRecords(MessagingRecords, TableRecords):
             for offset, event in enumerate(events)
         ]
         if len(rows) == 1:
-            self._executor.execute(statements.append, rows[0])
+            self._executor.send(statements.append, rows[0])
         else:
-            self._executor.execute_many(statements.append, rows)
+            self._executor.execute_many(statements.append, rows, wait=False)
 
     def _advance(self, count: int) -> int:
         """Move the log's head by `count` positions, locking it; return the last one taken."""
@@ -216,4 +253,4 @@ class SQLRecords(MessagingRecords, TableRecords):
             "type_version": snapshot.schema,
             "data": snapshot.data,
         }
-        self._executor.execute(self._statements.write_snapshot, values)
+        self._executor.send(self._statements.write_snapshot, values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,6 +23,9 @@ from pybondi.persistence.sql.query import (
     unchanged,
     upsert,
 )
+
+if TYPE_CHECKING:
+    from pybondi.persistence.sql.pipelining import Pipeline
 
 __all__ = ["Statements", "TableStatements"]
 
@@ -133,6 +136,29 @@ class Statements:
             .where(stream_is, aggregates.c.version == param("e"))
             .values(version=param("v"), type_version=param("t"), data=param("d"))
         )
+        # A commit's writes sent ahead of COMMIT in psycopg's pipeline (`sql.pipelining`)
+        # fail in the server when they change nothing: the row exists already (a plain
+        # INSERT), or is no longer at the version read (1 / count(*) of the rows updated).
+        self.pipeline: type[Pipeline] | None = None
+        if dialect.name == "postgresql" and dialect.driver == "psycopg":
+            from pybondi.persistence.sql.pipelining import Pipeline  # noqa: PLC0415 - psycopg
+
+            self.pipeline = Pipeline
+            self.checked_insert = compiled(
+                aggregates.insert().values(
+                    stream=param("s"), version=param("v"), type_version=param("t"), data=param("d")
+                )
+            )
+            updated = (
+                aggregates.update()
+                .where(stream_is, aggregates.c.version == param("e"))
+                .values(version=param("v"), type_version=param("t"), data=param("d"))
+                .returning(aggregates.c.version)
+                .cte("pybondi_updated")
+            )
+            self.checked_update = compiled(
+                sa.select(sa.literal_column("1") / sa.func.count()).select_from(updated)
+            )
         self.append = compiled(events.insert())
         self.read_stream = compiled(
             sa.select(events)

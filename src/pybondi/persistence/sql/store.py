@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from pybondi._redact import redact
@@ -283,6 +284,9 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         self.connection = connection
         self.aconnection = aconnection
         self.writing = False  # whether the writes' explicit BEGIN (SQLite) was sent
+        # Whether pybondi sent BEGIN itself, its psycopg connection in autocommit until
+        # the transaction ends (see `sql.pipelining`).
+        self.autocommitted = False
         self.closed = False
 
     def run(self, work: Callable[[SQLRecords], T]) -> T:
@@ -306,6 +310,18 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
                 "`repository.get(id)`, `transaction.run(work)`)."
             )
         return await self.aconnection.run_sync(self._work, work)
+
+    def commit_after(self, work: Callable[[SQLRecords], T]) -> T:
+        """Run `work`, then COMMIT; on psycopg, its writes and COMMIT in one round trip."""
+        result = self.run(partial(_committing, work))
+        self.commit()  # psycopg: the connection is idle now, and this sends nothing
+        return result
+
+    async def acommit_after(self, work: Callable[[SQLRecords], T]) -> T:
+        """`commit_after`, awaited."""
+        result = await self.arun(partial(_committing, work))
+        await self.acommit()
+        return result
 
     def writing_connection(self) -> Connection:
         """The connection, in this transaction, ready for the application's own writes.
@@ -343,24 +359,42 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         self.writing = False
         if self.connection is not None:
             self.connection.commit()
+            self._leave_autocommit()
 
     def rollback(self) -> None:
         """ROLLBACK."""
         self.writing = False
         if self.connection is not None:
             self.connection.rollback()
+            self._leave_autocommit()
 
     def close(self) -> None:
         """Give the connection back to the pool, rolling back what was not committed."""
         self.closed = True
         if self.connection is not None:
-            self.connection.close()
+            try:
+                self._leave_autocommit()
+            finally:
+                self.connection.close()
+
+    def _leave_autocommit(self) -> None:
+        connection = self.connection
+        if self.autocommitted and connection is not None and not connection.invalidated:
+            self.autocommitted = False
+            try:
+                assert self.statements.pipeline is not None  # psycopg's
+                self.statements.pipeline.leave_autocommit(connection.connection.driver_connection)
+            except BaseException:
+                # Never back to the pool in autocommit, where others would not expect it.
+                connection.invalidate()
+                raise
 
     async def acommit(self) -> None:
         """COMMIT, awaited."""
         self.writing = False
         if self.aconnection is not None:
             await self.aconnection.commit()
+            await self._aleave_autocommit()
         else:
             self.commit()
 
@@ -369,6 +403,7 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         self.writing = False
         if self.aconnection is not None:
             await self.aconnection.rollback()
+            await self._aleave_autocommit()
         else:
             self.rollback()
 
@@ -376,9 +411,25 @@ class SQLTransaction(Transaction[SQLRecords], Connected):
         """`close`, awaited."""
         self.closed = True
         if self.aconnection is not None:
-            await self.aconnection.close()
+            try:
+                await self._aleave_autocommit()
+            finally:
+                await self.aconnection.close()
         else:
             self.close()
+
+    async def _aleave_autocommit(self) -> None:
+        aconnection = self.aconnection
+        if not self.autocommitted or aconnection is None or aconnection.invalidated:
+            return
+        self.autocommitted = False
+        try:
+            raw = await aconnection.get_raw_connection()
+            assert self.statements.pipeline is not None  # psycopg's
+            await self.statements.pipeline.aleave_autocommit(raw.driver_connection)
+        except BaseException:
+            await aconnection.invalidate()
+            raise
 
 
 def _closed() -> SessionError:
@@ -486,3 +537,7 @@ def _take_over_sqlite_transactions(engine: Engine, journal_mode: str | None) -> 
 
 def _begin_writes(records: SQLRecords) -> None:
     records.begin_writes()
+
+
+def _committing(work: Callable[[SQLRecords], T], records: SQLRecords) -> T:
+    return records.commit_after(work)
