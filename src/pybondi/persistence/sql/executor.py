@@ -17,7 +17,7 @@ from pybondi.persistence.sql.statements import Statements
 
 if TYPE_CHECKING:
     from pybondi.persistence.sql.pipelining import Pipeline
-    from pybondi.persistence.sql.store import SQLTransaction
+    from pybondi.persistence.sql.transaction import SQLTransaction
 
 __all__ = ["Executor"]
 

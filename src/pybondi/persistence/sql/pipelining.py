@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
 
 if TYPE_CHECKING:
-    from pybondi.persistence.sql.store import SQLTransaction
+    from pybondi.persistence.sql.transaction import SQLTransaction
 
 __all__ = ["Pipeline"]
 

@@ -27,7 +27,7 @@ from pybondi.persistence.sql.query import STREAM_LENGTH
 from pybondi.persistence.sql.statements import Statements
 
 if TYPE_CHECKING:
-    from pybondi.persistence.sql.store import SQLTransaction
+    from pybondi.persistence.sql.transaction import SQLTransaction
 
 __all__ = ["SQLRecords"]
 
