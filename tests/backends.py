@@ -48,7 +48,7 @@ class Backend:
     error: BaseException | None = None
     created: bool = False
 
-    def store(self, asynchronous: bool = False, prefix: str | None = None) -> Store:
+    def store(self, asynchronous: bool = False, prefix: str | None = None, **options: Any) -> Store:
         """A new store with its own tables (not created yet)."""
         if self.name == "memory":
             return MemoryStore()
@@ -63,6 +63,7 @@ class Backend:
             asynchronous=asynchronous,
             schema=self.namespace,
             prefix=prefix or f"t{uuid.uuid4().hex[:8]}_",
+            **options,
         )
 
     def setup(self, tmp: Path) -> None:

@@ -33,7 +33,7 @@ GROUP = "round-trips"
 @pytest.fixture
 def store(backends: dict[str, Backend], driver: Driver) -> Iterator[Store]:
     """A PostgreSQL store (psycopg), sync or async to match the driver, with an account."""
-    made = backends["postgres"].store(asynchronous=driver.name == "async")
+    made = backends["postgres"].store(asynchronous=driver.name == "async", pipelined=True)
     driver.io(made, "create_tables")
     with driver.session(Session(Messagebus(), StateRepository(made, Account, registry()))) as unit:
         unit.add(Account(Root("a-1"), "ada"))
@@ -191,3 +191,18 @@ def _driver_connection(transaction: Any) -> Any:
     from tests.round_trips import driver_connection
 
     return driver_connection(transaction)
+
+
+def test_pipelining_is_for_postgresql_with_psycopg(tmp_path: Any) -> None:
+    from pybondi.persistence import SQLStore
+
+    with pytest.raises(ValueError, match="pipelined=True is psycopg's pipeline mode"):
+        SQLStore(f"sqlite:///{tmp_path}/x.db", pipelined=True)
+
+
+def test_a_store_is_not_pipelined_unless_asked(backends: dict[str, Backend]) -> None:
+    from pybondi.persistence import SQLStore
+
+    made = backends["postgres"].store()
+    assert isinstance(made, SQLStore) and made.statements.pipeline is None
+    made.dispose()
