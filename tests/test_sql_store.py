@@ -17,18 +17,28 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from pybondi import Messagebus, Root, Session
 from pybondi.exceptions import MissingDependency, SessionError
 from pybondi.persistence import SQLStore, Store
-from pybondi.persistence.repositories import StateRepository
+from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
 from tests.backends import Backend
 from tests.conftest import Driver
+from tests.counters import Counter
+from tests.counters import registry as counters_registry
 from tests.test_repositories import Account, registry
 
 # What one session that loads an aggregate, changes it and publishes one event sends,
 # per backend. Statement counts are stable where times are not: a change here is a
 # change in what every save costs, and should be deliberate.
 SAVE_STATEMENTS = {
-    "sqlite": ["SELECT", "BEGIN", "UPDATE", "UPDATE", "INSERT"],  # BEGIN IMMEDIATE
+    # BEGIN IMMEDIATE; the INSERT takes the log's next position itself (one writer).
+    "sqlite": ["SELECT", "BEGIN", "UPDATE", "INSERT"],
     "postgres": ["SELECT", "UPDATE", "UPDATE", "INSERT"],  # the log head: UPDATE..RETURNING
     "mariadb": ["SELECT", "UPDATE", "SELECT", "UPDATE", "INSERT"],  # SELECT..FOR UPDATE
+}
+# The same session on an event-sourced aggregate: it loads the events, and on SQLite
+# writes no aggregate row (the events' unique stream and version is the version check).
+EVENT_SOURCED_SAVE_STATEMENTS = {
+    "sqlite": ["SELECT", "BEGIN", "INSERT"],
+    "postgres": ["SELECT", "UPDATE", "UPDATE", "INSERT"],
+    "mariadb": ["SELECT", "UPDATE", "SELECT", "UPDATE", "INSERT"],
 }
 
 
@@ -67,6 +77,29 @@ def test_statements_per_session_save(
 
     verbs = [statement.split()[0].upper() for statement in statements]
     assert verbs == SAVE_STATEMENTS[sql_backend.name], "\n".join(statements)
+
+
+def test_statements_per_event_sourced_save(
+    driver: Driver, sql_store: Store, sql_backend: Backend, statements: list[str]
+) -> None:
+    def counters() -> EventSourcedRepository[Counter]:
+        return EventSourcedRepository(
+            sql_store, Counter, counters_registry(), create=lambda id: Counter(Root(id))
+        )
+
+    with driver.session(Session(Messagebus(), counters())) as unit:
+        created = Counter(Root("c-1"))
+        unit.add(created)
+        created.increment()
+    statements.clear()
+
+    repository = counters()
+    with driver.session(Session(Messagebus(), repository)):
+        driver.io(repository, "get", "c-1").increment()
+
+    verbs = [statement.split()[0].upper() for statement in statements]
+    assert verbs == EVENT_SOURCED_SAVE_STATEMENTS[sql_backend.name], "\n".join(statements)
+    assert [event.version for event in driver.io(sql_store, "read_log")] == [1, 2]
 
 
 def test_a_session_that_changes_nothing_writes_nothing(

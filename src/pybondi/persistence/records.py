@@ -185,7 +185,18 @@ def id_problem(text: str, what: str = "message id") -> str | None:
 
 
 class Records(ABC):
-    """Reads and writes of aggregates inside one transaction; see the module docstring."""
+    """Reads and writes of aggregates inside one transaction; see the module docstring.
+
+    Attributes:
+        checks_stream_versions: whether `append` itself refuses an event at a version
+            its stream has already, with `ConcurrencyError` (expected: the version
+            before it; actual: the stream's last). That is the version check of an
+            event-sourced stream, which then needs no record (SQLite, whose one writer
+            at a time makes the check safe). Else (memory, PostgreSQL, MariaDB) an
+            event-sourced stream's version is checked on its record, with `write`.
+    """
+
+    checks_stream_versions = False
 
     @abstractmethod
     def read(self, stream: str) -> Record | None:
@@ -200,7 +211,11 @@ class Records(ABC):
 
     @abstractmethod
     def append(self, events: Sequence[StoredEvent]) -> None:
-        """Append events to their streams and give them the next positions of the log."""
+        """Append events to their streams and give them the next positions of the log.
+
+        Positions follow commit order, without gaps between committed events; see
+        `checks_stream_versions` for what an event at a version its stream has does.
+        """
 
     @abstractmethod
     def read_stream(self, stream: str, after: int = 0) -> list[StoredEvent]:

@@ -29,7 +29,7 @@ class ProjectionStatements:
     """The projections' table and statements for one dialect."""
 
     def __init__(
-        self, dialect: sa.Dialect, metadata: sa.MetaData, prefix: str, log: sa.Table
+        self, dialect: sa.Dialect, metadata: sa.MetaData, prefix: str, head: sa.Select[Any]
     ) -> None:
         self.projections = projections = sa.Table(
             f"{prefix}projections",
@@ -50,7 +50,7 @@ class ProjectionStatements:
                 name_is
             )
         )
-        self.head = compiled(sa.select(log.c.position).where(log.c.id == 1))
+        self.head = compiled(head)  # the log's (see `Statements`)
         self.new = compiled(
             insert_ignoring_duplicates(dialect, projections).values(name=param("n"), position=0)
         )

@@ -12,6 +12,7 @@ from pybondi.persistence.records import ID_LENGTH
 
 __all__ = [
     "NAME",
+    "POSITION",
     "STREAM_LENGTH",
     "TEXT",
     "TIMESTAMP",
@@ -27,6 +28,10 @@ STREAM_LENGTH = ID_LENGTH
 # The column types of pybondi's tables, the outbox's included.
 TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# A place in the log. SQLite's INTEGER PRIMARY KEY is the table's own rowid: an event's
+# INSERT writes no separate index of positions, and max(position) reads the last row.
+# (Files made before 2.0.0 final have BIGINT there, which works the same, one index more.)
+POSITION = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 # Names compare byte for byte: MariaDB's default collation would make 'ada', 'ADA' and
 # 'ada ' one aggregate (or one topic).
 NAME = sa.String(STREAM_LENGTH).with_variant(

@@ -49,6 +49,7 @@ class SQLRecords(MessagingRecords, TableRecords):
         self._statements = statements
         self._connection = connection
         self._executor = Executor(statements, connection, transaction)
+        self.checks_stream_versions = statements.one_writer  # see `append`
         # The version-checked writes sent ahead of COMMIT: (stream, version expected).
         self._checked: list[tuple[str, int]] = []
 
@@ -185,16 +186,20 @@ class SQLRecords(MessagingRecords, TableRecords):
         raise ConcurrencyError(stream, expected, None if row is None else row[0])
 
     def append(self, events: Sequence[StoredEvent]) -> None:
-        """Take the next positions from the log row (locking it until commit), then INSERT."""
+        """INSERT the events at the log's next positions, in commit order, without gaps.
+
+        PostgreSQL and MariaDB take the positions from the log's row, locking it until
+        COMMIT. On SQLite, whose one writer is this transaction until COMMIT, each INSERT
+        takes the next position itself, and an event at a version its stream has is a
+        `ConcurrencyError` (see `Records.checks_stream_versions`).
+        """
         if not events:
             return
         self._executor.writing()
         statements = self._statements
-        first = self._advance(len(events)) - len(events) + 1
         timestamp = statements.timestamp_in
         rows = [
             {
-                "position": first + offset,
                 "stream": event.stream,
                 "version": event.version,
                 "type": event.type,
@@ -202,12 +207,33 @@ class SQLRecords(MessagingRecords, TableRecords):
                 "data": event.data,
                 "recorded_at": timestamp(event.recorded_at.astimezone(UTC).replace(tzinfo=None)),
             }
-            for offset, event in enumerate(events)
+            for event in events
         ]
+        if statements.one_writer:
+            for row in rows:  # one by one, to know which stream a conflict is on
+                self._append_checked(row)
+            return
+        first = self._advance(len(rows)) - len(rows) + 1
+        for offset, row in enumerate(rows):
+            row["position"] = first + offset
         if len(rows) == 1:
             self._executor.send(statements.append, rows[0])
         else:
             self._executor.execute_many(statements.append, rows, wait=False)
+
+    def _append_checked(self, row: dict[str, Any]) -> None:
+        """INSERT one event; its (stream, version) taken already is a `ConcurrencyError`."""
+        try:
+            self._executor.execute(self._statements.append, row)
+        except sa.exc.IntegrityError as error:
+            # SQLite undid this INSERT alone. Another session's events, committed since
+            # this one read the stream, have the version: or another constraint failed.
+            stream, version = row["stream"], row["version"]
+            last = self._executor.execute(self._statements.stream_version, {"s": stream})
+            actual = last.fetchone()[0]
+            if actual is None or actual < version:
+                raise
+            raise ConcurrencyError(stream, version - 1, actual) from error
 
     def _advance(self, count: int) -> int:
         """Move the log's head by `count` positions, locking it; return the last one taken."""

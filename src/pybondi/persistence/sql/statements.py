@@ -15,6 +15,7 @@ from pybondi.persistence.sql.outbox import OutboxStatements
 from pybondi.persistence.sql.projections import ProjectionStatements
 from pybondi.persistence.sql.query import (
     NAME,
+    POSITION,
     TEXT,
     TIMESTAMP,
     Query,
@@ -28,6 +29,24 @@ if TYPE_CHECKING:
     from pybondi.persistence.sql.pipelining import Pipeline
 
 __all__ = ["Statements", "TableStatements"]
+
+
+def _last_position(events: sa.Table) -> Any:
+    """The position of the log's last event; 0 for an empty log."""
+    return sa.func.coalesce(sa.func.max(events.c.position), sa.literal_column("0"))
+
+
+def _taking_next_position(events: sa.Table) -> Any:
+    """An INSERT of an event at the log's next position, max(position) + 1.
+
+    Only where one transaction at a time writes (SQLite): see `Statements.one_writer`.
+    """
+    values = [column for column in events.c if column is not events.c.position]
+    following = _last_position(events) + sa.literal_column("1")
+    parameters = (sa.bindparam(column.name, type_=column.type) for column in values)
+    return events.insert().from_select(
+        [events.c.position, *values], sa.select(following, *parameters)
+    )
 
 
 class TableStatements:
@@ -74,7 +93,7 @@ class Statements:
         self.events = events = sa.Table(
             f"{prefix}events",
             metadata,
-            sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("position", POSITION, primary_key=True, autoincrement=False),
             sa.Column("stream", stream, nullable=False),
             sa.Column("version", sa.Integer, nullable=False),
             sa.Column("type", stream, nullable=False),
@@ -98,6 +117,15 @@ class Statements:
             sa.Column("data", text, nullable=False),
         )
         self.dialect = dialect
+        # SQLite has one writer at a time, from BEGIN IMMEDIATE to COMMIT. There an
+        # event's INSERT takes the log's next position itself, max(position) + 1, which
+        # no other transaction can take before this one ends (and gives back if it rolls
+        # back); and the events' unique (stream, version) checks the version of an
+        # event-sourced stream, which then needs no row in `aggregates` (see
+        # `SQLRecords.append`): one statement per save for each. PostgreSQL and MariaDB
+        # write concurrently: a save locks the log's head row until COMMIT, and takes
+        # each aggregate's row to check its version before the head's lock.
+        self.one_writer = dialect.name == "sqlite"
         self.driver_error: type[Exception] = dialect.loaded_dbapi.Error
         self.begin_writes = (
             Query(sa.text("BEGIN IMMEDIATE"), dialect) if dialect.name == "sqlite" else None
@@ -159,7 +187,12 @@ class Statements:
             self.checked_update = compiled(
                 sa.select(sa.literal_column("1") / sa.func.count()).select_from(updated)
             )
-        self.append = compiled(events.insert())
+        self.append = compiled(
+            _taking_next_position(events) if self.one_writer else events.insert()
+        )
+        self.stream_version = compiled(
+            sa.select(sa.func.max(events.c.version)).where(events.c.stream == param("s"))
+        )
         self.read_stream = compiled(
             sa.select(events)
             .where(events.c.stream == param("s"), events.c.version > param("a"))
@@ -197,7 +230,11 @@ class Statements:
         self.outbox = OutboxStatements(dialect, metadata, prefix)
         self.inbox = InboxStatements(dialect, metadata, prefix)
         self.dead_letters = DeadLetterStatements(dialect, metadata, prefix)
-        self.projections = ProjectionStatements(dialect, metadata, prefix, self.log)
+        # The log's head, as projections read it: its row, or (one writer) its last event.
+        log_head = sa.select(log.c.position).where(head)
+        if self.one_writer:
+            log_head = sa.select(_last_position(events))
+        self.projections = ProjectionStatements(dialect, metadata, prefix, log_head)
 
     def for_table(self, table: sa.Table, key: str, version: str) -> TableStatements:
         """The statements on an application table, built at first use."""
