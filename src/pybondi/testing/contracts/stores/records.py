@@ -134,6 +134,32 @@ class RecordsContract(ContractPart):
         in_order = second + first if run.second_first else first + second
         assert case.read_log() == positioned(in_order, 1)
 
+    @contract()
+    def test_an_event_at_a_version_its_stream_has_is_a_conflict_where_checked(
+        self, case: Case
+    ) -> None:
+        """`checks_stream_versions`: an event at a version its stream has is refused.
+
+        Of two transactions appending a stream's next version at once, one commits, and
+        the other fails with `ConcurrencyError` naming both versions, having written
+        nothing: the log holds the winner's events alone, without a gap.
+        """
+        if not case.run(lambda records: records.checks_stream_versions):
+            pytest.skip("the store checks an event-sourced stream's version on its record")
+        case.run(lambda records: records.append([event("a", 1)]))
+        with pytest.raises(ConcurrencyError) as caught:
+            case.run(lambda records: records.append([event("b", 1), event("a", 1)]))
+        assert_conflict(caught.value, "a", 0, 1)
+
+        first = [event("b", 1, '"first"'), event("a", 2, '"first"')]
+        second = [event("c", 1, '"second"'), event("a", 2, '"second"')]
+        run = case.interleave(
+            lambda records: records.append(first), lambda records: records.append(second)
+        )
+        assert run.first is None
+        assert_conflict(run.second, "a", 1, 2)
+        assert case.read_log() == positioned([event("a", 1), *first], 1)
+
     # Snapshots -----------------------------------------------------------------------------
 
     @contract()
