@@ -212,7 +212,7 @@ class Contents:
         """The stream's version: its aggregate row's, or else its last event's."""
         if stream in self.aggregates:
             return int(self.aggregates[stream]["version"])
-        return max(e["version"] for e in self.events if e["stream"] == stream)
+        return max(int(e["version"]) for e in self.events if e["stream"] == stream)
 
 
 def contents(observer: SQLStore) -> Contents:
