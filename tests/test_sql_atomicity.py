@@ -225,7 +225,8 @@ def contents(observer: SQLStore) -> Contents:
             return [dict(row._mapping) for row in selected]
 
         log_row = connection.execute(sa.select(tables.log.c.position)).scalar_one()
-        head = connection.exec_driver_sql(tables.projections.head.sql).scalar_one()
+        query = tables.projections.head
+        head = connection.exec_driver_sql(query.sql, query.parameters({})).scalar_one()
         return Contents(
             aggregates={
                 r["stream"]: r for r in rows(tables.aggregates, tables.aggregates.c.stream)
