@@ -316,7 +316,7 @@ class FloorSQL:
     read: str
     begin_writes: str | None
     update: str
-    advance: str
+    advance: str | None  # None: the INSERT takes the next position itself (SQLite)
     append: str
     read_stream: str
     recorded_at: Callable[[], object]  # the value the driver gets for `recorded_at`
@@ -324,7 +324,8 @@ class FloorSQL:
     @property
     def save_shapes(self) -> list[str]:
         begin = [] if self.begin_writes is None else [self.begin_writes]
-        statements = [self.read, *begin, self.update, self.advance, self.append, "COMMIT"]
+        advance = [] if self.advance is None else [self.advance]
+        statements = [self.read, *begin, self.update, *advance, self.append, "COMMIT"]
         return [shape(statement) for statement in statements]
 
 
@@ -333,6 +334,9 @@ def floor_sql(dialect: str, schema: str | None) -> FloorSQL:
     at = f"{schema}." if schema else ""
     aggregates, log, events = (f"{at}pybondi_{name}" for name in ("aggregates", "log", "events"))
     columns = "position, stream, version, type, type_version, data, recorded_at"
+    # SQLite's one writer (BEGIN IMMEDIATE) lets the INSERT take max(position) + 1.
+    following = f"SELECT coalesce(max(position), 0) + 1, {', '.join([mark] * 6)} FROM {events}"
+    sqlite = dialect == "sqlite"
 
     def naive_utc() -> datetime:
         return datetime.now(UTC).replace(tzinfo=None)
@@ -342,20 +346,21 @@ def floor_sql(dialect: str, schema: str | None) -> FloorSQL:
 
     return FloorSQL(
         read=f"SELECT version, type_version, data FROM {aggregates} WHERE stream = {mark}",
-        begin_writes="BEGIN IMMEDIATE" if dialect == "sqlite" else None,
+        begin_writes="BEGIN IMMEDIATE" if sqlite else None,
         update=(
             f"UPDATE {aggregates} SET version = {mark}, type_version = {mark}, data = {mark} "
             f"WHERE stream = {mark} AND version = {mark}"
         ),
-        advance=(
-            f"UPDATE {log} SET position = position + {mark} WHERE id = {mark} RETURNING position"
-        ),
-        append=f"INSERT INTO {events} ({columns}) VALUES ({', '.join([mark] * 7)})",
+        advance=None
+        if sqlite
+        else f"UPDATE {log} SET position = position + {mark} WHERE id = {mark} RETURNING position",
+        append=f"INSERT INTO {events} ({columns}) "
+        + (following if sqlite else f"VALUES ({', '.join([mark] * 7)})"),
         read_stream=(
             f"SELECT {columns} FROM {events} WHERE stream = {mark} AND version > {mark} "
             f"ORDER BY version"
         ),
-        recorded_at=sqlite_text if dialect == "sqlite" else naive_utc,
+        recorded_at=sqlite_text if sqlite else naive_utc,
     )
 
 
@@ -372,9 +377,12 @@ def floor_save(connection: _Connection, sql: FloorSQL, id: str) -> None:
     written = execute(sql.update, (new, type_version, dumps(state), stream, version))
     if written.rowcount != 1:
         raise RuntimeError(f"{stream} is no longer at version {version}")
-    (position,) = execute(sql.advance, (1, 1)).fetchone()
-    event = dumps({"account": id, "amount": 1})
-    execute(sql.append, (position, stream, new, DEPOSITED, 1, event, sql.recorded_at()))
+    event = (stream, new, DEPOSITED, 1, dumps({"account": id, "amount": 1}), sql.recorded_at())
+    if sql.advance is None:
+        execute(sql.append, event)
+    else:
+        (position,) = execute(sql.advance, (1, 1)).fetchone()
+        execute(sql.append, (position, *event))
     connection.commit()
 
 
@@ -395,6 +403,7 @@ async def afloor_save(connection: psycopg.AsyncConnection[Any], sql: FloorSQL, i
     written = await execute(sql.update, (new, type_version, dumps(state), stream, version))
     if written.rowcount != 1:
         raise RuntimeError(f"{stream} is no longer at version {version}")
+    assert sql.advance is not None  # PostgreSQL's
     (position,) = await one(await execute(sql.advance, (1, 1)))
     event = dumps({"account": id, "amount": 1})
     await execute(sql.append, (position, stream, new, DEPOSITED, 1, event, sql.recorded_at()))

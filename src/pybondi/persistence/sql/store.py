@@ -20,7 +20,9 @@ version check guards every write to an aggregate's row, so a stale write changes
 nothing. Appending events takes the log row's lock until commit: positions are handed
 out in commit order and a rolled-back transaction gives its positions back, so that
 committed events have no gaps and a reader that follows the log from a checkpoint misses
-none.
+none. SQLite, whose one writer at a time is the transaction from BEGIN IMMEDIATE to
+COMMIT, needs neither row: each event's INSERT takes max(position) + 1, and an
+event-sourced stream's version is checked by the events' unique (stream, version).
 
 Every read and write is a sync function of a `Connection`; an async store runs it on its
 `AsyncConnection` with `run_sync` (SQLAlchemy's greenlet bridge), so the SQL is written once.
