@@ -8,6 +8,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pybondi import Messagebus, Root, Session
-from pybondi.exceptions import MissingDependency, SessionError
+from pybondi.exceptions import ConcurrencyError, MissingDependency, SessionError
 from pybondi.persistence import SQLStore, Store
 from pybondi.persistence.repositories import EventSourcedRepository, StateRepository
 from tests.backends import Backend
@@ -346,3 +347,65 @@ def test_sqlite_files_are_in_wal_mode_unless_told_otherwise(tmp_path: Any) -> No
 def test_an_sqlite_journal_mode_that_does_not_exist_is_refused() -> None:
     with pytest.raises(ValueError, match="'fast' is no SQLite journal mode: use one of 'wal'"):
         SQLStore("sqlite://", sqlite_journal_mode="fast")
+
+
+@pytest.mark.sqlite
+def test_a_sqlite_file_of_an_earlier_pre_release_goes_on(tmp_path: Any) -> None:
+    # Before: `position` was a BIGINT (not SQLite's rowid), every append moved the log's
+    # row, and event-sourced streams had an aggregates row. Such a file goes on as it is.
+    store = SQLStore(f"sqlite:///{tmp_path / 'earlier.db'}")
+    engine = store.engine
+    assert isinstance(engine, sa.Engine)
+    events = store.statements.events
+    with engine.begin() as connection:  # as the earlier version made it
+        connection.exec_driver_sql(
+            "CREATE TABLE pybondi_events (position BIGINT NOT NULL, stream VARCHAR(255) NOT "
+            "NULL, version INTEGER NOT NULL, type VARCHAR(255) NOT NULL, type_version INTEGER "
+            "NOT NULL, data TEXT NOT NULL, recorded_at DATETIME NOT NULL, PRIMARY KEY "
+            "(position), CONSTRAINT pybondi_events_stream_version UNIQUE (stream, version))"
+        )
+    store.create_tables()
+    stream = "counters.Counter-c-1"
+    written = {"type": "counters.Incremented", "type_version": 1, "recorded_at": datetime.now()}
+    with engine.begin() as connection:
+        assert "BIGINT" in str(
+            connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = ?", (events.name,)
+            ).scalar()
+        )
+        connection.execute(store.statements.log.update().values(position=2))
+        connection.execute(
+            store.statements.aggregates.insert().values(stream=stream, version=2, type_version=1)
+        )
+        for version in (1, 2):
+            data = f'{{"counter": "c-1", "value": {version}}}'
+            row = {"position": version, "stream": stream, "version": version, "data": data}
+            connection.execute(events.insert().values(**row, **written))
+    try:
+        counters = EventSourcedRepository(
+            store, Counter, counters_registry(), create=lambda id: Counter(Root(id))
+        )
+        with Session(Messagebus(), counters) as session:
+            session.repository.get("c-1").increment()
+            created = Counter(Root("c-2"))
+            session.add(created)
+            created.increment()
+        log = store.read_log()
+        assert [(e.position, e.stream, e.version) for e in log[2:]] == [
+            (3, stream, 3),
+            (4, "counters.Counter-c-2", 1),
+        ]
+        assert store.transact(lambda records: records.projections.head()) == 4
+        with Session(Messagebus(), counters) as session:
+            assert session.repository.get("c-1").value == 3
+        # A session that read c-1 at 3 before another wrote 4 is still a conflict.
+        stale = EventSourcedRepository(
+            store, Counter, counters_registry(), create=lambda id: Counter(Root(id))
+        )
+        with pytest.raises(ConcurrencyError), Session(Messagebus(), stale) as session:
+            session.repository.get("c-1").increment()
+            with Session(Messagebus(), counters) as other:
+                other.repository.get("c-1").increment()
+        assert [event.version for event in store.read_log(4)] == [4]
+    finally:
+        store.dispose()
