@@ -5,10 +5,10 @@ The unit of work under test changes an existing counter twice and creates a new 
 moves the log's head and inserts the events; event-sourced, it also replaces both
 snapshots. On SQLite it begins with BEGIN IMMEDIATE, each event's INSERT takes the log's
 next position itself (no head row moves), and an event-sourced stream has no aggregate
-row (its events are its version). Which statements those are is not
-written down here: a clean commit is watched first (SQLAlchemy's `after_cursor_execute`
-and `commit` events on the store's engine), and each test then acts after every one of
-its steps in turn, the last step being the `commit` event, just before COMMIT.
+row (its events are its version). Which statements those are is not written down here:
+a clean commit is watched first (SQLAlchemy's `after_cursor_execute` and `commit` events
+on the store's engine), and each test then acts after every one of its steps in turn,
+the last step being the `commit` event, just before COMMIT.
 
 - Failure: an exception raised after step N propagates from the session, and another
   connection (a second store on the same tables) finds every table exactly as it was
