@@ -1,0 +1,217 @@
+"""A worker's batches (`Worker(batch=N)`) on the memory store and the in-process broker.
+
+Which messages share a transaction is read from the sessions themselves: a batched
+session's `transaction` is a view of its batch's (`.batch`). The broker runs on a
+`ManualClock`, so a retry 300 s on is due when the test advances it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import pytest
+
+from pybondi import Depends, Message, Root, Session
+from pybondi.exceptions import NotFound
+from pybondi.messaging.brokers.memory import ManualClock, MemoryBroker, Pending
+from pybondi.messaging.consumer import Consumer, Retry, current_session
+from pybondi.messaging.envelope import Envelope
+from pybondi.messaging.worker import Worker
+from pybondi.persistence import MemoryStore
+from tests.workers import Counted, Tally, eventually, registry, tallies
+
+TOPIC = "tests.batches"
+
+
+class Run:
+    """A worker on a memory store and broker, and what its handler saw."""
+
+    def __init__(self, batch: int, *, key: bool = True, attempts: int = 3, **options: Any):
+        self.clock = ManualClock()
+        self.broker = MemoryBroker("memory://batches", clock=self.clock)
+        self.store = MemoryStore()
+        self.consumer = Consumer(
+            None,
+            registry,
+            repository=tallies,
+            retry=Retry(attempts=attempts, delay=300),
+            key=(lambda message: message.payload.key) if key else None,
+            **options,
+        )
+        self.batch = batch
+        self.transactions: dict[int, object] = {}  # message number -> its batch, if any
+        self.runs: defaultdict[int, int] = defaultdict(int)  # handler runs per number
+        self.committed: list[int] = []  # on_commit actions run, by number
+
+    def handler(self, poisoned: Collection[int] = ()) -> None:
+        @self.consumer.subscribe(TOPIC)
+        async def count(message: Message[Counted], session: Session = Depends(current_session)):
+            key, n = message.payload.key, message.payload.n
+            self.runs[n] += 1
+            self.transactions[n] = getattr(session.transaction, "batch", None)
+            session.on_commit(lambda: self.committed.append(n))
+            if n in poisoned:
+                raise RuntimeError(f"message {n} always fails")
+            try:
+                tally = await session.repository.aget(key)
+            except NotFound:
+                tally = Tally(Root(key))
+                session.repository.add(tally)
+            tally.numbers.append(n)
+
+    def send(self, *numbers: tuple[str, int]) -> list[Envelope]:
+        envelopes = [Envelope.seal(TOPIC, Message(Counted(k, n)), registry) for k, n in numbers]
+        self.broker.send(envelopes)
+        return envelopes
+
+    async def until(self, worker: Worker, done: Callable[[], bool], what: str) -> None:
+        async def check() -> bool:
+            pending = self.broker.pending([TOPIC], self.consumer.group)
+            return done() and pending.ready == pending.in_flight == 0
+
+        await eventually(check, what=what)
+
+    def work(self, scenario: Callable[[Worker], Awaitable[None]]) -> Worker:
+        async def main() -> Worker:
+            worker = Worker(self.consumer, self.broker, self.store, batch=self.batch, grace=2)
+            task = asyncio.create_task(worker.run())
+            try:
+                await scenario(worker)
+            finally:
+                worker.stop()
+                await task
+            return worker
+
+        return asyncio.run(main())
+
+    async def numbers(self, key: str) -> list[int]:
+        async with Session(repository=tallies(self.store)) as session:
+            try:
+                tally = await session.repository.aget(key)
+            except NotFound:
+                return []
+            return list(tally.numbers)
+
+    async def inbox(self, envelopes: list[Envelope]) -> list[bool]:
+        group = self.consumer.group
+        return await self.store.atransact(
+            lambda records: [records.inbox.has(group, envelope.id) for envelope in envelopes]
+        )
+
+    def batches(self) -> dict[object, list[int]]:
+        """The numbers each batch's transaction handled (the batch's last try of each)."""
+        batches: defaultdict[object, list[int]] = defaultdict(list)
+        for n, transaction in sorted(self.transactions.items()):
+            if transaction is not None:
+                batches[transaction].append(n)
+        return dict(batches)
+
+
+def test_messages_received_together_commit_in_batches_of_at_most_the_bound() -> None:
+    run = Run(batch=4, in_flight=16)
+    run.handler()
+    envelopes = run.send(*((f"k{n}", n) for n in range(10)))
+
+    async def scenario(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled == 10, "ten handled")
+        assert all(await run.inbox(envelopes))
+        for n in range(10):
+            assert await run.numbers(f"k{n}") == [n]
+
+    worker = run.work(scenario)
+    sizes = sorted(len(numbers) for numbers in run.batches().values())
+    assert sizes == [2, 4, 4]  # 10 received at once: 4 + 4 + 2, each in one transaction
+    assert (worker.handled, worker.skipped, worker.retried, worker.dead_lettered) == (10, 0, 0, 0)
+    assert sorted(run.committed) == list(range(10))  # each on_commit once, after the commit
+    assert all(count == 1 for count in run.runs.values())
+
+
+def test_a_batch_never_holds_two_messages_of_one_key_and_each_key_keeps_its_order() -> None:
+    run = Run(batch=16, in_flight=16)
+    run.handler()
+    run.send(*((f"k{n % 3}", n) for n in range(15)))
+
+    async def scenario(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled == 15, "fifteen handled")
+        for k in range(3):
+            assert await run.numbers(f"k{k}") == list(range(k, 15, 3))  # in order sent
+
+    run.work(scenario)
+    batches = run.batches()
+    assert len(batches) == 5  # one message of each key per batch
+    for numbers in batches.values():
+        assert sorted(n % 3 for n in numbers) == [0, 1, 2], numbers
+
+
+def test_without_a_key_every_message_received_together_may_share_a_batch() -> None:
+    run = Run(batch=16, in_flight=16, key=False)
+    run.handler()
+    run.send(*(("k", n) for n in range(6)))
+
+    async def scenario(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled == 6, "six handled")
+
+    run.work(scenario)
+    assert [sorted(numbers) for numbers in run.batches().values()] == [list(range(6))]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_poisoned_message_fails_its_batch_and_is_retried_then_dead_lettered_alone(
+    batch: int,
+) -> None:
+    """The same outcome with and without batches: only the handler's runs differ."""
+    run = Run(batch=batch, in_flight=16, attempts=2)
+    run.handler(poisoned={3})
+    envelopes = run.send(*((f"k{n}", n) for n in range(6)))
+
+    async def scenario(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled == 5 and worker.retried == 1, "retried")
+        assert run.broker.pending([TOPIC], run.consumer.group) == Pending(0, 0, 1, 300.0)
+        run.clock.advance(300)
+        await run.until(worker, lambda: worker.dead_lettered == 1, "dead-lettered")
+        for n in range(6):
+            assert await run.numbers(f"k{n}") == ([] if n == 3 else [n])
+        assert all(await run.inbox(envelopes))  # the dead letter holds its inbox row
+        letters = await run.store.atransact(lambda records: records.dead_letters.page())
+        assert [(letter.message_id, letter.attempts) for letter in letters] == [
+            (envelopes[3].id, 2)
+        ]
+
+    worker = run.work(scenario)
+    assert (worker.handled, worker.skipped, worker.retried, worker.dead_lettered) == (5, 0, 1, 1)
+    assert sorted(run.committed) == [0, 1, 2, 4, 5]  # never for a batch rolled back
+    if batch == 1:
+        assert run.runs[3] == 2  # its two attempts
+    else:  # it ran in the batch, which failed (no attempt counted), then its two attempts
+        assert run.runs[3] == 3
+        assert run.runs[0] == 2  # in the batch that failed, then alone
+        assert all(transaction is None for transaction in run.transactions.values())
+
+
+def test_a_message_delivered_twice_in_one_batch_is_handled_once() -> None:
+    run = Run(batch=8, in_flight=8, key=False)
+    run.handler()
+    (envelope,) = run.send(("k", 1))
+    run.broker.send([envelope])  # the producer sent it again
+
+    async def scenario(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled + worker.skipped == 2, "both settled")
+        assert await run.numbers("k") == [1]
+
+    worker = run.work(scenario)
+    assert (worker.handled, worker.skipped) == (1, 1)
+    assert run.runs[1] == 1
+
+
+@pytest.mark.parametrize("batch", [0, -1, True, 2.0])
+def test_a_worker_refuses_a_batch_that_is_no_count(batch: Any) -> None:
+    consumer = Consumer(None, registry)
+
+    @consumer.subscribe(TOPIC)
+    async def nothing(message: Message[Counted]) -> None: ...
+
+    with pytest.raises(ValueError, match="batch is how many messages"):
+        Worker(consumer, MemoryBroker(), MemoryStore(), batch=batch)
