@@ -1,4 +1,5 @@
-"""A worker's batches (`Worker(batch=N)`) on the memory store and the in-process broker.
+"""A worker's batches (`Worker(batch=N)`): on the memory store and the in-process broker,
+then on PostgreSQL and Redis (async and sync stores).
 
 Which messages share a transaction is read from the sessions themselves: a batched
 session's `transaction` is a view of its batch's (`.batch`). The broker runs on a
@@ -8,20 +9,23 @@ session's `transaction` is a view of its batch's (`.batch`). The broker runs on 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pybondi import Depends, Message, Root, Session
+from pybondi import Depends, Message, Root, Session, current_connection
 from pybondi.exceptions import NotFound
 from pybondi.messaging.brokers.memory import ManualClock, MemoryBroker, Pending
 from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.worker import Worker
 from pybondi.persistence import MemoryStore
-from tests.workers import Counted, Tally, eventually, registry, tallies
+from tests.backends import Backend
+from tests.brokers import RedisKit
+from tests.workers import Counted, Tally, WorkerRig, eventually, registry, tallies
 
 TOPIC = "tests.batches"
 
@@ -215,3 +219,108 @@ def test_a_worker_refuses_a_batch_that_is_no_count(batch: Any) -> None:
 
     with pytest.raises(ValueError, match="batch is how many messages"):
         Worker(consumer, MemoryBroker(), MemoryStore(), batch=batch)
+
+
+# On PostgreSQL and Redis ---------------------------------------------------------------
+
+
+@pytest.fixture
+def rig(backends: dict[str, Backend]) -> Iterator[WorkerRig]:
+    kit = RedisKit()
+    kit.start()
+    try:
+        rig = WorkerRig(backends["postgres"], kit)
+        try:
+            yield rig
+        finally:
+            rig.close()
+    finally:
+        kit.close()
+
+
+@pytest.mark.postgres
+def test_batches_on_postgresql_and_redis_commit_together_and_fall_back_alone(
+    rig: WorkerRig,
+) -> None:
+    """Batches of one transaction each; a poisoned message's batch goes on one by one."""
+    poisoned, seen = 7, defaultdict[int, list[object]](list)
+    topic = rig.kit.topic()
+    consumer = rig.consumer(
+        in_flight=16, key=lambda message: message.payload.key, retry=Retry(attempts=2, delay=0.2)
+    )
+
+    @consumer.subscribe(topic)
+    async def handle(
+        message: Message[Counted],
+        session: Session = Depends(current_session),
+        connection: AsyncConnection = Depends(current_connection),
+    ) -> None:
+        n = message.payload.n
+        seen[n].append(getattr(session.transaction, "batch", None))
+        await connection.exec_driver_sql("SELECT 1")  # the batch's own connection
+        if n == poisoned:
+            raise RuntimeError("poisoned")
+        try:
+            tally = await session.repository.aget(message.payload.key)
+        except NotFound:
+            tally = Tally(Root(message.payload.key))
+            session.repository.add(tally)
+        tally.numbers.append(n)
+
+    async def test() -> None:
+        sent = await rig.send(topic, *(Counted(f"k{n % 6}", n) for n in range(60)))
+        worker = rig.worker(consumer, batch=8)
+        task = rig.start(worker)
+
+        async def settled() -> bool:
+            return worker.handled == 59 and worker.dead_lettered == 1
+
+        await eventually(settled, what="59 handled, 1 dead-lettered")
+        await rig.stop(worker, task)
+        numbers = await rig.numbers()
+        assert numbers == {f"k{k}": [n for n in range(k, 60, 6) if n != poisoned] for k in range(6)}
+        assert sorted(await rig.inbox()) == sorted((consumer.group, e.id) for e in sent)
+        assert [letter.attempts for letter in await rig.dead_letters()] == [2]
+        assert (worker.retried, worker.skipped) == (1, 0)
+
+    rig.run(test())
+    committed = defaultdict(list)  # each message's last run: the one that committed
+    for n, transactions in seen.items():
+        if transactions[-1] is not None:
+            committed[transactions[-1]].append(n)
+    assert committed, "no batch committed"
+    assert max(len(numbers) for numbers in committed.values()) > 1
+    for numbers in committed.values():
+        assert len(numbers) <= 8
+        assert len({n % 6 for n in numbers}) == len(numbers)  # one message per key
+    assert seen[poisoned][-2:] == [None, None]  # its two attempts, each alone
+
+
+@pytest.mark.postgres
+def test_a_sync_store_runs_its_batches_in_a_thread(rig: WorkerRig) -> None:
+    store = rig.new_store(asynchronous=False, prefix=rig.store.prefix)  # the same tables
+    consumer = Consumer(None, registry, repository=tallies, in_flight=8)
+    topic = rig.kit.topic()
+    batches: list[object] = []
+
+    @consumer.subscribe(topic)
+    def handle(message: Message[Counted], session: Session = Depends(current_session)) -> None:
+        batches.append(getattr(session.transaction, "batch", None))
+        session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+
+    async def test() -> None:
+        await rig.send(topic, *(Counted(f"k{n}", n) for n in range(8)))
+        worker = rig.worker(consumer, store=store, batch=8)
+        task = rig.start(worker)
+
+        async def done() -> bool:
+            return worker.handled == 8
+
+        await eventually(done, what="8 handled")
+        await rig.stop(worker, task)
+        store.dispose()
+        assert await rig.numbers() == {f"k{n}": [n] for n in range(8)}
+
+    rig.run(test())
+    shared = Counter(id(batch) for batch in batches if batch is not None)
+    assert shared and max(shared.values()) > 1, batches  # messages shared a transaction
