@@ -6,9 +6,10 @@ processes (`pybondi worker tests.crash_worker:consumer --redeliver-after 2`, for
 tests/crash_worker.py's fork server after the imports) handle them. Every 0.3 to 1.5 s
 one of the two, chosen at random, is killed with SIGKILL and started again at once, until
 the producer is done and the database holds 90 % of the effects (or `KILL_PHASE` s
-passed). The workers run alone (a transaction per message) or in batches of up to 16
-(`--batch 16`: a kill mid-batch rolls back all of its messages). Then both are killed a last time, and a last worker drains the rest, and waits
-past `--redeliver-after` for anything still to come back, and stops on SIGTERM.
+passed). Then both are killed a last time, and a last worker drains the rest, and waits
+past `--redeliver-after` for anything still to come back, and stops on SIGTERM. The
+workers run alone (a transaction per message) or in batches of up to 16 (`--batch 16`:
+a kill mid-batch rolls back all of its messages).
 
 Each message's handler (tests/crash_worker.py) appends the number to its key's tally and
 inserts a row into an effects table without a unique constraint, in the message's
