@@ -121,11 +121,15 @@ class Work:
 
     stores: bool  # pybondi: store one aggregate (the peer always INSERTs its row)
     sleep: float = 0.0  # awaited first
+    batch: int = 1  # pybondi: Worker(batch=...), messages one transaction may commit
 
 
 AGGREGATE = Work(stores=True)
 INBOX_ONLY = Work(stores=False)
 SLOW = Work(stores=True, sleep=SLEEP)
+BATCH = IN_FLIGHT  # a batch may hold every message in flight
+BATCHED = Work(stores=True, batch=BATCH)
+BATCHED_INBOX_ONLY = Work(stores=False, batch=BATCH)
 
 
 def payload(n: int) -> Counted:
@@ -210,7 +214,9 @@ class Pybondi:
         await self.fill(topic, count)
         group = self.target.group("pybondi")
         consumer = pybondi_consumer(topic, group, work, in_flight)
-        worker = Worker(consumer, self.target.adapter(), self.store, redeliver_after=60)
+        worker = Worker(
+            consumer, self.target.adapter(), self.store, redeliver_after=60, batch=work.batch
+        )
         task = asyncio.create_task(worker.run())
 
         def alive() -> None:
@@ -541,6 +547,8 @@ class Consume:
 SIDES: list[tuple[str, Work | None]] = [
     ("pybondi, 1 aggregate", AGGREGATE),
     ("pybondi, inbox only", INBOX_ONLY),
+    (f"pybondi, batch {BATCH}, 1 aggr", BATCHED),
+    (f"pybondi, batch {BATCH}, inbox", BATCHED_INBOX_ONLY),
     ("faststream", None),
 ]
 
@@ -736,7 +744,7 @@ def spread(values: list[float]) -> str:
 
 def consume_table(results: list[Consume]) -> list[str]:
     head = (
-        f"{'broker':<8}  {'side':<22}  {'msg/s median':>12}  {'cpu us/msg':>10}  "
+        f"{'broker':<8}  {'side':<26}  {'msg/s median':>12}  {'cpu us/msg':>10}  "
         f"{'ratio min / median':>18}  per round"
     )
     lines = [head, "-" * len(head)]
@@ -748,7 +756,7 @@ def consume_table(results: list[Consume]) -> list[str]:
             ratios = result.ratios(side) if side != "faststream" else []
             rounds = ", ".join(f"{run.rate:,.0f}" for run in runs)
             lines.append(
-                f"{result.broker:<8}  {side:<22}  {rate:>12,.0f}  {cpu:>10,.0f}  "
+                f"{result.broker:<8}  {side:<26}  {rate:>12,.0f}  {cpu:>10,.0f}  "
                 f"{spread(ratios) if ratios else '':>18}  {rounds}"
             )
         loads = ", ".join(f"{load:.2f}" for load in result.loads)
@@ -760,7 +768,7 @@ def statements_lines(results: list[Consume]) -> list[str]:
     lines = []
     for result in results:
         for side, text in result.statements.items():
-            lines.append(f"{result.broker:<8}  {side:<22}  {text}")
+            lines.append(f"{result.broker:<8}  {side:<26}  {text}")
     return lines
 
 

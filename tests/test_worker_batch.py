@@ -25,6 +25,7 @@ from pybondi.messaging.worker import Worker
 from pybondi.persistence import MemoryStore
 from tests.backends import Backend
 from tests.brokers import RedisKit
+from tests.outboxes import aoutbox_rows
 from tests.workers import Counted, Tally, WorkerRig, eventually, registry, tallies
 
 TOPIC = "tests.batches"
@@ -78,9 +79,9 @@ class Run:
 
         await eventually(check, what=what)
 
-    def work(self, scenario: Callable[[Worker], Awaitable[None]]) -> Worker:
+    def work(self, scenario: Callable[[Worker], Awaitable[None]], grace: float = 2) -> Worker:
         async def main() -> Worker:
-            worker = Worker(self.consumer, self.broker, self.store, batch=self.batch, grace=2)
+            worker = Worker(self.consumer, self.broker, self.store, batch=self.batch, grace=grace)
             task = asyncio.create_task(worker.run())
             try:
                 await scenario(worker)
@@ -210,6 +211,65 @@ def test_a_message_delivered_twice_in_one_batch_is_handled_once() -> None:
     assert run.runs[1] == 1
 
 
+def test_a_stop_lets_a_batch_under_way_commit_and_acknowledges_it() -> None:
+    run = Run(batch=8, in_flight=8)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @run.consumer.subscribe(TOPIC)
+    async def slow(message: Message[Counted], session: Session = Depends(current_session)):
+        run.transactions[message.payload.n] = getattr(session.transaction, "batch", None)
+        started.set()
+        await release.wait()
+        session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+
+    run.send(*((f"k{n}", n) for n in range(4)))
+
+    async def scenario(worker: Worker) -> None:
+        await asyncio.wait_for(started.wait(), 5)
+        worker.stop()  # within the grace: the batch goes on, commits, and is acknowledged
+        release.set()
+        await run.until(worker, lambda: worker.handled == 4, "the batch settled")
+
+    worker = run.work(scenario)
+    assert worker.handled == 4
+    assert len(run.batches()) == 1
+    assert run.broker.pending([TOPIC], run.consumer.group) == Pending(0, 0, 0, None)
+
+
+def test_a_batch_still_under_way_after_the_grace_rolls_back_and_comes_back() -> None:
+    run = Run(batch=8, in_flight=8)
+    started, stuck = asyncio.Event(), {0}
+
+    @run.consumer.subscribe(TOPIC)
+    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+        n = message.payload.n
+        run.runs[n] += 1
+        if n in stuck:
+            started.set()
+            await asyncio.sleep(60)  # past the grace: cancelled
+        session.repository.add(Tally(Root(message.payload.key), [n]))
+
+    envelopes = run.send(*((f"k{n}", n) for n in range(4)))
+
+    async def stopped(worker: Worker) -> None:
+        await asyncio.wait_for(started.wait(), 5)
+        worker.stop()
+
+    first = run.work(stopped, grace=0.2)
+    assert first.handled == 0
+    assert run.broker.pending([TOPIC], run.consumer.group).in_flight == 0
+    assert not any(asyncio.run(run.inbox(envelopes)))  # nothing of the batch committed
+    stuck.clear()
+
+    async def drained(worker: Worker) -> None:
+        await run.until(worker, lambda: worker.handled == 4, "all four handled")
+        for n in range(4):
+            assert await run.numbers(f"k{n}") == [n]
+
+    second = run.work(drained)
+    assert (second.handled, second.skipped) == (4, 0)
+
+
 @pytest.mark.parametrize("batch", [0, -1, True, 2.0])
 def test_a_worker_refuses_a_batch_that_is_no_count(batch: Any) -> None:
     consumer = Consumer(None, registry)
@@ -244,7 +304,7 @@ def test_batches_on_postgresql_and_redis_commit_together_and_fall_back_alone(
 ) -> None:
     """Batches of one transaction each; a poisoned message's batch goes on one by one."""
     poisoned, seen = 7, defaultdict[int, list[object]](list)
-    topic = rig.kit.topic()
+    topic, out = rig.kit.topic(), rig.kit.topic("out")
     consumer = rig.consumer(
         in_flight=16, key=lambda message: message.payload.key, retry=Retry(attempts=2, delay=0.2)
     )
@@ -258,6 +318,7 @@ def test_batches_on_postgresql_and_redis_commit_together_and_fall_back_alone(
         n = message.payload.n
         seen[n].append(getattr(session.transaction, "batch", None))
         await connection.exec_driver_sql("SELECT 1")  # the batch's own connection
+        session.publisher.publish(out, Message({"seen": n}))  # in the batch's outbox
         if n == poisoned:
             raise RuntimeError("poisoned")
         try:
@@ -282,6 +343,9 @@ def test_batches_on_postgresql_and_redis_commit_together_and_fall_back_alone(
         assert sorted(await rig.inbox()) == sorted((consumer.group, e.id) for e in sent)
         assert [letter.attempts for letter in await rig.dead_letters()] == [2]
         assert (worker.retried, worker.skipped) == (1, 0)
+        published = [row for row in await aoutbox_rows(rig.store) if row.topic == out]
+        causes = sorted(row.headers["causation-id"] for row in published)
+        assert causes == sorted(e.id for n, e in enumerate(sent) if n != poisoned)
 
     rig.run(test())
     committed = defaultdict(list)  # each message's last run: the one that committed

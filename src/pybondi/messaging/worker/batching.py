@@ -63,10 +63,13 @@ class _Entry:
 class Batches:
     """Settles deliveries in batches of up to `size`; see the module docstring."""
 
-    def __init__(self, settler: Settler, size: int) -> None:
+    def __init__(self, settler: Settler, size: int, under_way: int) -> None:
         self.settler = settler
         self.size = size
         self._pending: list[_Entry] = []  # ready, in no batch yet
+        # Batches under way at once: while they commit, the messages that come ready
+        # wait, and make the next batch a full one.
+        self._slots = asyncio.Semaphore(under_way)
 
     async def settle(self, delivery: Delivery, opened: Message[Any] | Unreadable) -> None:
         """Settle the delivery in a batch, or alone if it may not join one."""
@@ -76,16 +79,18 @@ class Batches:
             return
         entry = _Entry(delivery, opened)
         self._pending.append(entry)
+        led: bool | None = None
         try:
             await asyncio.sleep(0)  # the messages received with this one join it
+            if entry in self._pending:
+                async with self._slots:
+                    if entry in self._pending:  # no batch took it meanwhile: it leads one
+                        led = await self._lead(self._take(entry))
         except BaseException:  # cancelled (a stop) before a batch took it
             with contextlib.suppress(ValueError):
                 self._pending.remove(entry)
             raise
-        if entry in self._pending:  # no batch took it: it leads one
-            batched = await self._lead(self._take(entry))
-        else:
-            batched = await entry.batched
+        batched = led if led is not None else await entry.batched
         if not batched:
             await settler.settle(delivery, opened)
 
