@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.worker.reading import Unreadable, describe
 from pybondi.messaging.worker.sessions import Sessions, ThreadSessions
 from pybondi.messaging.worker.settling import Settler
+from pybondi.persistence.records import MessagingRecords
 from pybondi.persistence.store import Connected, Transaction
 from pybondi.publisher import Message
 from pybondi.session import Session
@@ -114,10 +116,7 @@ class Batches:
                 )  # fmt: skip
                 return False
             committed = True
-            settled = (
-                self.settler.committed(entry.delivery, handled)
-                for entry, handled in zip(batch, claimed, strict=True)
-            )
+            settled = map(self._acknowledge, batch, claimed)
             await asyncio.gather(*settled)
             return True
         finally:
@@ -125,18 +124,34 @@ class Batches:
                 if not entry.batched.done():
                     entry.batched.set_result(committed)
 
+    async def _acknowledge(self, entry: _Entry, handled: bool) -> None:
+        with handling(entry.message):  # its log lines name the message
+            await self.settler.committed(entry.delivery, handled)
+
 
 async def handle_batch(sessions: Sessions, batch: list[_Entry]) -> list[bool]:
-    """Handle the messages in one transaction; for each, False if the inbox had it."""
+    """Handle the messages in one transaction; for each, False if the inbox had it.
+
+    The inbox claims go first, all in one call (each is one statement still); then each
+    claimed message's session runs, one after the other.
+    """
     items = [(entry.delivery.envelope, entry.message) for entry in batch]
     if isinstance(sessions, ThreadSessions):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(sessions._threads, _handle_in_thread, sessions, items)
+        context = contextvars.copy_context()  # not the pool thread's, left from before
+        return await loop.run_in_executor(
+            sessions._threads, context.run, _handle_in_thread, sessions, items
+        )
     deferred: list[Callable[[], Any]] = []
     transaction = await sessions.store.abegin()
     try:
         joined = _joined(transaction)
-        claimed = [await _ahandle(sessions, joined, *item, deferred) for item in items]
+        claimed = await joined.arun(_claims(sessions, items))
+        for (envelope, message), claim in zip(items, claimed, strict=True):
+            if claim:
+                with handling(message):
+                    session = _session(sessions, joined, deferred)
+                    await sessions._run(session, envelope, message)
         await transaction.acommit()
     finally:
         await transaction.aclose()
@@ -148,23 +163,6 @@ async def handle_batch(sessions: Sessions, batch: list[_Entry]) -> list[bool]:
     return claimed
 
 
-async def _ahandle(
-    sessions: Sessions,
-    joined: Transaction[Any],
-    envelope: Envelope,
-    message: Message[Any],
-    deferred: list[Callable[[], Any]],
-) -> bool:
-    with handling(message):
-        if not await joined.arun(sessions._claim(envelope)):
-            return False
-        session = sessions._session(joined, BatchedSession)
-        assert isinstance(session, BatchedSession)
-        session.deferred = deferred
-        await sessions._run(session, envelope, message)
-    return True
-
-
 def _handle_in_thread(
     sessions: ThreadSessions, items: list[tuple[Envelope, Message[Any]]]
 ) -> list[bool]:
@@ -172,18 +170,11 @@ def _handle_in_thread(
     transaction = sessions.store.begin()
     try:
         joined = _joined(transaction)
-        claimed = []
-        for envelope, message in items:
-            with handling(message):
-                if not joined.run(sessions._claim(envelope)):
-                    claimed.append(False)
-                    continue
-                session = sessions._session(joined, BatchedSession)
-                assert isinstance(session, BatchedSession)
-                session.deferred = deferred
-                with session:
+        claimed = joined.run(_claims(sessions, items))
+        for (envelope, message), claim in zip(items, claimed, strict=True):
+            if claim:
+                with handling(message), _session(sessions, joined, deferred) as session:
                     sessions._deliver_sync(envelope.topic, message, session)
-                claimed.append(True)
         transaction.commit()
     finally:
         transaction.close()
@@ -193,6 +184,26 @@ def _handle_in_thread(
         except Exception:
             logger.exception("An on_commit action failed after its batch committed")
     return claimed
+
+
+def _claims(
+    sessions: Sessions, items: list[tuple[Envelope, Message[Any]]]
+) -> Callable[[MessagingRecords], list[bool]]:
+    group = sessions.consumer.group
+
+    def claim(records: MessagingRecords) -> list[bool]:
+        return [records.inbox.claim(group, envelope) for envelope, _ in items]
+
+    return claim
+
+
+def _session(
+    sessions: Sessions, joined: Transaction[Any], deferred: list[Callable[[], Any]]
+) -> BatchedSession:
+    session = sessions._session(joined, BatchedSession)
+    assert isinstance(session, BatchedSession)
+    session.deferred = deferred  # the batch's
+    return session
 
 
 class BatchedSession(Session):
