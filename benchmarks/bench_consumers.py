@@ -20,8 +20,9 @@ JetStream), all in this one process:
   inbox only), (a) and (b) again with `Worker(batch=16)` (up to 16 messages of different
   keys commit in one transaction), (c) the FastStream subscriber. The clock runs from
   the first message handled to the last (connecting and declaring are left out, on both
-  sides); msg/s is (messages - 1) / that time. Rounds alternate the order of the sides; each round's ratio
-  is pybondi's msg/s over FastStream's, and the table gives the min and median of them.
+  sides); msg/s is (messages - 1) / that time. Rounds alternate the order of the sides;
+  each round's ratio is pybondi's msg/s over FastStream's, and the table gives the min
+  and median of them.
 - Latency: a steady 200 messages a second for a few seconds, published from this process
   (the clock starts before the publish call) to the handler's commit: FastStream's
   handler notes the time once its transaction committed; pybondi's handler (the
