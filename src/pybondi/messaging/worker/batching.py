@@ -16,10 +16,14 @@ read, or while the store is out of reach.
 
 Order: a message waits for its key's previous message to be settled (`loop`) before it
 may join a batch, so two messages of one key are never in one batch, and keep their
-order. The handlers of a batch run one after the other, on its one connection.
+order. The handlers of a batch run one after the other, on its one connection; a few
+batches are under way at once, and the messages that come ready meanwhile wait for the
+next one, which makes it fuller.
 
 `session.on_commit` actions wait for the batch's commit (they would otherwise run before
-it, and again after a fallback); one that fails is logged, the message being handled.
+it, and again after a fallback). One that fails is logged and the message acknowledged:
+without batches its failure would fail the message, whose retry the inbox then skips,
+the same outcome but for the count of retries.
 """
 
 from __future__ import annotations
