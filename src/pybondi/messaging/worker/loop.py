@@ -45,10 +45,11 @@ _ASYNC_STORE = (
     "without --sync), on which handlers may be sync or async."
 )
 _RECEIVE_WAIT = 1.0  # seconds a receive waits for messages
-# Batches committing at once (Worker(batch=N)): the messages that come ready meanwhile
-# gather into the next ones. One leaves the database idle while the worker acknowledges;
-# four measured best with 16 in flight (benchmarks/bench_consumers.py).
-_BATCHES_UNDER_WAY = 4
+# Batches under way at once (Worker(batch=N)): while one commits, the next runs its
+# handlers, and the messages that come ready meanwhile gather into the one after. One
+# leaves the database idle while the worker acknowledges; more make small batches (each
+# takes what little is ready). Two measured best (benchmarks/README.md, Consumers).
+_BATCHES_UNDER_WAY = 2
 _CLOSE_WITHIN = 1.0  # seconds to close the connections at least, after the grace
 
 
