@@ -22,7 +22,7 @@ from pybondi.messaging.brokers.memory import ManualClock, MemoryBroker, Pending
 from pybondi.messaging.consumer import Consumer, Retry, current_session
 from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.worker import Worker
-from pybondi.persistence import MemoryStore
+from pybondi.persistence import MemoryStore, SQLStore
 from tests.backends import Backend
 from tests.brokers import RedisKit
 from tests.outboxes import aoutbox_rows
@@ -388,3 +388,49 @@ def test_a_sync_store_runs_its_batches_in_a_thread(rig: WorkerRig) -> None:
     rig.run(test())
     shared = Counter(id(batch) for batch in batches if batch is not None)
     assert shared and max(shared.values()) > 1, batches  # messages shared a transaction
+
+
+@pytest.mark.postgres
+def test_batches_on_a_pipelined_store_commit_and_fall_back_alike(rig: WorkerRig) -> None:
+    store = rig.backend.store(asynchronous=True, prefix=rig.store.prefix, pipelined=True)
+    consumer = rig.consumer(in_flight=8, retry=Retry(attempts=1))
+    topic = rig.kit.topic()
+    batches: list[object] = []
+
+    @consumer.subscribe(topic)
+    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+        batches.append(getattr(session.transaction, "batch", None))
+        if message.payload.n == 3:
+            raise RuntimeError("poisoned")
+        session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+
+    async def test() -> None:
+        sent = await rig.send(topic, *(Counted(f"k{n}", n) for n in range(8)))
+        worker = rig.worker(consumer, store=store, batch=8)
+        task = rig.start(worker)
+
+        async def done() -> bool:
+            return worker.handled == 7 and worker.dead_lettered == 1
+
+        await eventually(done, what="7 handled, 1 dead-lettered")
+        await rig.stop(worker, task)
+        assert isinstance(store, SQLStore)
+        await store.adispose()
+        assert await rig.numbers() == {f"k{n}": [n] for n in range(8) if n != 3}
+        assert sorted(await rig.inbox()) == sorted((consumer.group, e.id) for e in sent)
+
+        # Then a batch that commits, on the same pipelined connections.
+        more = await rig.send(topic, *(Counted(f"j{n}", n) for n in range(10, 18)))
+        worker = rig.worker(consumer, store=store, batch=8)
+        task = rig.start(worker)
+
+        async def all_handled() -> bool:
+            return worker.handled == 8
+
+        await eventually(all_handled, what="8 more handled")
+        await rig.stop(worker, task)
+        await store.adispose()
+        assert len(await rig.inbox()) == len(sent) + len(more)
+
+    rig.run(test())
+    assert any(batch is not None for batch in batches)
