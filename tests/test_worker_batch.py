@@ -1,5 +1,5 @@
 """A worker's batches (`Worker(batch=N)`): on the memory store and the in-process broker,
-then on PostgreSQL and Redis (async and sync stores).
+then on PostgreSQL and Redis (async, sync and pipelined stores), and on SQLite.
 
 Which messages share a transaction is read from the sessions themselves: a batched
 session's `transaction` is a view of its batch's (`.batch`). The broker runs on a
@@ -24,7 +24,7 @@ from pybondi.messaging.envelope import Envelope
 from pybondi.messaging.worker import Worker
 from pybondi.persistence import MemoryStore, SQLStore
 from tests.backends import Backend
-from tests.brokers import RedisKit
+from tests.brokers import MemoryKit, RedisKit
 from tests.outboxes import aoutbox_rows
 from tests.workers import Counted, Tally, WorkerRig, eventually, registry, tallies
 
@@ -434,3 +434,41 @@ def test_batches_on_a_pipelined_store_commit_and_fall_back_alike(rig: WorkerRig)
 
     rig.run(test())
     assert any(batch is not None for batch in batches)
+
+
+@pytest.mark.sqlite
+def test_batches_on_sqlite_commit_and_fall_back_alike(backends: dict[str, Backend]) -> None:
+    kit = MemoryKit(clock=ManualClock())
+    kit.start()
+    rig = WorkerRig(backends["sqlite"], kit)
+    consumer = rig.consumer(in_flight=8, retry=Retry(attempts=1))
+    topic = kit.topic()
+    batches: list[object] = []
+
+    @consumer.subscribe(topic)
+    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
+        batches.append(getattr(session.transaction, "batch", None))
+        if message.payload.n == 3:
+            raise RuntimeError("poisoned")
+        session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+
+    async def test() -> None:
+        sent = await rig.send(topic, *(Counted(f"k{n}", n) for n in range(8)))
+        worker = rig.worker(consumer, batch=8)
+        task = rig.start(worker)
+
+        async def done() -> bool:
+            return worker.handled == 7 and worker.dead_lettered == 1
+
+        await eventually(done, what="7 handled, 1 dead-lettered")
+        await rig.stop(worker, task)
+        assert await rig.numbers() == {f"k{n}": [n] for n in range(8) if n != 3}
+        assert sorted(await rig.inbox()) == sorted((consumer.group, e.id) for e in sent)
+
+    try:
+        rig.run(test())
+    finally:
+        rig.close()
+        kit.close()
+    batched = [batch for batch in batches if batch is not None]
+    assert len(batched) >= 2 and len(set(map(id, batched))) == 1  # the batch that failed
