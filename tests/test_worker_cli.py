@@ -139,6 +139,13 @@ def test_the_worker_refuses_what_is_not_a_consumer(
     assert problem in errors
 
 
+def test_the_worker_refuses_a_batch_below_one(rig: WorkerRig) -> None:
+    process = worker(rig, rig.kit.topic(), "--batch", "0")
+    _, errors = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "--batch: must be at least 1, got 0" in errors
+
+
 def test_the_worker_dispatches_topics_to_a_messagebus(rig: WorkerRig) -> None:
     topic = rig.kit.topic()
     rig.run(rig.send(topic, *(Counted("k", n) for n in range(3))))

@@ -7,7 +7,9 @@ tests/crash_worker.py's fork server after the imports) handle them. Every 0.3 to
 one of the two, chosen at random, is killed with SIGKILL and started again at once, until
 the producer is done and the database holds 90 % of the effects (or `KILL_PHASE` s
 passed). Then both are killed a last time, and a last worker drains the rest, and waits
-past `--redeliver-after` for anything still to come back, and stops on SIGTERM.
+past `--redeliver-after` for anything still to come back, and stops on SIGTERM. The
+workers run alone (a transaction per message) or in batches of up to 16 (`--batch 16`:
+a kill mid-batch rolls back all of its messages).
 
 Each message's handler (tests/crash_worker.py) appends the number to its key's tally and
 inserts a row into an effects table without a unique constraint, in the message's
@@ -71,7 +73,9 @@ DRAIN_TIMEOUT = 60.0
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.parametrize("batch_size", [1, 16], ids=["alone", "batch16"])
 def test_workers_killed_at_random_handle_each_message_exactly_once(
+    batch_size: int,
     broker: BrokerKit,
     backends: dict[str, Backend],
     tmp_path: Path,
@@ -102,7 +106,7 @@ def test_workers_killed_at_random_handle_each_message_exactly_once(
     started = time.monotonic()
     try:
         with log_path.open("ab") as log:
-            command = _command(broker, backend, prefix)
+            command = _command(broker, backend, prefix, batch_size)
             slots = [Workers(index, command, topic, log) for index in range(2)]
             for slot in slots:
                 slot.start("first life")
@@ -194,12 +198,14 @@ def test_workers_killed_at_random_handle_each_message_exactly_once(
     log_text = log_path.read_text(errors="replace")
     note = {
         "broker": broker.name,
+        "batch": batch_size,
         "messages": MESSAGES,
         "kills": kills,
         "worker_lives": kills + 1,
         "lives_that_committed": len({pid for *_, pid in effect_rows}),
         "duplicates_skipped": log_text.count(" Skipped <"),
         "retries": log_text.count(" failed for <"),
+        "batches_failed": log_text.count("A batch of "),
         "worker_warnings": log_text.count(" WARNING "),
         "produced_s": round(produced, 1),
         "kill_phase_s": round(kill_phase, 1),
@@ -218,7 +224,7 @@ def test_workers_killed_at_random_handle_each_message_exactly_once(
 # The processes ---------------------------------------------------------------------------
 
 
-def _command(broker: BrokerKit, backend: Backend, prefix: str) -> list[str]:
+def _command(broker: BrokerKit, backend: Backend, prefix: str, batch: int) -> list[str]:
     """`pybondi worker`'s command line for the test's consumer, store and broker."""
     schema = ["--schema", backend.namespace] if backend.namespace else []
     options = [
@@ -231,6 +237,7 @@ def _command(broker: BrokerKit, backend: Backend, prefix: str) -> list[str]:
         "--store", backend.url, *schema, "--prefix", prefix,
         "--broker", broker.url, *options,
         "--redeliver-after", str(REDELIVER_AFTER), "--grace", "5", "--log-level", "info",
+        "--batch", str(batch),
     ]  # fmt: skip
 
 

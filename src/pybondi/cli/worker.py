@@ -64,6 +64,13 @@ def add_parser(commands: Any) -> None:
         default=60.0,
         help="seconds after which the messages of a silent worker go to another (default 60)",
     )
+    worker.add_argument(
+        "--batch",
+        type=positive,
+        default=1,
+        help="messages of different keys one transaction may commit together; a failed "
+        "batch goes on one transaction per message (default 1: each its own)",
+    )
     service_arguments(worker, grace=30.0, stops="a stop waits for the messages under way")
 
 
@@ -91,6 +98,7 @@ async def _worker(arguments: argparse.Namespace, consumer: Consumer) -> int:
             store,
             redeliver_after=arguments.redeliver_after,
             grace=arguments.grace,
+            batch=arguments.batch,
         )
 
     def stopped(worker: Worker) -> str:

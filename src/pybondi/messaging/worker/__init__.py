@@ -70,6 +70,11 @@ are handled one after the other, in the order this worker received them. Across
 workers, and for a retried message, order is not kept: a retry comes after messages
 received in the meantime.
 
+**Batches** (`batch=N`, opt-in; `pybondi.messaging.worker.batching`): the messages ready
+together, of different keys, commit up to N in one transaction, each in a session of its
+own, and are acknowledged after it. A batch that fails rolls back, and its messages go
+on one transaction each, exactly as above: a failed batch counts no attempt.
+
 Stores: with an async store, sessions run on the event loop (`async with Session`) and
 handlers may be sync or async; with a sync store, each session runs in a thread of its
 own (`with Session`), for sync handlers that use the sync API (`repository.get`): async

@@ -24,6 +24,7 @@ from pybondi.exceptions import AsyncRequired, SessionError, short_repr
 from pybondi.messaging.backoff import backoff
 from pybondi.messaging.brokers.base import Broker, Delivery, Subscription
 from pybondi.messaging.consumer import Consumer
+from pybondi.messaging.worker.batching import Batches
 from pybondi.messaging.worker.reading import Unreadable, describe, key_of, read
 from pybondi.messaging.worker.sessions import Sessions, ThreadSessions
 from pybondi.messaging.worker.settling import Heartbeat, Settler
@@ -44,6 +45,11 @@ _ASYNC_STORE = (
     "without --sync), on which handlers may be sync or async."
 )
 _RECEIVE_WAIT = 1.0  # seconds a receive waits for messages
+# Batches under way at once (Worker(batch=N)): while one commits, the next runs its
+# handlers, and the messages that come ready meanwhile gather into the one after. One
+# leaves the database idle while the worker acknowledges; more make small batches (each
+# takes what little is ready). Two measured best (benchmarks/README.md, Consumers).
+_BATCHES_UNDER_WAY = 2
 _CLOSE_WITHIN = 1.0  # seconds to close the connections at least, after the grace
 
 
@@ -65,6 +71,9 @@ class Worker:
             third of it.
         grace: seconds `stop()` waits for the messages under way.
         inbox_retention: how long the inbox remembers a message id.
+        batch: how many messages (of different keys) one transaction may commit
+            together; 1 (the default): each its own. See `pybondi.messaging.worker.batching`:
+            a failed batch falls back to a transaction per message.
 
     Attributes:
         received, handled, skipped, retried, dead_lettered: how many deliveries the
@@ -82,6 +91,7 @@ class Worker:
         redeliver_after: float = 60.0,
         grace: float = 30.0,
         inbox_retention: timedelta = timedelta(days=7),
+        batch: int = 1,
     ) -> None:
         if not isinstance(store, MessagingStore):
             raise TypeError(
@@ -92,6 +102,10 @@ class Worker:
             raise ValueError(
                 f"{consumer!r} has no topic: give it subscribers (consumer.subscribe) or "
                 f"topics to dispatch (consumer.dispatch) before starting a worker."
+            )
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(
+                f"batch is how many messages one transaction may commit, at least 1; got {batch!r}."
             )
         if problem := id_problem(consumer.group, "name"):
             raise ValueError(
@@ -105,6 +119,7 @@ class Worker:
         self.redeliver_after = redeliver_after
         self.grace = grace
         self.inbox_retention = inbox_retention
+        self.batch = batch
         self.received = 0
         self._stopping = asyncio.Event()
         self._stop_by: float | None = None  # time.monotonic() by which run() returns
@@ -115,6 +130,11 @@ class Worker:
             else ThreadSessions(consumer, store, self.name)
         )
         self._settler = Settler(self.name, consumer, store, self._sessions, self._health)
+        self._settle = (
+            Batches(self._settler, batch, _BATCHES_UNDER_WAY).settle
+            if batch > 1
+            else self._settler.settle
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_of_key: dict[Hashable, asyncio.Task[None]] = {}
         self._purged_at: datetime | None = None
@@ -280,7 +300,7 @@ class Worker:
         try:
             if before is not None:
                 await asyncio.wait([before])
-            await self._settler.settle(delivery, opened)
+            await self._settle(delivery, opened)
         finally:
             heartbeat.cancel()
 

@@ -71,7 +71,11 @@ class Sessions:
         if not claimed:  # handled already: nothing was written
             await transaction.aclose()
             return False
-        session = self._session(transaction)
+        await self._run(self._session(transaction), envelope, message)
+        return True
+
+    async def _run(self, session: Session, envelope: Envelope, message: Message[Any]) -> None:
+        """Run the handlers in the session, then commit it; within the consumer's timeout."""
         timeout = self.consumer.timeout
         try:
             async with asyncio.timeout(timeout), session:
@@ -83,7 +87,6 @@ class Sessions:
                 f"Handling took more than the consumer's timeout, {timeout:g} s: the session "
                 f"was cancelled and rolled back."
             ) from None
-        return True
 
     async def _deliver(self, topic: str, message: Message[Any], session: Session) -> None:
         if topic in self.consumer.dispatched:
@@ -98,11 +101,11 @@ class Sessions:
     def _claim(self, envelope: Envelope) -> Callable[[MessagingRecords], bool]:
         return partial(_claim, self.consumer.group, envelope)
 
-    def _session(self, transaction: Transaction[Any]) -> Session:
+    def _session(self, transaction: Transaction[Any], kind: type[Session] = Session) -> Session:
         consumer, store = self.consumer, self.store
         repository = consumer.repository(store) if consumer.repository else Repository()
         publisher = Outbox(store, consumer.registry)
-        return Session(consumer.messagebus, repository, publisher, transaction=transaction)
+        return kind(consumer.messagebus, repository, publisher, transaction=transaction)
 
     async def close(self) -> None:
         """Release what the driver holds."""
@@ -137,13 +140,16 @@ class ThreadSessions(Sessions):
             transaction.close()
             return False
         with self._session(transaction) as session:
-            if envelope.topic in self.consumer.dispatched:
-                session.dispatch(message.payload)
-            else:
-                invokers, _ = self.consumer.routes(envelope.topic)
-                for invoke in invokers:
-                    invoke(message)
+            self._deliver_sync(envelope.topic, message, session)
         return True
+
+    def _deliver_sync(self, topic: str, message: Message[Any], session: Session) -> None:
+        if topic in self.consumer.dispatched:
+            session.dispatch(message.payload)
+            return
+        invokers, _ = self.consumer.routes(topic)
+        for invoke in invokers:
+            invoke(message)
 
     async def close(self) -> None:
         """Let the pool's threads go once they are done."""

@@ -88,12 +88,16 @@ class Settler:
             except Exception as error:
                 await self._failed(delivery, error)
                 return
-            if not handled:
-                await self._skip(delivery, "the group handled it already")
-                return
-            await self._ack(delivery)
-            self.handled += 1
-            logger.debug("Handled %r", delivery)
+            await self.committed(delivery, handled)
+
+    async def committed(self, delivery: Delivery, handled: bool) -> None:
+        """Acknowledge a message whose transaction committed; skipped if not `handled`."""
+        if not handled:
+            await self._skip(delivery, "the group handled it already")
+            return
+        await self._ack(delivery)
+        self.handled += 1
+        logger.debug("Handled %r", delivery)
 
     async def _failed(self, delivery: Delivery, error: Exception) -> None:
         """Retry the message later, or dead-letter it after its last attempt."""
