@@ -28,9 +28,10 @@ Only while nothing listens to the engine: listeners get SQLAlchemy's own executi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
 from psycopg import pq
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
@@ -173,6 +174,11 @@ class Pipeline:
         exit = context.__aexit__ if self._awaited else context.__exit__
         if error is None:
             self._call(exit, None, None, None)
+        elif self._driver.broken:
+            # Lost: leaving says so again, which psycopg would log as a warning for each
+            # connection an outage cuts, on top of `error`, raised already.
+            with suppress(psycopg.OperationalError):
+                self._call(exit, None, None, None)
         else:
             self._call(exit, type(error), error, error.__traceback__)
 
