@@ -145,11 +145,12 @@ class Pipeline:
 
     @contextmanager
     def _pipeline(self) -> Iterator[None]:
-        self._enter()
         try:
+            self._enter()  # its BEGIN fails on a connection an outage cut while idle
             yield
         except BaseException as error:
-            self._exit(error)
+            if self._open is not None:  # left, or psycopg's would be, when collected
+                self._exit(error)
             raise
         self._exit(None)
 
@@ -174,13 +175,12 @@ class Pipeline:
         exit = context.__aexit__ if self._awaited else context.__exit__
         if error is None:
             self._call(exit, None, None, None)
-        elif self._driver.broken:
-            # Lost: leaving says so again, which psycopg would log as a warning for each
-            # connection an outage cuts, on top of `error`, raised already.
-            with suppress(psycopg.OperationalError):
-                self._call(exit, None, None, None)
-        else:
-            self._call(exit, type(error), error, error.__traceback__)
+            return
+        # `error` goes on up. Leaving may fail for the same reason (a connection lost
+        # says so again), which psycopg, given `error`, would log as a warning: one for
+        # each connection an outage cuts.
+        with suppress(psycopg.Error):
+            self._call(exit, None, None, None)
 
     def _call(self, method: Callable[..., Any], *arguments: Any) -> Any:
         """Call a psycopg method; an async connection's, awaited in SQLAlchemy's greenlet."""
