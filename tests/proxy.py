@@ -37,7 +37,7 @@ class Proxy:
         self.accepted = 0
         self.refused = 0
         self._cut = False
-        self._cut_after: bytes | None = None
+        self._marker: bytes | None = None
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()
@@ -60,11 +60,11 @@ class Proxy:
         self._call(self._cut_all())
 
     def cut_after(self, marker: bytes) -> None:
-        """Cut (as `cut`) as soon as a client sends bytes with `marker` in them.
+        """Cut (as `cut`) as soon as a client sends bytes with `marker` in them, once.
 
-        Those bytes reach the server, and its answer none of them: a COMMIT that the
-        server carries out and whose answer the client never gets, say. `cut` with a
-        marker that comes at any moment, where a timer could not hit it.
+        Those bytes reach the server, and no answer reaches the client: a COMMIT that
+        the server carries out and whose answer is lost, say, a moment too short for a
+        test to hit with `cut`.
         """
         self._call(self._arm(marker))
 
@@ -124,18 +124,18 @@ class Proxy:
             _abort(link)
 
     async def _arm(self, marker: bytes) -> None:
-        self._cut_after = marker
+        self._marker = marker
 
     def _sent(self, data: bytes) -> None:
         """A client's bytes, just written to the server: cut if they have the marker."""
-        marker = self._cut_after
-        if marker is not None and marker in data:
-            self._cut_after = None
-            self._cut = True
-            for link in list(self._links):
-                _abort(link)
+        if self._marker is not None and self._marker in data:
+            self._marker = None
+            self._cut_now()
 
     async def _cut_all(self) -> None:
+        self._cut_now()
+
+    def _cut_now(self) -> None:
         self._cut = True
         for link in list(self._links):
             _abort(link)

@@ -149,7 +149,8 @@ class Pipeline:
             self._enter()  # its BEGIN fails on a connection an outage cut while idle
             yield
         except BaseException as error:
-            if self._open is not None:  # left, or psycopg's would be, when collected
+            # Left however far it got: psycopg logs a pipeline it collects still open.
+            if self._open is not None:
                 self._exit(error)
             raise
         self._exit(None)
