@@ -4,6 +4,7 @@
         broker = connect(f"redis://127.0.0.1:{proxy.port}")
         proxy.cut()       # every connection dropped; new ones are closed as they come
         proxy.restore()   # forwarding again
+        proxy.cut_after(b"COMMIT")  # cut once a client sent that, before any answer
 
 The proxy runs an event loop of its own on a thread of its own: it forwards whatever the
 test's loop is doing (blocked or not), and a test calls it from sync or async code alike.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -36,6 +37,7 @@ class Proxy:
         self.accepted = 0
         self.refused = 0
         self._cut = False
+        self._marker: bytes | None = None
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()
@@ -56,6 +58,15 @@ class Proxy:
     def cut(self) -> None:
         """Drop every connection, both ends, and close new ones as soon as they come."""
         self._call(self._cut_all())
+
+    def cut_after(self, marker: bytes) -> None:
+        """Cut (as `cut`) as soon as a client sends bytes with `marker` in them, once.
+
+        Those bytes reach the server, and no answer reaches the client: a COMMIT that
+        the server carries out and whose answer is lost, say, a moment too short for a
+        test to hit with `cut`.
+        """
+        self._call(self._arm(marker))
 
     def restore(self) -> None:
         """Forward new connections again."""
@@ -107,12 +118,24 @@ class Proxy:
         self.accepted += 1
         self._links.add(link)
         try:
-            await asyncio.gather(_pipe(client, to_server), _pipe(server, to_client))
+            await asyncio.gather(_pipe(client, to_server, self._sent), _pipe(server, to_client))
         finally:
             self._links.discard(link)
             _abort(link)
 
+    async def _arm(self, marker: bytes) -> None:
+        self._marker = marker
+
+    def _sent(self, data: bytes) -> None:
+        """A client's bytes, just written to the server: cut if they have the marker."""
+        if self._marker is not None and self._marker in data:
+            self._marker = None
+            self._cut_now()
+
     async def _cut_all(self) -> None:
+        self._cut_now()
+
+    def _cut_now(self) -> None:
         self._cut = True
         for link in list(self._links):
             _abort(link)
@@ -135,11 +158,20 @@ class Proxy:
             await self._server.wait_closed()
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    """Copy bytes until either end closes; then close the sink, flushing what it holds."""
+async def _pipe(
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    sent: Callable[[bytes], None] | None = None,
+) -> None:
+    """Copy bytes until either end closes; then close the sink, flushing what it holds.
+
+    `sent` sees each chunk once written, before the loop forwards anything else.
+    """
     try:
         while data := await source.read(65536):
             sink.write(data)
+            if sent is not None:
+                sent(data)
             await sink.drain()
     except OSError:
         pass  # reset, or aborted by a cut: `_forward` aborts both ends

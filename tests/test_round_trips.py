@@ -33,7 +33,7 @@ GROUP = "round-trips"
 @pytest.fixture
 def store(backends: dict[str, Backend], driver: Driver) -> Iterator[Store]:
     """A PostgreSQL store (psycopg), sync or async to match the driver, with an account."""
-    made = backends["postgres"].store(asynchronous=driver.name == "async", pipelined=True)
+    made = backends["postgres"].store(asynchronous=driver.name == "async")  # pipelined
     driver.io(made, "create_tables")
     with driver.session(Session(Messagebus(), StateRepository(made, Account, registry()))) as unit:
         unit.add(Account(Root("a-1"), "ada"))
@@ -200,9 +200,41 @@ def test_pipelining_is_for_postgresql_with_psycopg(tmp_path: Any) -> None:
         SQLStore(f"sqlite:///{tmp_path}/x.db", pipelined=True)
 
 
-def test_a_store_is_not_pipelined_unless_asked(backends: dict[str, Backend]) -> None:
+def test_a_psycopg_store_is_pipelined_unless_told_not_to(
+    backends: dict[str, Backend], tmp_path: Any
+) -> None:
     from pybondi.persistence import SQLStore
 
-    made = backends["postgres"].store()
-    assert isinstance(made, SQLStore) and made.statements.pipeline is None
-    made.dispose()
+    by_default, opted_out = (
+        backends["postgres"].store(),
+        backends["postgres"].store(pipelined=False),
+    )
+    assert isinstance(by_default, SQLStore) and by_default.statements.pipeline is not None
+    assert isinstance(opted_out, SQLStore) and opted_out.statements.pipeline is None
+    by_default.dispose()
+    opted_out.dispose()
+    elsewhere = SQLStore(f"sqlite:///{tmp_path}/x.db")  # no pipeline there, and no error
+    assert elsewhere.statements.pipeline is None
+    elsewhere.dispose()
+
+
+def test_a_store_told_not_to_pipeline_waits_for_each_statement(
+    backends: dict[str, Backend], driver: Driver
+) -> None:
+    made = backends["postgres"].store(asynchronous=driver.name == "async", pipelined=False)
+    driver.io(made, "create_tables")
+    try:
+        with driver.session(
+            Session(Messagebus(), StateRepository(made, Account, registry()))
+        ) as unit:
+            unit.add(Account(Root("a-1"), "ada"))
+        transaction = driver.io(made, "begin")
+        repository = StateRepository(made, Account, registry())
+        session = Session(Messagebus(), repository, transaction=transaction)
+        with traced(transaction) as trips, driver.session(session):
+            rename(driver.io(repository, "get", "a-1"))
+        assert trips == [4]  # BEGIN; SELECT; UPDATE; COMMIT
+        assert read_owner(driver, made) == "bob"
+    finally:
+        driver.io(made, "drop_tables")
+        driver.io(made, "dispose")

@@ -28,9 +28,10 @@ Only while nothing listens to the engine: listeners get SQLAlchemy's own executi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
 from psycopg import pq
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
@@ -144,11 +145,13 @@ class Pipeline:
 
     @contextmanager
     def _pipeline(self) -> Iterator[None]:
-        self._enter()
         try:
+            self._enter()  # its BEGIN fails on a connection an outage cut while idle
             yield
         except BaseException as error:
-            self._exit(error)
+            # Left however far it got: psycopg logs a pipeline it collects still open.
+            if self._open is not None:
+                self._exit(error)
             raise
         self._exit(None)
 
@@ -173,8 +176,12 @@ class Pipeline:
         exit = context.__aexit__ if self._awaited else context.__exit__
         if error is None:
             self._call(exit, None, None, None)
-        else:
-            self._call(exit, type(error), error, error.__traceback__)
+            return
+        # `error` goes on up. Leaving may fail for the same reason (a connection lost
+        # says so again), which psycopg, given `error`, would log as a warning: one for
+        # each connection an outage cuts.
+        with suppress(psycopg.Error):
+            self._call(exit, None, None, None)
 
     def _call(self, method: Callable[..., Any], *arguments: Any) -> Any:
         """Call a psycopg method; an async connection's, awaited in SQLAlchemy's greenlet."""

@@ -96,11 +96,11 @@ class SQLStore(MessagingStore):
             commit that returned survives a power cut, as on PostgreSQL. "delete" (or
             another of SQLite's modes) for a file that must stay in it, such as one on a
             network file system, where WAL does not work; None leaves the file's own.
-        pipelined: PostgreSQL with psycopg only: send a transaction's BEGIN with its
-            first statement and a commit's writes with COMMIT (psycopg's pipeline mode),
-            2 round trips fewer per unit of work, for a server a network hop away. Off
-            by default: it is new in 2.0, and a worker's database-outage test failed
-            once with it (see CHANGELOG).
+        pipelined: PostgreSQL with psycopg: send a transaction's BEGIN with its first
+            statement and a commit's writes with COMMIT (psycopg's pipeline mode), 2
+            round trips fewer per unit of work, for a server a network hop away. None
+            (the default): wherever the engine is psycopg's; False: each statement on
+            its own; True: required (a ValueError on another engine).
         engine_options: passed to `create_engine` / `create_async_engine` with a URL.
     """
 
@@ -112,7 +112,7 @@ class SQLStore(MessagingStore):
         schema: str | None = None,
         prefix: str = "pybondi_",
         sqlite_journal_mode: str | None = "wal",
-        pipelined: bool = False,
+        pipelined: bool | None = None,
         **engine_options: Any,
     ) -> None:
         made = isinstance(engine, str | sa.URL)
@@ -141,7 +141,7 @@ class SQLStore(MessagingStore):
                 f"pipelined=True is psycopg's pipeline mode, for PostgreSQL; this store's "
                 f"engine is {sync_engine.dialect.name}+{sync_engine.dialect.driver}."
             )
-        if not pipelined:
+        if pipelined is False:
             self.statements.pipeline = None
 
     def __repr__(self) -> str:
