@@ -49,6 +49,7 @@ class UnitOfWork:
         "_owned",
         "_publishing",
         "_state",
+        "_then",
         "_token",
         "max_messages",
         "messagebus",
@@ -90,6 +91,7 @@ class UnitOfWork:
         self._announced = 0  # how many aggregates of the identity map got their `Added`
         self._draining = False
         self._budget = max_messages  # what the drain under way may still dispatch
+        self._then: type[AggregateEvent[Any]] | None = None  # to announce once it is dry
         self._publishing: object | None = None  # what publisher.begin() returned
         self._given = transaction
         self.transaction = transaction
@@ -126,6 +128,11 @@ class UnitOfWork:
         self.queue.extend(map(event_type, self.repository.aggregates.values()))
         return True
 
+    def _nested(self, then: type[AggregateEvent[Any]] | None) -> None:
+        """A drain asked for while one is under way: it reaches what is queued now."""
+        if then is not None:
+            self._announce(then)
+
     def _rolled_back_events(self) -> list[RolledBack[Any]]:
         if not self.messagebus.listens(RolledBack):
             return []
@@ -144,20 +151,34 @@ class UnitOfWork:
         aggregate published joins the queue (and its repository's record); then the run's
         budget is checked.
         """
-        aggregates, queue = self.repository.aggregates, self.queue
+        repository, queue = self.repository, self.queue
+        aggregates = repository.aggregates
         if len(aggregates) != self._announced:
             self._welcome()
         for aggregate in aggregates.values():
             if events := aggregate.root.events:
                 queue.extend(events)
-                self.repository.record(aggregate, events)
+                if "record" in repository._overridden:
+                    repository.record(aggregate, events)
                 events.clear()
-        if not queue:
+        if not queue and (self._then is None or not self._finish()):
             return None
         self._budget -= 1
         if self._budget < 0:
             raise MessageLimitExceeded(self.max_messages, queue[0])
         return queue.popleft()
+
+    def _finish(self) -> bool:
+        """The queue ran dry: queue the drain's closing announcement, if anyone listens.
+
+        `Committed`, on a commit: what its handlers cause is dispatched by the same drain,
+        on a budget of its own. Tells whether it queued anything.
+        """
+        then, self._then = self._then, None
+        if then is None or not self._announce(then) or not self.queue:
+            return False
+        self._budget = self.max_messages
+        return True
 
     def _claim(self) -> None:
         """Check that the session may begin, and take its repository."""
@@ -171,12 +192,17 @@ class UnitOfWork:
         self._state = ACTIVE
         self._token = _current.set(cast("Session", self))  # only Session subclasses it
 
-    def _joined(self) -> Transaction[Any] | None:
-        """The unit of work's transaction, once the repository began: given, or its own."""
+    def _join(self) -> None:
+        """Take the unit of work's transaction, once the repository began; the publisher joins.
+
+        The transaction is the one given, or the repository's own.
+        """
         given, held = self._given, self.repository.transaction
-        self._owned = given if held is not given else None
-        self.transaction = held if held is not None else given
-        return self.transaction
+        if given is not None or held is not None:  # else both stay None, as built
+            self._owned = given if held is not given else None
+            self.transaction = held if held is not None else given
+        if "join" in self.publisher._overridden:
+            self.publisher.join(self.transaction)
 
     def _owns_publisher(self) -> bool:
         """Whether `publish` still writes to the transaction this session began."""

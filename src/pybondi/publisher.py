@@ -97,6 +97,18 @@ class BasePublisher(ABC):
     the two to refuse interleaving with another session on the same publisher.
     """
 
+    # Which of `join`, `prepare` and `aprepare` the class overrides, set for each
+    # subclass: a session skips calling the others, which do nothing, per unit of work.
+    _overridden: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._overridden = frozenset(
+            name
+            for name in ("join", "prepare", "aprepare")
+            if getattr(cls, name) is not getattr(BasePublisher, name)
+        )
+
     @abstractmethod
     def publish(self, topic: str, message: Message[Any]) -> None:
         """Buffer a message for `topic` until `commit()`."""

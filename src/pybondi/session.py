@@ -38,7 +38,7 @@ from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
 # pybondi 1.2.1's session module had these names (it imported them for its own use), and
 # code that imported them from here keeps working.
 from pybondi.aggregate import Aggregate  # noqa: F401
-from pybondi.events import Added, Committed, RolledBack  # noqa: F401
+from pybondi.events import Added, AggregateEvent, Committed, RolledBack  # noqa: F401
 from pybondi.exceptions import (
     report_failures,
     short_repr,
@@ -61,6 +61,13 @@ logger = logging.getLogger("pybondi.session")
 T = TypeVar("T")
 
 _INSTEAD = "`async with Session(...)`"
+
+# The hooks behind each async step: a repository (publisher) that overrides none of them
+# would only run the base class's, which do nothing here (see `Repository._overridden`).
+_BEGINS = frozenset({"begin", "abegin"})
+_ACOMMITS = frozenset({"store", "acommit"})
+_CLOSES = frozenset({"close", "aclose"})
+_PREPARES = frozenset({"prepare", "aprepare"})
 
 _PUBLISHER_ROLLED_BACK = (
     "The repository had committed; the session rolled the publisher back, dropping the "
@@ -103,16 +110,18 @@ class Session(UnitOfWork):
         `with` does it; so do the other methods, when the session has not begun.
         """
         self._claim()
+        repository, publisher = self.repository, self.publisher
         try:
             if self._given is not None:
-                self.repository.join(self._given)
+                repository.join(self._given)
             # A hook that returns something may be an async one, called here by mistake.
-            if (started := self.repository.begin()) is not None:
-                refuse_awaitable(started, self.repository.begin, _INSTEAD)
-            if (publishing := self.publisher.begin()) is not None:
-                refuse_awaitable(publishing, self.publisher.begin, _INSTEAD)
+            # (Hooks a class does not override do nothing: they are not called.)
+            if "begin" in repository._overridden and (started := repository.begin()) is not None:
+                refuse_awaitable(started, repository.begin, _INSTEAD)
+            if (publishing := publisher.begin()) is not None:
+                refuse_awaitable(publishing, publisher.begin, _INSTEAD)
             self._publishing = publishing
-            self.publisher.join(self._joined())
+            self._join()
         except BaseException as error:
             self._close(error)
             raise
@@ -120,21 +129,28 @@ class Session(UnitOfWork):
 
     __enter__ = begin
 
-    def _drain(self, target: object = None) -> Any:
+    def _drain(self, target: object = None, then: type[AggregateEvent[Any]] | None = None) -> Any:
         # After each message: welcome new aggregates, queue what they published, go on.
         # A handler that dispatches through the session only queues: the drain under way
         # reaches its message, and the budget covers the whole chain. What the handler of
-        # `target` returned is returned.
+        # `target` returned is returned. Once the queue is dry, `then` (`Committed`) is
+        # announced, and what it causes dispatched.
         if self._draining:
-            return None
-        handle, result = self.messagebus.handle, None
-        self._budget, self._draining = self.max_messages, True
+            return self._nested(then)
+        # `messagebus.handle`, without its call: the bus's route cache, read in place.
+        routes, new_route = self.messagebus._routing
+        next_message, result = self._next, None
+        self._budget, self._draining, self._then = self.max_messages, True, then
         try:
-            while (message := self._next()) is not None:
+            while (message := next_message()) is not None:
+                try:
+                    route = routes[message.__class__]
+                except KeyError:
+                    route = new_route(message)
                 if message is target:
-                    result = handle(message)
+                    result = route(message)
                 else:
-                    handle(message)
+                    route(message)
         finally:
             self._draining = False
         return result
@@ -203,12 +219,13 @@ class Session(UnitOfWork):
             self.begin()
         try:
             self._check_publisher()
-            self._drain()
-            if self._announce(Committed):
-                self._drain()
-            if (prepared := self.publisher.prepare()) is not None:
+            self._drain(then=Committed)
+            if "prepare" in self.publisher._overridden and (
+                (prepared := self.publisher.prepare()) is not None
+            ):
                 refuse_awaitable(prepared, self.publisher.prepare, _INSTEAD)
-            self.repository.commit()
+            if (hooks := self.repository._overridden) and ("commit" in hooks or "store" in hooks):
+                self.repository.commit()
             if self._owned is not None:
                 self._owned.commit()
         except BaseException as error:
@@ -264,6 +281,9 @@ class Session(UnitOfWork):
             steps: tuple[Callable[[], object], ...] = (self.repository.close, self.publisher.close)
             if self._owned is not None:
                 steps = (self.repository.close, self._owned.close, self.publisher.close)
+            elif "close" not in self.repository._overridden:
+                self.repository.aggregates.clear()  # what its `close` does
+                steps = (self.publisher.close,)
             try:
                 failures = _attempt(*steps)
             finally:
@@ -296,9 +316,10 @@ class Session(UnitOfWork):
         try:
             if self._given is not None:
                 self.repository.join(self._given)
-            await self.repository.abegin()
+            if not self.repository._overridden.isdisjoint(_BEGINS):
+                await self.repository.abegin()
             self._publishing = await self.publisher.abegin()
-            self.publisher.join(self._joined())
+            self._join()
         except BaseException as error:
             await self._aclose(error)
             raise
@@ -306,17 +327,24 @@ class Session(UnitOfWork):
 
     __aenter__ = abegin
 
-    async def _adrain(self, target: object = None) -> Any:
+    async def _adrain(
+        self, target: object = None, then: type[AggregateEvent[Any]] | None = None
+    ) -> Any:
         if self._draining:
-            return None
-        ahandle, result = self.messagebus.ahandle, None
-        self._budget, self._draining = self.max_messages, True
+            return self._nested(then)
+        routes, new_route = self.messagebus._arouting
+        next_message, result = self._next, None
+        self._budget, self._draining, self._then = self.max_messages, True, then
         try:
-            while (message := self._next()) is not None:
+            while (message := next_message()) is not None:
+                try:
+                    route = routes[message.__class__]
+                except KeyError:
+                    route = new_route(message)
                 if message is target:
-                    result = await ahandle(message)
+                    result = await route(message)
                 else:
-                    await ahandle(message)
+                    await route(message)
         finally:
             self._draining = False
         return result
@@ -342,11 +370,11 @@ class Session(UnitOfWork):
             await self.abegin()
         try:
             self._check_publisher()
-            await self._adrain()
-            if self._announce(Committed):
-                await self._adrain()
-            await self.publisher.aprepare()
-            await self.repository.acommit()
+            await self._adrain(then=Committed)
+            if not self.publisher._overridden.isdisjoint(_PREPARES):
+                await self.publisher.aprepare()
+            if not self.repository._overridden.isdisjoint(_ACOMMITS):
+                await self.repository.acommit()
             if self._owned is not None:
                 await self._owned.acommit()
         except BaseException as error:
@@ -397,6 +425,9 @@ class Session(UnitOfWork):
             steps = (self.repository.aclose, self.publisher.aclose)
             if self._owned is not None:
                 steps = (self.repository.aclose, self._owned.aclose, self.publisher.aclose)
+            elif self.repository._overridden.isdisjoint(_CLOSES):
+                self.repository.aggregates.clear()  # what its `close` does
+                steps = (self.publisher.aclose,)
             try:
                 failures = await _aattempt(*steps)
             finally:
