@@ -40,7 +40,7 @@ from pybondi.exceptions import (
     HandlerNotFound,
     short_repr,
 )
-from pybondi.messages import Command, Event
+from pybondi.messages import AggregateGuard, Command, Event
 
 __all__ = ["Command", "Depends", "Event", "Messagebus"]
 
@@ -343,6 +343,13 @@ class Registration(NamedTuple):
 def _guarded(invoke: Route, guard: Guard | None) -> Route:
     if guard is None:
         return invoke
+    if guard.__class__ is AggregateGuard:
+        kind = guard.kind
+
+        def guarded_by_kind(event: Any) -> Any:
+            return invoke(event) if isinstance(event.aggregate, kind) else None
+
+        return guarded_by_kind
 
     def guarded(event: Any) -> Any:
         return invoke(event) if guard(event) else None
