@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pybondi._awaiting import maybe_await, refuse_awaitable
+from pybondi._awaiting import _NOT_AWAITABLE, maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
 from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
 
@@ -118,7 +118,9 @@ class Session(UnitOfWork):
             # (Hooks a class does not override do nothing: they are not called.)
             if "begin" in repository._overridden and (started := repository.begin()) is not None:
                 refuse_awaitable(started, repository.begin, _INSTEAD)
-            if (publishing := publisher.begin()) is not None:
+            if (publishing := publisher.begin()) is not None and (
+                publishing.__class__ not in _NOT_AWAITABLE  # what refuse_awaitable lets pass
+            ):
                 refuse_awaitable(publishing, publisher.begin, _INSTEAD)
             self._publishing = publishing
             self._join()
@@ -278,16 +280,18 @@ class Session(UnitOfWork):
     def _close(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
-            steps: tuple[Callable[[], object], ...] = (self.repository.close, self.publisher.close)
+            repository = self.repository
+            steps: tuple[Callable[[], object], ...] = (self.publisher.close,)
             if self._owned is not None:
-                steps = (self.repository.close, self._owned.close, self.publisher.close)
-            elif "close" not in self.repository._overridden:
-                self.repository.aggregates.clear()  # what its `close` does
-                steps = (self.publisher.close,)
+                steps = (repository.close, self._owned.close, *steps)
+            elif "close" in repository._overridden:
+                steps = (repository.close, *steps)
+            else:
+                repository.aggregates.clear()  # what its `close` does
             try:
                 failures = _attempt(*steps)
             finally:
-                self.repository.release()
+                repository.release()
                 self._leave()
             if failures:
                 report_failures(failures, cause)
@@ -421,17 +425,18 @@ class Session(UnitOfWork):
     async def _aclose(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
-            steps: tuple[Callable[[], Awaitable[object]], ...]
-            steps = (self.repository.aclose, self.publisher.aclose)
+            repository = self.repository
+            steps: tuple[Callable[[], Awaitable[object]], ...] = (self.publisher.aclose,)
             if self._owned is not None:
-                steps = (self.repository.aclose, self._owned.aclose, self.publisher.aclose)
-            elif self.repository._overridden.isdisjoint(_CLOSES):
-                self.repository.aggregates.clear()  # what its `close` does
-                steps = (self.publisher.aclose,)
+                steps = (repository.aclose, self._owned.aclose, *steps)
+            elif not repository._overridden.isdisjoint(_CLOSES):
+                steps = (repository.aclose, *steps)
+            else:
+                repository.aggregates.clear()  # what its `close` does
             try:
                 failures = await _aattempt(*steps)
             finally:
-                self.repository.release()
+                repository.release()
                 self._leave()
             if failures:
                 report_failures(failures, cause)
