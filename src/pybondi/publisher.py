@@ -378,11 +378,13 @@ class Publisher(BufferedPublisher, Overridable):
         # variable holds a cursor, moved from message to message.
         cursor = Handling()
         before = _handled.set(cursor)
+        # Only the oldest message can have been delivered in part, by a commit that failed:
+        # `resume` is read once, reset once that message is through, and set by a failure.
+        index = resumed = transaction.resume
         try:
             while transaction:
                 topic, message = transaction[0]
                 invokers, names = routes.get(topic) or self._route(topic)
-                index = transaction.resume
                 cursor.message = message
                 try:
                     for deliver in invokers[index:] if index else invokers:
@@ -391,7 +393,9 @@ class Publisher(BufferedPublisher, Overridable):
                 except Exception as error:
                     transaction.resume = index
                     raise DeliveryError(topic, message, names[index], list(transaction)) from error
-                transaction.resume = 0
+                if resumed:
+                    transaction.resume = resumed = 0
+                index = 0
                 transaction.popleft()
         finally:
             cursor.message = None
@@ -404,11 +408,11 @@ class Publisher(BufferedPublisher, Overridable):
             return
         cursor = Handling()
         before = _handled.set(cursor)
+        index = resumed = transaction.resume  # as in `commit`
         try:
             while transaction:
                 topic, message = transaction[0]
                 invokers, names = self._aroute(topic)
-                index = transaction.resume
                 cursor.message = message
                 try:
                     for deliver, awaited in invokers[index:] if index else invokers:
@@ -419,7 +423,9 @@ class Publisher(BufferedPublisher, Overridable):
                 except Exception as error:
                     transaction.resume = index
                     raise DeliveryError(topic, message, names[index], list(transaction)) from error
-                transaction.resume = 0
+                if resumed:
+                    transaction.resume = resumed = 0
+                index = 0
                 transaction.popleft()
         finally:
             cursor.message = None
