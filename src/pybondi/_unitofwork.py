@@ -156,8 +156,9 @@ class UnitOfWork:
         """The next message to dispatch, or None once there is none: both drains use it.
 
         First the aggregates new to the identity map get their `Added`, and what each
-        aggregate published joins the queue (and its repository's record); then the run's
-        budget is checked.
+        aggregate published joins the queue (and its repository's record); once the queue
+        is dry, the drain's closing announcement (`_then`) is queued; then the run's budget
+        is checked.
         """
         repository, queue = self.repository, self.queue
         aggregates = repository.aggregates
@@ -182,7 +183,7 @@ class UnitOfWork:
         `Committed`, on a commit: what its handlers cause is dispatched by the same drain,
         on a budget of its own. Tells whether it queued anything.
         """
-        then, self._then = self._then, None
+        then, self._then = self._then, None  # once per drain
         if then is None or not self._announce(then) or not self.queue:
             return False
         self._budget = self.max_messages
