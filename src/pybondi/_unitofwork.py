@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from pybondi.aggregate import Aggregate
 from pybondi.current import _current
 from pybondi.events import Added, AggregateEvent, RolledBack
-from pybondi.exceptions import MessageLimitExceeded, SessionError, short_repr
+from pybondi.exceptions import MessageLimitExceeded, SessionError, report_failures, short_repr
 from pybondi.messagebus import Command, Event, Messagebus
 from pybondi.publisher import BasePublisher, Publisher
 from pybondi.repository import Repository
@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from pybondi.persistence.store import Transaction
     from pybondi.session import Session
 
-__all__ = ["ACTIVE", "CLOSED", "NEW", "UnitOfWork", "publisher_taken_over"]
+__all__ = [
+    "ACTIVE",
+    "CLOSED",
+    "NEW",
+    "UnitOfWork",
+    "checked_message",
+    "committed",
+    "not_a_command",
+    "publisher_taken_over",
+]
 
 T = TypeVar("T")
 
@@ -278,3 +287,27 @@ def publisher_taken_over() -> SessionError:
         "one, and is still open: messages published now would join its transaction. Close "
         "the inner session before using this one again."
     )
+
+
+def committed(failures: list[BaseException]) -> None:
+    """Raise the first failure of the `on_commit` actions, saying the commit happened."""
+    for failure in failures:
+        failure.add_note("The unit of work had committed: this on_commit action failed after.")
+    report_failures(failures)
+
+
+def not_a_command(command: object) -> TypeError:
+    return TypeError(
+        f"Session.execute() takes a Command, got {type(command).__name__}: "
+        f"{short_repr(command)}. Use session.dispatch() for events."
+    )
+
+
+def checked_message(message: object) -> Command | Event:
+    """The message, if it is a command or an event, for `Session.dispatch`."""
+    if not isinstance(message, (Command, Event)):
+        raise TypeError(
+            f"Session.dispatch() takes a Command or an Event, got {type(message).__name__}: "
+            f"{short_repr(message)}."
+        )
+    return message

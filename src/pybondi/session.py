@@ -33,16 +33,21 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from pybondi._awaiting import _NOT_AWAITABLE, maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
-from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
+from pybondi._unitofwork import (
+    ACTIVE,
+    CLOSED,
+    UnitOfWork,
+    checked_message,
+    committed,
+    not_a_command,
+    publisher_taken_over,
+)
 
 # pybondi 1.2.1's session module had these names (it imported them for its own use), and
 # code that imported them from here keeps working.
 from pybondi.aggregate import Aggregate  # noqa: F401
 from pybondi.events import Added, AggregateEvent, Committed, RolledBack  # noqa: F401
-from pybondi.exceptions import (
-    report_failures,
-    short_repr,
-)
+from pybondi.exceptions import report_failures
 from pybondi.messagebus import (
     Command,
     Event,
@@ -50,9 +55,6 @@ from pybondi.messagebus import (
 )
 from pybondi.publisher import Publisher  # noqa: F401
 from pybondi.repository import Repository  # noqa: F401
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Session"]
 
@@ -164,7 +166,7 @@ class Session(UnitOfWork):
         queue (the dispatch under way reaches it), and this returns None.
         """
         if not isinstance(command, Command):
-            raise _not_a_command(command)
+            raise not_a_command(command)
         if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
@@ -179,7 +181,7 @@ class Session(UnitOfWork):
         if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
-        message = _message(message)
+        message = checked_message(message)
         self.queue.append(message)
         return self._drain(message)
 
@@ -189,7 +191,7 @@ class Session(UnitOfWork):
         `dispatch(message)` queues it and handles it at once, with what it causes.
         """
         deprecated("Session.enqueue()", "Session.dispatch()", "it queues the message and runs it")
-        self.queue.append(_message(message))
+        self.queue.append(checked_message(message))
 
     def dequeue(self) -> Command | Event:
         """Deprecated since 2.0 (pybondi 1.2.1's name): take the next queued message."""
@@ -242,7 +244,7 @@ class Session(UnitOfWork):
             raise
         if self._on_commit:
             actions, self._on_commit = self._on_commit, []
-            _committed(_attempt(*actions))
+            committed(_attempt(*actions))
 
     def rollback(self) -> None:
         """Roll back the unit of work.
@@ -356,7 +358,7 @@ class Session(UnitOfWork):
     async def aexecute(self, command: Command) -> Any:
         """`execute`, awaiting async handlers."""
         if not isinstance(command, Command):
-            raise _not_a_command(command)
+            raise not_a_command(command)
         return await self.adispatch(command)
 
     async def adispatch(self, message: Command | Event) -> Any:
@@ -364,7 +366,7 @@ class Session(UnitOfWork):
         if self._state is not ACTIVE:
             await self.abegin()
         self._check_publisher()
-        message = _message(message)
+        message = checked_message(message)
         self.queue.append(message)
         return await self._adrain(message)
 
@@ -392,7 +394,7 @@ class Session(UnitOfWork):
             raise
         if self._on_commit:
             actions, self._on_commit = self._on_commit, []
-            _committed(await _aattempt(*map(_awaited, actions)))
+            committed(await _aattempt(*map(_awaited, actions)))
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
@@ -464,13 +466,6 @@ else:  # pybondi 1.2.1's session module had it, imported from events: warn who u
     __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
 
 
-def _committed(failures: list[BaseException]) -> None:
-    """Raise the first failure of the `on_commit` actions, saying the commit happened."""
-    for failure in failures:
-        failure.add_note("The unit of work had committed: this on_commit action failed after.")
-    report_failures(failures)
-
-
 def _awaited(action: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
     async def run() -> None:
         await maybe_await(action())
@@ -499,19 +494,3 @@ async def _aattempt(*steps: Callable[[], Awaitable[object]]) -> list[BaseExcepti
         except Exception as failure:
             failures.append(failure)
     return failures
-
-
-def _not_a_command(command: object) -> TypeError:
-    return TypeError(
-        f"Session.execute() takes a Command, got {type(command).__name__}: "
-        f"{short_repr(command)}. Use session.dispatch() for events."
-    )
-
-
-def _message(message: object) -> Command | Event:
-    if not isinstance(message, (Command, Event)):
-        raise TypeError(
-            f"Session.dispatch() takes a Command or an Event, got {type(message).__name__}: "
-            f"{short_repr(message)}."
-        )
-    return message
