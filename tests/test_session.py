@@ -133,6 +133,65 @@ def test_clean_exit_commits_in_order(driver: Driver) -> None:
     assert world.sent == [5]
 
 
+class Journal(Repository[Account]):
+    """Overrides only the hooks a session skips when a class leaves them as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    def record(self, aggregate: Account, events: Any) -> None:
+        self.log.append(f"record {aggregate.id} {[type(e).__name__ for e in events]}")
+
+
+class JoiningPublisher(Publisher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    def join(self, transaction: Any) -> None:
+        self.log.append(f"join {transaction}")
+
+    def prepare(self) -> None:
+        self.log.append("prepare")
+
+
+def test_hooks_a_class_overrides_are_called(driver: Driver) -> None:
+    # The session skips the base class's do-nothing hooks; overriding one brings it back.
+    world, journal, account = World(), Journal(), Account("a")
+    publisher = JoiningPublisher()
+    with driver.session(Session(world.bus, journal, publisher)) as session:
+        session.add(account)
+        driver.execute(session, Deposit(account, 5))
+    assert journal.log == ["record a ['Deposited']"]
+    assert publisher.log == ["join None", "prepare"]
+
+
+class CountingBus(Messagebus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def handle(self, message: Command | Event) -> Any:
+        self.seen.append(type(message).__name__)
+        return super().handle(message)
+
+    async def ahandle(self, message: Command | Event) -> Any:
+        self.seen.append(type(message).__name__)
+        return await super().ahandle(message)
+
+
+def test_a_bus_that_overrides_handle_sees_every_message(driver: Driver) -> None:
+    bus, account = CountingBus(), Account("a")
+    bus.register(Deposit)(lambda command: command.account.deposit(command.amount))
+    bus.on(Deposited)(lambda event: None)
+    bus.on(Added, Committed)(lambda event: None)
+    with driver.session(Session(bus, Accounts(), Publisher())) as session:
+        session.add(account)
+        assert driver.execute(session, Deposit(account, 5)) is None
+    assert bus.seen == ["Added", "Deposit", "Deposited", "Committed"]
+
+
 def test_events_are_dispatched_after_each_message_breadth_first(driver: Driver) -> None:
     world, a, b = World(), Account("a"), Account("b")
 

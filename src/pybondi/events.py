@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from pybondi.aggregate import Aggregate
 from pybondi.messagebus import Event
+from pybondi.messages import AggregateGuard
 
 __all__ = ["Added", "AggregateEvent", "Commited", "Committed", "RolledBack"]
 
@@ -43,7 +44,7 @@ class AggregateEvent(Event, Generic[A]):
         aggregate_type = arguments[0]
         if not isinstance(aggregate_type, type):
             return None  # a TypeVar or another unresolvable parameter: every aggregate
-        return lambda event: isinstance(event.aggregate, aggregate_type)
+        return AggregateGuard(aggregate_type)
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found the normal way, so `.aggregate` stays fast.

@@ -40,7 +40,7 @@ from pybondi.exceptions import (
     HandlerNotFound,
     short_repr,
 )
-from pybondi.messages import Command, Event
+from pybondi.messages import AggregateGuard, Command, Event
 
 __all__ = ["Command", "Depends", "Event", "Messagebus"]
 
@@ -81,6 +81,19 @@ class Messagebus(Overridable):
         self._routes: dict[type, Route] = {}
         self._aroutes: dict[type, AsyncRoute] = {}
         self._listening: dict[type, bool] = {}
+        # What a session's drain dispatches with, a call fewer per message than `handle`:
+        # the route cache, and what builds a missing route. A subclass that overrides
+        # `handle` (or `ahandle`) gets a cache that stays empty and its method as route.
+        self._routing: tuple[dict[type, Route], Callable[[Any], Route]] = (
+            (self._routes, self._new_route)
+            if type(self).handle is Messagebus.handle
+            else ({}, lambda message: self.handle)
+        )
+        self._arouting: tuple[dict[type, AsyncRoute], Callable[[Any], AsyncRoute]] = (
+            (self._aroutes, self._new_aroute)
+            if type(self).ahandle is Messagebus.ahandle
+            else ({}, lambda message: self.ahandle)
+        )
 
     @property
     def raise_on_event_error(self) -> bool:
@@ -190,7 +203,7 @@ class Messagebus(Overridable):
         try:
             route = self._routes[message.__class__]
         except KeyError:
-            route = self._routes[message.__class__] = self._sync_route(message)
+            route = self._new_route(message)
         return route(message)
 
     async def ahandle(self, message: Command | Event) -> Any:
@@ -198,8 +211,16 @@ class Messagebus(Overridable):
         try:
             route = self._aroutes[message.__class__]
         except KeyError:
-            route = self._aroutes[message.__class__] = self._async_route(message)
+            route = self._new_aroute(message)
         return await route(message)
+
+    def _new_route(self, message: object) -> Route:
+        route = self._routes[message.__class__] = self._sync_route(message)
+        return route
+
+    def _new_aroute(self, message: object) -> AsyncRoute:
+        route = self._aroutes[message.__class__] = self._async_route(message)
+        return route
 
     def handle_command(self, command: Command) -> Any:
         """Deprecated since 2.0 (pybondi 1.2.1's name): `handle` takes commands and events."""
@@ -322,6 +343,13 @@ class Registration(NamedTuple):
 def _guarded(invoke: Route, guard: Guard | None) -> Route:
     if guard is None:
         return invoke
+    if guard.__class__ is AggregateGuard:
+        kind = guard.kind
+
+        def guarded_by_kind(event: Any) -> Any:
+            return invoke(event) if isinstance(event.aggregate, kind) else None
+
+        return guarded_by_kind
 
     def guarded(event: Any) -> Any:
         return invoke(event) if guard(event) else None

@@ -54,3 +54,19 @@ class Command(_Readable):
     def execute(self) -> Any:
         """Do what the command asks when no handler is registered for it."""
         raise HandlerNotFound(type(self))
+
+
+class AggregateGuard:
+    """A guard that lets an event through if its `.aggregate` is an instance of `kind`.
+
+    `AggregateEvent._guard` makes one for a handler of `Added[User]`; the messagebus,
+    seeing the type, checks `kind` in the handler's route itself, a call fewer.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def __call__(self, event: Any) -> bool:
+        return isinstance(event.aggregate, self.kind)

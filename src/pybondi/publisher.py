@@ -97,6 +97,18 @@ class BasePublisher(ABC):
     the two to refuse interleaving with another session on the same publisher.
     """
 
+    # Which of `join`, `prepare` and `aprepare` the class overrides, set for each
+    # subclass: a session skips calling the others, which do nothing, per unit of work.
+    _overridden: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._overridden = frozenset(
+            name
+            for name in ("join", "prepare", "aprepare")
+            if getattr(cls, name) is not getattr(BasePublisher, name)
+        )
+
     @abstractmethod
     def publish(self, topic: str, message: Message[Any]) -> None:
         """Buffer a message for `topic` until `commit()`."""
@@ -366,11 +378,13 @@ class Publisher(BufferedPublisher, Overridable):
         # variable holds a cursor, moved from message to message.
         cursor = Handling()
         before = _handled.set(cursor)
+        # Only the oldest message can have been delivered in part, by a commit that failed:
+        # `resume` is read once, reset once that message is through, and set by a failure.
+        index = resumed = transaction.resume
         try:
             while transaction:
                 topic, message = transaction[0]
                 invokers, names = routes.get(topic) or self._route(topic)
-                index = transaction.resume
                 cursor.message = message
                 try:
                     for deliver in invokers[index:] if index else invokers:
@@ -379,7 +393,9 @@ class Publisher(BufferedPublisher, Overridable):
                 except Exception as error:
                     transaction.resume = index
                     raise DeliveryError(topic, message, names[index], list(transaction)) from error
-                transaction.resume = 0
+                if resumed:
+                    transaction.resume = resumed = 0
+                index = 0
                 transaction.popleft()
         finally:
             cursor.message = None
@@ -392,11 +408,11 @@ class Publisher(BufferedPublisher, Overridable):
             return
         cursor = Handling()
         before = _handled.set(cursor)
+        index = resumed = transaction.resume  # as in `commit`
         try:
             while transaction:
                 topic, message = transaction[0]
                 invokers, names = self._aroute(topic)
-                index = transaction.resume
                 cursor.message = message
                 try:
                     for deliver, awaited in invokers[index:] if index else invokers:
@@ -407,7 +423,9 @@ class Publisher(BufferedPublisher, Overridable):
                 except Exception as error:
                     transaction.resume = index
                     raise DeliveryError(topic, message, names[index], list(transaction)) from error
-                transaction.resume = 0
+                if resumed:
+                    transaction.resume = resumed = 0
+                index = 0
                 transaction.popleft()
         finally:
             cursor.message = None

@@ -36,6 +36,10 @@ _INSTEAD = "`async with Session(...)` or the repository's a-methods"
 
 A = TypeVar("A", bound=Aggregate)
 
+# The hooks a session calls on each unit of work. Those a class leaves as they are here
+# do nothing (`close` only clears the identity map), so a session skips their calls.
+_HOOKS = ("begin", "join", "record", "store", "commit", "close", "abegin", "acommit", "aclose")
+
 
 class Repository(Generic[A]):
     """Stores and restores aggregates, keeping one object per id (the identity map).
@@ -48,6 +52,15 @@ class Repository(Generic[A]):
     """
 
     transaction: Transaction[Any] | None = None
+
+    # The names of `_HOOKS` the class overrides, set for each subclass.
+    _overridden: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._overridden = frozenset(
+            name for name in _HOOKS if getattr(cls, name) is not getattr(Repository, name)
+        )
 
     def __init__(self) -> None:
         self.aggregates: dict[Any, A] = {}

@@ -31,18 +31,23 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from pybondi._awaiting import maybe_await, refuse_awaitable
+from pybondi._awaiting import _NOT_AWAITABLE, maybe_await, refuse_awaitable
 from pybondi._deprecation import deprecated, module_getattr
-from pybondi._unitofwork import ACTIVE, CLOSED, UnitOfWork, publisher_taken_over
+from pybondi._unitofwork import (
+    ACTIVE,
+    CLOSED,
+    UnitOfWork,
+    checked_message,
+    committed,
+    not_a_command,
+    publisher_taken_over,
+)
 
 # pybondi 1.2.1's session module had these names (it imported them for its own use), and
 # code that imported them from here keeps working.
 from pybondi.aggregate import Aggregate  # noqa: F401
-from pybondi.events import Added, Committed, RolledBack  # noqa: F401
-from pybondi.exceptions import (
-    report_failures,
-    short_repr,
-)
+from pybondi.events import Added, AggregateEvent, Committed, RolledBack  # noqa: F401
+from pybondi.exceptions import report_failures
 from pybondi.messagebus import (
     Command,
     Event,
@@ -51,9 +56,6 @@ from pybondi.messagebus import (
 from pybondi.publisher import Publisher  # noqa: F401
 from pybondi.repository import Repository  # noqa: F401
 
-if TYPE_CHECKING:
-    pass
-
 __all__ = ["Session"]
 
 logger = logging.getLogger("pybondi.session")
@@ -61,6 +63,13 @@ logger = logging.getLogger("pybondi.session")
 T = TypeVar("T")
 
 _INSTEAD = "`async with Session(...)`"
+
+# The hooks behind each async step: a repository (publisher) that overrides none of them
+# would only run the base class's, which do nothing here (see `Repository._overridden`).
+_BEGINS = frozenset({"begin", "abegin"})
+_ACOMMITS = frozenset({"store", "acommit"})
+_CLOSES = frozenset({"close", "aclose"})
+_PREPARES = frozenset({"prepare", "aprepare"})
 
 _PUBLISHER_ROLLED_BACK = (
     "The repository had committed; the session rolled the publisher back, dropping the "
@@ -103,16 +112,20 @@ class Session(UnitOfWork):
         `with` does it; so do the other methods, when the session has not begun.
         """
         self._claim()
+        repository, publisher = self.repository, self.publisher
         try:
             if self._given is not None:
-                self.repository.join(self._given)
+                repository.join(self._given)
             # A hook that returns something may be an async one, called here by mistake.
-            if (started := self.repository.begin()) is not None:
-                refuse_awaitable(started, self.repository.begin, _INSTEAD)
-            if (publishing := self.publisher.begin()) is not None:
-                refuse_awaitable(publishing, self.publisher.begin, _INSTEAD)
+            # (Hooks a class does not override do nothing: they are not called.)
+            if "begin" in repository._overridden and (started := repository.begin()) is not None:
+                refuse_awaitable(started, repository.begin, _INSTEAD)
+            if (publishing := publisher.begin()) is not None and (
+                publishing.__class__ not in _NOT_AWAITABLE  # what refuse_awaitable lets pass
+            ):
+                refuse_awaitable(publishing, publisher.begin, _INSTEAD)
             self._publishing = publishing
-            self.publisher.join(self._joined())
+            self._join()
         except BaseException as error:
             self._close(error)
             raise
@@ -120,21 +133,28 @@ class Session(UnitOfWork):
 
     __enter__ = begin
 
-    def _drain(self, target: object = None) -> Any:
+    def _drain(self, target: object = None, then: type[AggregateEvent[Any]] | None = None) -> Any:
         # After each message: welcome new aggregates, queue what they published, go on.
         # A handler that dispatches through the session only queues: the drain under way
         # reaches its message, and the budget covers the whole chain. What the handler of
-        # `target` returned is returned.
+        # `target` returned is returned. Once the queue is dry, `then` (`Committed`) is
+        # announced, and what it causes dispatched.
         if self._draining:
-            return None
-        handle, result = self.messagebus.handle, None
-        self._budget, self._draining = self.max_messages, True
+            return self._nested(then)
+        # `messagebus.handle`, without its call: the bus's route cache, read in place.
+        routes, new_route = self.messagebus._routing
+        next_message, result = self._next, None
+        self._budget, self._draining, self._then = self.max_messages, True, then
         try:
-            while (message := self._next()) is not None:
+            while (message := next_message()) is not None:
+                try:
+                    route = routes[message.__class__]
+                except KeyError:
+                    route = new_route(message)
                 if message is target:
-                    result = handle(message)
+                    result = route(message)
                 else:
-                    handle(message)
+                    route(message)
         finally:
             self._draining = False
         return result
@@ -146,7 +166,7 @@ class Session(UnitOfWork):
         queue (the dispatch under way reaches it), and this returns None.
         """
         if not isinstance(command, Command):
-            raise _not_a_command(command)
+            raise not_a_command(command)
         if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
@@ -161,7 +181,7 @@ class Session(UnitOfWork):
         if self._state is not ACTIVE:
             self.begin()
         self._check_publisher()
-        message = _message(message)
+        message = checked_message(message)
         self.queue.append(message)
         return self._drain(message)
 
@@ -171,7 +191,7 @@ class Session(UnitOfWork):
         `dispatch(message)` queues it and handles it at once, with what it causes.
         """
         deprecated("Session.enqueue()", "Session.dispatch()", "it queues the message and runs it")
-        self.queue.append(_message(message))
+        self.queue.append(checked_message(message))
 
     def dequeue(self) -> Command | Event:
         """Deprecated since 2.0 (pybondi 1.2.1's name): take the next queued message."""
@@ -203,12 +223,13 @@ class Session(UnitOfWork):
             self.begin()
         try:
             self._check_publisher()
-            self._drain()
-            if self._announce(Committed):
-                self._drain()
-            if (prepared := self.publisher.prepare()) is not None:
+            self._drain(then=Committed)
+            if "prepare" in self.publisher._overridden and (
+                (prepared := self.publisher.prepare()) is not None
+            ):
                 refuse_awaitable(prepared, self.publisher.prepare, _INSTEAD)
-            self.repository.commit()
+            if (hooks := self.repository._overridden) and ("commit" in hooks or "store" in hooks):
+                self.repository.commit()
             if self._owned is not None:
                 self._owned.commit()
         except BaseException as error:
@@ -223,7 +244,7 @@ class Session(UnitOfWork):
             raise
         if self._on_commit:
             actions, self._on_commit = self._on_commit, []
-            _committed(_attempt(*actions))
+            committed(_attempt(*actions))
 
     def rollback(self) -> None:
         """Roll back the unit of work.
@@ -261,13 +282,18 @@ class Session(UnitOfWork):
     def _close(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
-            steps: tuple[Callable[[], object], ...] = (self.repository.close, self.publisher.close)
+            repository = self.repository
+            steps: tuple[Callable[[], object], ...] = (self.publisher.close,)
             if self._owned is not None:
-                steps = (self.repository.close, self._owned.close, self.publisher.close)
+                steps = (repository.close, self._owned.close, *steps)
+            elif "close" in repository._overridden:
+                steps = (repository.close, *steps)
+            else:
+                repository.aggregates.clear()  # what its `close` does
             try:
                 failures = _attempt(*steps)
             finally:
-                self.repository.release()
+                repository.release()
                 self._leave()
             if failures:
                 report_failures(failures, cause)
@@ -296,9 +322,10 @@ class Session(UnitOfWork):
         try:
             if self._given is not None:
                 self.repository.join(self._given)
-            await self.repository.abegin()
+            if not self.repository._overridden.isdisjoint(_BEGINS):
+                await self.repository.abegin()
             self._publishing = await self.publisher.abegin()
-            self.publisher.join(self._joined())
+            self._join()
         except BaseException as error:
             await self._aclose(error)
             raise
@@ -306,17 +333,24 @@ class Session(UnitOfWork):
 
     __aenter__ = abegin
 
-    async def _adrain(self, target: object = None) -> Any:
+    async def _adrain(
+        self, target: object = None, then: type[AggregateEvent[Any]] | None = None
+    ) -> Any:
         if self._draining:
-            return None
-        ahandle, result = self.messagebus.ahandle, None
-        self._budget, self._draining = self.max_messages, True
+            return self._nested(then)
+        routes, new_route = self.messagebus._arouting
+        next_message, result = self._next, None
+        self._budget, self._draining, self._then = self.max_messages, True, then
         try:
-            while (message := self._next()) is not None:
+            while (message := next_message()) is not None:
+                try:
+                    route = routes[message.__class__]
+                except KeyError:
+                    route = new_route(message)
                 if message is target:
-                    result = await ahandle(message)
+                    result = await route(message)
                 else:
-                    await ahandle(message)
+                    await route(message)
         finally:
             self._draining = False
         return result
@@ -324,7 +358,7 @@ class Session(UnitOfWork):
     async def aexecute(self, command: Command) -> Any:
         """`execute`, awaiting async handlers."""
         if not isinstance(command, Command):
-            raise _not_a_command(command)
+            raise not_a_command(command)
         return await self.adispatch(command)
 
     async def adispatch(self, message: Command | Event) -> Any:
@@ -332,7 +366,7 @@ class Session(UnitOfWork):
         if self._state is not ACTIVE:
             await self.abegin()
         self._check_publisher()
-        message = _message(message)
+        message = checked_message(message)
         self.queue.append(message)
         return await self._adrain(message)
 
@@ -342,11 +376,11 @@ class Session(UnitOfWork):
             await self.abegin()
         try:
             self._check_publisher()
-            await self._adrain()
-            if self._announce(Committed):
-                await self._adrain()
-            await self.publisher.aprepare()
-            await self.repository.acommit()
+            await self._adrain(then=Committed)
+            if not self.publisher._overridden.isdisjoint(_PREPARES):
+                await self.publisher.aprepare()
+            if not self.repository._overridden.isdisjoint(_ACOMMITS):
+                await self.repository.acommit()
             if self._owned is not None:
                 await self._owned.acommit()
         except BaseException as error:
@@ -360,7 +394,7 @@ class Session(UnitOfWork):
             raise
         if self._on_commit:
             actions, self._on_commit = self._on_commit, []
-            _committed(await _aattempt(*map(_awaited, actions)))
+            committed(await _aattempt(*map(_awaited, actions)))
 
     async def arollback(self) -> None:
         """`rollback` for the async path."""
@@ -393,14 +427,18 @@ class Session(UnitOfWork):
     async def _aclose(self, cause: BaseException | None) -> None:
         if self._state is not CLOSED:
             self._state = CLOSED
-            steps: tuple[Callable[[], Awaitable[object]], ...]
-            steps = (self.repository.aclose, self.publisher.aclose)
+            repository = self.repository
+            steps: tuple[Callable[[], Awaitable[object]], ...] = (self.publisher.aclose,)
             if self._owned is not None:
-                steps = (self.repository.aclose, self._owned.aclose, self.publisher.aclose)
+                steps = (repository.aclose, self._owned.aclose, *steps)
+            elif not repository._overridden.isdisjoint(_CLOSES):
+                steps = (repository.aclose, *steps)
+            else:
+                repository.aggregates.clear()  # what its `close` does
             try:
                 failures = await _aattempt(*steps)
             finally:
-                self.repository.release()
+                repository.release()
                 self._leave()
             if failures:
                 report_failures(failures, cause)
@@ -426,13 +464,6 @@ if TYPE_CHECKING:
     Commited = Committed
 else:  # pybondi 1.2.1's session module had it, imported from events: warn who uses it
     __getattr__ = module_getattr(__name__, {"Commited": (Committed, "pybondi.Committed")})
-
-
-def _committed(failures: list[BaseException]) -> None:
-    """Raise the first failure of the `on_commit` actions, saying the commit happened."""
-    for failure in failures:
-        failure.add_note("The unit of work had committed: this on_commit action failed after.")
-    report_failures(failures)
 
 
 def _awaited(action: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
@@ -463,19 +494,3 @@ async def _aattempt(*steps: Callable[[], Awaitable[object]]) -> list[BaseExcepti
         except Exception as failure:
             failures.append(failure)
     return failures
-
-
-def _not_a_command(command: object) -> TypeError:
-    return TypeError(
-        f"Session.execute() takes a Command, got {type(command).__name__}: "
-        f"{short_repr(command)}. Use session.dispatch() for events."
-    )
-
-
-def _message(message: object) -> Command | Event:
-    if not isinstance(message, (Command, Event)):
-        raise TypeError(
-            f"Session.dispatch() takes a Command or an Event, got {type(message).__name__}: "
-            f"{short_repr(message)}."
-        )
-    return message
