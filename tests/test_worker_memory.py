@@ -6,6 +6,8 @@ with no real waiting; `MemoryBroker.pending()` tells when everything is settled.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pybondi import Depends, Message, Root, Session
+from pybondi.cli.running import open_store
 from pybondi.exceptions import NotFound
 from pybondi.messaging.brokers.memory import ManualClock, Pending
 from pybondi.messaging.consumer import Retry, current_session
@@ -113,3 +116,19 @@ def test_a_worker_warns_when_the_stores_pool_keeps_fewer_connections_than_its_me
     rig.run(test())
     warnings = [r.getMessage() for r in caplog.records if "pool_size=18" in r.getMessage()]
     assert len(warnings) == (1 if warned else 0), warnings
+
+
+@pytest.mark.parametrize("database", ["pool.db", ""], ids=["file", "in-memory"])
+def test_the_clis_store_keeps_a_connection_per_message_in_flight_on_sqlite(
+    tmp_path: Path, database: str
+) -> None:
+    """`pybondi worker` sizes a SQLite file's pool as a server's (its warning says it does).
+
+    An in-memory database keeps its one connection, whose pool takes no size.
+    """
+    url = f"sqlite:///{tmp_path / database}" if database else "sqlite://"
+    arguments = argparse.Namespace(store=url, schema=None, prefix="pybondi_")
+    store = open_store(arguments, asynchronous=True, connections=18)
+    assert store is not None
+    assert store.connections == (18 if database else None)
+    asyncio.run(store.adispose())

@@ -91,7 +91,11 @@ def open_store(
     from pybondi.persistence.sql import SQLStore  # noqa: PLC0415
 
     try:
-        pooled = connections and sa.make_url(arguments.store).get_backend_name() != "sqlite"
+        url = sa.make_url(arguments.store)
+        # A SQLite file's engine pools its connections as a server's does (each async one
+        # is a thread of its own); an in-memory database keeps one, and takes no size.
+        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        pooled = connections and not in_memory
         pool: dict[str, Any] = {"pool_size": connections, "max_overflow": 0} if pooled else {}
         return SQLStore(
             arguments.store,
