@@ -390,11 +390,11 @@ def test_a_sync_store_runs_its_batches_in_a_thread(rig: WorkerRig) -> None:
     assert shared and max(shared.values()) > 1, batches  # messages shared a transaction
 
 
-@pytest.mark.postgres
-def test_batches_on_a_pipelined_store_commit_and_fall_back_alike(rig: WorkerRig) -> None:
-    store = rig.backend.store(asynchronous=True, prefix=rig.store.prefix, pipelined=True)
-    consumer = rig.consumer(in_flight=8, retry=Retry(attempts=1))
-    topic = rig.kit.topic()
+def tally_poisoned_at_3(consumer: Consumer, topic: str) -> list[object]:
+    """Subscribe a handler that tallies each number but fails on 3; the batches it ran in.
+
+    Each item is the batch's transaction a message was handled in, None when alone.
+    """
     batches: list[object] = []
 
     @consumer.subscribe(topic)
@@ -403,6 +403,16 @@ def test_batches_on_a_pipelined_store_commit_and_fall_back_alike(rig: WorkerRig)
         if message.payload.n == 3:
             raise RuntimeError("poisoned")
         session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+
+    return batches
+
+
+@pytest.mark.postgres
+def test_batches_on_a_pipelined_store_commit_and_fall_back_alike(rig: WorkerRig) -> None:
+    store = rig.backend.store(asynchronous=True, prefix=rig.store.prefix, pipelined=True)
+    consumer = rig.consumer(in_flight=8, retry=Retry(attempts=1))
+    topic = rig.kit.topic()
+    batches = tally_poisoned_at_3(consumer, topic)
 
     async def test() -> None:
         sent = await rig.send(topic, *(Counted(f"k{n}", n) for n in range(8)))
@@ -443,14 +453,7 @@ def test_batches_on_sqlite_commit_and_fall_back_alike(backends: dict[str, Backen
     rig = WorkerRig(backends["sqlite"], kit)
     consumer = rig.consumer(in_flight=8, retry=Retry(attempts=1))
     topic = kit.topic()
-    batches: list[object] = []
-
-    @consumer.subscribe(topic)
-    async def handle(message: Message[Counted], session: Session = Depends(current_session)):
-        batches.append(getattr(session.transaction, "batch", None))
-        if message.payload.n == 3:
-            raise RuntimeError("poisoned")
-        session.repository.add(Tally(Root(message.payload.key), [message.payload.n]))
+    batches = tally_poisoned_at_3(consumer, topic)
 
     async def test() -> None:
         sent = await rig.send(topic, *(Counted(f"k{n}", n) for n in range(8)))
